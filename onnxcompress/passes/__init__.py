@@ -1,0 +1,7 @@
+"""The rewrites onnxcompress applies, one module (or package) per pass."""
+
+from __future__ import annotations
+
+from .canonicalize import Canonicalize
+
+__all__ = ["Canonicalize"]

@@ -1,0 +1,306 @@
+"""Pass ``canonicalize``: put real exports into the form the other passes expect.
+
+Every step computes exactly the same function as the input graph:
+
+* ``Constant`` nodes of the main graph become initializers of the same name (a weight
+  is then found by looking up ``graph.initializer``, whatever the exporter did).
+  Constants feeding a graph output directly are kept.
+* ``Identity`` nodes are removed: every use of ``y = Identity(x)`` reads ``x`` instead.
+  When ``y`` is a graph output, the producer of ``x`` is renamed to write ``y`` (unless
+  ``x`` is itself a graph input, initializer or output, where the Identity must stay).
+* Initializers with identical dtype, shape and bytes are merged into one.
+* Dead nodes (whose outputs reach no graph output) and unused initializers are dropped.
+* Shapes are inferred (``onnx.shape_inference`` with data propagation) and stored as
+  ``value_info``, so later passes can read channel counts without running the model.
+
+Names used inside subgraphs (``If``/``Loop`` bodies capture outer values by name) are
+renamed consistently; subgraph contents are otherwise left alone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from ..model import PROTOBUF_LIMIT, iter_graphs, tensor_bytes
+from ..pipeline import Pass, PassContext, PassResult
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CanonicalizeOptions:
+    constants: bool = field(default=True, metadata={"help": "turn Constant nodes into initializers"})
+    identities: bool = field(default=True, metadata={"help": "remove Identity nodes"})
+    dedupe: bool = field(default=True, metadata={"help": "merge identical initializers"})
+    dead_code: bool = field(default=True, metadata={"help": "drop dead nodes and unused initializers"})
+    infer_shapes: bool = field(default=True, metadata={"help": "infer shapes into value_info"})
+
+
+def _subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
+    out: list[onnx.GraphProto] = []
+    for attr in node.attribute:
+        if attr.type == onnx.AttributeProto.GRAPH:
+            out.append(attr.g)
+        elif attr.type == onnx.AttributeProto.GRAPHS:
+            out.extend(attr.graphs)
+    return out
+
+
+def _defined_in(graph: onnx.GraphProto) -> set[str]:
+    names = {i.name for i in graph.input} | {t.name for t in graph.initializer}
+    for n in graph.node:
+        names.update(o for o in n.output if o)
+    return names
+
+
+def rename_uses(graph: onnx.GraphProto, old: str, new: str) -> None:
+    """Make every consumer of ``old`` (in ``graph`` and captured by its subgraphs) read ``new``."""
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            if name == old:
+                node.input[i] = new
+        for sub in _subgraphs(node):
+            if old not in _defined_in(sub):  # a subgraph that defines `old` shadows it
+                rename_uses(sub, old, new)
+                for o in sub.output:
+                    if o.name == old:
+                        o.name = new
+
+
+def used_names(graph: onnx.GraphProto) -> set[str]:
+    """Names read by nodes of ``graph`` or of its subgraphs (outer captures included)."""
+    names: set[str] = set()
+    for g in iter_graphs(graph):
+        for n in g.node:
+            names.update(i for i in n.input if i)
+        names.update(o.name for o in g.output)
+    return names
+
+
+def _constant_to_tensor(node: onnx.NodeProto) -> onnx.TensorProto | None:
+    if len(node.attribute) != 1 or len(node.output) != 1:
+        return None
+    attr = node.attribute[0]
+    name = node.output[0]
+    if attr.name == "value":
+        t = onnx.TensorProto()
+        t.CopyFrom(attr.t)
+        t.name = name
+        return t
+    scalars = {
+        "value_float": np.float32,
+        "value_floats": np.float32,
+        "value_int": np.int64,
+        "value_ints": np.int64,
+    }
+    if attr.name in scalars:
+        value = helper.get_attribute_value(attr)
+        return numpy_helper.from_array(np.asarray(value, dtype=scalars[attr.name]), name)
+    return None  # strings, sparse: left as Constant
+
+
+class Canonicalize(Pass):
+    name = "canonicalize"
+    summary = "Constant nodes to initializers, drop Identity, merge duplicate weights, infer shapes"
+    Options = CanonicalizeOptions
+    exact = True
+
+    def run(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
+        opts: CanonicalizeOptions = self.options
+        g = model.graph
+        stats: dict[str, int | bool] = {
+            "nodes_before": len(g.node),
+            "constants_to_initializers": 0,
+            "identities_removed": 0,
+            "initializers_merged": 0,
+            "dead_nodes_removed": 0,
+            "unused_initializers_removed": 0,
+        }
+        if opts.constants:
+            stats["constants_to_initializers"] = self._constants(model)
+        if opts.identities:
+            stats["identities_removed"] = self._identities(g)
+        if opts.dedupe:
+            stats["initializers_merged"] = self._dedupe(g)
+        if opts.dead_code:
+            stats["dead_nodes_removed"], stats["unused_initializers_removed"] = self._dead_code(g)
+        modified = any(v for k, v in stats.items() if k != "nodes_before")
+        if opts.infer_shapes:
+            model, inferred = self._infer_shapes(model)
+            stats["shapes_inferred"] = inferred
+            modified = modified or inferred
+        stats["nodes_after"] = len(model.graph.node)
+        return PassResult(model, modified, stats)
+
+    # -- steps ------------------------------------------------------------------------
+
+    @staticmethod
+    def _constants(model: onnx.ModelProto) -> int:
+        g = model.graph
+        outputs = {o.name for o in g.output}
+        keep: list[onnx.NodeProto] = []
+        new_inits: list[onnx.TensorProto] = []
+        for node in g.node:
+            if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and node.output[0] not in outputs:
+                tensor = _constant_to_tensor(node)
+                if tensor is not None:
+                    new_inits.append(tensor)
+                    continue
+            keep.append(node)
+        if not new_inits:
+            return 0
+        del g.node[:]
+        g.node.extend(keep)
+        g.initializer.extend(new_inits)
+        if model.ir_version < 4:  # before IR 4 every initializer must also be a graph input
+            for t in new_inits:
+                g.input.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+        return len(new_inits)
+
+    @staticmethod
+    def _identities(g: onnx.GraphProto) -> int:
+        removed = 0
+        changed = True
+        while changed:
+            changed = False
+            outputs = {o.name for o in g.output}
+            fixed = {i.name for i in g.input} | {t.name for t in g.initializer} | outputs
+            for idx, node in enumerate(g.node):
+                if node.op_type != "Identity" or node.domain not in ("", "ai.onnx") or len(node.input) != 1:
+                    continue
+                x, y = node.input[0], node.output[0]
+                if y not in outputs:
+                    del g.node[idx]
+                    rename_uses(g, y, x)
+                elif x not in fixed:
+                    producer = next((n for n in g.node if x in n.output), None)
+                    if producer is None:
+                        continue
+                    del g.node[idx]
+                    producer.output[list(producer.output).index(x)] = y
+                    rename_uses(g, x, y)
+                else:
+                    continue
+                removed += 1
+                changed = True
+                break
+        if removed:
+            live = {vi.name for vi in g.value_info} & _defined_in(g)
+            kept = [vi for vi in g.value_info if vi.name in live]
+            del g.value_info[:]
+            g.value_info.extend(kept)
+        return removed
+
+    @staticmethod
+    def _dedupe(g: onnx.GraphProto) -> int:
+        protected = {i.name for i in g.input} | {o.name for o in g.output}
+        seen: dict[tuple[int, tuple[int, ...], str], str] = {}
+        first_bytes: dict[str, bytes] = {}
+        replace: dict[str, str] = {}
+        for t in g.initializer:
+            if t.name in protected or t.data_location == onnx.TensorProto.EXTERNAL:
+                continue
+            data = numpy_helper.to_array(t).tobytes()
+            key = (t.data_type, tuple(t.dims), hashlib.sha256(data).hexdigest())
+            if key in seen and first_bytes[seen[key]] == data:
+                replace[t.name] = seen[key]
+            else:
+                seen.setdefault(key, t.name)
+                first_bytes.setdefault(t.name, data)
+        if not replace:
+            return 0
+        kept = [t for t in g.initializer if t.name not in replace]
+        del g.initializer[:]
+        g.initializer.extend(kept)
+        for old, new in replace.items():
+            rename_uses(g, old, new)
+        return len(replace)
+
+    @staticmethod
+    def _dead_code(g: onnx.GraphProto) -> tuple[int, int]:
+        needed = {o.name for o in g.output}
+        producers: dict[str, int] = {}
+        for i, n in enumerate(g.node):
+            for o in n.output:
+                if o:
+                    producers[o] = i
+        live_nodes: set[int] = set()
+        stack = list(needed)
+        while stack:
+            name = stack.pop()
+            idx = producers.get(name)
+            if idx is None or idx in live_nodes:
+                continue
+            live_nodes.add(idx)
+            node = g.node[idx]
+            reads = [i for i in node.input if i]
+            for sub in _subgraphs(node):
+                reads.extend(used_names(sub))
+            stack.extend(reads)
+        dead = len(g.node) - len(live_nodes)
+        if dead:
+            kept_nodes = [n for i, n in enumerate(g.node) if i in live_nodes]
+            del g.node[:]
+            g.node.extend(kept_nodes)
+        used = used_names(g)
+        graph_inputs = {i.name for i in g.input}
+        kept_inits = [t for t in g.initializer if t.name in used or t.name in graph_inputs]
+        unused = len(g.initializer) - len(kept_inits)
+        if unused:
+            del g.initializer[:]
+            g.initializer.extend(kept_inits)
+        return dead, unused
+
+    @staticmethod
+    def _infer_shapes(model: onnx.ModelProto) -> tuple[onnx.ModelProto, bool]:
+        if tensor_bytes(model) > PROTOBUF_LIMIT // 2:
+            log.warning("model too large for in-memory shape inference; value_info left as is")
+            return model, False
+        try:
+            inferred = onnx.shape_inference.infer_shapes(model, check_type=False, strict_mode=False, data_prop=True)
+        except Exception as exc:  # onnx raises a variety of errors on exotic graphs
+            log.warning("shape inference failed (%s); value_info left as is", exc)
+            return model, False
+        return inferred, True
+
+
+def value_shapes(model: onnx.ModelProto) -> dict[str, list[int | str | None]]:
+    """Map tensor name → shape (int, symbolic name, or None) from inputs, outputs, value_info."""
+    out: dict[str, list[int | str | None]] = {}
+    g = model.graph
+    for vi in list(g.input) + list(g.value_info) + list(g.output):
+        tt = vi.type.tensor_type
+        if not tt.HasField("shape"):
+            continue
+        dims: list[int | str | None] = []
+        for d in tt.shape.dim:
+            if d.HasField("dim_value"):
+                dims.append(int(d.dim_value))
+            elif d.HasField("dim_param"):
+                dims.append(d.dim_param)
+            else:
+                dims.append(None)
+        out[vi.name] = dims
+    for t in g.initializer:
+        out[t.name] = list(t.dims)
+    return out
+
+
+def producers_map(g: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
+    return {o: n for n in g.node for o in n.output if o}
+
+
+def consumers_map(g: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
+    out: dict[str, list[onnx.NodeProto]] = defaultdict(list)
+    for n in g.node:
+        for i in n.input:
+            if i:
+                out[i].append(n)
+    return out

@@ -1,0 +1,386 @@
+"""Run the original and the rewritten model on the same inputs and compare outputs.
+
+Per output, accumulated batch by batch (nothing but running sums is kept):
+
+* ``max_abs``  = max |a − b|,  ``mean_abs`` = mean |a − b|
+* ``max_rel``  = max |a − b| / max(|a|, 1e-6 · range)   (Polygraphy-style, guarded at 0)
+* ``rel_range`` = max_abs / (max(a) − min(a)): error relative to the output's range
+* ``cosine``: per-sample cosine similarity of the flattened outputs; mean and min
+* ``nonfinite``: NaN/Inf counts in the reference and in the candidate
+* ``top1``: argmax agreement over the last axis, for outputs shaped like class scores
+  ([N, C] with 2 ≤ C ≤ 100000)
+
+A :class:`Thresholds` per output decides pass/fail; the defaults depend on whether the
+rewrite is exact (``rel_range ≤ 1e-4``) or approximate (mean cosine ≥ 0.99, top-1 ≥ 0.99).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from .data import Batch, DataSource
+from .errors import OptionError, ProviderError, RuntimeModelError
+from .model import PROTOBUF_LIMIT, save_model, tensor_bytes
+from .progress import NullProgress, Progress
+
+log = logging.getLogger(__name__)
+
+PROVIDERS: dict[str, list[str]] = {
+    "cpu": ["CPUExecutionProvider"],
+    "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
+    "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
+}
+
+
+def resolve_provider(name: str) -> str:
+    """Map ``cpu|cuda|tensorrt|auto`` to an available provider name, or raise."""
+    available = ort.get_available_providers()
+    name = name.lower()
+    if name == "auto":
+        for key in ("tensorrt", "cuda", "cpu"):
+            if PROVIDERS[key][0] in available:
+                return key
+        return "cpu"
+    if name not in PROVIDERS:
+        raise OptionError(f"unknown provider '{name}'; valid: cpu, cuda, tensorrt, auto")
+    if PROVIDERS[name][0] not in available:
+        hint = " (install onnxcompress[gpu] for onnxruntime-gpu)" if name != "cpu" else ""
+        raise ProviderError(
+            f"execution provider '{name}' ({PROVIDERS[name][0]}) is not available in this onnxruntime; "
+            f"available: {', '.join(available)}{hint}"
+        )
+    return name
+
+
+def make_session(
+    model: onnx.ModelProto,
+    provider: str = "cpu",
+    *,
+    optimize: bool = True,
+    threads: int | None = None,
+    label: str = "model",
+) -> ort.InferenceSession:
+    """An onnxruntime session for an in-memory model (spilled to a temp file if > 2 GB)."""
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    if not optimize:
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    if threads:
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+    providers = PROVIDERS[resolve_provider(provider)]
+    try:
+        if tensor_bytes(model) > PROTOBUF_LIMIT // 2:
+            with tempfile.TemporaryDirectory(prefix="onnxcompress-") as tmp:
+                path = Path(tmp) / "model.onnx"
+                save_model(model, path, external_data=True)
+                return ort.InferenceSession(str(path), opts, providers=providers)
+        return ort.InferenceSession(model.SerializeToString(), opts, providers=providers)
+    except (ort.capi.onnxruntime_pybind11_state.Fail, RuntimeError, ValueError) as exc:  # type: ignore[attr-defined]
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise RuntimeModelError(f"{label}: onnxruntime cannot load it: {msg}") from None
+
+
+def run_session(sess: ort.InferenceSession, feeds: Batch, label: str = "model") -> list[np.ndarray]:
+    try:
+        return sess.run(None, feeds)
+    except Exception as exc:  # onnxruntime raises its own exception classes
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise RuntimeModelError(f"{label}: onnxruntime failed to run it: {msg}") from None
+
+
+@dataclass
+class Thresholds:
+    """Pass/fail limits for one output; None disables a check."""
+
+    rel_range: float | None = None
+    max_abs: float | None = None
+    mean_abs: float | None = None
+    cosine: float | None = None
+    top1: float | None = None
+    allow_nonfinite: bool = False
+
+    @classmethod
+    def exact(cls) -> "Thresholds":
+        return cls(rel_range=1e-4)
+
+    @classmethod
+    def approximate(cls) -> "Thresholds":
+        return cls(cosine=0.99, top1=0.99)
+
+    def updated(self, **changes: Any) -> "Thresholds":
+        values = asdict(self)
+        values.update(changes)
+        return Thresholds(**values)
+
+
+def parse_tolerances(spec: str | None, base: Thresholds) -> dict[str | None, Thresholds]:
+    """Parse ``"[output:]key=value[,key=value][;output:key=value...]"``.
+
+    A group without an output name applies to every output; ``None`` is that default.
+    Keys: rel_range, max_abs, mean_abs, cosine, top1 (``none`` disables), allow_nonfinite.
+    """
+    result: dict[str | None, Thresholds] = {None: base}
+    if not spec:
+        return result
+    valid = [f.name for f in fields(Thresholds)]
+    for group in (g.strip() for g in spec.split(";")):
+        if not group:
+            continue
+        target: str | None = None
+        body = group
+        head, sep, tail = group.partition(":")
+        if sep and "=" not in head:
+            target, body = head.strip(), tail
+        t = result.get(target, result[None])
+        changes: dict[str, Any] = {}
+        for item in (i.strip() for i in body.split(",")):
+            if not item:
+                continue
+            key, eq, value = item.partition("=")
+            key = key.strip()
+            if not eq or key not in valid:
+                raise OptionError(f"tolerance '{item}': expected key=value with key one of {', '.join(valid)}")
+            if key == "allow_nonfinite":
+                changes[key] = value.strip().lower() in ("1", "true", "yes", "on")
+            elif value.strip().lower() == "none":
+                changes[key] = None
+            else:
+                try:
+                    changes[key] = float(value)
+                except ValueError:
+                    raise OptionError(f"tolerance '{item}': '{value}' is not a number") from None
+        result[target] = t.updated(**changes)
+    return result
+
+
+@dataclass
+class OutputStats:
+    """Running comparison statistics of one output."""
+
+    name: str
+    shape: list[int] = field(default_factory=list)
+    count: int = 0
+    samples: int = 0
+    max_abs: float = 0.0
+    sum_abs: float = 0.0
+    max_rel: float = 0.0
+    ref_min: float = math.inf
+    ref_max: float = -math.inf
+    cos_sum: float = 0.0
+    cos_min: float = 1.0
+    ref_nonfinite: int = 0
+    new_nonfinite: int = 0
+    top1_agree: int = 0
+    top1_total: int = 0
+    classes: bool = False
+
+    def update(self, ref: np.ndarray, new: np.ndarray) -> None:
+        if ref.shape != new.shape:
+            raise RuntimeModelError(f"output '{self.name}': shape {list(new.shape)} differs from the original's {list(ref.shape)}")
+        self.shape = list(ref.shape)
+        if not (np.issubdtype(ref.dtype, np.number) or ref.dtype == np.bool_):
+            eq = ref == new
+            self.count += ref.size
+            self.max_abs = max(self.max_abs, 0.0 if eq.all() else 1.0)
+            return
+        a = ref.astype(np.float64)
+        b = new.astype(np.float64)
+        fa, fb = np.isfinite(a), np.isfinite(b)
+        self.ref_nonfinite += int((~fa).sum())
+        self.new_nonfinite += int((~fb).sum())
+        both = fa & fb
+        diff = np.abs(a - b)
+        diff = np.where(both, diff, 0.0)
+        if a.size:
+            if both.any():
+                self.ref_min = min(self.ref_min, float(a[both].min()))
+                self.ref_max = max(self.ref_max, float(a[both].max()))
+            self.max_abs = max(self.max_abs, float(diff.max()))
+            self.sum_abs += float(diff.sum())
+            self.count += a.size
+            span = self.ref_max - self.ref_min if self.ref_max > self.ref_min else 1.0
+            rel = diff / np.maximum(np.abs(np.where(both, a, 1.0)), 1e-6 * span)
+            self.max_rel = max(self.max_rel, float(rel.max()))
+        n = a.shape[0] if a.ndim else 1
+        fa2 = np.where(both, a, 0.0).reshape(n, -1)
+        fb2 = np.where(both, b, 0.0).reshape(n, -1)
+        na, nb = np.linalg.norm(fa2, axis=1), np.linalg.norm(fb2, axis=1)
+        dot = (fa2 * fb2).sum(axis=1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            cos = np.where((na == 0) & (nb == 0), 1.0, dot / np.maximum(na * nb, 1e-300))
+        cos = np.clip(cos, -1.0, 1.0)
+        self.cos_sum += float(cos.sum())
+        self.cos_min = min(self.cos_min, float(cos.min())) if cos.size else self.cos_min
+        self.samples += n
+        if a.ndim == 2 and 2 <= a.shape[1] <= 100000:
+            self.classes = True
+            self.top1_agree += int((np.argmax(np.where(fa, a, -np.inf), axis=1) == np.argmax(np.where(fb, b, -np.inf), axis=1)).sum())
+            self.top1_total += n
+
+    def metrics(self) -> dict[str, Any]:
+        span = self.ref_max - self.ref_min if self.ref_max > self.ref_min else 0.0
+        m: dict[str, Any] = {
+            "shape": self.shape,
+            "max_abs": self.max_abs,
+            "mean_abs": self.sum_abs / self.count if self.count else 0.0,
+            "max_rel": self.max_rel,
+            "range": span,
+            "rel_range": self.max_abs / span if span > 0 else (0.0 if self.max_abs == 0 else math.inf),
+            "cosine_mean": self.cos_sum / self.samples if self.samples else 1.0,
+            "cosine_min": self.cos_min,
+            "ref_nonfinite": self.ref_nonfinite,
+            "new_nonfinite": self.new_nonfinite,
+        }
+        if self.classes:
+            m["top1"] = self.top1_agree / self.top1_total if self.top1_total else 1.0
+        return m
+
+
+@dataclass
+class OutputResult:
+    name: str
+    metrics: dict[str, Any]
+    thresholds: Thresholds
+    failures: list[str]
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "passed": self.passed, "metrics": self.metrics,
+                "thresholds": asdict(self.thresholds), "failures": self.failures}
+
+
+@dataclass
+class ValidationReport:
+    provider: str
+    samples: int
+    batches: int
+    outputs: list[OutputResult]
+
+    @property
+    def passed(self) -> bool:
+        return all(o.passed for o in self.outputs)
+
+    def failures(self) -> list[str]:
+        return [f"output '{o.name}': {f}" for o in self.outputs for f in o.failures]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"provider": self.provider, "samples": self.samples, "batches": self.batches,
+                "passed": self.passed, "outputs": [o.to_dict() for o in self.outputs]}
+
+
+def judge(name: str, m: Mapping[str, Any], t: Thresholds) -> list[str]:
+    fails = []
+    if not t.allow_nonfinite and m["new_nonfinite"] > m["ref_nonfinite"]:
+        fails.append(f"{m['new_nonfinite']} NaN/Inf values (original: {m['ref_nonfinite']})")
+    if t.rel_range is not None and m["rel_range"] > t.rel_range:
+        fails.append(f"max abs error {m['max_abs']:.3g} is {m['rel_range']:.3g} of the output range > {t.rel_range:g}")
+    if t.max_abs is not None and m["max_abs"] > t.max_abs:
+        fails.append(f"max abs error {m['max_abs']:.3g} > {t.max_abs:g}")
+    if t.mean_abs is not None and m["mean_abs"] > t.mean_abs:
+        fails.append(f"mean abs error {m['mean_abs']:.3g} > {t.mean_abs:g}")
+    if t.cosine is not None and m["cosine_mean"] < t.cosine:
+        fails.append(f"mean cosine {m['cosine_mean']:.5f} < {t.cosine:g}")
+    if t.top1 is not None and "top1" in m and m["top1"] < t.top1:
+        fails.append(f"top-1 agreement {m['top1']:.4f} < {t.top1:g}")
+    return fails
+
+
+def compare_models(
+    reference: onnx.ModelProto,
+    candidate: onnx.ModelProto,
+    data: DataSource,
+    *,
+    provider: str = "cpu",
+    thresholds: Mapping[str | None, Thresholds] | Thresholds | None = None,
+    progress: Progress | None = None,
+    threads: int | None = None,
+) -> ValidationReport:
+    """Run both models on every batch of ``data`` and compare their outputs."""
+    progress = progress or NullProgress()
+    provider = resolve_provider(provider)
+    if thresholds is None:
+        thresholds = {None: Thresholds.exact()}
+    elif isinstance(thresholds, Thresholds):
+        thresholds = {None: thresholds}
+    ref_sess = make_session(reference, provider, threads=threads, label="original model")
+    new_sess = make_session(candidate, provider, threads=threads, label="optimized model")
+    ref_names = [o.name for o in ref_sess.get_outputs()]
+    new_names = [o.name for o in new_sess.get_outputs()]
+    if ref_names != new_names:
+        raise RuntimeModelError(f"the models' outputs differ: {ref_names} vs {new_names}")
+    unknown = [k for k in thresholds if k is not None and k not in ref_names]
+    if unknown:
+        raise OptionError(f"tolerance for unknown output(s) {unknown}; outputs: {', '.join(ref_names)}")
+    stats = [OutputStats(n) for n in ref_names]
+    samples = batches = 0
+    with progress.task("validating", data.num_samples) as task:
+        for batch in data:
+            ref_out = run_session(ref_sess, batch, "original model")
+            new_out = run_session(new_sess, batch, "optimized model")
+            for s, a, b in zip(stats, ref_out, new_out):
+                s.update(np.asarray(a), np.asarray(b))
+            n = next(iter(batch.values())).shape[0] if batch else 1
+            samples += n
+            batches += 1
+            task.advance(n)
+    if batches == 0:
+        from .errors import DataError
+
+        raise DataError("validation data yielded no samples")
+    results = []
+    for s in stats:
+        t = thresholds.get(s.name, thresholds[None])
+        m = s.metrics()
+        results.append(OutputResult(s.name, m, t, judge(s.name, m, t)))
+    return ValidationReport(provider, samples, batches, results)
+
+
+def default_threads() -> int | None:
+    env = os.environ.get("ONNXCOMPRESS_THREADS")
+    return int(env) if env and env.isdigit() else None
+
+
+def measure_latency(
+    models: Sequence[onnx.ModelProto],
+    feeds: Batch,
+    *,
+    provider: str = "cpu",
+    warmup: int = 3,
+    runs: int = 20,
+    threads: int | None = None,
+    progress: Progress | None = None,
+    labels: Sequence[str] | None = None,
+) -> list[float]:
+    """Median latency (ms) of each model on ``feeds``, runs interleaved in one process
+    so machine noise hits every model alike."""
+    progress = progress or NullProgress()
+    labels = labels or [f"model {i}" for i in range(len(models))]
+    sessions = [make_session(m, provider, threads=threads, label=lbl) for m, lbl in zip(models, labels)]
+    import time
+
+    times: list[list[float]] = [[] for _ in sessions]
+    with progress.task("latency", warmup + runs) as task:
+        for i in range(warmup + runs):
+            for k, (sess, lbl) in enumerate(zip(sessions, labels)):
+                t0 = time.perf_counter()
+                run_session(sess, feeds, lbl)
+                dt = (time.perf_counter() - t0) * 1000.0
+                if i >= warmup:
+                    times[k].append(dt)
+            task.advance()
+    return [float(np.median(t)) for t in times]
