@@ -1,0 +1,226 @@
+"""The Python API: ``optimize``, ``validate_models``, ``inspect_model``.
+
+``optimize`` copies the input model (the original is never modified), runs the pipeline,
+validates the result against the original on the chosen execution provider, measures
+latency of both in one process, and (when ``output`` is given) writes the result
+atomically, only if validation passed or ``keep_failed`` is set.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import onnx
+
+from .data import Batch, DataSource, ImageOptions, RandomSource, first_batch, input_specs, open_data
+from .errors import DataError, ModelSaveError, OptionError
+from .model import load_model, same_file, save_model
+from .pipeline import Pass, PassContext, Pipeline
+from .progress import NullProgress, Progress
+from .registry import build_pipeline
+from .report import LatencyResult, ModelSummary, OptimizeReport, summarize
+from .validate import Thresholds, ValidationReport, compare_models, measure_latency, resolve_provider
+
+log = logging.getLogger(__name__)
+
+ModelLike = str | os.PathLike[str] | onnx.ModelProto
+DataLike = str | os.PathLike[str] | DataSource | Iterable[Mapping[str, Any]] | Callable[[], Iterable[Mapping[str, Any]]]
+PassesLike = str | Pipeline | Sequence[Pass | str | tuple[str, Mapping[str, Any]]] | None
+
+
+def _as_model(model: ModelLike) -> tuple[onnx.ModelProto, str | None]:
+    if isinstance(model, onnx.ModelProto):
+        return model, None
+    return load_model(model), str(model)
+
+
+def _as_pipeline(passes: PassesLike) -> Pipeline:
+    if isinstance(passes, Pipeline):
+        return passes
+    if passes is None or isinstance(passes, str):
+        return build_pipeline(passes)
+    objs: list[Pass] = []
+    steps: list[tuple[str, Mapping[str, Any]]] = []
+    for p in passes:
+        if isinstance(p, Pass):
+            objs.append(p)
+        elif isinstance(p, str):
+            steps.extend(build_steps(p))
+        elif isinstance(p, tuple) and len(p) == 2:
+            steps.append((str(p[0]), dict(p[1])))
+        else:
+            raise OptionError(f"cannot use {p!r} as a pass; give a Pass, a name, or (name, options)")
+    if objs and steps:
+        raise OptionError("give passes either as Pass objects or as names, not both")
+    if objs:
+        if objs[0].name != "canonicalize":
+            from .passes import Canonicalize
+
+            objs.insert(0, Canonicalize())
+        return Pipeline(objs)
+    return build_pipeline(steps)
+
+
+def build_steps(spec: str) -> list[tuple[str, dict[str, str]]]:
+    from .registry import parse_spec
+
+    return list(parse_spec(spec))
+
+
+def _latency_feeds(batch: Batch, model: onnx.ModelProto, n: int) -> Batch:
+    specs = {s.name: s for s in input_specs(model)}
+    feeds = {}
+    for k, v in batch.items():
+        fixed = specs[k].static_batch if k in specs else None
+        want = fixed or n
+        if v.shape[0] >= want:
+            feeds[k] = np.ascontiguousarray(v[:want])
+        else:
+            reps = -(-want // v.shape[0])
+            feeds[k] = np.ascontiguousarray(np.concatenate([v] * reps, axis=0)[:want])
+    return feeds
+
+
+def optimize(
+    model: ModelLike,
+    passes: PassesLike = None,
+    *,
+    calibration: DataLike | None = None,
+    validation: DataLike | Literal[False] | None = None,
+    output: str | os.PathLike[str] | None = None,
+    provider: str = "cpu",
+    thresholds: Mapping[str | None, Thresholds] | Thresholds | None = None,
+    batch_size: int = 8,
+    calib_limit: int | None = None,
+    val_limit: int | None = None,
+    image_options: ImageOptions | None = None,
+    nonfinite: Literal["error", "skip"] = "error",
+    latency: bool = True,
+    latency_batch: int = 1,
+    latency_runs: int = 20,
+    threads: int | None = None,
+    input_shapes: Mapping[str, Sequence[int]] | None = None,
+    seed: int = 0,
+    keep_failed: bool = False,
+    external_data: bool | None = None,
+    progress: Progress | None = None,
+) -> tuple[onnx.ModelProto, OptimizeReport]:
+    """Optimize ``model`` with ``passes`` and check the result against the original.
+
+    ``passes``: an inline spec (``"prune:ratio=0.3,int8"``), a list of names, ``(name,
+    options)`` pairs or :class:`Pass` objects, or a :class:`Pipeline`; ``canonicalize``
+    always runs first. ``calibration``: a path or any iterable of ``{input: array}``.
+    ``validation``: data to compare on (default: the calibration data, else seeded random
+    inputs); ``False`` skips validation. Returns the new model and the report; when
+    ``output`` is given the model is written there if validation passed (or
+    ``keep_failed``), and ``report.written`` says whether it was.
+    """
+    progress = progress or NullProgress()
+    provider = resolve_provider(provider)
+    original, in_path = _as_model(model)
+    if output is not None and in_path is not None and same_file(in_path, output):
+        raise ModelSaveError(f"{output}: the output is the input file; choose another output path")
+    if output is not None and not Path(output).parent.is_dir():
+        raise ModelSaveError(f"{output}: output folder {Path(output).parent} does not exist")
+    pipeline = _as_pipeline(passes)
+    open_kw = dict(batch_size=batch_size, image_options=image_options, nonfinite=nonfinite)
+    calib = open_data(calibration, original, limit=calib_limit, **open_kw) if calibration is not None else None  # type: ignore[arg-type]
+    if validation is False:
+        val: DataSource | None = None
+    elif validation is not None:
+        val = open_data(validation, original, limit=val_limit, **open_kw)  # type: ignore[arg-type]
+    elif calib is not None:
+        val = calib if val_limit is None else open_data(calibration, original, limit=val_limit, **open_kw)  # type: ignore[arg-type]
+    else:
+        val = RandomSource(input_specs(original), num_samples=val_limit or 8, batch_size=batch_size, seed=seed, shapes=input_shapes)
+
+    sample = first_batch(val) if val is not None else (first_batch(calib) if calib is not None else None)
+    shapes = dict(input_shapes or {})
+    if sample is not None:
+        for k, v in sample.items():
+            shapes.setdefault(k, list(v.shape))
+    before = summarize(original, shapes)
+
+    work = onnx.ModelProto()
+    work.CopyFrom(original)
+    ctx = PassContext(calibration=calib, provider=provider, seed=seed, progress=progress)
+    result, steps = pipeline.run(work, ctx)
+    after = summarize(result, shapes)
+
+    report = OptimizeReport(passes=steps, before=before, after=after, input_path=in_path,
+                            output_path=str(output) if output is not None else None)
+    if val is not None:
+        if thresholds is None:
+            thresholds = Thresholds.exact() if pipeline.exact else Thresholds.approximate()
+        report.validation = compare_models(original, result, val, provider=provider, thresholds=thresholds,
+                                           progress=progress, threads=threads)
+    if latency and sample is not None:
+        feeds = _latency_feeds(sample, original, latency_batch)
+        b, a = measure_latency([original, result], feeds, provider=provider, runs=latency_runs, threads=threads,
+                               progress=progress, labels=["original model", "optimized model"])
+        report.latency = LatencyResult(provider, next(iter(feeds.values())).shape[0], b, a)
+    if output is not None:
+        ok = report.validation is None or report.validation.passed
+        if ok or keep_failed:
+            save_model(result, output, external_data=external_data)
+            report.written = True
+        else:
+            log.warning("validation failed; %s not written (keep_failed writes it anyway)", output)
+    return result, report
+
+
+def validate_models(
+    reference: ModelLike,
+    candidate: ModelLike,
+    data: DataLike | None = None,
+    *,
+    provider: str = "cpu",
+    thresholds: Mapping[str | None, Thresholds] | Thresholds | None = None,
+    batch_size: int = 8,
+    limit: int | None = None,
+    image_options: ImageOptions | None = None,
+    nonfinite: Literal["error", "skip"] = "error",
+    seed: int = 0,
+    threads: int | None = None,
+    input_shapes: Mapping[str, Sequence[int]] | None = None,
+    progress: Progress | None = None,
+) -> ValidationReport:
+    """Compare two models' outputs on ``data`` (or seeded random inputs)."""
+    ref, _ = _as_model(reference)
+    new, _ = _as_model(candidate)
+    ref_in = [(s.name, s.dtype) for s in input_specs(ref)]
+    new_in = [(s.name, s.dtype) for s in input_specs(new)]
+    if ref_in != new_in:
+        raise DataError(f"the models take different inputs: {ref_in} vs {new_in}")
+    if data is None:
+        source: DataSource = RandomSource(input_specs(ref), num_samples=limit or 8, batch_size=batch_size, seed=seed,
+                                          shapes=input_shapes)
+    else:
+        source = open_data(data, ref, batch_size=batch_size, limit=limit, image_options=image_options, nonfinite=nonfinite)
+    return compare_models(ref, new, source, provider=provider, thresholds=thresholds, progress=progress, threads=threads)
+
+
+def inspect_model(model: ModelLike, input_shapes: Mapping[str, Sequence[int]] | None = None) -> ModelSummary:
+    """Inputs, outputs, opset, op histogram, parameters and MACs of a model."""
+    m, _ = _as_model(model)
+    return summarize(m, input_shapes)
+
+
+def measure(
+    models: Sequence[ModelLike], data: DataLike, *, provider: str = "cpu", batch: int = 1, runs: int = 20,
+    threads: int | None = None,
+) -> list[float]:
+    """Median latencies (ms) of several models on the first batch of ``data``."""
+    loaded = [_as_model(m)[0] for m in models]
+    source = open_data(data, loaded[0], batch_size=max(batch, 1))
+    feeds = _latency_feeds(first_batch(source), loaded[0], batch)
+    return measure_latency(loaded, feeds, provider=provider, runs=runs, threads=threads)
+
+
+def save(model: onnx.ModelProto, path: str | os.PathLike[str], external_data: bool | None = None) -> list[Path]:
+    return save_model(model, path, external_data=external_data)

@@ -1,0 +1,421 @@
+"""The ``onnxcompress`` command: parsing and printing only; the work is in the library.
+
+Exit codes: 0 success, 2 user error (one line, no traceback unless ``--debug``),
+3 validation failed, 1 internal error, 130 SIGINT, 143 SIGTERM.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import signal
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict
+from pathlib import Path
+from types import FrameType
+from typing import Annotated, Any, Optional
+
+import click
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from . import api
+from .data import ImageOptions
+from .errors import Interrupted, OnnxCompressError, OptionError, ValidationFailed
+from .pipeline import describe_options
+from .registry import REGISTRY, build_pipeline, load_config
+from .report import ModelSummary, OptimizeReport
+from .validate import Thresholds, ValidationReport, parse_tolerances
+
+app = typer.Typer(
+    name="onnxcompress",
+    help="Compress trained ONNX models (prune, lowrank, int8) and prove the result against the original in onnxruntime.",
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+out = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+_state = {"debug": False}
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+class RichProgress:
+    """The library's Progress protocol on a rich progress bar (stderr)."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+
+    @contextmanager
+    def task(self, description: str, total: int | None = None) -> Iterator[Any]:
+        if not self.enabled:
+            from .progress import _NullTask
+
+            yield _NullTask()
+            return
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      console=err, transient=True) as bar:
+            tid = bar.add_task(description, total=total)
+
+            class _Task:
+                def advance(self, n: int = 1) -> None:
+                    bar.advance(tid, n)
+
+            yield _Task()
+
+
+def _setup(debug: bool, quiet: bool, verbose: bool = False) -> RichProgress:
+    _state["debug"] = debug
+    level = logging.DEBUG if debug else (logging.INFO if verbose else (logging.ERROR if quiet else logging.WARNING))
+    logging.basicConfig(level=level, format="%(levelname)s: %(message)s", stream=sys.stderr, force=True)
+    return RichProgress(enabled=not quiet and err.is_terminal)
+
+
+def _parse_shapes(values: list[str] | None) -> dict[str, list[int]] | None:
+    if not values:
+        return None
+    shapes: dict[str, list[int]] = {}
+    for v in values:
+        name, eq, dims = v.rpartition("=")
+        if not eq or not name:
+            raise OptionError(f"--shape '{v}': expected NAME=D0xD1x... (e.g. x=1x3x224x224)")
+        try:
+            shapes[name] = [int(d) for d in dims.lower().split("x")]
+        except ValueError:
+            raise OptionError(f"--shape '{v}': dimensions must be integers separated by 'x'") from None
+    return shapes
+
+
+def _floats3(text: str | None, option: str, default: tuple[float, float, float]) -> tuple[float, float, float]:
+    if text is None:
+        return default
+    try:
+        vals = [float(x) for x in text.split(",")]
+    except ValueError:
+        raise OptionError(f"{option} '{text}': expected numbers separated by commas") from None
+    if len(vals) == 1:
+        vals = vals * 3
+    if len(vals) != 3:
+        raise OptionError(f"{option} '{text}': expected 1 or 3 values")
+    return (vals[0], vals[1], vals[2])
+
+
+def _image_options(size: str | None, resize: str, mean: str | None, std: str | None, scale: float,
+                   channel_order: str, layout: str) -> ImageOptions:
+    hw = None
+    if size:
+        try:
+            h, w = (int(v) for v in size.lower().split("x"))
+            hw = (h, w)
+        except ValueError:
+            raise OptionError(f"--image-size '{size}': expected HxW, e.g. 224x224") from None
+    choices = {"resize": (resize, ("stretch", "letterbox", "crop")), "channel-order": (channel_order, ("rgb", "bgr")),
+               "layout": (layout, ("nchw", "nhwc"))}
+    for opt, (val, allowed) in choices.items():
+        if val not in allowed:
+            raise OptionError(f"--{opt} '{val}': expected one of {', '.join(allowed)}")
+    return ImageOptions(size=hw, resize=resize, mean=_floats3(mean, "--mean", (0.0, 0.0, 0.0)),  # type: ignore[arg-type]
+                        std=_floats3(std, "--std", (1.0, 1.0, 1.0)), scale=scale, channel_order=channel_order,  # type: ignore[arg-type]
+                        layout=layout)  # type: ignore[arg-type]
+
+
+def _fmt_int(n: int | None) -> str:
+    if n is None:
+        return "?"
+    for unit, div in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= div:
+            return f"{n / div:.3f}{unit}"
+    return str(n)
+
+
+def _fmt_bytes(n: int) -> str:
+    for unit, div in (("GB", 2**30), ("MB", 2**20), ("kB", 2**10)):
+        if n >= div:
+            return f"{n / div:.2f} {unit}"
+    return f"{n} B"
+
+
+def _ratio(a: float | int | None, b: float | int | None) -> str:
+    if a is None or b is None or a == 0:
+        return "-"
+    return f"{b / a:.3f}×"
+
+
+def _print_validation(v: ValidationReport) -> None:
+    t = Table(title=f"validation on {v.samples} samples ({v.provider})", title_justify="left")
+    for col in ("output", "max abs", "rel. to range", "mean abs", "max rel", "cosine mean/min", "top-1", "NaN/Inf", "result"):
+        t.add_column(col, justify="right" if col not in ("output", "result") else "left")
+    for o in v.outputs:
+        m = o.metrics
+        t.add_row(o.name, f"{m['max_abs']:.3g}", f"{m['rel_range']:.3g}", f"{m['mean_abs']:.3g}", f"{m['max_rel']:.3g}",
+                  f"{m['cosine_mean']:.6f}/{m['cosine_min']:.6f}", f"{m['top1']:.4f}" if "top1" in m else "-",
+                  f"{m['new_nonfinite']}", "[green]pass[/]" if o.passed else "[red]FAIL[/]: " + "; ".join(o.failures))
+    out.print(t)
+
+
+def _print_report(r: OptimizeReport) -> None:
+    steps = Table(title="passes", title_justify="left")
+    for col in ("pass", "changed", "seconds", "statistics"):
+        steps.add_column(col)
+    for p in r.passes:
+        stats = ", ".join(f"{k}={v}" for k, v in p.stats.items())
+        steps.add_row(p.name, "yes" if p.modified else "no", f"{p.seconds:.2f}", stats)
+    out.print(steps)
+    b, a = r.before, r.after
+    shape_note = ", ".join(f"{k}={'x'.join(map(str, v))}" for k, v in b.macs_input_shapes.items())
+    t = Table(title=f"model (MACs per sample at {shape_note})", title_justify="left")
+    for col in ("", "original", "optimized", "ratio"):
+        t.add_column(col, justify="right")
+    t.add_row("parameters", _fmt_int(b.params), _fmt_int(a.params), _ratio(b.params, a.params))
+    t.add_row("MACs", _fmt_int(b.macs), _fmt_int(a.macs), _ratio(b.macs, a.macs))
+    t.add_row("size", _fmt_bytes(b.file_size), _fmt_bytes(a.file_size), _ratio(b.file_size, a.file_size))
+    t.add_row("nodes", str(b.nodes), str(a.nodes), _ratio(b.nodes, a.nodes))
+    if r.latency:
+        lat = r.latency
+        t.add_row(f"latency ms ({lat.provider}, batch {lat.batch}, median)", f"{lat.before_ms:.3f}", f"{lat.after_ms:.3f}",
+                  f"{lat.ratio:.3f}×")
+    out.print(t)
+    changed = sorted(set(b.op_counts) | set(a.op_counts))
+    diffs = [(op, b.op_counts.get(op, 0), a.op_counts.get(op, 0)) for op in changed if b.op_counts.get(op, 0) != a.op_counts.get(op, 0)]
+    if diffs:
+        out.print("ops changed: " + ", ".join(f"{op} {x}→{y}" for op, x, y in diffs))
+    if r.validation:
+        _print_validation(r.validation)
+    if r.output_path:
+        out.print(f"wrote {r.output_path}" if r.written else f"[red]not written[/]: {r.output_path} (validation failed; --keep-failed writes it anyway)")
+
+
+def _write_json(path: Path | None, payload: dict[str, Any]) -> None:
+    if path is None:
+        return
+    import os
+    import tempfile
+
+    def clean(o: Any) -> Any:
+        if isinstance(o, float) and not math.isfinite(o):
+            return None if math.isnan(o) else ("inf" if o > 0 else "-inf")
+        if isinstance(o, dict):
+            return {str(k): clean(v) for k, v in o.items()}
+        if isinstance(o, (list, tuple)):
+            return [clean(v) for v in o]
+        return o
+
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        raise OptionError(f"--report {path}: folder {folder} does not exist")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(clean(payload), fh, indent=2, default=str)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+# ----------------------------------------------------------------------------- commands
+
+Debug = Annotated[bool, typer.Option("--debug", help="Show tracebacks and debug logs.")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars, errors only.")]
+Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Info logs.")]
+Provider = Annotated[str, typer.Option(help="Execution provider: cpu, cuda, tensorrt or auto.")]
+BatchSize = Annotated[int, typer.Option("--batch-size", "-b", help="Samples per batch.")]
+Shapes = Annotated[Optional[list[str]], typer.Option("--shape", help="Concrete input shape NAME=1x3xHxW (MACs, random data); repeatable.")]
+ImageSize = Annotated[Optional[str], typer.Option("--image-size", help="Images: HxW (default: the model's static size).", rich_help_panel="Image data")]
+Resize = Annotated[str, typer.Option(help="Images: stretch, letterbox (top-left, pad 114) or crop (short side, centre).", rich_help_panel="Image data")]
+Mean = Annotated[Optional[str], typer.Option(help="Images: per-channel mean after scaling, e.g. 0.485,0.456,0.406.", rich_help_panel="Image data")]
+Std = Annotated[Optional[str], typer.Option(help="Images: per-channel std, e.g. 0.229,0.224,0.225.", rich_help_panel="Image data")]
+Scale = Annotated[float, typer.Option(help="Images: pixel multiplier before mean/std.", rich_help_panel="Image data")]
+ChannelOrder = Annotated[str, typer.Option("--channel-order", help="Images: rgb or bgr.", rich_help_panel="Image data")]
+Layout = Annotated[str, typer.Option(help="Images: nchw or nhwc.", rich_help_panel="Image data")]
+SkipNonfinite = Annotated[bool, typer.Option("--skip-nonfinite", help="Skip samples with NaN/Inf instead of refusing them.")]
+Tol = Annotated[Optional[str], typer.Option("--tol", help="Thresholds: '[OUTPUT:]key=value,...;...' with keys rel_range, max_abs, mean_abs, cosine, top1, allow_nonfinite.")]
+Threads = Annotated[Optional[int], typer.Option(help="onnxruntime intra-op threads (default: onnxruntime's choice).")]
+ReportPath = Annotated[Optional[Path], typer.Option("--report", help="Write the report as JSON here.")]
+
+
+@app.command()
+def optimize(
+    input: Annotated[Path, typer.Argument(help="The ONNX model to optimize (never modified).")],
+    output: Annotated[Path, typer.Argument(help="Where to write the optimized model.")],
+    passes: Annotated[Optional[str], typer.Option("--passes", "-p", help="Pipeline, e.g. 'prune:ratio=0.3,int8:method=kl'. See `onnxcompress passes`.")] = None,
+    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="Pipeline TOML file with [[passes]] tables.")] = None,
+    calib: Annotated[Optional[Path], typer.Option("--calib", help="Calibration data: .npy, .npz, or a folder of arrays or images.")] = None,
+    val: Annotated[Optional[Path], typer.Option("--val", help="Validation data (default: the calibration data, else seeded random inputs).")] = None,
+    calib_limit: Annotated[Optional[int], typer.Option("--calib-limit", help="Use at most N calibration samples.")] = None,
+    val_limit: Annotated[Optional[int], typer.Option("--val-limit", help="Validate on at most N samples.")] = None,
+    batch_size: BatchSize = 8,
+    provider: Provider = "cpu",
+    tol: Tol = None,
+    no_validate: Annotated[bool, typer.Option("--no-validate", help="Skip validation (not recommended).")] = False,
+    keep_failed: Annotated[bool, typer.Option("--keep-failed", help="Write the output even when validation fails.")] = False,
+    latency: Annotated[bool, typer.Option("--latency/--no-latency", help="Measure latency of both models.")] = True,
+    latency_batch: Annotated[int, typer.Option("--latency-batch", help="Batch size for the latency measurement.")] = 1,
+    latency_runs: Annotated[int, typer.Option("--latency-runs", help="Timed runs after warm-up (median reported).")] = 20,
+    threads: Threads = None,
+    external_data: Annotated[Optional[bool], typer.Option("--external-data/--no-external-data", help="Force tensor data into OUTPUT.data (default: only above 2 GB).")] = None,
+    report: ReportPath = None,
+    shape: Shapes = None,
+    seed: Annotated[int, typer.Option(help="Seed of every random choice.")] = 0,
+    image_size: ImageSize = None, resize: Resize = "stretch", mean: Mean = None, std: Std = None, scale: Scale = 1 / 255,
+    channel_order: ChannelOrder = "rgb", layout: Layout = "nchw",
+    skip_nonfinite: SkipNonfinite = False,
+    quiet: Quiet = False, verbose: Verbose = False, debug: Debug = False,
+) -> None:
+    """Optimize a model, validate it against the original, and write it."""
+    progress = _setup(debug, quiet, verbose)
+    if passes and config:
+        raise OptionError("give the pipeline with --passes or --config, not both")
+    pipeline = build_pipeline(load_config(config) if config else passes)
+    base = Thresholds.exact() if pipeline.exact else Thresholds.approximate()
+    result, rep = api.optimize(
+        input, pipeline, calibration=calib, validation=False if no_validate else val, output=output, provider=provider,
+        thresholds=parse_tolerances(tol, base), batch_size=batch_size, calib_limit=calib_limit, val_limit=val_limit,
+        image_options=_image_options(image_size, resize, mean, std, scale, channel_order, layout),
+        nonfinite="skip" if skip_nonfinite else "error", latency=latency, latency_batch=latency_batch,
+        latency_runs=latency_runs, threads=threads, input_shapes=_parse_shapes(shape), seed=seed,
+        keep_failed=keep_failed, external_data=external_data, progress=progress,
+    )
+    _print_report(rep)
+    _write_json(report, rep.to_dict())
+    if rep.validation is not None and not rep.validation.passed:
+        raise ValidationFailed("validation failed: " + "; ".join(rep.validation.failures()))
+
+
+@app.command()
+def validate(
+    reference: Annotated[Path, typer.Argument(help="The original model.")],
+    candidate: Annotated[Path, typer.Argument(help="The model to check against it.")],
+    calib: Annotated[Optional[Path], typer.Option("--calib", help="Data to compare on (same as --val).")] = None,
+    val: Annotated[Optional[Path], typer.Option("--val", help="Data to compare on (default: seeded random inputs).")] = None,
+    limit: Annotated[Optional[int], typer.Option("--limit", help="Use at most N samples.")] = None,
+    batch_size: BatchSize = 8,
+    provider: Provider = "cpu",
+    tol: Tol = None,
+    approximate: Annotated[bool, typer.Option("--approximate", help="Default thresholds of approximate rewrites (cosine ≥ 0.99, top-1 ≥ 0.99) instead of exact ones (error ≤ 1e-4 of the output range).")] = False,
+    threads: Threads = None,
+    report: ReportPath = None,
+    shape: Shapes = None,
+    seed: Annotated[int, typer.Option(help="Seed of the random inputs.")] = 0,
+    image_size: ImageSize = None, resize: Resize = "stretch", mean: Mean = None, std: Std = None, scale: Scale = 1 / 255,
+    channel_order: ChannelOrder = "rgb", layout: Layout = "nchw",
+    skip_nonfinite: SkipNonfinite = False,
+    quiet: Quiet = False, verbose: Verbose = False, debug: Debug = False,
+) -> None:
+    """Compare two existing models' outputs on the same inputs."""
+    progress = _setup(debug, quiet, verbose)
+    if calib and val:
+        raise OptionError("give the comparison data with --val or --calib, not both")
+    base = Thresholds.approximate() if approximate else Thresholds.exact()
+    rep = api.validate_models(
+        reference, candidate, val or calib, provider=provider, thresholds=parse_tolerances(tol, base),
+        batch_size=batch_size, limit=limit, image_options=_image_options(image_size, resize, mean, std, scale, channel_order, layout),
+        nonfinite="skip" if skip_nonfinite else "error", seed=seed, threads=threads, input_shapes=_parse_shapes(shape),
+        progress=progress,
+    )
+    _print_validation(rep)
+    _write_json(report, rep.to_dict())
+    if not rep.passed:
+        raise ValidationFailed("validation failed: " + "; ".join(rep.failures()))
+
+
+@app.command()
+def inspect(
+    model: Annotated[Path, typer.Argument(help="The ONNX model.")],
+    shape: Shapes = None,
+    top: Annotated[int, typer.Option(help="How many of the heaviest layers to list.")] = 10,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
+    quiet: Quiet = False, verbose: Verbose = False, debug: Debug = False,
+) -> None:
+    """Inputs, outputs, opset, ops, parameters, MACs and the heaviest layers."""
+    _setup(debug, quiet, verbose)
+    s: ModelSummary = api.inspect_model(model, _parse_shapes(shape))
+    if as_json:
+        out.print_json(json.dumps(s.to_dict(top=top), default=str))
+        return
+    out.print(f"[bold]{model}[/]  opset {s.opset}")
+    io = Table(title="inputs and outputs", title_justify="left")
+    for col in ("", "name", "dtype", "shape"):
+        io.add_column(col)
+    for i in s.inputs:
+        io.add_row("input", i["name"], i["dtype"], str(i["shape"]))
+    for o in s.outputs:
+        io.add_row("output", o["name"], "", str(o["shape"]))
+    out.print(io)
+    shape_note = ", ".join(f"{k}={'x'.join(map(str, v))}" for k, v in s.macs_input_shapes.items())
+    out.print(f"parameters {s.params:,}   MACs {s.macs:,} per sample at {shape_note}   size {_fmt_bytes(s.file_size)}   "
+              f"nodes {s.nodes}   BatchNormalization {s.batchnorm}" if s.macs is not None else
+              f"parameters {s.params:,}   MACs unknown   nodes {s.nodes}   BatchNormalization {s.batchnorm}")
+    out.print("ops: " + ", ".join(f"{k} {v}" for k, v in s.op_counts.items()))
+    layers = sorted(s.layers, key=lambda x: -x.macs)[:top]
+    if layers:
+        lt = Table(title=f"top {len(layers)} layers by MACs", title_justify="left")
+        for col in ("node", "op", "MACs", "share", "output shape"):
+            lt.add_column(col, justify="right" if col in ("MACs", "share") else "left")
+        for layer in layers:
+            lt.add_row(layer.node, layer.op, f"{layer.macs:,}", f"{100 * layer.macs / max(s.macs or 1, 1):.1f}%", str(layer.output_shape))
+        out.print(lt)
+
+
+@app.command(name="passes")
+def list_passes() -> None:
+    """List the registered passes and their options."""
+    for name, cls in REGISTRY.items():
+        out.print(f"[bold]{name}[/] — {cls.summary}" + ("" if cls.exact else "  (approximate)"))
+        for o in describe_options(cls.Options):
+            out.print(f"    {o.name}: {o.type_name} = {o.default!r}  {o.help}")
+
+
+# ----------------------------------------------------------------------------- entry point
+
+
+def _on_sigterm(signum: int, frame: FrameType | None) -> None:
+    raise Interrupted("SIGTERM", 143)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point; returns (and exits with) the exit code."""
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    command = typer.main.get_command(app)
+    code = 0
+    try:
+        rv = command.main(args=argv, prog_name="onnxcompress", standalone_mode=False)
+        code = rv if isinstance(rv, int) else 0
+    except click.exceptions.UsageError as exc:
+        exc.show(file=sys.stderr)
+        code = 2
+    except click.exceptions.Exit as exc:
+        code = exc.exit_code
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        err.print("error: interrupted by SIGINT; no output was written", markup=False)
+        code = 130
+    except OnnxCompressError as exc:
+        if _state["debug"]:
+            import traceback
+
+            traceback.print_exc()
+        err.print("error: " + " ".join(str(exc).split()), markup=False)
+        code = exc.exit_code
+    except Exception as exc:  # a bug: one line unless --debug
+        if _state["debug"]:
+            raise
+        err.print(f"internal error: {type(exc).__name__}: {exc} (run with --debug for the traceback)", markup=False)
+        code = 1
+    return code
+
+
+def run() -> None:  # pragma: no cover - the console script
+    sys.exit(main())
+
+
+if __name__ == "__main__":  # pragma: no cover
+    run()
