@@ -41,9 +41,9 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
-out = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
+out = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 160)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
-_state = {"debug": False}
+_state: dict[str, Any] = {"debug": False, "interrupted": None}
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -378,24 +378,58 @@ def list_passes() -> None:
 # ----------------------------------------------------------------------------- entry point
 
 
-def _on_sigterm(signum: int, frame: FrameType | None) -> None:
-    raise Interrupted("SIGTERM", 143)
+def _on_signal(signum: int, frame: FrameType | None) -> None:
+    name, code = ("SIGTERM", 143) if signum == signal.SIGTERM else ("SIGINT", 130)
+    _state["interrupted"] = Interrupted(name, code)  # typer swallows the exception; keep it here
+    raise _state["interrupted"]
+
+
+def _click_exceptions() -> tuple[tuple[type, ...], tuple[type, ...], tuple[type, ...], tuple[type, ...]]:
+    """(UsageError, ClickException, Exit, Abort) classes of click and of typer, whose
+    newer releases vendor their own click copy with their own exception classes."""
+    import importlib
+
+    mods: list[Any] = [click.exceptions, typer]
+    for name in ("typer._click.exceptions", "typer.exceptions"):
+        try:
+            mods.append(importlib.import_module(name))
+        except ImportError:
+            pass
+
+    def collect(attr: str) -> tuple[type, ...]:
+        return tuple({getattr(m, attr) for m in mods if isinstance(getattr(m, attr, None), type)})
+
+    return collect("UsageError"), collect("ClickException"), collect("Exit"), collect("Abort")
 
 
 def main(argv: list[str] | None = None) -> int:
     """Console entry point; returns (and exits with) the exit code."""
-    signal.signal(signal.SIGTERM, _on_sigterm)
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
+    _state["interrupted"] = None
+    usage_errors, click_errors, exits, aborts = _click_exceptions()
     command = typer.main.get_command(app)
     code = 0
     try:
         rv = command.main(args=argv, prog_name="onnxcompress", standalone_mode=False)
         code = rv if isinstance(rv, int) else 0
-    except click.exceptions.UsageError as exc:
-        exc.show(file=sys.stderr)
+        if _state["interrupted"] is not None:
+            raise _state["interrupted"]
+    except usage_errors as exc:
+        exc.show(file=sys.stderr)  # type: ignore[attr-defined]
         code = 2
-    except click.exceptions.Exit as exc:
+    except click_errors as exc:
+        exc.show(file=sys.stderr)  # type: ignore[attr-defined]
+        code = getattr(exc, "exit_code", 2)
+    except exits as exc:
+        code = int(getattr(exc, "exit_code", 0) or 0)
+        if _state["interrupted"] is not None:
+            err.print(f"error: {_state['interrupted']}", markup=False)
+            code = _state["interrupted"].exit_code
+    except Interrupted as exc:
+        err.print(f"error: {exc}", markup=False)
         code = exc.exit_code
-    except (click.exceptions.Abort, KeyboardInterrupt):
+    except aborts + (KeyboardInterrupt,):
         err.print("error: interrupted by SIGINT; no output was written", markup=False)
         code = 130
     except OnnxCompressError as exc:

@@ -14,6 +14,7 @@ batches of exactly that size.
 from __future__ import annotations
 
 import abc
+import dataclasses
 import logging
 import os
 import zipfile
@@ -113,21 +114,20 @@ def check_array(spec: InputSpec, arr: np.ndarray, where: str, *, batched: bool =
     return arr
 
 
-def _check_finite(name: str, arr: np.ndarray, where: str, first_index: int, policy: str) -> np.ndarray | None:
-    """Return ``arr`` without non-finite samples ('skip'), or raise ('error')."""
-    if not np.issubdtype(arr.dtype, np.floating):
-        return arr
-    flat = arr.reshape(arr.shape[0], -1)
-    bad = ~np.isfinite(flat).all(axis=1)
-    if not bad.any():
-        return arr
-    idx = int(np.flatnonzero(bad)[0]) + first_index
-    if policy == "error":
-        raise DataError(
-            f"input '{name}': NaN or Inf in sample {idx} of {where} (use nonfinite='skip' / --skip-nonfinite to skip such samples)"
-        )
-    log.warning("input '%s': skipping %d sample(s) with NaN/Inf in %s", name, int(bad.sum()), where)
-    return None
+def _finite_rows(name: str, arr: np.ndarray, where: str, first_index: int, policy: str) -> np.ndarray:
+    """Boolean mask of samples without NaN/Inf; raises on the first bad one under 'error'."""
+    if not np.issubdtype(arr.dtype, np.floating) or arr.ndim == 0:
+        return np.ones(arr.shape[0] if arr.ndim else 1, dtype=bool)
+    good = np.isfinite(arr.reshape(arr.shape[0], -1)).all(axis=1)
+    if not good.all():
+        idx = int(np.flatnonzero(~good)[0]) + first_index
+        if policy == "error":
+            raise DataError(
+                f"input '{name}': NaN or Inf in sample {idx} of {where} "
+                "(use nonfinite='skip' / --skip-nonfinite to skip such samples)"
+            )
+        log.warning("input '%s': skipping %d sample(s) with NaN/Inf in %s", name, int((~good).sum()), where)
+    return good
 
 
 # ----------------------------------------------------------------------------- array streams
@@ -142,10 +142,11 @@ class ArrayEntry:
     shape: tuple[int, ...]
     dtype: np.dtype
     fortran_order: bool
+    note: str = ""
 
     @property
     def where(self) -> str:
-        return f"{self.file}" if self.key is None else f"{self.file}['{self.key}']"
+        return (f"{self.file}" if self.key is None else f"{self.file}['{self.key}']") + self.note
 
     def _open(self) -> tuple[IO[bytes], zipfile.ZipFile | None]:
         if self.key is None:
@@ -391,6 +392,8 @@ class ArrayFilesSource(DataSource):
             for name, entry in plan.items():
                 spec = next(s for s in self.specs if s.name == name)
                 if len(entry.shape) == spec.rank - 1:  # one sample: add the batch axis
+                    entry = dataclasses.replace(entry, note=" (read as one sample without a batch axis)")
+                    plan = {**plan, name: entry}
                     streams[name] = (c[None, ...] for c in entry.iter_chunks(rows))
                 else:
                     streams[name] = entry.iter_chunks(rows)
@@ -402,11 +405,12 @@ class ArrayFilesSource(DataSource):
                     break
                 chunk: Batch = {k: v for k, v in parts.items() if v is not None}
                 n = next(iter(chunk.values())).shape[0]
-                keep = all(
-                    _check_finite(name, arr, plan[name].where, index, self.nonfinite) is not None
-                    for name, arr in chunk.items()
-                )
-                if keep:
+                good = np.ones(n, dtype=bool)
+                for name, arr in chunk.items():
+                    good &= _finite_rows(name, arr, plan[name].where, index, self.nonfinite)
+                if not good.all():
+                    chunk = {k: v[good] for k, v in chunk.items()}
+                if good.any():
                     yield chunk, where
                 index += n
 

@@ -58,8 +58,9 @@ class ValidationFailed(OnnxCompressError):
     exit_code = 3
 
 
-class Interrupted(OnnxCompressError):
-    """The run was interrupted by SIGINT (exit 130) or SIGTERM (exit 143)."""
+class Interrupted(KeyboardInterrupt):
+    """SIGINT (exit 130) or SIGTERM (exit 143). A ``KeyboardInterrupt`` so that no
+    ``except Exception`` in library code can swallow it; cleanup runs in ``finally``."""
 
     def __init__(self, signal_name: str, exit_code: int) -> None:
         super().__init__(f"interrupted by {signal_name}; no output was written")

@@ -170,7 +170,10 @@ def load_model(path: str | os.PathLike[str]) -> onnx.ModelProto:
             f"{p}: not an ONNX file or truncated protobuf ({type(exc).__name__}: {exc})"
         ) from None
     _check_model_structure(model, p)
-    n = load_external_data(model, p.parent)
+    try:
+        n = load_external_data(model, p.parent)
+    except ExternalDataError as exc:
+        raise ExternalDataError(f"{p}: {exc}") from None
     if n:
         log.info("loaded %d external tensors for %s", n, p)
     return model

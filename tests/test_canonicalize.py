@@ -1,0 +1,128 @@
+"""canonicalize: exact rewrites, checked numerically with graph optimizations disabled."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper, numpy_helper
+
+from onnxcompress.model import load_model
+from onnxcompress.passes.canonicalize import Canonicalize, CanonicalizeOptions
+from onnxcompress.pipeline import PassContext
+
+from .builders import fvi, make_model, run, tensor
+from .conftest import FIXTURES, SHARED_MODELS, shared_path
+
+
+def _messy_model() -> onnx.ModelProto:
+    """Constant weights, an Identity chain, an Identity into the graph output,
+    duplicated initializers, a dead branch and an If whose branch captures an Identity output."""
+    rng = np.random.default_rng(3)
+    w = tensor(rng, "w_const", (4, 3, 3, 3), 0.3)
+    dup_a = numpy_helper.from_array(np.full((1, 4, 1, 1), 0.5, np.float32), "dup_a")
+    dup_b = numpy_helper.from_array(np.full((1, 4, 1, 1), 0.5, np.float32), "dup_b")
+    cond = numpy_helper.from_array(np.array(True), "cond")
+    then_out = fvi("then_y", None)
+    then_graph = helper.make_graph([helper.make_node("Relu", ["id2"], ["then_y"])], "then", [], [then_out])
+    else_graph = helper.make_graph([helper.make_node("Neg", ["id2"], ["else_y"])], "else", [], [fvi("else_y", None)])
+    nodes = [
+        helper.make_node("Constant", [], ["w_const"], value=w),
+        helper.make_node("Constant", [], ["scale"], value_float=2.0),
+        helper.make_node("Conv", ["x", "w_const"], ["conv"], pads=[1, 1, 1, 1]),
+        helper.make_node("Identity", ["conv"], ["id1"]),
+        helper.make_node("Identity", ["id1"], ["id2"]),
+        helper.make_node("Mul", ["id2", "dup_a"], ["m1"]),
+        helper.make_node("Mul", ["m1", "dup_b"], ["m2"]),
+        helper.make_node("Mul", ["m2", "scale"], ["m3"]),
+        helper.make_node("If", ["cond"], ["branch"], then_branch=then_graph, else_branch=else_graph),
+        helper.make_node("Add", ["m3", "branch"], ["sum"]),
+        helper.make_node("Identity", ["sum"], ["y"]),
+        helper.make_node("Sigmoid", ["x"], ["dead"]),  # reaches no output
+    ]
+    return make_model(nodes, [fvi("x", ["N", 3, 8, 8])], [fvi("y", ["N", 4, 8, 8])], [dup_a, dup_b, cond])
+
+
+def _check_same(a: onnx.ModelProto, b: onnx.ModelProto, shape: tuple[int, ...], seeds=(0, 1, 2)) -> None:
+    name = a.graph.input[0].name
+    for seed in seeds:
+        x = np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+        for ra, rb in zip(run(a, {name: x}), run(b, {name: x})):
+            np.testing.assert_allclose(rb, ra, rtol=1e-5, atol=1e-6)
+
+
+def test_messy_model_is_canonical_and_exact() -> None:
+    m = _messy_model()
+    orig = onnx.ModelProto()
+    orig.CopyFrom(m)
+    res = Canonicalize().run(m, PassContext())
+    ops = Counter(n.op_type for n in res.model.graph.node)
+    assert res.modified
+    assert ops["Constant"] == 0 and ops["Identity"] == 0 and ops["Sigmoid"] == 0
+    assert res.stats["constants_to_initializers"] == 2
+    assert res.stats["identities_removed"] == 3
+    assert res.stats["initializers_merged"] == 1
+    assert res.stats["dead_nodes_removed"] == 1
+    assert res.model.graph.output[0].name == "y"  # interface unchanged
+    assert {t.name for t in res.model.graph.initializer} >= {"w_const", "scale"}
+    assert res.stats["shapes_inferred"] and any(vi.name == "conv" or vi.name == "y" for vi in
+                                                list(res.model.graph.value_info) + list(res.model.graph.output))
+    onnx.checker.check_model(res.model)
+    _check_same(orig, res.model, (2, 3, 8, 8))
+
+
+def test_identity_from_graph_input_to_output_is_kept() -> None:
+    m = make_model([helper.make_node("Identity", ["x"], ["y"])], [fvi("x", [2])], [fvi("y", [2])])
+    res = Canonicalize().run(m, PassContext())
+    assert [n.op_type for n in res.model.graph.node] == ["Identity"]
+    assert res.stats["identities_removed"] == 0
+
+
+def test_options_turn_steps_off() -> None:
+    m = _messy_model()
+    res = Canonicalize(CanonicalizeOptions(constants=False, identities=False, dedupe=False, dead_code=False,
+                                           infer_shapes=False)).run(m, PassContext())
+    assert not res.modified
+    assert Counter(n.op_type for n in res.model.graph.node)["Constant"] == 2
+
+
+def test_ir3_constants_become_graph_inputs_too() -> None:
+    rng = np.random.default_rng(0)
+    w = tensor(rng, "w", (2,))
+    m = make_model([helper.make_node("Constant", [], ["w"], value=w), helper.make_node("Add", ["x", "w"], ["y"])],
+                   [fvi("x", [2])], [fvi("y", [2])], opset=7, ir_version=3)
+    res = Canonicalize().run(m, PassContext())
+    assert "w" in {i.name for i in res.model.graph.input}
+    onnx.checker.check_model(res.model)
+
+
+@pytest.mark.parametrize("name", ["resnet_block", "mobilenet_se", "concat_split"])
+def test_fixtures_exact(name: str) -> None:
+    m = load_model(FIXTURES / f"{name}.onnx")
+    orig = onnx.ModelProto()
+    orig.CopyFrom(m)
+    res = Canonicalize().run(m, PassContext())
+    _check_same(orig, res.model, (3, 3, 32, 32))
+    if name == "mobilenet_se":  # weights were Constant nodes, one Identity
+        assert res.stats["constants_to_initializers"] > 20 and res.stats["identities_removed"] == 1
+
+
+@pytest.mark.shared
+@pytest.mark.parametrize("name", SHARED_MODELS)
+def test_real_exports_canonical_and_exact(name: str) -> None:
+    path = shared_path("models", f"{name}.onnx")
+    data = np.load(shared_path("data", f"{name}_eval.npz"))["x"][:1]
+    orig = load_model(path)
+    m = onnx.ModelProto()
+    m.CopyFrom(orig)
+    res = Canonicalize().run(m, PassContext())
+    before, after = Counter(n.op_type for n in orig.graph.node), Counter(n.op_type for n in res.model.graph.node)
+    assert after["Constant"] == 0 and after["Identity"] == 0
+    for op in ("Conv", "BatchNormalization", "ConvTranspose", "MatMul"):
+        assert after[op] == before[op]  # nothing but the canonical forms changed
+    onnx.checker.check_model(res.model)
+    inp = orig.graph.input[0].name
+    for ra, rb in zip(run(orig, {inp: data}), run(res.model, {inp: data})):
+        np.testing.assert_allclose(rb, ra, rtol=1e-5, atol=1e-6 * float(np.abs(ra).max()))

@@ -1,0 +1,101 @@
+"""Validation metrics, thresholds, providers."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+from onnx import numpy_helper
+import pytest
+
+from onnxcompress.data import RandomSource, input_specs
+from onnxcompress.errors import OptionError, ProviderError, RuntimeModelError
+from onnxcompress.validate import OutputStats, Thresholds, compare_models, parse_tolerances, resolve_provider
+
+from .builders import linear_model
+
+
+def _data(model, n=16, seed=0):
+    return RandomSource(input_specs(model), num_samples=n, batch_size=4, seed=seed)
+
+
+def test_identical_models_pass_exact() -> None:
+    m = linear_model()
+    r = compare_models(m, linear_model(), _data(m))
+    o = r.outputs[0]
+    assert r.passed and r.samples == 16 and r.batches == 4
+    assert o.metrics["max_abs"] == 0 and o.metrics["cosine_mean"] == pytest.approx(1.0) and o.metrics["top1"] == 1.0
+
+
+def test_offset_is_measured_exactly() -> None:
+    ref, new = linear_model(), linear_model(offset=0.01)
+    r = compare_models(ref, new, _data(ref))
+    m = r.outputs[0].metrics
+    assert m["max_abs"] == pytest.approx(0.01, rel=1e-4) and m["mean_abs"] == pytest.approx(0.01, rel=1e-4)
+    assert m["rel_range"] == pytest.approx(0.01 / m["range"], rel=1e-4)
+    assert not r.passed and "of the output range > 0.0001" in r.failures()[0]
+    loose = compare_models(ref, new, _data(ref), thresholds=Thresholds(max_abs=0.02))
+    assert loose.passed
+
+
+def test_top1_and_cosine_fail_on_a_different_model() -> None:
+    ref, new = linear_model(), linear_model()
+    w = numpy_helper.to_array(ref.graph.initializer[0])
+    new.graph.initializer[0].CopyFrom(numpy_helper.from_array(-w, "W"))  # y_new = -y_ref
+    r = compare_models(ref, new, _data(ref), thresholds=Thresholds.approximate())
+    m = r.outputs[0].metrics
+    assert m["cosine_mean"] == pytest.approx(-1.0, abs=1e-6) and m["top1"] < 0.5
+    fails = " ".join(r.failures())
+    assert "mean cosine" in fails and "top-1 agreement" in fails
+
+
+def test_nan_in_candidate_fails() -> None:
+    ref, new = linear_model(), linear_model(nan=True)
+    r = compare_models(ref, new, _data(ref), thresholds=Thresholds(cosine=None))
+    assert r.outputs[0].metrics["new_nonfinite"] == 16 * 5
+    assert not r.passed and "NaN/Inf" in r.failures()[0]
+    allowed = compare_models(ref, new, _data(ref), thresholds=Thresholds(allow_nonfinite=True))
+    assert allowed.passed
+
+
+def test_output_stats_cosine_per_sample() -> None:
+    s = OutputStats("y")
+    a = np.array([[1.0, 0.0], [0.0, 2.0]], np.float32)
+    b = np.array([[1.0, 0.0], [2.0, 0.0]], np.float32)
+    s.update(a, b)
+    m = s.metrics()
+    assert m["cosine_mean"] == pytest.approx(0.5) and m["cosine_min"] == pytest.approx(0.0) and m["top1"] == 0.5
+
+
+def test_parse_tolerances() -> None:
+    t = parse_tolerances("cosine=0.999,top1=none; y: max_abs=0.1", Thresholds.approximate())
+    assert t[None].cosine == 0.999 and t[None].top1 is None
+    assert t["y"].max_abs == 0.1 and t["y"].cosine == 0.999
+    with pytest.raises(OptionError, match="key one of rel_range, max_abs"):
+        parse_tolerances("cosin=0.9", Thresholds())
+    with pytest.raises(OptionError, match="'abc' is not a number"):
+        parse_tolerances("cosine=abc", Thresholds())
+
+
+def test_tolerance_for_unknown_output() -> None:
+    m = linear_model()
+    with pytest.raises(OptionError, match=r"unknown output\(s\) \['logits'\]; outputs: y"):
+        compare_models(m, m, _data(m), thresholds={None: Thresholds(), "logits": Thresholds()})
+
+
+def test_models_with_different_outputs() -> None:
+    m = linear_model()
+    other = linear_model()
+    other.graph.output[0].name = "z"
+    other.graph.node[-1].output[0] = "z"
+    with pytest.raises(RuntimeModelError, match="the models' outputs differ"):
+        compare_models(m, other, _data(m))
+
+
+def test_missing_provider_is_a_clear_error() -> None:
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("CUDA is available here")
+    with pytest.raises(ProviderError, match=r"execution provider 'cuda' \(CUDAExecutionProvider\) is not available.*onnxcompress\[gpu\]"):
+        resolve_provider("cuda")
+    with pytest.raises(OptionError, match="unknown provider 'tpu'"):
+        resolve_provider("tpu")
+    assert resolve_provider("auto") in ("cpu", "cuda", "tensorrt")
