@@ -1,0 +1,5 @@
+"""``python -m onnxcompress`` runs the CLI."""
+
+from .cli import run
+
+run()
