@@ -18,7 +18,6 @@ from pathlib import Path
 from types import FrameType
 from typing import Annotated, Any, Optional
 
-import click
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -389,8 +388,8 @@ def _click_exceptions() -> tuple[tuple[type, ...], tuple[type, ...], tuple[type,
     newer releases vendor their own click copy with their own exception classes."""
     import importlib
 
-    mods: list[Any] = [click.exceptions, typer]
-    for name in ("typer._click.exceptions", "typer.exceptions"):
+    mods: list[Any] = [typer]
+    for name in ("click.exceptions", "typer._click.exceptions", "typer.exceptions"):
         try:
             mods.append(importlib.import_module(name))
         except ImportError:
