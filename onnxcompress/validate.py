@@ -360,27 +360,47 @@ def measure_latency(
     feeds: Batch,
     *,
     provider: str = "cpu",
-    warmup: int = 3,
+    warmup: int = 5,
     runs: int = 20,
+    min_seconds: float = 1.0,
+    max_runs: int = 2000,
     threads: int | None = None,
     progress: Progress | None = None,
     labels: Sequence[str] | None = None,
 ) -> list[float]:
-    """Median latency (ms) of each model on ``feeds``, runs interleaved in one process
-    so machine noise hits every model alike."""
+    """Median latency (ms) of each model on ``feeds``.
+
+    All models run in one process, interleaved in rounds (ABBA order): in each round a
+    model gets one untimed run, which absorbs the switch from the other session (whose
+    onnxruntime threads may still be spinning), then 5 timed runs. Machine noise thus
+    hits every model alike. Warm-up lasts at least
+    ``warmup`` rounds and 0.2 s; timing lasts at least ``runs`` rounds and ``min_seconds``
+    (at most ``max_runs`` rounds).
+    """
+    import time
+
     progress = progress or NullProgress()
     labels = labels or [f"model {i}" for i in range(len(models))]
     sessions = [make_session(m, provider, threads=threads, label=lbl) for m, lbl in zip(models, labels)]
-    import time
-
+    order = list(range(len(sessions)))
+    start = time.perf_counter()
+    i = 0
+    while i < warmup or time.perf_counter() - start < 0.2:
+        for k in order:
+            run_session(sessions[k], feeds, labels[k])
+        i += 1
     times: list[list[float]] = [[] for _ in sessions]
-    with progress.task("latency", warmup + runs) as task:
-        for i in range(warmup + runs):
-            for k, (sess, lbl) in enumerate(zip(sessions, labels)):
-                t0 = time.perf_counter()
-                run_session(sess, feeds, lbl)
-                dt = (time.perf_counter() - t0) * 1000.0
-                if i >= warmup:
-                    times[k].append(dt)
-            task.advance()
+    start = time.perf_counter()
+    block = 5  # timed runs per model per round, after one untimed run that absorbs the switch
+    with progress.task("latency", runs) as task:
+        i = 0
+        while i * block < max_runs and (i * block < runs or time.perf_counter() - start < min_seconds):
+            for k in (order if i % 2 == 0 else order[::-1]):
+                run_session(sessions[k], feeds, labels[k])
+                for _ in range(block):
+                    t0 = time.perf_counter()
+                    run_session(sessions[k], feeds, labels[k])
+                    times[k].append((time.perf_counter() - t0) * 1000.0)
+            i += 1
+            task.advance(block)
     return [float(np.median(t)) for t in times]

@@ -38,3 +38,17 @@ def test_canonicalize_cli_matches_original_on_eval(cli, tmp_path: Path, name: st
                                             "captcha_det": 64}[name]
     for o in v["outputs"]:
         assert o["metrics"]["rel_range"] <= 1e-4 and o["metrics"]["new_nonfinite"] == 0
+
+
+@pytest.mark.parametrize("name", SHARED_MODELS)
+def test_inspect_prints_pinned_macs(cli, name: str) -> None:
+    from .test_report import SHARED_MACS
+
+    shape, macs = SHARED_MACS[name]
+    model = shared_path("models", f"{name}.onnx")
+    import onnx
+
+    inp = onnx.load(str(model), load_external_data=False).graph.input[0].name
+    res = cli("inspect", model, "--shape", f"{inp}={'x'.join(map(str, shape))}")
+    assert res.code == 0, res.err
+    assert f"MACs {macs:,} per sample" in res.out
