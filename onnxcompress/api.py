@@ -24,7 +24,7 @@ from .pipeline import Pass, PassContext, Pipeline
 from .progress import NullProgress, Progress
 from .registry import build_pipeline
 from .report import LatencyResult, ModelSummary, OptimizeReport, summarize
-from .validate import Thresholds, ValidationReport, compare_models, measure_latency, resolve_provider
+from .validate import Thresholds, ValidationReport, compare_models, make_session, measure_latency, resolve_provider
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +128,8 @@ def optimize(
     if output is not None and not Path(output).parent.is_dir():
         raise ModelSaveError(f"{output}: output folder {Path(output).parent} does not exist")
     pipeline = _as_pipeline(passes)
+    # fail early, naming the input, if onnxruntime cannot load the original at all
+    make_session(original, provider, optimize=False, label=f"{in_path or 'input model'}")
     open_kw = dict(batch_size=batch_size, image_options=image_options, nonfinite=nonfinite)
     calib = open_data(calibration, original, limit=calib_limit, **open_kw) if calibration is not None else None  # type: ignore[arg-type]
     if validation is False:

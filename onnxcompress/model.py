@@ -19,6 +19,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import onnx
 from google.protobuf.message import DecodeError
 
@@ -149,6 +150,30 @@ def load_external_data(model: onnx.ModelProto, base_dir: Path) -> int:
     return count
 
 
+def check_tensor_sizes(model: onnx.ModelProto) -> None:
+    """Refuse tensors whose data does not match their dtype and shape."""
+    for t in iter_tensors(model):
+        if t.data_location == onnx.TensorProto.EXTERNAL or t.data_type in (0, onnx.TensorProto.STRING):
+            continue
+        if any(d < 0 for d in t.dims):
+            raise ModelLoadError(f"tensor '{t.name}': negative dimension in shape {list(t.dims)}")
+        count = int(np.prod(t.dims, dtype=np.int64)) if len(t.dims) else 1
+        if t.HasField("raw_data"):
+            try:
+                itemsize = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
+            except (KeyError, TypeError, ValueError):
+                raise ModelLoadError(f"tensor '{t.name}': unknown data type {t.data_type}") from None
+            if t.data_type in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4):
+                expected = (count + 1) // 2
+            else:
+                expected = count * itemsize
+            if len(t.raw_data) != expected:
+                raise ModelLoadError(
+                    f"tensor '{t.name}': holds {len(t.raw_data)} bytes of data, but its shape {list(t.dims)} of "
+                    f"{onnx.TensorProto.DataType.Name(t.data_type)} needs {expected}"
+                )
+
+
 def load_model(path: str | os.PathLike[str]) -> onnx.ModelProto:
     """Load an ONNX model with its external data, or raise :class:`ModelLoadError`."""
     p = Path(path)
@@ -176,6 +201,10 @@ def load_model(path: str | os.PathLike[str]) -> onnx.ModelProto:
         raise ExternalDataError(f"{p}: {exc}") from None
     if n:
         log.info("loaded %d external tensors for %s", n, p)
+    try:
+        check_tensor_sizes(model)
+    except ModelLoadError as exc:
+        raise ModelLoadError(f"{p}: {exc}") from None
     return model
 
 

@@ -63,6 +63,14 @@ def resolve_provider(name: str) -> str:
     return name
 
 
+def ort_message(exc: BaseException) -> str:
+    """onnxruntime's error text on one line, without its C++ source location."""
+    import re
+
+    msg = " ".join(str(exc).split()) or type(exc).__name__
+    return re.sub(r"\S*onnxruntime_src\S*:\d+ .*?\) (?=[A-Z])", "", msg)
+
+
 def make_session(
     model: onnx.ModelProto,
     provider: str = "cpu",
@@ -87,17 +95,15 @@ def make_session(
                 save_model(model, path, external_data=True)
                 return ort.InferenceSession(str(path), opts, providers=providers)
         return ort.InferenceSession(model.SerializeToString(), opts, providers=providers)
-    except (ort.capi.onnxruntime_pybind11_state.Fail, RuntimeError, ValueError) as exc:  # type: ignore[attr-defined]
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise RuntimeModelError(f"{label}: onnxruntime cannot load it: {msg}") from None
+    except Exception as exc:  # onnxruntime raises Fail, InvalidGraph, InvalidArgument, NotImplemented, ...
+        raise RuntimeModelError(f"{label}: onnxruntime cannot load it: {ort_message(exc)}") from None
 
 
 def run_session(sess: ort.InferenceSession, feeds: Batch, label: str = "model") -> list[np.ndarray]:
     try:
         return sess.run(None, feeds)
     except Exception as exc:  # onnxruntime raises its own exception classes
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise RuntimeModelError(f"{label}: onnxruntime failed to run it: {msg}") from None
+        raise RuntimeModelError(f"{label}: onnxruntime failed to run it: {ort_message(exc)}") from None
 
 
 @dataclass

@@ -265,3 +265,55 @@ def test_interrupt_leaves_no_output(tmp_path: Path, sig: int, code: int) -> None
     assert proc.returncode == code, err
     assert "interrupted" in err and "Traceback" not in err
     assert list(tmp_path.iterdir()) == []
+
+
+def _mutate(kind: str) -> onnx.ModelProto:
+    m = onnx.load(str(MODEL))
+    g = m.graph
+    if kind == "dangling_input":
+        g.node[3].input[0] = "nonexistent"
+    elif kind == "short_initializer":
+        g.initializer[0].raw_data = g.initializer[0].raw_data[:-4]
+    elif kind == "unknown_domain":
+        g.node[0].domain = "com.unknown"
+    elif kind == "cycle":
+        g.node[1].input[0] = g.node[5].output[0]
+    elif kind == "wrong_input_type":
+        g.input[0].type.tensor_type.elem_type = onnx.TensorProto.STRING
+    elif kind == "bad_attribute":
+        g.node[0].attribute[0].ints[:] = [3, 3, 3]
+    return m
+
+
+@pytest.mark.parametrize(
+    ("kind", "fragment"),
+    [
+        ("dangling_input", "Node input 'nonexistent' is not a graph input"),
+        ("short_initializer", "holds 1724 bytes of data, but its shape [16, 3, 3, 3] of FLOAT needs 1728"),
+        ("unknown_domain", "com.unknown"),
+        ("cycle", "not acyclic"),
+        ("wrong_input_type", "tensor(string)"),
+        ("bad_attribute", "conv_2"),
+    ],
+)
+def test_malformed_models_are_refused(cli, tmp_path: Path, kind: str, fragment: str) -> None:
+    p = tmp_path / f"{kind}.onnx"
+    p.write_bytes(_mutate(kind).SerializeToString())
+    before = sha(p)
+    assert_user_error(cli("optimize", p, tmp_path / "o.onnx", "--no-latency"), f"{kind}.onnx", fragment)
+    assert sha(p) == before and sorted(x.name for x in tmp_path.iterdir()) == [p.name]
+
+
+def test_model_without_inputs(cli, tmp_path: Path) -> None:
+    from onnx import helper
+
+    const = numpy_helper.from_array(np.arange(6, dtype=np.float32).reshape(2, 3), "c")
+    g = helper.make_graph([helper.make_node("Constant", [], ["k"], value=const), helper.make_node("Relu", ["k"], ["y"])],
+                          "noinput", [], [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2, 3])])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    m.ir_version = 8
+    p = tmp_path / "noinput.onnx"
+    p.write_bytes(m.SerializeToString())
+    res = cli("optimize", p, tmp_path / "o.onnx", "--no-latency")
+    assert res.code == 0, res.err
+    assert "validation on 1 samples" in res.out
