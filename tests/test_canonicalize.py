@@ -25,6 +25,8 @@ def _messy_model() -> onnx.ModelProto:
     dup_a = numpy_helper.from_array(np.full((1, 4, 1, 1), 0.5, np.float32), "dup_a")
     dup_b = numpy_helper.from_array(np.full((1, 4, 1, 1), 0.5, np.float32), "dup_b")
     cond = numpy_helper.from_array(np.array(True), "cond")
+    bias = numpy_helper.from_array(np.arange(4, dtype=np.float32), "bias_flat")
+    bshape = numpy_helper.from_array(np.array([1, 4, 1, 1], np.int64), "bshape")
     then_out = fvi("then_y", None)
     then_graph = helper.make_graph([helper.make_node("Relu", ["id2"], ["then_y"])], "then", [], [then_out])
     else_graph = helper.make_graph([helper.make_node("Neg", ["id2"], ["else_y"])], "else", [], [fvi("else_y", None)])
@@ -36,13 +38,15 @@ def _messy_model() -> onnx.ModelProto:
         helper.make_node("Identity", ["id1"], ["id2"]),
         helper.make_node("Mul", ["id2", "dup_a"], ["m1"]),
         helper.make_node("Mul", ["m1", "dup_b"], ["m2"]),
-        helper.make_node("Mul", ["m2", "scale"], ["m3"]),
+        helper.make_node("Mul", ["m2", "scale"], ["m3_"]),
+        helper.make_node("Reshape", ["bias_flat", "bshape"], ["bias4"]),  # a constant subgraph
+        helper.make_node("Add", ["m3_", "bias4"], ["m3"]),
         helper.make_node("If", ["cond"], ["branch"], then_branch=then_graph, else_branch=else_graph),
         helper.make_node("Add", ["m3", "branch"], ["sum"]),
         helper.make_node("Identity", ["sum"], ["y"]),
         helper.make_node("Sigmoid", ["x"], ["dead"]),  # reaches no output
     ]
-    return make_model(nodes, [fvi("x", ["N", 3, 8, 8])], [fvi("y", ["N", 4, 8, 8])], [dup_a, dup_b, cond])
+    return make_model(nodes, [fvi("x", ["N", 3, 8, 8])], [fvi("y", ["N", 4, 8, 8])], [dup_a, dup_b, cond, bias, bshape])
 
 
 def _check_same(a: onnx.ModelProto, b: onnx.ModelProto, shape: tuple[int, ...], seeds=(0, 1, 2)) -> None:
@@ -60,10 +64,12 @@ def test_messy_model_is_canonical_and_exact() -> None:
     res = Canonicalize().run(m, PassContext())
     ops = Counter(n.op_type for n in res.model.graph.node)
     assert res.modified
-    assert ops["Constant"] == 0 and ops["Identity"] == 0 and ops["Sigmoid"] == 0
+    assert ops["Constant"] == 0 and ops["Identity"] == 0 and ops["Sigmoid"] == 0 and ops["Reshape"] == 0
     assert res.stats["constants_to_initializers"] == 2
     assert res.stats["identities_removed"] == 3
-    assert res.stats["initializers_merged"] == 1
+    assert res.stats["initializers_merged"] == 1 and res.stats["constants_folded"] == 1
+    folded = {t.name: numpy_helper.to_array(t) for t in res.model.graph.initializer}["bias4"]
+    assert folded.shape == (1, 4, 1, 1)
     assert res.stats["dead_nodes_removed"] == 1
     assert res.model.graph.output[0].name == "y"  # interface unchanged
     assert {t.name for t in res.model.graph.initializer} >= {"w_const", "scale"}
@@ -82,8 +88,8 @@ def test_identity_from_graph_input_to_output_is_kept() -> None:
 
 def test_options_turn_steps_off() -> None:
     m = _messy_model()
-    res = Canonicalize(CanonicalizeOptions(constants=False, identities=False, dedupe=False, dead_code=False,
-                                           infer_shapes=False)).run(m, PassContext())
+    res = Canonicalize(CanonicalizeOptions(constants=False, identities=False, fold=False, dedupe=False,
+                                           dead_code=False, infer_shapes=False)).run(m, PassContext())
     assert not res.modified
     assert Counter(n.op_type for n in res.model.graph.node)["Constant"] == 2
 

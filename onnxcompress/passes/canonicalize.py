@@ -8,6 +8,8 @@ Every step computes exactly the same function as the input graph:
 * ``Identity`` nodes are removed: every use of ``y = Identity(x)`` reads ``x`` instead.
   When ``y`` is a graph output, the producer of ``x`` is renamed to write ``y`` (unless
   ``x`` is itself a graph input, initializer or output, where the Identity must stay).
+* Constant subgraphs (nodes whose inputs are all initializers, e.g. paddle2onnx's
+  ``Reshape(bias, [1, C, 1, 1])``) are evaluated once and become initializers.
 * Initializers with identical dtype, shape and bytes are merged into one.
 * Dead nodes (whose outputs reach no graph output) and unused initializers are dropped.
 * Shapes are inferred (``onnx.shape_inference`` with data propagation) and stored as
@@ -38,6 +40,7 @@ log = logging.getLogger(__name__)
 class CanonicalizeOptions:
     constants: bool = field(default=True, metadata={"help": "turn Constant nodes into initializers"})
     identities: bool = field(default=True, metadata={"help": "remove Identity nodes"})
+    fold: bool = field(default=True, metadata={"help": "evaluate constant subgraphs into initializers"})
     dedupe: bool = field(default=True, metadata={"help": "merge identical initializers"})
     dead_code: bool = field(default=True, metadata={"help": "drop dead nodes and unused initializers"})
     infer_shapes: bool = field(default=True, metadata={"help": "infer shapes into value_info"})
@@ -119,6 +122,7 @@ class Canonicalize(Pass):
             "nodes_before": len(g.node),
             "constants_to_initializers": 0,
             "identities_removed": 0,
+            "constants_folded": 0,
             "initializers_merged": 0,
             "dead_nodes_removed": 0,
             "unused_initializers_removed": 0,
@@ -127,6 +131,8 @@ class Canonicalize(Pass):
             stats["constants_to_initializers"] = self._constants(model)
         if opts.identities:
             stats["identities_removed"] = self._identities(g)
+        if opts.fold:
+            stats["constants_folded"] = self._fold(model)
         if opts.dedupe:
             stats["initializers_merged"] = self._dedupe(g)
         if opts.dead_code:
@@ -197,6 +203,65 @@ class Canonicalize(Pass):
             del g.value_info[:]
             g.value_info.extend(kept)
         return removed
+
+    #: ops never folded: random, or with side effects / huge outputs
+    _NO_FOLD = frozenset({"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial",
+                          "Bernoulli", "ConstantOfShape", "Expand", "Tile", "Range", "If", "Loop", "Scan",
+                          "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"})
+    _FOLD_LIMIT = 16 * 2**20  # bytes: never materialize more than this per folded tensor
+
+    @classmethod
+    def _fold(cls, model: onnx.ModelProto) -> int:
+        """Evaluate nodes whose inputs are all (non-overridable) initializers."""
+        from onnx.reference import ReferenceEvaluator
+
+        g = model.graph
+        graph_inputs = {i.name for i in g.input}
+        const = {t.name for t in g.initializer} - graph_inputs
+        sizes = {t.name: int(np.prod(t.dims, dtype=np.int64)) for t in g.initializer}
+        outputs = {o.name for o in g.output}
+        fold: list[onnx.NodeProto] = []
+        for node in g.node:
+            ins = [i for i in node.input if i]
+            if (
+                not ins
+                or node.domain not in ("", "ai.onnx")
+                or node.op_type in cls._NO_FOLD
+                or _subgraphs(node)
+                or not all(i in const for i in ins)
+                or any(o in outputs for o in node.output)
+                or sum(sizes.get(i, 0) for i in ins) * 8 > cls._FOLD_LIMIT
+            ):
+                continue
+            fold.append(node)
+            const.update(o for o in node.output if o)
+        if not fold:
+            return 0
+        folded_outs = {o for n in fold for o in n.output if o}
+        kept_nodes = [n for n in g.node if not any(o in folded_outs for o in n.output)]
+        needed = sorted({i for n in kept_nodes for i in n.input if i in folded_outs}
+                        | {i for n in kept_nodes for sub in _subgraphs(n) for i in used_names(sub) if i in folded_outs})
+        if not needed:
+            return 0
+        inits = [t for t in g.initializer if t.name in {i for n in fold for i in n.input}]
+        sub = helper.make_graph(fold, "fold", [], [onnx.ValueInfoProto(name=n) for n in needed], inits)
+        sub_model = helper.make_model(sub, opset_imports=model.opset_import, ir_version=model.ir_version)
+        try:
+            values = ReferenceEvaluator(sub_model).run(None, {})
+        except Exception as exc:  # an op the reference evaluator lacks: leave the subgraph alone
+            log.info("constant folding skipped (%s)", exc)
+            return 0
+        new_inits = []
+        for name, value in zip(needed, values):
+            arr = np.asarray(value)
+            if arr.dtype == object or arr.nbytes > cls._FOLD_LIMIT:
+                log.info("constant folding skipped: '%s' is %s", name, "too large" if arr.dtype != object else "not numeric")
+                return 0
+            new_inits.append(numpy_helper.from_array(arr, name))
+        del g.node[:]
+        g.node.extend(kept_nodes)
+        g.initializer.extend(new_inits)
+        return len(fold)
 
     @staticmethod
     def _dedupe(g: onnx.GraphProto) -> int:
