@@ -112,8 +112,13 @@ def describe_options(options_cls: type) -> list[OptionInfo]:
     hints = typing.get_type_hints(options_cls)
     out = []
     for f in dataclasses.fields(options_cls):
-        out.append(OptionInfo(f.name, _type_name(hints[f.name]), f.default, str(f.metadata.get("help", ""))))
+        out.append(OptionInfo(option_key(f), _type_name(hints[f.name]), f.default, str(f.metadata.get("help", ""))))
     return out
+
+
+def option_key(f: dataclasses.Field) -> str:  # type: ignore[type-arg]
+    """The user-facing name of an option field (``metadata['key']``, e.g. 'global' for ``global_``)."""
+    return str(f.metadata.get("key", f.name))
 
 
 def _type_name(tp: Any) -> str:
@@ -194,13 +199,14 @@ def parse_options(pass_name: str, options_cls: type, raw: Mapping[str, Any]) -> 
     declared field types (strings from the command line, typed values from TOML).
     """
     hints = typing.get_type_hints(options_cls)
-    fields = {f.name: f for f in dataclasses.fields(options_cls)}
+    fields = {option_key(f): f for f in dataclasses.fields(options_cls)}
     values: dict[str, Any] = {}
     for key, value in raw.items():
         if key not in fields:
             valid = ", ".join(sorted(fields)) or "(this pass takes no options)"
             raise OptionError(f"pass '{pass_name}': unknown option '{key}'; valid options: {valid}")
-        values[key] = _convert(pass_name, key, hints[key], value)
+        name = fields[key].name
+        values[name] = _convert(pass_name, key, hints[name], value)
     try:
         opts = options_cls(**values)
     except (TypeError, ValueError) as exc:

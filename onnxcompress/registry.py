@@ -23,6 +23,7 @@ from typing import Any
 
 from .errors import OptionError
 from .passes import Canonicalize
+from .passes.prune import Prune
 from .pipeline import Pass, Pipeline
 
 if sys.version_info >= (3, 11):
@@ -32,6 +33,7 @@ else:  # pragma: no cover
 
 REGISTRY: dict[str, type[Pass]] = {
     "canonicalize": Canonicalize,
+    "prune": Prune,
 }
 
 #: What ``optimize`` runs when no pipeline is given.

@@ -24,14 +24,13 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from .data import InputSpec, input_specs
+from .data import input_specs
 from .model import default_opset, iter_tensors, serialized_size
-from .passes.canonicalize import value_shapes
+from .shapes import all_shapes
 
 log = logging.getLogger(__name__)
 
 MAC_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
-DEFAULT_DYNAMIC_DIM = 64
 
 
 @dataclass
@@ -80,86 +79,13 @@ def count_params(model: onnx.ModelProto) -> int:
     return total
 
 
-def concrete_input_shapes(
-    specs: Sequence[InputSpec], given: Mapping[str, Sequence[int]] | None = None, dynamic_dim: int = DEFAULT_DYNAMIC_DIM
-) -> dict[str, list[int]]:
-    """Shapes for a batch-1 MACs count: ``given`` where provided, batch 1, other dynamic dims ``dynamic_dim``."""
-    shapes: dict[str, list[int]] = {}
-    for s in specs:
-        if given and s.name in given:
-            shape = [int(d) for d in given[s.name]]
-            if shape:
-                shape[0] = 1
-        else:
-            shape = [1 if i == 0 else (d if isinstance(d, int) else dynamic_dim) for i, d in enumerate(s.shape)]
-            if s.shape and isinstance(s.shape[0], int):
-                shape[0] = s.shape[0]
-        shapes[s.name] = shape
-    return shapes
-
-
-def _fixed_shape_model(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]]) -> onnx.ModelProto:
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    del m.graph.value_info[:]
-    for vi in m.graph.input:
-        if vi.name in shapes:
-            dims = vi.type.tensor_type.shape.dim
-            for d, v in zip(dims, shapes[vi.name]):
-                d.Clear()
-                d.dim_value = int(v)
-    for o in m.graph.output:  # stale output shapes would conflict with the fixed input
-        o.type.tensor_type.ClearField("shape")
-    try:
-        return onnx.shape_inference.infer_shapes(m, check_type=False, strict_mode=False, data_prop=True)
-    except Exception as exc:
-        log.info("shape inference failed for MACs (%s); falling back to onnxruntime shapes", exc)
-        return m
-
-
-def _runtime_shapes(model: onnx.ModelProto, names: Sequence[str], shapes: Mapping[str, Sequence[int]]) -> dict[str, list[int]]:
-    """Shapes of ``names`` from one onnxruntime run on zeros of the given input shapes."""
-    from .validate import make_session
-
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    existing = {o.name for o in m.graph.output}
-    for n in names:
-        if n not in existing:
-            m.graph.output.append(onnx.ValueInfoProto(name=n))
-    sess = make_session(m, "cpu", optimize=False, label="MACs shape probe")
-    specs = {s.name: s for s in input_specs(model)}
-    feeds = {k: np.zeros(v, dtype=specs[k].dtype) for k, v in shapes.items() if k in specs}
-    outs = sess.run(list(names), feeds)
-    return {n: list(np.asarray(o).shape) for n, o in zip(names, outs)}
-
-
 def count_macs(
     model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]] | None = None
 ) -> tuple[int, list[LayerMacs], dict[str, list[int]]]:
     """Total MACs per sample, per-layer MACs, and the input shapes used."""
-    shapes_in = concrete_input_shapes(input_specs(model), input_shapes)
-    inferred = _fixed_shape_model(model, shapes_in)
-    shapes = value_shapes(inferred)
-    for t in iter_tensors(model):
-        if t.name and t.name not in shapes:
-            shapes[t.name] = list(t.dims)
-    for n in model.graph.node:  # Constant-node weights
-        if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
-            shapes[n.output[0]] = list(n.attribute[0].t.dims)
     nodes = [n for n in model.graph.node if n.op_type in MAC_OPS]
-
-    def known(name: str) -> bool:
-        s = shapes.get(name)
-        return s is not None and all(isinstance(d, int) and d >= 0 for d in s)
-
-    needed = set()
-    for n in nodes:
-        for name in list(n.input[:2]) + [n.output[0]]:
-            if name and not known(name):
-                needed.add(name)
-    if needed:
-        shapes.update(_runtime_shapes(model, sorted(needed), shapes_in))
+    need = [name for n in nodes for name in (n.input[0], n.input[1], n.output[0]) if name]
+    shapes, shapes_in = all_shapes(model, input_shapes, need)
     layers: list[LayerMacs] = []
     for n in nodes:
         attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}

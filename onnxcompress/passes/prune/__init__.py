@@ -1,0 +1,321 @@
+"""Pass ``prune``: structured filter pruning with dependency groups and recovery.
+
+1. Shapes are resolved at the calibration data's input shape (see ``shapes.py``) and
+   channel dependency groups are built (``groups.py``).
+2. Each channel class of an unblocked group gets an importance score:
+
+   * ``l1`` / ``l2``: norm of the producer filters, each producer's scores divided by
+     their mean, averaged over the group's producers;
+   * ``bn``: ``|γ| / √(var + ε)`` of the BatchNormalization right after each producer;
+   * ``act`` (data-driven): the channel's expected contribution to its consumers,
+     ``Σ_consumers E|x_c| · ‖W[:, c]‖₂`` measured on calibration data.
+
+3. ``ratio`` of each group's classes (or, with ``global=true``, of all classes ranked
+   together on group-normalized scores) are removed, within ``max_ratio`` and
+   ``min_channels``, and kept counts rounded to a multiple of ``round_to``
+   (onnxruntime's CPU kernels only speed up at multiples of 8, or 16 with AVX-512).
+4. Recovery (``recovery.py``) refits the consumers on calibration data (least squares)
+   or folds the removed channels' mean contribution into their biases.
+5. ``apply.py`` removes the classes from every coupled tensor at once.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from ...data import first_batch
+from ...errors import OptionError
+from ...pipeline import Pass, PassContext, PassResult
+from ...shapes import all_shapes
+from .apply import PruneConflict, apply_removal, keep_positions, removed_atoms
+from .groups import Analysis, Group, analyze
+from .recovery import CONSUMER_KINDS, CalibrationStats, collect, recover, sequential_refit
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Prune", "PruneOptions", "analyze", "default_round_to"]
+
+
+@functools.lru_cache(maxsize=1)
+def default_round_to() -> int:
+    """16 on CPUs with AVX-512, else 8."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            return 16 if "avx512f" in fh.read() else 8
+    except OSError:
+        return 8
+
+
+def _parse_overrides(text: str) -> list[tuple[re.Pattern[str], float]]:
+    out = []
+    for item in (t.strip() for t in text.split(";")):
+        if not item:
+            continue
+        pattern, eq, value = item.rpartition("=")
+        if not eq or not pattern:
+            raise ValueError(f"override '{item}' is not REGEX=RATIO")
+        try:
+            ratio = float(value)
+            regex = re.compile(pattern)
+        except (ValueError, re.error) as exc:
+            raise ValueError(f"override '{item}': {exc}") from None
+        if not 0 <= ratio < 1:
+            raise ValueError(f"override '{item}': ratio must be in [0, 1)")
+        out.append((regex, ratio))
+    return out
+
+
+@dataclass(frozen=True)
+class PruneOptions:
+    ratio: float = field(default=0.3, metadata={"help": "fraction of each group's channels to remove"})
+    criterion: Literal["auto", "l1", "l2", "bn", "act"] = field(
+        default="auto", metadata={"help": "importance: auto = act with calibration data, else l1"})
+    global_: bool = field(default=False, metadata={"key": "global", "help": "rank all groups together (normalized scores)"})
+    overrides: str = field(default="", metadata={"help": "per-node ratios 'REGEX=RATIO;...' matched on producer names"})
+    min_channels: int = field(default=8, metadata={"help": "never keep fewer channels in a group"})
+    max_ratio: float = field(default=0.8, metadata={"help": "never remove more than this fraction of a group"})
+    round_to: int = field(default=0, metadata={"help": "kept counts multiple of this (0 = 16 with AVX-512, else 8; 1 = off)"})
+    recovery: Literal["auto", "none", "bias", "lstsq"] = field(
+        default="auto", metadata={"help": "auto = lstsq with calibration data, else bias from BN statistics"})
+    ridge: float = field(default=1e-2, metadata={"help": "least-squares ridge, relative to the mean diagonal"})
+    positions: int = field(default=256, metadata={"help": "sampled output positions per image for the refit"})
+
+    def check(self) -> None:
+        if not 0 <= self.ratio < 1:
+            raise ValueError(f"ratio must be in [0, 1), got {self.ratio}")
+        if not 0 <= self.max_ratio < 1:
+            raise ValueError(f"max_ratio must be in [0, 1), got {self.max_ratio}")
+        if self.min_channels < 1:
+            raise ValueError(f"min_channels must be at least 1, got {self.min_channels}")
+        if self.round_to < 0:
+            raise ValueError(f"round_to must be 0 (auto), 1 (off) or more, got {self.round_to}")
+        if self.ridge < 0 or self.positions < 1:
+            raise ValueError("ridge must be ≥ 0 and positions ≥ 1")
+        _parse_overrides(self.overrides)
+
+
+def _init(an: Analysis, name: str) -> np.ndarray:
+    t = next(t for t in an.model.graph.initializer if t.name == name)
+    return numpy_helper.to_array(t).astype(np.float64)
+
+
+def producer_scores(an: Analysis, pidx: int, criterion: str) -> np.ndarray | None:
+    p = an.producers[pidx]
+    node = an.model.graph.node[p.index]
+    w = _init(an, node.input[1])
+    if p.op == "ConvTranspose":
+        w = np.moveaxis(w, 1, 0)
+    w = w.reshape(w.shape[0], -1)
+    if criterion == "l1":
+        return np.abs(w).sum(axis=1)
+    if criterion == "l2":
+        return np.sqrt((w * w).sum(axis=1))
+    if criterion == "bn":
+        for use in an.uses:
+            bn = an.model.graph.node[use.node]
+            if use.kind == "norm" and bn.op_type == "BatchNormalization" and bn.input[0] == p.output:
+                eps = next((helper.get_attribute_value(a) for a in bn.attribute if a.name == "epsilon"), 1e-5)
+                return np.abs(_init(an, bn.input[1])) / np.sqrt(_init(an, bn.input[4]) + eps)
+        return None
+    raise ValueError(criterion)
+
+
+def group_scores(an: Analysis, group: Group, criterion: str, stats: CalibrationStats | None) -> tuple[np.ndarray, str]:
+    """Score per channel class of ``group`` (higher = more important), and the criterion used."""
+    index = {int(c): i for i, c in enumerate(group.classes)}
+    acc = np.zeros(group.size)
+    cnt = np.zeros(group.size)
+    if criterion == "act" and stats is not None:
+        for use in an.uses:
+            cs = stats.consumers.get(use.node)
+            if use.kind not in CONSUMER_KINDS or cs is None or cs.sum_abs is None:
+                continue
+            reps = an.find(use.atoms)
+            mask = np.array([int(r) in index for r in reps]) & (use.atoms >= 0)
+            if not mask.any():
+                continue
+            node = an.model.graph.node[use.node]
+            w = _init(an, node.input[1])
+            if node.op_type == "Conv":
+                wn = np.sqrt((w * w).sum(axis=(0, 2, 3)))
+            elif node.op_type == "Gemm" and any(a.name == "transB" and a.i for a in node.attribute):
+                wn = np.sqrt((w * w).sum(axis=0))
+            else:
+                wn = np.sqrt((w * w).sum(axis=1))
+            contrib = cs.mean_abs() * wn
+            pos = np.flatnonzero(mask)
+            np.add.at(acc, [index[int(r)] for r in reps[pos]], contrib[pos])
+            cnt[[index[int(r)] for r in reps[pos]]] = 1
+        if cnt.any():
+            return acc, "act"
+        criterion = "l1"
+    for pidx in group.producers:
+        s = producer_scores(an, pidx, criterion)
+        if s is None:
+            continue
+        s = s / max(float(s.mean()), 1e-12)
+        reps = an.find(an.producers[pidx].atoms)
+        ids = [index[int(r)] for r in reps]
+        np.add.at(acc, ids, s)
+        np.add.at(cnt, ids, 1)
+    if not cnt.any():
+        return group_scores(an, group, "l1", None) if criterion != "l1" else (acc, "l1")
+    return acc / np.maximum(cnt, 1), criterion
+
+
+def _kept_count(n: int, remove: int, opts: PruneOptions, round_to: int) -> int:
+    kept = n - min(remove, int(np.floor(opts.max_ratio * n)))
+    kept = max(kept, min(opts.min_channels, n))
+    if round_to > 1 and n >= 2 * round_to:
+        kept = min(n, max(round_to, int(round(kept / round_to)) * round_to))
+        while kept < min(opts.min_channels, n):
+            kept = min(n, kept + round_to)
+    return kept
+
+
+def choose(an: Analysis, groups: list[Group], scores: dict[int, np.ndarray], opts: PruneOptions, round_to: int
+           ) -> dict[int, np.ndarray]:
+    """Classes to remove per group id."""
+    overrides = _parse_overrides(opts.overrides)
+
+    def ratio_of(g: Group) -> float:
+        for regex, r in overrides:
+            if any(regex.search(an.producers[p].name) for p in g.producers):
+                return r
+        return opts.ratio
+
+    want: dict[int, int] = {}
+    if opts.global_:
+        pool = []
+        for g in groups:
+            s = scores[g.id]
+            norm = s / max(float(s.mean()), 1e-12)
+            pool.extend((float(v), g.id) for v in norm)
+        pool.sort()
+        budget = int(round(opts.ratio * len(pool)))
+        counts: Counter[int] = Counter(gid for _, gid in pool[:budget])
+        want = {g.id: counts.get(g.id, 0) for g in groups}
+        for g in groups:  # explicit overrides still win
+            r = ratio_of(g)
+            if r != opts.ratio:
+                want[g.id] = int(round(r * g.size))
+    else:
+        want = {g.id: int(round(ratio_of(g) * g.size)) for g in groups}
+    removed = {}
+    for g in groups:
+        kept = _kept_count(g.size, want[g.id], opts, round_to) if want[g.id] > 0 else g.size
+        if kept >= g.size:
+            continue
+        order = np.argsort(scores[g.id], kind="stable")
+        removed[g.id] = g.classes[order[: g.size - kept]]
+    return removed
+
+
+def _resolve_conflicts(an: Analysis, removed: dict[int, np.ndarray]) -> list[str]:
+    """Drop groups whose removal would empty a Split/Slice output."""
+    notes = []
+    gof = an.group_of_producer()
+    while True:
+        allc = np.concatenate(list(removed.values())) if removed else np.array([], np.int64)
+        gone = removed_atoms(an, allc)
+        bad = None
+        for use in an.uses:
+            if use.kind not in ("split", "slice"):
+                continue
+            node = an.model.graph.node[use.node]
+            outs = node.output if use.kind == "split" else node.output[:1]
+            for o in outs:
+                if o in an.atoms and len(keep_positions(an.atoms[o], gone)) == 0:
+                    bad = use
+        if bad is None:
+            return notes
+        prods = {int(an.atom_producer[a]) for a in bad.atoms if a >= 0}
+        for p in prods:
+            gid = gof[p].id
+            if gid in removed:
+                del removed[gid]
+                notes.append(f"group of {an.describe(gof[p])} left alone: it would empty an output of "
+                              f"{an.model.graph.node[bad.node].op_type} '{an.model.graph.node[bad.node].name}'")
+
+
+class Prune(Pass):
+    name = "prune"
+    summary = "structured filter pruning: remove whole Conv output channels and everything coupled to them"
+    Options = PruneOptions
+    exact = False
+
+    def run(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
+        opts: PruneOptions = self.options
+        round_to = opts.round_to or default_round_to()
+        input_shapes = None
+        if ctx.calibration is not None:
+            input_shapes = {k: list(v.shape) for k, v in first_batch(ctx.calibration).items()}
+        shapes, _ = all_shapes(model, input_shapes)
+        an = analyze(model, shapes)
+        groups = [g for g in an.groups if not g.blocked and g.size > 1]
+        blocked = Counter(g.blocked for g in an.groups if g.blocked)
+        stats_out: dict[str, object] = {
+            "groups": len(an.groups),
+            "prunable_groups": len(groups),
+            "blocked_groups": sum(blocked.values()),
+            "blocked_reasons": dict(blocked.most_common(10)),
+            "round_to": round_to,
+        }
+        criterion = opts.criterion if opts.criterion != "auto" else ("act" if ctx.calibration is not None else "l1")
+        recovery = opts.recovery if opts.recovery != "auto" else ("lstsq" if ctx.calibration is not None else "bias")
+        if criterion == "act" and ctx.calibration is None:
+            raise OptionError("pass 'prune': criterion=act needs calibration data (--calib)")
+        if recovery == "lstsq" and ctx.calibration is None:
+            raise OptionError("pass 'prune': recovery=lstsq needs calibration data (--calib)")
+        cstats = None
+        if ctx.calibration is not None and groups and (criterion == "act" or recovery in ("lstsq", "bias")):
+            uses = [u for u in an.uses if u.kind in CONSUMER_KINDS]
+            cstats = collect(an, ctx.calibration, uses=uses, provider=ctx.provider, seed=ctx.seed,
+                             positions=opts.positions, progress=ctx.progress)
+        scores = {}
+        used = Counter()
+        for g in groups:
+            scores[g.id], how = group_scores(an, g, criterion, cstats)
+            used[how] += 1
+        removed = choose(an, groups, scores, opts, round_to)
+        stats_out["notes"] = _resolve_conflicts(an, removed)
+        allc = np.concatenate(list(removed.values())) if removed else np.array([], np.int64)
+        gone = removed_atoms(an, allc)
+        rec = recover(an, gone, cstats, "bias", opts.ridge) if recovery in ("bias", "lstsq") and len(allc) else None
+        channels = sum(p.channels for p in an.producers)
+        removed_ch = int(sum((gone[p.atoms]).sum() for p in an.producers))
+        stats_out.update({
+            "criterion": dict(used),
+            "pruned_groups": len(removed),
+            "channels_before": channels,
+            "channels_removed": removed_ch,
+            "recovery": recovery,
+            "bias_compensated": rec.bias if rec else 0,
+            "calibration_samples": cstats.samples if cstats else 0,
+        })
+        if not removed:
+            return PassResult(model, False, stats_out)
+        kept_out = {p.output: np.flatnonzero(~gone[p.atoms]) for p in an.producers if gone[p.atoms].any()}
+        original = None
+        if recovery == "lstsq":
+            original = onnx.ModelProto()
+            original.CopyFrom(model)
+        try:
+            model = apply_removal(an, allc, overrides=rec.arrays if rec else None)
+        except PruneConflict as exc:  # _resolve_conflicts should prevent this
+            raise OptionError(f"pass 'prune': {exc}") from None
+        if recovery == "lstsq" and original is not None and ctx.calibration is not None:
+            counts = sequential_refit(original, model, ctx.calibration, provider=ctx.provider, seed=ctx.seed,
+                                      positions=opts.positions, ridge=opts.ridge, kept_out=kept_out,
+                                      progress=ctx.progress)
+            stats_out["refit"] = counts
+        return PassResult(model, True, stats_out)

@@ -1,0 +1,601 @@
+"""Statistics from calibration data, and training-free accuracy recovery.
+
+One streaming pass over the calibration data (one onnxruntime session of the *original*
+model exposing each consumer's input X and output Y) accumulates, per consumer:
+
+* per-channel mean ``E[x_c]`` and mean magnitude ``E|x_c|`` of its input;
+* the normal equations of a least-squares refit over **all** input channels,
+  ``A = Σ pᵀp`` and ``B = Σ pᵀy``, where ``p`` is an input patch (C·kh·kw values and a
+  1 for the bias) at a randomly sampled output position and ``y`` the original output
+  there (Conv); for Gemm/MatMul ``p`` is the input row. Any subset K of channels is then
+  solved from the sub-matrices ``A[K,K]``, ``B[K]`` without another pass.
+
+Recovery once channels are chosen (He et al. 2017 / ThiNet, without training):
+
+* **lstsq**: ``W_K, b = argmin Σ‖y − W_K p_K − b‖² + λ‖W_K‖²`` with the ridge
+  ``λ = ridge · tr(A_K)/|K|``; used where the consumer saw at least ``4·|K|`` samples
+  and ``|K|·kh·kw ≤ max_dim``, else bias compensation;
+* **bias**: the removed channels' average contribution is folded into the bias:
+  ``b += Σ_{c removed} E[x_c] · Σ_{kh,kw} W[:, c]`` (exact for constant channels, ignoring
+  zero padding at borders). Without calibration data, ``E[x_c]`` is estimated from the
+  BatchNormalization statistics when the input is ``BN(·)`` (``E = β``) or
+  ``Relu(BN(·))`` (``E = β·Φ(β/γ) + γ·φ(β/γ)``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from ...data import DataSource
+from ...progress import NullProgress, Progress
+from ...validate import make_session
+from .groups import Analysis, Use
+
+log = logging.getLogger(__name__)
+
+CONSUMER_KINDS = ("consumer-conv", "gemm", "matmul")
+
+
+@dataclass
+class ConsumerStats:
+    use: Use
+    kh: int = 1
+    kw: int = 1
+    count: int = 0  # samples (patches / rows) in A
+    sum_x: np.ndarray | None = None  # per input position
+    sum_abs: np.ndarray | None = None
+    elems: int = 0
+    A: np.ndarray | None = None
+    B: np.ndarray | None = None
+    solvable: bool = False
+
+    def mean(self) -> np.ndarray:
+        assert self.sum_x is not None
+        return self.sum_x / max(self.elems, 1)
+
+    def mean_abs(self) -> np.ndarray:
+        assert self.sum_abs is not None
+        return self.sum_abs / max(self.elems, 1)
+
+
+@dataclass
+class CalibrationStats:
+    consumers: dict[int, ConsumerStats] = field(default_factory=dict)  # node index -> stats
+    samples: int = 0
+    batches: int = 0
+
+
+def _attr(node: onnx.NodeProto, name: str, default: object) -> object:
+    for a in node.attribute:
+        if a.name == name:
+            return helper.get_attribute_value(a)
+    return default
+
+
+def _conv_geometry(node: onnx.NodeProto, x_shape: tuple[int, ...], w_shape: tuple[int, ...], y_shape: tuple[int, ...]):
+    kh, kw = int(w_shape[2]), int(w_shape[3])
+    strides = list(_attr(node, "strides", [1, 1]))  # type: ignore[arg-type]
+    dil = list(_attr(node, "dilations", [1, 1]))  # type: ignore[arg-type]
+    auto = _attr(node, "auto_pad", b"NOTSET")
+    auto = auto.decode() if isinstance(auto, bytes) else str(auto)
+    pads = list(_attr(node, "pads", [0, 0, 0, 0]))  # type: ignore[arg-type]
+    if auto in ("SAME_UPPER", "SAME_LOWER"):
+        pads = [0, 0, 0, 0]
+        for i, (size, k, s, d, out) in enumerate(zip(x_shape[2:], (kh, kw), strides, dil, y_shape[2:])):
+            total = max(0, (out - 1) * s + (k - 1) * d + 1 - size)
+            small, big = total // 2, total - total // 2
+            pads[i], pads[i + 2] = (small, big) if auto == "SAME_UPPER" else (big, small)
+    elif auto == "VALID":
+        pads = [0, 0, 0, 0]
+    return kh, kw, strides, dil, pads
+
+
+def collect(
+    an: Analysis,
+    data: DataSource,
+    *,
+    uses: list[Use],
+    provider: str = "cpu",
+    seed: int = 0,
+    positions: int = 256,
+    max_dim: int = 2305,
+    progress: Progress | None = None,
+) -> CalibrationStats:
+    """Stream ``data`` through the original model; accumulate stats for ``uses``."""
+    progress = progress or NullProgress()
+    g = an.model.graph
+    inits = {t.name: t for t in g.initializer}
+    stats = CalibrationStats()
+    names: list[str] = []
+    for use in uses:
+        node = g.node[use.node]
+        if node.op_type == "Conv" and int(_attr(node, "group", 1)) != 1:  # type: ignore[arg-type]
+            continue
+        cs = ConsumerStats(use)
+        w = inits.get(node.input[1])
+        if node.op_type == "Conv" and w is not None and len(w.dims) == 4:
+            cs.kh, cs.kw = int(w.dims[2]), int(w.dims[3])
+        elif node.op_type == "Conv":
+            continue
+        d = len(use.atoms) * cs.kh * cs.kw + 1
+        cs.solvable = d <= max_dim
+        stats.consumers[use.node] = cs
+        names.extend([node.input[0], node.output[0]])
+    names = list(dict.fromkeys(names))
+    if not names:
+        return stats
+    m = onnx.ModelProto()
+    m.CopyFrom(an.model)
+    outs = {o.name for o in m.graph.output}
+    for n in names:
+        if n not in outs:
+            m.graph.output.append(onnx.ValueInfoProto(name=n))
+    sess = make_session(m, provider, label="calibration model")
+    rng = np.random.default_rng(seed)
+    with progress.task("calibrating (prune)", data.num_samples) as task:
+        for batch in data:
+            vals = dict(zip(names, _run_named(sess, names, batch)))
+            n = next(iter(batch.values())).shape[0] if batch else 1
+            for idx, cs in stats.consumers.items():
+                node = g.node[idx]
+                x = np.asarray(vals[node.input[0]], dtype=np.float32)
+                y = np.asarray(vals[node.output[0]], dtype=np.float32)
+                _accumulate(cs, node, x, y, inits, rng, positions)
+            stats.samples += n
+            stats.batches += 1
+            task.advance(n)
+    return stats
+
+
+def _run_named(sess, names: list[str], batch: dict[str, np.ndarray]) -> list[np.ndarray]:
+    try:
+        return sess.run(names, batch)
+    except Exception as exc:  # onnxruntime's own exception classes
+        from ...errors import RuntimeModelError
+        from ...validate import ort_message
+
+        raise RuntimeModelError(f"calibration model: onnxruntime failed to run it: {ort_message(exc)}") from None
+
+
+def _accumulate(cs: ConsumerStats, node: onnx.NodeProto, x: np.ndarray, y: np.ndarray, inits, rng, positions: int) -> None:
+    c = x.shape[1]
+    if cs.sum_x is None:
+        cs.sum_x = np.zeros(c)
+        cs.sum_abs = np.zeros(c)
+    axes = tuple(i for i in range(x.ndim) if i != 1)
+    cs.sum_x += x.sum(axis=axes, dtype=np.float64)
+    cs.sum_abs += np.abs(x).sum(axis=axes, dtype=np.float64)
+    cs.elems += int(np.prod([x.shape[i] for i in axes]))
+    if not cs.solvable:
+        return
+    if node.op_type == "Conv":
+        w_shape = tuple(inits[node.input[1]].dims)
+        kh, kw, strides, dil, pads = _conv_geometry(node, x.shape, w_shape, y.shape)
+        n, _, ho, wo = y.shape
+        per = min(positions, ho * wo)
+        ni = np.repeat(np.arange(n), per)
+        flat = np.concatenate([rng.choice(ho * wo, per, replace=False) for _ in range(n)])
+        oy, ox = flat // wo, flat % wo
+        xp = np.pad(x, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
+        rows = oy[:, None] * strides[0] + np.arange(kh)[None, :] * dil[0]  # [S, kh]
+        cols = ox[:, None] * strides[1] + np.arange(kw)[None, :] * dil[1]  # [S, kw]
+        patches = xp[ni[:, None, None, None], np.arange(c)[None, :, None, None], rows[:, None, :, None], cols[:, None, None, :]]
+        p = patches.reshape(len(ni), -1)
+        t = y[ni, :, oy, ox]
+    else:  # Gemm / MatMul rows; the target excludes nothing (bias is refit too)
+        p = x.reshape(x.shape[0], -1)
+        t = y.reshape(y.shape[0], -1)
+    p = np.concatenate([p, np.ones((p.shape[0], 1), np.float32)], axis=1).astype(np.float64)
+    if cs.A is None:
+        cs.A = np.zeros((p.shape[1], p.shape[1]))
+        cs.B = np.zeros((p.shape[1], t.shape[1]))
+    cs.A += p.T @ p
+    cs.B += p.T @ t.astype(np.float64)
+    cs.count += p.shape[0]
+
+
+def _weight_2d(node: onnx.NodeProto, w: np.ndarray) -> np.ndarray:
+    """Consumer weight as [out, in·kh·kw] (Conv), [out, in] (Gemm/MatMul)."""
+    if node.op_type == "Conv":
+        return w.reshape(w.shape[0], -1)
+    if node.op_type == "Gemm" and int(_attr(node, "transB", 0)):  # type: ignore[arg-type]
+        return w
+    return w.T
+
+
+def _from_2d(node: onnx.NodeProto, w2: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    if node.op_type == "Conv":
+        return w2.reshape(shape)
+    if node.op_type == "Gemm" and int(_attr(node, "transB", 0)):  # type: ignore[arg-type]
+        return w2
+    return w2.T.copy()
+
+
+@dataclass
+class RecoveryResult:
+    arrays: dict[tuple[int, int], np.ndarray]  # (node index, input) -> new full-size array
+    lstsq: int = 0
+    bias: int = 0
+    skipped: int = 0
+
+
+def recover(
+    an: Analysis,
+    gone: np.ndarray,
+    stats: CalibrationStats | None,
+    mode: str,
+    ridge: float = 1e-2,
+) -> RecoveryResult:
+    """New weights/biases (full input size, removed channels zero) for affected consumers."""
+    g = an.model.graph
+    inits = {t.name: t for t in g.initializer}
+    res = RecoveryResult({})
+    for use in an.uses:
+        if use.kind not in CONSUMER_KINDS:
+            continue
+        safe = np.where(use.atoms >= 0, use.atoms, 0)
+        removed = (use.atoms >= 0) & gone[safe]
+        if not removed.any():
+            continue
+        node = g.node[use.node]
+        if node.op_type == "Conv" and int(_attr(node, "group", 1)) != 1:  # type: ignore[arg-type]
+            continue
+        w = numpy_helper.to_array(inits[node.input[1]]).astype(np.float32)
+        w2 = _weight_2d(node, w)
+        bias_k = 2
+        has_bias = len(node.input) > bias_k and bool(node.input[bias_k]) and node.op_type != "MatMul"
+        b = numpy_helper.to_array(inits[node.input[bias_k]]).astype(np.float32).reshape(-1) if has_bias else np.zeros(w2.shape[0], np.float32)
+        if node.op_type == "Gemm" and has_bias and b.size != w2.shape[0]:
+            res.skipped += 1  # broadcast bias shapes: leave alone
+            continue
+        khw = w2.shape[1] // len(use.atoms)
+        keep_cols = np.flatnonzero(np.repeat(~removed, khw))
+        cs = stats.consumers.get(use.node) if stats else None
+        done = False
+        if mode == "lstsq" and cs is not None and cs.solvable and cs.A is not None and cs.count >= 4 * (len(keep_cols) + 1):
+            sel = np.concatenate([keep_cols, [cs.A.shape[0] - 1]])
+            A = cs.A[np.ix_(sel, sel)]
+            Bm = cs.B[sel]  # type: ignore[index]
+            lam = ridge * np.trace(A[:-1, :-1]) / max(len(keep_cols), 1)
+            reg = np.eye(len(sel)) * lam
+            reg[-1, -1] = 0.0  # do not shrink the bias
+            try:
+                sol = np.linalg.solve(A + reg, Bm)  # [|K|·khw + 1, out]
+            except np.linalg.LinAlgError:
+                sol = np.linalg.lstsq(A + reg, Bm, rcond=None)[0]
+            new_w2 = np.zeros_like(w2, dtype=np.float64)
+            new_w2[:, keep_cols] = sol[:-1].T
+            new_b = sol[-1]
+            if node.op_type == "MatMul":  # no bias input: keep the original intercept behaviour
+                new_b = None
+            res.arrays[(use.node, 1)] = _from_2d(node, new_w2.astype(np.float32), w.shape)
+            if new_b is not None:
+                res.arrays[(use.node, bias_k)] = new_b.astype(np.float32)
+            res.lstsq += 1
+            done = True
+        if not done and mode in ("lstsq", "bias"):
+            mean = cs.mean() if cs is not None and cs.sum_x is not None else bn_mean_estimate(an, use)
+            if mean is None or node.op_type == "MatMul":
+                res.skipped += 1
+                continue
+            contrib = w2.reshape(w2.shape[0], len(use.atoms), khw).sum(axis=2)  # [out, in]
+            delta = contrib[:, removed] @ mean[removed]
+            res.arrays[(use.node, bias_k)] = (b + delta).astype(np.float32)
+            res.bias += 1
+    return res
+
+
+def bn_mean_estimate(an: Analysis, use: Use) -> np.ndarray | None:
+    """E[x] per input channel of a consumer from BN statistics (BN or Relu(BN))."""
+    g = an.model.graph
+    producer = {o: n for n in g.node for o in n.output}
+    inits = {t.name: t for t in g.initializer}
+    name = g.node[use.node].input[0]
+    node = producer.get(name)
+    relu = False
+    if node is not None and node.op_type == "Relu":
+        relu = True
+        node = producer.get(node.input[0])
+    if node is None or node.op_type != "BatchNormalization" or any(i not in inits for i in node.input[1:3]):
+        return None
+    gamma = np.abs(numpy_helper.to_array(inits[node.input[1]]).astype(np.float64))
+    beta = numpy_helper.to_array(inits[node.input[2]]).astype(np.float64)
+    if len(beta) != len(use.atoms):
+        return None
+    if not relu:
+        return beta
+    z = beta / np.maximum(gamma, 1e-12)
+    cdf = 0.5 * (1.0 + np.vectorize(math.erf)(z / math.sqrt(2.0)))
+    pdf = np.exp(-0.5 * z * z) / math.sqrt(2.0 * math.pi)
+    return beta * cdf + gamma * pdf
+
+
+# ----------------------------------------------------------------------------- sequential refit
+
+
+def _consumer_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
+    inits = {t.name for t in model.graph.initializer}
+    out = []
+    for n in model.graph.node:
+        if n.op_type == "Conv" and len(n.input) > 1 and n.input[1] in inits:
+            out.append(n)
+        elif n.op_type == "Gemm" and n.input[1] in inits and not int(_attr(n, "transA", 0)):  # type: ignore[arg-type]
+            out.append(n)
+        elif n.op_type == "MatMul" and n.input[1] in inits:
+            out.append(n)
+    return out
+
+
+def _levels(model: onnx.ModelProto, consumers: list[onnx.NodeProto]) -> list[list[onnx.NodeProto]]:
+    """Consumers grouped so that none in a level reads another's output, directly or not."""
+    producer = {o: n for n in model.graph.node for o in n.output if o}
+    cons_out = {n.output[0] for n in consumers}
+    memo: dict[str, int] = {}
+
+    def depth(tensor: str) -> int:
+        # number of consumer outputs on the longest path into `tensor`
+        stack = [(tensor, False)]
+        while stack:
+            t, done = stack.pop()
+            if t in memo:
+                continue
+            node = producer.get(t)
+            if node is None:
+                memo[t] = 0
+                continue
+            ins = [i for i in node.input if i]
+            if not done:
+                stack.append((t, True))
+                stack.extend((i, False) for i in ins if i not in memo)
+                continue
+            d = max((memo[i] for i in ins), default=0)
+            memo[t] = d + (1 if t in cons_out else 0)
+        return memo[tensor]
+
+    levels: dict[int, list[onnx.NodeProto]] = {}
+    for n in consumers:
+        levels.setdefault(depth(n.input[0]), []).append(n)
+    return [levels[k] for k in sorted(levels)]
+
+
+@dataclass
+class _Acc:
+    node: onnx.NodeProto
+    kind: str  # dense, depthwise, bias
+    A: np.ndarray | None = None
+    B: np.ndarray | None = None
+    diff: np.ndarray | None = None  # bias mode: Σ (y_orig - y_new) per out channel
+    count: int = 0
+
+
+def sequential_refit(
+    original: onnx.ModelProto,
+    pruned: onnx.ModelProto,
+    data: DataSource,
+    *,
+    provider: str = "cpu",
+    seed: int = 0,
+    positions: int = 256,
+    ridge: float = 1e-2,
+    max_dim: int = 2305,
+    kept_out: dict[str, np.ndarray] | None = None,
+    progress: Progress | None = None,
+) -> dict[str, int]:
+    """Refit every constant-weight Conv/Gemm/MatMul of ``pruned`` (in place), level by
+    level in topological order, so that on calibration data its output — computed from
+    the *pruned* network's input — matches the original model's output (kept channels).
+
+    Dense layers solve ridge least squares on sampled patches; depthwise layers solve one
+    small problem per channel; layers too large for dense normal equations, or with too
+    few samples, get mean-matching bias correction ``b += E[y_orig − y_new]``.
+    """
+    progress = progress or NullProgress()
+    kept_out = kept_out or {}
+    rng = np.random.default_rng(seed)
+    orig_nodes = {n.output[0]: n for n in original.graph.node if n.output}
+    consumers = [n for n in _consumer_nodes(pruned) if n.output[0] in orig_nodes]
+    levels = _levels(pruned, consumers)
+    counts = {"dense": 0, "depthwise": 0, "bias": 0, "skip": 0, "levels": len(levels)}
+    orig_out = sorted({n.output[0] for n in consumers})
+    m0 = onnx.ModelProto()
+    m0.CopyFrom(original)
+    have = {o.name for o in m0.graph.output}
+    m0.graph.output.extend(onnx.ValueInfoProto(name=n) for n in orig_out if n not in have)
+    orig_sess = make_session(m0, provider, label="original model (refit)")
+    with progress.task("refitting (prune)", len(levels)) as task:
+        for level in levels:
+            inits = {t.name: t for t in pruned.graph.initializer}
+            names = list(dict.fromkeys([x for n in level for x in (n.input[0], n.output[0])]))
+            m1 = onnx.ModelProto()
+            m1.CopyFrom(pruned)
+            have1 = {o.name for o in m1.graph.output}
+            m1.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names if n not in have1)
+            sess = make_session(m1, provider, label="pruned model (refit)")
+            accs = {}
+            for n in level:
+                w = numpy_helper.to_array(inits[n.input[1]])
+                group = int(_attr(n, "group", 1))  # type: ignore[arg-type]
+                if n.op_type == "Conv" and group > 1:
+                    kind = "depthwise" if group == w.shape[0] and w.shape[1] == 1 else "bias"
+                else:
+                    d = int(np.prod(w.shape[1:])) + 1 if n.op_type == "Conv" else w.shape[1 if n.op_type == "Gemm" and int(_attr(n, "transB", 0)) else 0] + 1  # type: ignore[arg-type]
+                    kind = "dense" if d <= max_dim else "bias"
+                accs[n.output[0]] = _Acc(n, kind)
+            for batch in data:
+                new_vals = dict(zip(names, _run_named(sess, names, batch)))
+                ref_vals = dict(zip(orig_out, _run_named(orig_sess, orig_out, batch)))
+                for out_name, acc in accs.items():
+                    n = acc.node
+                    x = np.asarray(new_vals[n.input[0]], np.float32)
+                    y_new = np.asarray(new_vals[out_name], np.float32)
+                    y_ref = _kept_target(np.asarray(ref_vals[out_name], np.float32), y_new, kept_out.get(out_name))
+                    if y_ref is None:
+                        acc.kind = "skip"
+                        continue
+                    _accumulate_refit(acc, x, y_new, y_ref, inits, rng, positions)
+            for acc in accs.values():
+                if acc.kind != "skip" and acc.count:
+                    counts[acc.kind] += _solve_refit(acc, pruned, inits, ridge)
+                elif acc.kind == "skip":
+                    counts["skip"] += 1
+            task.advance()
+    return counts
+
+
+def _kept_target(y_ref: np.ndarray, y_new: np.ndarray, kept: np.ndarray | None) -> np.ndarray | None:
+    """The original output restricted to the channels the pruned layer still produces."""
+    if y_ref.shape == y_new.shape:
+        return y_ref
+    if kept is None or y_ref.ndim < 2 or len(kept) != y_new.shape[1]:
+        return None
+    return y_ref[:, kept]
+
+
+def _accumulate_refit(acc: _Acc, x: np.ndarray, y_new: np.ndarray, y_ref: np.ndarray, inits, rng, positions: int) -> None:
+    n = acc.node
+    if acc.kind == "bias":
+        axes = tuple(i for i in range(y_ref.ndim) if i != 1) if y_ref.ndim > 1 else (0,)
+        d = (y_ref - y_new).sum(axis=axes, dtype=np.float64)
+        acc.diff = d if acc.diff is None else acc.diff + d
+        acc.count += int(np.prod([y_ref.shape[i] for i in axes]))
+        return
+    if n.op_type == "Conv":
+        w_shape = tuple(inits[n.input[1]].dims)
+        kh, kw, strides, dil, pads = _conv_geometry(n, x.shape, w_shape, y_ref.shape)
+        b, c, ho, wo = y_ref.shape
+        per = min(positions, ho * wo)
+        ni = np.repeat(np.arange(b), per)
+        flat = np.concatenate([rng.choice(ho * wo, per, replace=False) for _ in range(b)])
+        oy, ox = flat // wo, flat % wo
+        xp = np.pad(x, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
+        rows = oy[:, None] * strides[0] + np.arange(kh)[None, :] * dil[0]
+        cols = ox[:, None] * strides[1] + np.arange(kw)[None, :] * dil[1]
+        cin = x.shape[1]
+        patches = xp[ni[:, None, None, None], np.arange(cin)[None, :, None, None], rows[:, None, :, None], cols[:, None, None, :]]
+        t = y_ref[ni, :, oy, ox]  # [S, C_out]
+        if acc.kind == "depthwise":  # per channel: [C, S, kh*kw + 1]
+            p = patches.reshape(len(ni), cin, kh * kw).transpose(1, 0, 2).astype(np.float64)
+            p = np.concatenate([p, np.ones((cin, len(ni), 1))], axis=2)
+            a = np.einsum("csi,csj->cij", p, p)
+            bb = np.einsum("csi,sc->ci", p, t.astype(np.float64))
+            acc.A = a if acc.A is None else acc.A + a
+            acc.B = bb if acc.B is None else acc.B + bb
+            acc.count += len(ni)
+            return
+        p = patches.reshape(len(ni), -1)
+    else:
+        p = x.reshape(x.shape[0], -1)
+        t = y_ref.reshape(y_ref.shape[0], -1)
+    p = np.concatenate([p, np.ones((p.shape[0], 1), np.float32)], axis=1).astype(np.float64)
+    acc.A = p.T @ p if acc.A is None else acc.A + p.T @ p
+    bt = p.T @ t.astype(np.float64)
+    acc.B = bt if acc.B is None else acc.B + bt
+    acc.count += p.shape[0]
+
+
+def _replace_init(model: onnx.ModelProto, inits, name: str, arr: np.ndarray) -> None:
+    t = inits[name]
+    t.CopyFrom(numpy_helper.from_array(arr.astype(numpy_helper.to_array(t).dtype), name))
+
+
+def _set_bias(model: onnx.ModelProto, inits, node: onnx.NodeProto, b: np.ndarray) -> bool:
+    k = 2
+    if node.op_type == "MatMul":
+        return False
+    if len(node.input) > k and node.input[k]:
+        old = numpy_helper.to_array(inits[node.input[k]])
+        if old.size != b.size:
+            return False
+        shared = sum(1 for n in model.graph.node for i in n.input if i == node.input[k]) > 1
+        if shared:
+            name = node.input[k] + "__refit"
+            i = 0
+            while name in inits:
+                i += 1
+                name = f"{node.input[k]}__refit{i}"
+            t = numpy_helper.from_array(b.reshape(old.shape).astype(old.dtype), name)
+            model.graph.initializer.append(t)
+            inits[name] = t
+            node.input[k] = name
+        else:
+            _replace_init(model, inits, node.input[k], b.reshape(old.shape))
+        return True
+    name = (node.name or node.output[0]) + "_bias"
+    while name in inits:
+        name += "_"
+    t = numpy_helper.from_array(b.astype(np.float32), name)
+    model.graph.initializer.append(t)
+    inits[name] = t
+    while len(node.input) <= k:
+        node.input.append("")
+    node.input[k] = name
+    return True
+
+
+def _own_weight(model: onnx.ModelProto, inits, node: onnx.NodeProto) -> str:
+    """Give ``node`` its own copy of its weight initializer if it is shared; return the name."""
+    name = node.input[1]
+    if sum(1 for n in model.graph.node for i in n.input if i == name) > 1:
+        new = name + "__refit"
+        i = 0
+        while new in inits:
+            i += 1
+            new = f"{name}__refit{i}"
+        t = numpy_helper.from_array(numpy_helper.to_array(inits[name]), new)
+        model.graph.initializer.append(t)
+        inits[new] = t
+        node.input[1] = new
+        return new
+    return name
+
+
+def _solve_refit(acc: _Acc, model: onnx.ModelProto, inits, ridge: float) -> int:
+    n = acc.node
+    if acc.kind == "bias":
+        delta = acc.diff / max(acc.count, 1)  # type: ignore[operator]
+        old = np.zeros_like(delta) if not (len(n.input) > 2 and n.input[2]) else numpy_helper.to_array(inits[n.input[2]]).reshape(-1)
+        return int(_set_bias(model, inits, n, (old + delta).astype(np.float32)))
+    A, B = acc.A, acc.B
+    assert A is not None and B is not None
+    w_name = _own_weight(model, inits, n)
+    w = numpy_helper.to_array(inits[w_name])
+    if acc.kind == "depthwise":
+        c, d, _ = A.shape
+        if acc.count < 4 * d:
+            return 0
+        lam = ridge * np.einsum("cii->c", A[:, :-1, :-1]) / (d - 1)
+        reg = lam[:, None, None] * np.eye(d)[None]
+        reg[:, -1, -1] = 0.0
+        sol = np.linalg.solve(A + reg, B[..., None])[..., 0]  # [C, kh*kw + 1]
+        _replace_init(model, inits, w_name, sol[:, :-1].reshape(w.shape))
+        _set_bias(model, inits, n, sol[:, -1].astype(np.float32))
+        return 1
+    d = A.shape[0]
+    if acc.count < 4 * d:
+        return 0
+    lam = ridge * np.trace(A[:-1, :-1]) / max(d - 1, 1)
+    reg = np.eye(d) * lam
+    reg[-1, -1] = 0.0
+    try:
+        sol = np.linalg.solve(A + reg, B)
+    except np.linalg.LinAlgError:
+        sol = np.linalg.lstsq(A + reg, B, rcond=None)[0]
+    w2 = sol[:-1].T  # [out, in...]
+    if n.op_type == "Conv":
+        new_w = w2.reshape(w.shape)
+    elif n.op_type == "Gemm" and int(_attr(n, "transB", 0)):  # type: ignore[arg-type]
+        new_w = w2
+    else:
+        new_w = w2.T
+    if n.op_type == "MatMul":  # no bias input: solve again without the intercept column
+        new_w = np.linalg.lstsq(A[:-1, :-1] + reg[:-1, :-1], B[:-1], rcond=None)[0]
+    _replace_init(model, inits, w_name, new_w)
+    if n.op_type != "MatMul":
+        _set_bias(model, inits, n, sol[-1].astype(np.float32))
+    return 1

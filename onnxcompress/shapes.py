@@ -1,0 +1,101 @@
+"""Concrete shapes of every tensor at a given input shape.
+
+ONNX shape inference runs on a copy whose inputs are fixed to the given shapes; tensors
+it cannot resolve (e.g. Reshape targets computed from ``Shape`` at run time) are read
+from one onnxruntime run on zeros that exposes them as extra outputs.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping, Sequence
+
+import numpy as np
+import onnx
+
+from .data import InputSpec, input_specs
+from .passes.canonicalize import value_shapes
+
+log = logging.getLogger(__name__)
+
+DEFAULT_DYNAMIC_DIM = 64
+
+
+def concrete_input_shapes(
+    specs: Sequence[InputSpec], given: Mapping[str, Sequence[int]] | None = None, dynamic_dim: int = DEFAULT_DYNAMIC_DIM
+) -> dict[str, list[int]]:
+    """Batch-1 shapes: ``given`` where provided, other dynamic dims ``dynamic_dim``.
+    A static batch dimension is kept as it is."""
+    shapes: dict[str, list[int]] = {}
+    for s in specs:
+        if given and s.name in given:
+            shape = [int(d) for d in given[s.name]]
+            if shape:
+                shape[0] = s.shape[0] if s.shape and isinstance(s.shape[0], int) else 1
+        else:
+            shape = [1 if i == 0 else (d if isinstance(d, int) else dynamic_dim) for i, d in enumerate(s.shape)]
+            if s.shape and isinstance(s.shape[0], int):
+                shape[0] = s.shape[0]
+        shapes[s.name] = shape
+    return shapes
+
+
+def _fixed_shape_model(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]]) -> onnx.ModelProto:
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    del m.graph.value_info[:]
+    for vi in m.graph.input:
+        if vi.name in shapes:
+            for d, v in zip(vi.type.tensor_type.shape.dim, shapes[vi.name]):
+                d.Clear()
+                d.dim_value = int(v)
+    for o in m.graph.output:  # stale output shapes would conflict with the fixed input
+        o.type.tensor_type.ClearField("shape")
+    try:
+        return onnx.shape_inference.infer_shapes(m, check_type=False, strict_mode=False, data_prop=True)
+    except Exception as exc:
+        log.info("shape inference failed (%s); using onnxruntime shapes", exc)
+        return m
+
+
+def runtime_shapes(model: onnx.ModelProto, names: Iterable[str], shapes: Mapping[str, Sequence[int]]) -> dict[str, list[int]]:
+    """Shapes of ``names`` from one onnxruntime run on zeros of the given input shapes."""
+    from .validate import make_session
+
+    names = list(dict.fromkeys(names))
+    if not names:
+        return {}
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    existing = {o.name for o in m.graph.output}
+    for n in names:
+        if n not in existing:
+            m.graph.output.append(onnx.ValueInfoProto(name=n))
+    sess = make_session(m, "cpu", optimize=False, label="shape probe")
+    specs = {s.name: s for s in input_specs(model)}
+    feeds = {k: np.zeros(v, dtype=specs[k].dtype) for k, v in shapes.items() if k in specs}
+    outs = sess.run(names, feeds)
+    return {n: list(np.asarray(o).shape) for n, o in zip(names, outs)}
+
+
+def all_shapes(
+    model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]] | None = None, need: Iterable[str] | None = None
+) -> tuple[dict[str, list[int]], dict[str, list[int]]]:
+    """(shapes of tensors, input shapes used). ``need``: tensors that must be resolved
+    (default: every node output)."""
+    shapes_in = concrete_input_shapes(input_specs(model), input_shapes)
+    inferred = _fixed_shape_model(model, shapes_in)
+    known: dict[str, list[int]] = {}
+    for name, dims in value_shapes(inferred).items():
+        if all(isinstance(d, int) and d >= 0 for d in dims):
+            known[name] = [int(d) for d in dims]  # type: ignore[arg-type]
+    for t in model.graph.initializer:
+        known[t.name] = list(t.dims)
+    for n in model.graph.node:
+        if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
+            known[n.output[0]] = list(n.attribute[0].t.dims)
+    wanted = list(need) if need is not None else [o for n in model.graph.node for o in n.output if o]
+    missing = [n for n in wanted if n not in known]
+    if missing:
+        known.update(runtime_shapes(model, missing, shapes_in))
+    return known, shapes_in

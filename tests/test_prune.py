@@ -1,0 +1,189 @@
+"""prune: dependency groups, exact removal (vs masking), options, recovery.
+
+Equivalence: removing channel classes gives the same outputs as the unpruned model with
+the consumers' weights for those channels zeroed (see passes/prune/apply.py), checked in
+onnxruntime with graph optimizations off, on several seeded inputs (fixtures) or real
+eval samples (shared models; N(0,1) noise drives those detectors into ranges where
+float32 summation order alone changes outputs).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import Counter
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper, numpy_helper
+
+import onnxcompress as oc
+from onnxcompress.errors import OptionError
+from onnxcompress.model import load_model
+from onnxcompress.passes.prune import Prune, PruneOptions
+from onnxcompress.passes.prune.apply import apply_mask, apply_removal
+from onnxcompress.passes.prune.groups import analyze
+from onnxcompress.pipeline import PassContext
+from onnxcompress.registry import build_pipeline
+from onnxcompress.shapes import all_shapes
+
+from .builders import fvi, make_model, run, tensor
+from .conftest import FIXTURES, SHARED_MODELS, shared_path
+
+FIXTURE_MODELS = ["resnet_block", "mobilenet_se", "concat_split"]
+
+
+def canonical(path) -> onnx.ModelProto:
+    m, _ = build_pipeline("canonicalize").run(load_model(path))
+    return m
+
+
+def random_removal(an, fraction: float, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    parts = [rng.choice(g.classes, size=int(g.size * fraction), replace=False)
+             for g in an.groups if not g.blocked and g.size >= 4]
+    return np.concatenate(parts) if parts else np.array([], np.int64)
+
+
+def assert_removal_equals_mask(model: onnx.ModelProto, shape: list[int], feeds: list[np.ndarray], seed: int = 0,
+                               fraction: float = 0.4) -> onnx.ModelProto:
+    shapes, _ = all_shapes(model, {model.graph.input[0].name: shape})
+    removed = random_removal(analyze(model, shapes), fraction, seed)
+    assert len(removed) > 0
+    pruned = apply_removal(analyze(copy.deepcopy(model), shapes), removed)
+    masked = apply_mask(analyze(copy.deepcopy(model), shapes), removed)
+    onnx.checker.check_model(pruned, full_check=True)
+    name = model.graph.input[0].name
+    for x in feeds:
+        ref = run(model, {name: x})  # the unpruned model sets the scale: 1e-5 of its output range
+        for a, b, r in zip(run(pruned, {name: x}), run(masked, {name: x}), ref):
+            scale = max(float(r.max() - r.min()), 1e-6)
+            np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * scale)
+    return pruned
+
+
+@pytest.mark.parametrize("name", FIXTURE_MODELS)
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_fixture_removal_equals_masking(name: str, seed: int) -> None:
+    m = canonical(FIXTURES / f"{name}.onnx")
+    rng = np.random.default_rng(100 + seed)
+    feeds = [rng.standard_normal((2, 3, 32, 32)).astype(np.float32) for _ in range(3)]
+    pruned = assert_removal_equals_mask(m, [1, 3, 32, 32], feeds, seed=seed)
+    assert oc.inspect_model(pruned).params < oc.inspect_model(m).params
+
+
+@pytest.mark.shared
+@pytest.mark.parametrize("name", SHARED_MODELS)
+def test_shared_removal_equals_masking(name: str) -> None:
+    m = canonical(shared_path("models", f"{name}.onnx"))
+    x = np.load(shared_path("data", f"{name}_eval.npz"))["x"]
+    feeds = [x[i : i + 1] for i in (0, len(x) // 2, len(x) - 1)]
+    assert_removal_equals_mask(m, list(feeds[0].shape), feeds, fraction=0.3)
+
+
+def test_groups_of_fixtures() -> None:
+    # resnet_block: stem+block convs+residual adds are one group (stem, conv-2, ... united by Add)
+    m = canonical(FIXTURES / "resnet_block.onnx")
+    an = analyze(m, all_shapes(m)[0])
+    sizes = sorted((len(g.producers), g.size) for g in an.groups)
+    assert sizes == [(1, 16), (1, 32), (2, 16), (2, 32)]  # two inner convs, two residual groups
+    assert not any(g.blocked for g in an.groups)
+    # mobilenet_se: expand conv, depthwise, SE expand are one group (SE Mul unites them)
+    m = canonical(FIXTURES / "mobilenet_se.onnx")
+    an = analyze(m, all_shapes(m)[0])
+    by_size = Counter(len(g.producers) for g in an.groups)
+    assert by_size[2] == 1  # expand conv + SE second conv
+    # concat_split: the head conv reaches the graph output and is blocked
+    m = canonical(FIXTURES / "concat_split.onnx")
+    an = analyze(m, all_shapes(m)[0])
+    blocked = [g for g in an.groups if g.blocked]
+    assert len(blocked) == 1 and "reaches graph output 'heatmap'" in blocked[0].blocked
+
+
+def _unsupported_model() -> onnx.ModelProto:
+    rng = np.random.default_rng(0)
+    nodes = [
+        helper.make_node("Conv", ["x", "w1"], ["c1"], pads=[1, 1, 1, 1]),
+        helper.make_node("LRN", ["c1"], ["lrn"], size=3),  # mixes channels: not understood
+        helper.make_node("Conv", ["lrn", "w2"], ["c2"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c2"], ["r2"]),
+        helper.make_node("Conv", ["r2", "w3"], ["y"]),
+    ]
+    inits = [tensor(rng, "w1", (16, 3, 3, 3)), tensor(rng, "w2", (16, 16, 3, 3)), tensor(rng, "w3", (4, 16, 1, 1))]
+    return make_model(nodes, [fvi("x", [1, 3, 8, 8])], [fvi("y", [1, 4, 8, 8])], inits)
+
+
+def test_unknown_op_stops_its_group_and_is_reported() -> None:
+    m = _unsupported_model()
+    an = analyze(m, all_shapes(m)[0])
+    blocked = {an.describe(g): g.blocked for g in an.groups if g.blocked}
+    assert any("LRN" in r and "not supported on a channel path" in r for r in blocked.values())
+    res = Prune(PruneOptions(ratio=0.5, min_channels=1, round_to=1)).run(m, PassContext())
+    assert res.modified
+    convs = {n.output[0]: n for n in res.model.graph.node if n.op_type == "Conv"}
+    w = {t.name: numpy_helper.to_array(t) for t in res.model.graph.initializer}
+    assert w[convs["c1"].input[1]].shape[0] == 16  # the blocked group keeps its channels
+    assert w[convs["c2"].input[1]].shape[0] == 8  # the free group lost half
+    assert res.stats["blocked_reasons"]
+
+
+def test_grouped_conv_is_left_alone() -> None:
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c1"]), helper.make_node("Conv", ["c1", "w2"], ["y"], group=2)]
+    m = make_model(nodes, [fvi("x", [1, 3, 4, 4])], [fvi("y", [1, 8, 4, 4])],
+                   [tensor(rng, "w1", (16, 3, 1, 1)), tensor(rng, "w2", (8, 8, 1, 1))])
+    an = analyze(m, all_shapes(m)[0])
+    assert all(g.blocked for g in an.groups)
+    assert any("grouped convolution (group=2)" in g.blocked for g in an.groups)
+
+
+def test_round_to_and_min_channels() -> None:
+    m = canonical(FIXTURES / "resnet_block.onnx")
+    res = Prune(PruneOptions(ratio=0.3, round_to=8, min_channels=8)).run(copy.deepcopy(m), PassContext())
+    counts = Counter(numpy_helper.to_array(t).shape[0] for t in res.model.graph.initializer
+                     if len(t.dims) == 4)
+    assert set(counts) <= {8, 16, 24, 32, 10}  # conv filters: multiples of 8 (the Gemm is 2-D)
+    res = Prune(PruneOptions(ratio=0.9 - 1e-9, max_ratio=0.95, round_to=1, min_channels=12)).run(
+        copy.deepcopy(m), PassContext())
+    convs = [numpy_helper.to_array(t).shape[0] for t in res.model.graph.initializer if len(t.dims) == 4]
+    assert min(convs) >= 12
+
+
+def test_overrides_and_global() -> None:
+    m = canonical(FIXTURES / "mobilenet_se.onnx")
+    none = Prune(PruneOptions(ratio=0.5, overrides=".*=0", round_to=1)).run(copy.deepcopy(m), PassContext())
+    assert not none.modified
+    glob = Prune(PruneOptions(ratio=0.3, global_=True, round_to=1, min_channels=1)).run(copy.deepcopy(m), PassContext())
+    assert glob.modified and glob.stats["channels_removed"] > 0
+    with pytest.raises(OptionError, match="override 'conv=abc'"):
+        Prune.from_mapping({"overrides": "conv=abc"})
+    with pytest.raises(OptionError, match="ratio must be in"):
+        Prune.from_mapping({"ratio": "1.2"})
+    assert Prune.from_mapping({"global": "true"}).options.global_ is True
+
+
+def test_act_and_lstsq_need_calibration() -> None:
+    m = canonical(FIXTURES / "resnet_block.onnx")
+    with pytest.raises(OptionError, match="criterion=act needs calibration data"):
+        Prune(PruneOptions(criterion="act")).run(m, PassContext())
+
+
+@pytest.mark.parametrize("criterion", ["l1", "l2", "bn"])
+def test_criteria_without_data(criterion: str) -> None:
+    m = canonical(FIXTURES / "resnet_block.onnx")
+    res = Prune(PruneOptions(ratio=0.5, criterion=criterion, round_to=1, min_channels=1)).run(m, PassContext())
+    assert res.modified and res.stats["criterion"] == {criterion: 4}
+    onnx.checker.check_model(res.model)
+
+
+def test_recovery_improves_fixture_outputs() -> None:
+    """With calibration data, least-squares recovery beats plain removal on held-out data."""
+    calib = FIXTURES / "resnet_block_calib.npz"
+    val = FIXTURES / "resnet_block_val.npz"
+    cos = {}
+    for rec in ("none", "bias", "lstsq"):
+        _, rep = oc.optimize(FIXTURES / "resnet_block.onnx", f"prune:ratio=0.5:criterion=l1:recovery={rec}:round_to=1",
+                             calibration=calib, validation=val, latency=False,
+                             thresholds=oc.Thresholds(cosine=None, top1=None))
+        cos[rec] = rep.validation.outputs[0].metrics["cosine_mean"]
+    assert cos["lstsq"] > cos["none"] + 0.01 and cos["bias"] >= cos["none"] - 1e-3
