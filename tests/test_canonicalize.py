@@ -94,6 +94,14 @@ def test_options_turn_steps_off() -> None:
     assert Counter(n.op_type for n in res.model.graph.node)["Constant"] == 2
 
 
+def test_initializer_inputs_dropped_on_ir4() -> None:
+    rng = np.random.default_rng(0)
+    w = tensor(rng, "w", (2,))
+    m = make_model([helper.make_node("Add", ["x", "w"], ["y"])], [fvi("x", [2]), fvi("w", [2])], [fvi("y", [2])], [w])
+    res = Canonicalize().run(m, PassContext())
+    assert [i.name for i in res.model.graph.input] == ["x"] and res.stats["initializer_inputs_removed"] == 1
+
+
 def test_ir3_constants_become_graph_inputs_too() -> None:
     rng = np.random.default_rng(0)
     w = tensor(rng, "w", (2,))

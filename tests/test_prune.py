@@ -187,3 +187,22 @@ def test_recovery_improves_fixture_outputs() -> None:
                              thresholds=oc.Thresholds(cosine=None, top1=None))
         cos[rec] = rep.validation.outputs[0].metrics["cosine_mean"]
     assert cos["lstsq"] > cos["none"] + 0.01 and cos["bias"] >= cos["none"] - 1e-3
+
+
+@pytest.mark.parametrize("name", ["resnet50", "densenet121", "inception_v1", "inception_v2", "shufflenet", "squeezenet"])
+def test_light_models_prune_check_and_run(name: str) -> None:
+    from .light import LIGHT, realize
+
+    if not (LIGHT / f"light_{name}.onnx").exists():
+        pytest.skip("onnx package without light models")
+    m, _ = build_pipeline("canonicalize").run(realize(name, seed=0))
+    res = Prune(PruneOptions(ratio=0.3)).run(copy.deepcopy(m), PassContext())
+    onnx.checker.check_model(res.model, full_check=True)
+    x = np.random.default_rng(0).standard_normal((1, 3, 224, 224)).astype(np.float32)
+    inp = m.graph.input[0].name
+    out_new = run(res.model, {inp: x}, optimize=True)[0]
+    assert out_new.shape == run(m, {inp: x}, optimize=True)[0].shape
+    if name != "shufflenet":  # shufflenet's grouped 1x1 convs are left alone (reported)
+        assert res.modified and res.stats["channels_removed"] > 0.15 * res.stats["channels_before"]
+    else:
+        assert any("grouped convolution" in r for r in res.stats["blocked_reasons"])

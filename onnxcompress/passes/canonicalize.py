@@ -12,6 +12,8 @@ Every step computes exactly the same function as the input graph:
   ``Reshape(bias, [1, C, 1, 1])``) are evaluated once and become initializers.
 * Initializers with identical dtype, shape and bytes are merged into one.
 * Dead nodes (whose outputs reach no graph output) and unused initializers are dropped.
+* Graph inputs that merely expose an initializer (old exporters list every weight as an
+  input) are removed from the inputs on IR ≥ 4 models, so weights are constants.
 * Shapes are inferred (``onnx.shape_inference`` with data propagation) and stored as
   ``value_info``, so later passes can read channel counts without running the model.
 
@@ -43,6 +45,7 @@ class CanonicalizeOptions:
     fold: bool = field(default=True, metadata={"help": "evaluate constant subgraphs into initializers"})
     dedupe: bool = field(default=True, metadata={"help": "merge identical initializers"})
     dead_code: bool = field(default=True, metadata={"help": "drop dead nodes and unused initializers"})
+    weight_inputs: bool = field(default=True, metadata={"help": "drop graph inputs that only expose initializers (IR >= 4)"})
     infer_shapes: bool = field(default=True, metadata={"help": "infer shapes into value_info"})
 
 
@@ -126,7 +129,15 @@ class Canonicalize(Pass):
             "initializers_merged": 0,
             "dead_nodes_removed": 0,
             "unused_initializers_removed": 0,
+            "initializer_inputs_removed": 0,
         }
+        if opts.weight_inputs and model.ir_version >= 4:
+            inits = {t.name for t in g.initializer}
+            real = [i for i in g.input if i.name not in inits]
+            stats["initializer_inputs_removed"] = len(g.input) - len(real)
+            if len(real) != len(g.input):
+                del g.input[:]
+                g.input.extend(real)
         if opts.constants:
             stats["constants_to_initializers"] = self._constants(model)
         if opts.identities:

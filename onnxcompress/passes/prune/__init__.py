@@ -88,6 +88,10 @@ class PruneOptions:
         default="auto", metadata={"help": "auto = lstsq with calibration data, else bias from BN statistics"})
     ridge: float = field(default=1e-2, metadata={"help": "least-squares ridge, relative to the mean diagonal"})
     positions: int = field(default=256, metadata={"help": "sampled output positions per image for the refit"})
+    macs_ratio: float = field(default=0.0, metadata={
+        "help": "if > 0: keep this fraction of Conv MACs, removing the channels with the least importance per MAC saved "
+                "across all groups (ratio is then ignored)"})
+    cost_power: float = field(default=0.5, metadata={"help": "with macs_ratio: rank by importance / cost^cost_power"})
 
     def check(self) -> None:
         if not 0 <= self.ratio < 1:
@@ -98,6 +102,8 @@ class PruneOptions:
             raise ValueError(f"min_channels must be at least 1, got {self.min_channels}")
         if self.round_to < 0:
             raise ValueError(f"round_to must be 0 (auto), 1 (off) or more, got {self.round_to}")
+        if not 0 <= self.macs_ratio < 1:
+            raise ValueError(f"macs_ratio must be in [0, 1) (0 = off), got {self.macs_ratio}")
         if self.ridge < 0 or self.positions < 1:
             raise ValueError("ridge must be ≥ 0 and positions ≥ 1")
         _parse_overrides(self.overrides)
@@ -220,6 +226,132 @@ def choose(an: Analysis, groups: list[Group], scores: dict[int, np.ndarray], opt
     return removed
 
 
+class MacModel:
+    """Exact Conv/ConvTranspose MACs as a function of the removed atoms.
+
+    Per layer: ``base · kept_out · kept_in / group`` with ``base = H_out·W_out·kh·kw``
+    (ConvTranspose: ``H_in·W_in·kh·kw``); a depthwise layer costs ``base · kept``."""
+
+    def __init__(self, an: Analysis) -> None:
+        self.layers: list[tuple[float, np.ndarray | int, np.ndarray | int, bool]] = []
+        g = an.model.graph
+        inits = {t.name: t for t in g.initializer}
+        prod_out = {p.output: p.atoms for p in an.producers}
+        use_in = {u.node: u.atoms for u in an.uses if u.kind in ("consumer-conv", "consumer-convT", "depthwise")}
+        for idx, n in enumerate(g.node):
+            if n.op_type not in ("Conv", "ConvTranspose") or n.input[1] not in inits:
+                continue
+            w = list(inits[n.input[1]].dims)
+            group = next((a.i for a in n.attribute if a.name == "group"), 1) or 1
+            out_shape = an.shapes.get(n.output[0])
+            in_shape = an.shapes.get(n.input[0])
+            if out_shape is None or in_shape is None:
+                continue
+            sp = out_shape[2:] if n.op_type == "Conv" else in_shape[2:]
+            base = float(np.prod(sp)) * float(np.prod(w[2:]))
+            dw = n.op_type == "Conv" and group > 1 and idx in use_in and group == len(use_in[idx])
+            cout = w[0] if n.op_type == "Conv" else w[1] * group
+            cin = w[1] * group if n.op_type == "Conv" else w[0]
+            out_atoms = prod_out.get(n.output[0], use_in.get(idx) if dw else cout)
+            in_atoms = use_in.get(idx, cin)
+            self.layers.append((base / (1 if dw else group), out_atoms, in_atoms, dw))
+        self.n_atoms = len(an.parent)
+
+    @staticmethod
+    def _kept(atoms: np.ndarray | int, gone: np.ndarray) -> float:
+        if isinstance(atoms, (int, np.integer)):
+            return float(atoms)
+        safe = np.where(atoms >= 0, atoms, 0)
+        return float(((atoms < 0) | ~gone[safe]).sum())
+
+    def macs(self, gone: np.ndarray) -> float:
+        total = 0.0
+        for base, out_a, in_a, dw in self.layers:
+            if dw:
+                total += base * self._kept(in_a, gone)
+            else:
+                total += base * self._kept(out_a, gone) * self._kept(in_a, gone)
+        return total
+
+    def atom_costs(self) -> np.ndarray:
+        """MACs saved by removing each atom alone (first order)."""
+        cost = np.zeros(self.n_atoms)
+        none = np.zeros(self.n_atoms, dtype=bool)
+        for base, out_a, in_a, dw in self.layers:
+            if dw:
+                if not isinstance(in_a, (int, np.integer)):
+                    np.add.at(cost, in_a[in_a >= 0], base)
+                continue
+            k_in, k_out = self._kept(in_a, none), self._kept(out_a, none)
+            if not isinstance(out_a, (int, np.integer)):
+                np.add.at(cost, out_a[out_a >= 0], base * k_in)
+            if not isinstance(in_a, (int, np.integer)):
+                np.add.at(cost, in_a[in_a >= 0], base * k_out)
+        return cost
+
+
+def choose_by_macs(an: Analysis, groups: list[Group], scores: dict[int, np.ndarray], opts: PruneOptions, round_to: int
+                   ) -> tuple[dict[int, np.ndarray], float, float]:
+    """Remove the classes with the least importance per MAC saved until the Conv MACs
+    are at most ``opts.macs_ratio`` of the original; returns (removed, before, after)."""
+    mm = MacModel(an)
+    none = np.zeros(len(an.parent), dtype=bool)
+    total = mm.macs(none)
+    atom_cost = mm.atom_costs()
+    entries = []  # (priority, group id, class index)
+    for g in groups:
+        s = scores[g.id] / max(float(scores[g.id].mean()), 1e-12)
+        reps = an.parent
+        cost = np.zeros(g.size)
+        index = {int(c): i for i, c in enumerate(g.classes)}
+        for p in g.producers:
+            atoms = an.producers[p].atoms
+            np.add.at(cost, [index[int(r)] for r in reps[atoms]], atom_cost[atoms])
+        cost = np.maximum(cost / max(float(cost.mean()), 1e-12), 1e-6)
+        prio = s / cost ** opts.cost_power
+        entries.extend((float(prio[i]), g.id, i) for i in range(g.size))
+    entries.sort()
+    caps = {g.id: g.size - max(min(opts.min_channels, g.size), g.size - int(np.floor(opts.max_ratio * g.size)))
+            for g in groups}
+    taken: Counter[int] = Counter()
+    order = []
+    for prio, gid, i in entries:
+        if taken[gid] < caps[gid]:
+            taken[gid] += 1
+            order.append((gid, i))
+    by_id = {g.id: g for g in groups}
+
+    def removal(k: int) -> dict[int, np.ndarray]:
+        per: dict[int, list[int]] = {}
+        for gid, i in order[:k]:
+            per.setdefault(gid, []).append(i)
+        out = {}
+        for gid, idxs in per.items():
+            g = by_id[gid]
+            kept = _kept_count(g.size, len(idxs), opts, round_to)
+            if kept >= g.size:
+                continue
+            rank = {i: r for r, i in enumerate(idxs)}  # removal order within the group
+            ordered = sorted(range(g.size), key=lambda i: (rank.get(i, len(idxs)), scores[gid][i]))
+            out[gid] = g.classes[ordered[: g.size - kept]]
+        return out
+
+    def macs_of(rem: dict[int, np.ndarray]) -> float:
+        allc = np.concatenate(list(rem.values())) if rem else np.array([], np.int64)
+        return mm.macs(removed_atoms(an, allc))
+
+    target = opts.macs_ratio * total
+    lo, hi = 0, len(order)
+    while lo < hi:  # smallest prefix whose MACs meet the budget
+        mid = (lo + hi) // 2
+        if macs_of(removal(mid)) <= target:
+            hi = mid
+        else:
+            lo = mid + 1
+    best = removal(lo)
+    return best, total, macs_of(best)
+
+
 def _resolve_conflicts(an: Analysis, removed: dict[int, np.ndarray]) -> list[str]:
     """Drop groups whose removal would empty a Split/Slice output."""
     notes = []
@@ -286,7 +418,11 @@ class Prune(Pass):
         for g in groups:
             scores[g.id], how = group_scores(an, g, criterion, cstats)
             used[how] += 1
-        removed = choose(an, groups, scores, opts, round_to)
+        if opts.macs_ratio > 0:
+            removed, before, after = choose_by_macs(an, groups, scores, opts, round_to)
+            stats_out["conv_macs_ratio_estimate"] = round(after / max(before, 1.0), 4)
+        else:
+            removed = choose(an, groups, scores, opts, round_to)
         stats_out["notes"] = _resolve_conflicts(an, removed)
         allc = np.concatenate(list(removed.values())) if removed else np.array([], np.int64)
         gone = removed_atoms(an, allc)
