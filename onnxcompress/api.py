@@ -213,6 +213,22 @@ def inspect_model(model: ModelLike, input_shapes: Mapping[str, Sequence[int]] | 
     return summarize(m, input_shapes)
 
 
+def prune_groups(model: ModelLike, input_shapes: Mapping[str, Sequence[int]] | None = None) -> list[dict[str, Any]]:
+    """The channel dependency groups of a model: producers, channel count, blocked reason."""
+    from .passes.prune.groups import analyze
+    from .shapes import all_shapes
+
+    m, _ = _as_model(model)
+    canon, _ = build_pipeline("canonicalize").run(m)
+    shapes, _ = all_shapes(canon, input_shapes)
+    an = analyze(canon, shapes)
+    return [
+        {"id": g.id, "producers": [an.producers[p].name for p in g.producers], "channels": g.size,
+         "prunable": g.blocked is None and g.size > 1, "blocked": g.blocked}
+        for g in an.groups
+    ]
+
+
 def measure(
     models: Sequence[ModelLike], data: DataLike, *, provider: str = "cpu", batch: int = 1, runs: int = 20,
     threads: int | None = None,

@@ -333,13 +333,18 @@ def inspect(
     shape: Shapes = None,
     top: Annotated[int, typer.Option(help="How many of the heaviest layers to list.")] = 10,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
+    groups: Annotated[bool, typer.Option("--groups", help="Also list the channel dependency groups (prune).")] = False,
     quiet: Quiet = False, verbose: Verbose = False, debug: Debug = False,
 ) -> None:
-    """Inputs, outputs, opset, ops, parameters, MACs and the heaviest layers."""
+    """Inputs, outputs, opset, ops, parameters, MACs, the heaviest layers, prunable groups."""
     _setup(debug, quiet, verbose)
     s: ModelSummary = api.inspect_model(model, _parse_shapes(shape))
+    group_rows = api.prune_groups(model, _parse_shapes(shape)) if groups else None
     if as_json:
-        out.print_json(json.dumps(s.to_dict(top=top), default=str))
+        payload = s.to_dict(top=top)
+        if group_rows is not None:
+            payload["prune_groups"] = group_rows
+        out.print_json(json.dumps(payload, default=str))
         return
     out.print(f"[bold]{model}[/]  opset {s.opset}")
     io = Table(title="inputs and outputs", title_justify="left")
@@ -363,6 +368,15 @@ def inspect(
         for layer in layers:
             lt.add_row(layer.node, layer.op, f"{layer.macs:,}", f"{100 * layer.macs / max(s.macs or 1, 1):.1f}%", str(layer.output_shape))
         out.print(lt)
+    if group_rows is not None:
+        n_ok = sum(1 for g in group_rows if g["prunable"])
+        gt = Table(title=f"channel dependency groups: {n_ok} prunable of {len(group_rows)}", title_justify="left")
+        for col in ("group", "channels", "producers", "prunable"):
+            gt.add_column(col, justify="right" if col in ("group", "channels") else "left")
+        for g in group_rows:
+            names = ", ".join(g["producers"][:4]) + (f" (+{len(g['producers']) - 4})" if len(g["producers"]) > 4 else "")
+            gt.add_row(str(g["id"]), str(g["channels"]), names, "yes" if g["prunable"] else f"no: {g['blocked'] or 'one channel'}")
+        out.print(gt)
 
 
 @app.command(name="passes")

@@ -317,3 +317,11 @@ def test_model_without_inputs(cli, tmp_path: Path) -> None:
     res = cli("optimize", p, tmp_path / "o.onnx", "--no-latency")
     assert res.code == 0, res.err
     assert "validation on 1 samples" in res.out
+
+
+def test_inspect_groups(cli) -> None:
+    res = cli("inspect", FIXTURES / "concat_split.onnx", "--groups")
+    assert res.code == 0 and "channel dependency groups: 5 prunable of 6" in res.out
+    assert "no: reaches graph output 'heatmap'" in res.out
+    js = json.loads(cli("inspect", FIXTURES / "resnet_block.onnx", "--groups", "--json").out)
+    assert sorted(g["channels"] for g in js["prune_groups"]) == [16, 16, 32, 32]

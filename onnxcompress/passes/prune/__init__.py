@@ -91,7 +91,8 @@ class PruneOptions:
     macs_ratio: float = field(default=0.0, metadata={
         "help": "if > 0: keep this fraction of Conv MACs, removing the channels with the least importance per MAC saved "
                 "across all groups (ratio is then ignored)"})
-    cost_power: float = field(default=0.5, metadata={"help": "with macs_ratio: rank by importance / cost^cost_power"})
+    cost_power: float = field(default=0.0, metadata={
+        "help": "with macs_ratio: rank by importance / (MACs saved)^cost_power (0 = importance only)"})
 
     def check(self) -> None:
         if not 0 <= self.ratio < 1:
@@ -299,15 +300,18 @@ def choose_by_macs(an: Analysis, groups: list[Group], scores: dict[int, np.ndarr
     total = mm.macs(none)
     atom_cost = mm.atom_costs()
     entries = []  # (priority, group id, class index)
+    costs: dict[int, np.ndarray] = {}
     for g in groups:
-        s = scores[g.id] / max(float(scores[g.id].mean()), 1e-12)
-        reps = an.parent
-        cost = np.zeros(g.size)
         index = {int(c): i for i, c in enumerate(g.classes)}
+        cost = np.zeros(g.size)
         for p in g.producers:
             atoms = an.producers[p].atoms
-            np.add.at(cost, [index[int(r)] for r in reps[atoms]], atom_cost[atoms])
-        cost = np.maximum(cost / max(float(cost.mean()), 1e-12), 1e-6)
+            np.add.at(cost, [index[int(r)] for r in an.parent[atoms]], atom_cost[atoms])
+        costs[g.id] = cost
+    mean_cost = max(float(np.mean(np.concatenate(list(costs.values())))), 1e-12) if costs else 1.0
+    for g in groups:
+        s = scores[g.id] / max(float(scores[g.id].mean()), 1e-12)
+        cost = np.maximum(costs[g.id] / mean_cost, 1e-6)  # MACs saved, relative to the average class
         prio = s / cost ** opts.cost_power
         entries.extend((float(prio[i]), g.id, i) for i in range(g.size))
     entries.sort()

@@ -441,7 +441,8 @@ def sequential_refit(
                     _accumulate_refit(acc, x, y_new, y_ref, inits, rng, positions)
             for acc in accs.values():
                 if acc.kind != "skip" and acc.count:
-                    counts[acc.kind] += _solve_refit(acc, pruned, inits, ridge)
+                    done = _solve_refit(acc, pruned, inits, ridge)
+                    counts[acc.kind] += done
                 elif acc.kind == "skip":
                     counts["skip"] += 1
             task.advance()
@@ -555,6 +556,15 @@ def _own_weight(model: onnx.ModelProto, inits, node: onnx.NodeProto) -> str:
     return name
 
 
+def _current_bias(node: onnx.NodeProto, inits, size: int) -> np.ndarray:
+    if node.op_type != "MatMul" and len(node.input) > 2 and node.input[2]:
+        b = numpy_helper.to_array(inits[node.input[2]]).astype(np.float64).reshape(-1)
+        if b.size == size:
+            return b
+        return np.broadcast_to(b, (size,)).copy() if b.size == 1 else np.zeros(size)
+    return np.zeros(size)
+
+
 def _solve_refit(acc: _Acc, model: onnx.ModelProto, inits, ridge: float) -> int:
     n = acc.node
     if acc.kind == "bias":
@@ -577,8 +587,12 @@ def _solve_refit(acc: _Acc, model: onnx.ModelProto, inits, ridge: float) -> int:
         _set_bias(model, inits, n, sol[:, -1].astype(np.float32))
         return 1
     d = A.shape[0]
-    if acc.count < 4 * d:
-        return 0
+    if acc.count < 4 * d:  # too few samples for a stable refit: match the output mean instead
+        cur = np.concatenate([_weight_2d(n, w).T.astype(np.float64),
+                              _current_bias(n, inits, B.shape[1])[None, :]], axis=0)  # [d, out]
+        delta = (B[-1] - A[-1] @ cur) / acc.count
+        acc.kind = "bias"
+        return int(_set_bias(model, inits, n, (cur[-1] + delta).astype(np.float32)))
     lam = ridge * np.trace(A[:-1, :-1]) / max(d - 1, 1)
     reg = np.eye(d) * lam
     reg[-1, -1] = 0.0
