@@ -82,7 +82,7 @@ class PruneOptions:
     global_: bool = field(default=False, metadata={"key": "global", "help": "rank all groups together (normalized scores)"})
     overrides: str = field(default="", metadata={"help": "per-node ratios 'REGEX=RATIO;...' matched on producer names"})
     min_channels: int = field(default=8, metadata={"help": "never keep fewer channels in a group"})
-    max_ratio: float = field(default=0.8, metadata={"help": "never remove more than this fraction of a group"})
+    max_ratio: float = field(default=0.5, metadata={"help": "never remove more than this fraction of a group"})
     round_to: int = field(default=0, metadata={"help": "kept counts multiple of this (0 = 16 with AVX-512, else 8; 1 = off)"})
     recovery: Literal["auto", "none", "bias", "lstsq"] = field(
         default="auto", metadata={"help": "auto = lstsq with calibration data, else bias from BN statistics"})
@@ -445,6 +445,11 @@ class Prune(Pass):
         if not removed:
             return PassResult(model, False, stats_out)
         kept_out = {p.output: np.flatnonzero(~gone[p.atoms]) for p in an.producers if gone[p.atoms].any()}
+        for use in an.uses:  # depthwise convs keep the channels of their input
+            if use.kind == "depthwise":
+                keep = keep_positions(use.atoms, gone)
+                if len(keep) < len(use.atoms):
+                    kept_out[an.model.graph.node[use.node].output[0]] = keep
         original = None
         if recovery == "lstsq":
             original = onnx.ModelProto()

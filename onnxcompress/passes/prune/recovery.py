@@ -505,10 +505,43 @@ def _replace_init(model: onnx.ModelProto, inits, name: str, arr: np.ndarray) -> 
     t.CopyFrom(numpy_helper.from_array(arr.astype(numpy_helper.to_array(t).dtype), name))
 
 
+def _matmul_bias(model: onnx.ModelProto, inits, node: onnx.NodeProto, b: np.ndarray) -> bool:
+    """Set the intercept of a MatMul: the constant of the Add right after it, or a new Add."""
+    out = node.output[0]
+    users = [n for n in model.graph.node if out in n.input]
+    graph_out = any(o.name == out for o in model.graph.output)
+    if len(users) == 1 and users[0].op_type == "Add" and not graph_out:
+        add = users[0]
+        other = add.input[1] if add.input[0] == out else add.input[0]
+        if other in inits and numpy_helper.to_array(inits[other]).size == b.size:
+            old = numpy_helper.to_array(inits[other])
+            name = other + "__refit"
+            while name in inits:
+                name += "_"
+            t = numpy_helper.from_array(b.reshape(old.shape).astype(old.dtype), name)
+            model.graph.initializer.append(t)
+            inits[name] = t
+            add.input[list(add.input).index(other)] = name
+            return True
+    if graph_out:
+        return False
+    mid = out + "__nobias"
+    name = (node.name or out) + "_bias"
+    while name in inits or mid in inits:
+        name += "_"
+    t = numpy_helper.from_array(b.astype(np.float32), name)
+    model.graph.initializer.append(t)
+    inits[name] = t
+    node.output[0] = mid
+    idx = list(model.graph.node).index(node)
+    model.graph.node.insert(idx + 1, helper.make_node("Add", [mid, name], [out], name=(node.name or out) + "_add_bias"))
+    return True
+
+
 def _set_bias(model: onnx.ModelProto, inits, node: onnx.NodeProto, b: np.ndarray) -> bool:
     k = 2
     if node.op_type == "MatMul":
-        return False
+        return _matmul_bias(model, inits, node, b)
     if len(node.input) > k and node.input[k]:
         old = numpy_helper.to_array(inits[node.input[k]])
         if old.size != b.size:
@@ -556,7 +589,14 @@ def _own_weight(model: onnx.ModelProto, inits, node: onnx.NodeProto) -> str:
     return name
 
 
-def _current_bias(node: onnx.NodeProto, inits, size: int) -> np.ndarray:
+def _current_bias(node: onnx.NodeProto, inits, size: int, model: onnx.ModelProto | None = None) -> np.ndarray:
+    if node.op_type == "MatMul" and model is not None:
+        users = [n for n in model.graph.node if node.output[0] in n.input]
+        if len(users) == 1 and users[0].op_type == "Add":
+            other = [i for i in users[0].input if i != node.output[0]]
+            if other and other[0] in inits and numpy_helper.to_array(inits[other[0]]).size == size:
+                return numpy_helper.to_array(inits[other[0]]).astype(np.float64).reshape(-1)
+        return np.zeros(size)
     if node.op_type != "MatMul" and len(node.input) > 2 and node.input[2]:
         b = numpy_helper.to_array(inits[node.input[2]]).astype(np.float64).reshape(-1)
         if b.size == size:
@@ -587,12 +627,14 @@ def _solve_refit(acc: _Acc, model: onnx.ModelProto, inits, ridge: float) -> int:
         _set_bias(model, inits, n, sol[:, -1].astype(np.float32))
         return 1
     d = A.shape[0]
+    # the layer's own intercept (a MatMul has none: its bias lives in the Add after it)
+    stored_bias = _current_bias(n, inits, B.shape[1], model)
+    own = np.zeros(B.shape[1]) if n.op_type == "MatMul" else stored_bias
     if acc.count < 4 * d:  # too few samples for a stable refit: match the output mean instead
-        cur = np.concatenate([_weight_2d(n, w).T.astype(np.float64),
-                              _current_bias(n, inits, B.shape[1])[None, :]], axis=0)  # [d, out]
+        cur = np.concatenate([_weight_2d(n, w).T.astype(np.float64), own[None, :]], axis=0)  # [d, out]
         delta = (B[-1] - A[-1] @ cur) / acc.count
         acc.kind = "bias"
-        return int(_set_bias(model, inits, n, (cur[-1] + delta).astype(np.float32)))
+        return int(_set_bias(model, inits, n, (stored_bias + delta).astype(np.float32)))
     lam = ridge * np.trace(A[:-1, :-1]) / max(d - 1, 1)
     reg = np.eye(d) * lam
     reg[-1, -1] = 0.0
@@ -607,9 +649,7 @@ def _solve_refit(acc: _Acc, model: onnx.ModelProto, inits, ridge: float) -> int:
         new_w = w2
     else:
         new_w = w2.T
-    if n.op_type == "MatMul":  # no bias input: solve again without the intercept column
-        new_w = np.linalg.lstsq(A[:-1, :-1] + reg[:-1, :-1], B[:-1], rcond=None)[0]
     _replace_init(model, inits, w_name, new_w)
-    if n.op_type != "MatMul":
-        _set_bias(model, inits, n, sol[-1].astype(np.float32))
+    new_b = sol[-1] + (stored_bias if n.op_type == "MatMul" else 0.0)  # MatMul: intercept joins the Add's bias
+    _set_bias(model, inits, n, new_b.astype(np.float32))
     return 1
