@@ -40,6 +40,9 @@ from .groups import Analysis, Use
 log = logging.getLogger(__name__)
 
 CONSUMER_KINDS = ("consumer-conv", "gemm", "matmul")
+#: the layer-by-layer refit keeps calibration inputs / original outputs in memory up to these sizes
+CACHE_INPUT_BYTES = 256 * 2**20
+CACHE_OUTPUT_BYTES = 768 * 2**20
 
 
 @dataclass
@@ -408,6 +411,22 @@ def sequential_refit(
     have = {o.name for o in m0.graph.output}
     m0.graph.output.extend(onnx.ValueInfoProto(name=n) for n in orig_out if n not in have)
     orig_sess = make_session(m0, provider, label="original model (refit)")
+    # Cache the calibration batches and the original outputs when they are small: every
+    # level then runs only the pruned model. Otherwise everything streams, level by level.
+    batches: list[dict[str, np.ndarray]] | None = []
+    refs: list[dict[str, np.ndarray]] | None = []
+    in_bytes = out_bytes = 0
+    for batch in data:
+        if batches is None or refs is None:
+            break
+        in_bytes += sum(v.nbytes for v in batch.values())
+        ref = dict(zip(orig_out, _run_named(orig_sess, orig_out, batch)))
+        out_bytes += sum(v.nbytes for v in ref.values())
+        if in_bytes > CACHE_INPUT_BYTES or out_bytes > CACHE_OUTPUT_BYTES:
+            batches = refs = None
+            break
+        batches.append(batch)
+        refs.append(ref)
     with progress.task("refitting (prune)", len(levels)) as task:
         for level in levels:
             inits = {t.name: t for t in pruned.graph.initializer}
@@ -427,9 +446,9 @@ def sequential_refit(
                     d = int(np.prod(w.shape[1:])) + 1 if n.op_type == "Conv" else w.shape[1 if n.op_type == "Gemm" and int(_attr(n, "transB", 0)) else 0] + 1  # type: ignore[arg-type]
                     kind = "dense" if d <= max_dim else "bias"
                 accs[n.output[0]] = _Acc(n, kind)
-            for batch in data:
+            for i, batch in enumerate(batches if batches is not None else data):
                 new_vals = dict(zip(names, _run_named(sess, names, batch)))
-                ref_vals = dict(zip(orig_out, _run_named(orig_sess, orig_out, batch)))
+                ref_vals = refs[i] if refs is not None else dict(zip(orig_out, _run_named(orig_sess, orig_out, batch)))
                 for out_name, acc in accs.items():
                     n = acc.node
                     x = np.asarray(new_vals[n.input[0]], np.float32)
@@ -446,6 +465,9 @@ def sequential_refit(
                 elif acc.kind == "skip":
                     counts["skip"] += 1
             task.advance()
+    from ..canonicalize import Canonicalize
+
+    Canonicalize._dead_code(pruned.graph)  # biases moved to new initializers leave old ones unused
     return counts
 
 
