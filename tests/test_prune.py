@@ -206,3 +206,50 @@ def test_light_models_prune_check_and_run(name: str) -> None:
         assert res.modified and res.stats["channels_removed"] > 0.15 * res.stats["channels_before"]
     else:
         assert any("grouped convolution" in r for r in res.stats["blocked_reasons"])
+
+
+def _many_ops_model() -> onnx.ModelProto:
+    """Conv → PRelu(per-channel) → Pad → Slice(channels 2:14) → ConvTranspose → Resize(sizes)
+    → Mul(per-channel const) → Conv → Flatten → Gemm: every channel mapping in one graph."""
+    rng = np.random.default_rng(5)
+    i64 = lambda name, v: numpy_helper.from_array(np.array(v, np.int64), name)  # noqa: E731
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1]),
+        helper.make_node("PRelu", ["c1", "slope"], ["p1"]),
+        helper.make_node("Pad", ["p1", "pads"], ["pad1"], mode="constant"),
+        helper.make_node("Slice", ["pad1", "s_start", "s_end", "s_axes"], ["sl"]),
+        helper.make_node("ConvTranspose", ["sl", "wt"], ["ct"], strides=[2, 2]),
+        helper.make_node("Resize", ["ct", "", "", "sizes"], ["rs"], mode="nearest"),
+        helper.make_node("Mul", ["rs", "chscale"], ["ms"]),
+        helper.make_node("Conv", ["ms", "w2"], ["c2"], strides=[4, 4]),
+        helper.make_node("Flatten", ["c2"], ["fl"], axis=1),
+        helper.make_node("Gemm", ["fl", "fc", "fcb"], ["y"], transB=1),
+    ]
+    inits = [
+        tensor(rng, "w1", (16, 3, 3, 3), 0.3), tensor(rng, "b1", (16,), 0.1),
+        numpy_helper.from_array(rng.uniform(0.05, 0.3, (16, 1, 1)).astype(np.float32), "slope"),
+        i64("pads", [0, 0, 1, 1, 0, 0, 1, 1]),
+        i64("s_start", [2]), i64("s_end", [14]), i64("s_axes", [1]),
+        tensor(rng, "wt", (12, 8, 2, 2), 0.3),
+        i64("sizes", [1, 8, 16, 16]),
+        numpy_helper.from_array(rng.uniform(0.5, 1.5, (1, 8, 1, 1)).astype(np.float32), "chscale"),
+        tensor(rng, "w2", (8, 8, 4, 4), 0.2),
+        tensor(rng, "fc", (5, 8 * 4 * 4), 0.2), tensor(rng, "fcb", (5,), 0.1),
+    ]
+    return make_model(nodes, [fvi("x", [1, 3, 8, 8])], [fvi("y", [1, 5])], inits)
+
+
+def test_every_channel_mapping_removal_equals_masking() -> None:
+    m = _many_ops_model()
+    onnx.checker.check_model(m, full_check=True)
+    an = analyze(m, all_shapes(m)[0])
+    assert not any(g.blocked for g in an.groups), [g.blocked for g in an.groups]
+    kinds = Counter(u.kind for u in an.uses)
+    assert {"slice", "resize", "const", "consumer-convT", "consumer-conv", "gemm"} <= set(kinds)
+    rng = np.random.default_rng(9)
+    feeds = [rng.standard_normal((1, 3, 8, 8)).astype(np.float32) for _ in range(3)]
+    for seed in range(3):
+        pruned = assert_removal_equals_mask(m, [1, 3, 8, 8], feeds, seed=seed, fraction=0.25)
+    sizes = {t.name: numpy_helper.to_array(t) for t in pruned.graph.initializer}
+    slice_node = next(n for n in pruned.graph.node if n.op_type == "Slice")
+    assert sizes[slice_node.input[2]][0] - sizes[slice_node.input[1]][0] < 12  # the channel slice shrank
