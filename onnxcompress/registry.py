@@ -23,6 +23,7 @@ from typing import Any
 
 from .errors import OptionError
 from .passes import Canonicalize
+from .passes.lowrank import LowRank
 from .passes.prune import Prune
 from .pipeline import Pass, Pipeline
 
@@ -34,6 +35,7 @@ else:  # pragma: no cover
 REGISTRY: dict[str, type[Pass]] = {
     "canonicalize": Canonicalize,
     "prune": Prune,
+    "lowrank": LowRank,
 }
 
 #: What ``optimize`` runs when no pipeline is given.

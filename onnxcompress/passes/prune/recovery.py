@@ -388,13 +388,15 @@ def sequential_refit(
     ridge: float = 1e-2,
     max_dim: int = 2305,
     kept_out: dict[str, np.ndarray] | None = None,
+    only: set[str] | None = None,
     progress: Progress | None = None,
 ) -> dict[str, int]:
     """Refit every constant-weight Conv/Gemm/MatMul of ``pruned`` (in place), level by
     level in topological order, so that on calibration data its output — computed from
     the *pruned* network's input — matches the original model's output (kept channels).
 
-    Dense layers solve ridge least squares on sampled patches; depthwise layers solve one
+    ``only``: refit just the layers writing these tensors. Dense layers solve ridge least
+    squares on sampled patches; depthwise layers solve one
     small problem per channel; layers too large for dense normal equations, or with too
     few samples, get mean-matching bias correction ``b += E[y_orig − y_new]``.
     """
@@ -402,7 +404,8 @@ def sequential_refit(
     kept_out = kept_out or {}
     rng = np.random.default_rng(seed)
     orig_nodes = {n.output[0]: n for n in original.graph.node if n.output}
-    consumers = [n for n in _consumer_nodes(pruned) if n.output[0] in orig_nodes]
+    consumers = [n for n in _consumer_nodes(pruned) if n.output[0] in orig_nodes
+                 and (only is None or n.output[0] in only)]
     levels = _levels(pruned, consumers)
     counts = {"dense": 0, "depthwise": 0, "bias": 0, "skip": 0, "levels": len(levels)}
     orig_out = sorted({n.output[0] for n in consumers})

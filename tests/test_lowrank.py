@@ -1,0 +1,145 @@
+"""lowrank: exact at full rank for every conv geometry; rank choice; skip logic; refit."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper, numpy_helper
+
+import onnxcompress as oc
+from onnxcompress.errors import OptionError
+from onnxcompress.passes.lowrank import LowRank, LowRankOptions, split_conv, split_weights, svd_factors
+from onnxcompress.pipeline import PassContext
+from onnxcompress.registry import build_pipeline
+
+from .builders import run
+from .conftest import FIXTURES, SHARED_MODELS, shared_path
+
+
+def conv_model(k, stride=1, dil=1, pads=None, auto=None, c=6, n=10, hw=(13, 17), seed=0) -> onnx.ModelProto:
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((n, c, *k)).astype(np.float32)
+    b = rng.standard_normal(n).astype(np.float32)
+    attrs = {"kernel_shape": list(k), "strides": [stride, stride], "dilations": [dil, dil]}
+    if auto:
+        attrs["auto_pad"] = auto
+    elif pads:
+        attrs["pads"] = pads
+    node = helper.make_node("Conv", ["x", "w", "b"], ["y"], name="conv", **attrs)
+    g = helper.make_graph([node], "t", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, c, *hw])],
+                          [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["n", "c", "h", "w"])],
+                          [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    m.ir_version = 8
+    return m
+
+
+CASES = {
+    "3x3": dict(k=(3, 3), pads=[1, 1, 1, 1]),
+    "5x5": dict(k=(5, 5), pads=[2, 2, 2, 2]),
+    "3x5": dict(k=(3, 5), pads=[1, 2, 1, 2]),
+    "3x3-stride2": dict(k=(3, 3), stride=2, pads=[1, 1, 1, 1]),
+    "3x3-dilation2": dict(k=(3, 3), dil=2, pads=[2, 2, 2, 2]),
+    "3x5-asymmetric-pads": dict(k=(3, 5), pads=[1, 2, 0, 1]),
+    "5x5-stride2-dil2-asym": dict(k=(5, 5), stride=2, dil=2, pads=[2, 1, 0, 3]),
+    "same-upper-stride2": dict(k=(3, 3), stride=2, auto="SAME_UPPER"),
+    "same-lower-5x3-stride2": dict(k=(5, 3), stride=2, auto="SAME_LOWER"),
+    "valid": dict(k=(3, 3), auto="VALID"),
+    "notset-no-pads": dict(k=(3, 5)),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_full_rank_chain_is_exact(case: str) -> None:
+    m = conv_model(**CASES[case])
+    split = split_conv(copy.deepcopy(m), "conv")
+    assert [n.op_type for n in split.graph.node] == ["Conv", "Conv"]
+    onnx.checker.check_model(split)
+    for seed in range(3):
+        x = np.random.default_rng(seed).standard_normal((1, 6, 13, 17)).astype(np.float32)
+        ref, out = run(m, {"x": x})[0], run(split, {"x": x})[0]
+        assert out.shape == ref.shape
+        assert float(np.abs(out - ref).max()) <= 1e-4 * float(ref.max() - ref.min())
+
+
+def test_svd_factor_shapes_and_truncation_error() -> None:
+    w = np.random.default_rng(0).standard_normal((8, 4, 3, 3)).astype(np.float32)
+    u, s, vt = svd_factors(w)
+    vert, horiz = split_weights(w, 5, u, s, vt)
+    assert vert.shape == (5, 4, 3, 1) and horiz.shape == (8, 5, 1, 3)
+    # the rank-5 chain is the best rank-5 approximation of the (C·Kh)×(N·Kw) matrix
+    approx = np.einsum("kcia,nkbj->ncij", vert, horiz)
+    m = lambda t: t.transpose(1, 2, 0, 3).reshape(12, 24)  # noqa: E731
+    assert np.linalg.norm(m(w) - m(approx)) == pytest.approx(np.sqrt((s[5:] ** 2).sum()), rel=1e-4)
+
+
+def test_1xk_and_kx1_and_grouped_are_left_alone() -> None:
+    for k in ((1, 7), (7, 1), (1, 1)):
+        res = LowRank(LowRankOptions(rank=8)).run(conv_model(k=k), PassContext())
+        assert not res.modified and res.stats["candidates"] == 0
+
+
+def test_skip_when_not_cheaper_and_split_when_cheaper() -> None:
+    big = conv_model(k=(3, 3), c=64, n=64, pads=[1, 1, 1, 1])
+    full = LowRank(LowRankOptions(rank=192)).run(copy.deepcopy(big), PassContext())  # full rank: more MACs
+    assert not full.modified and "saves less than 15%" in full.stats["layers"][0]["reason"]
+    low = LowRank(LowRankOptions(rank=16)).run(copy.deepcopy(big), PassContext())
+    layer = low.stats["layers"][0]
+    assert low.modified and layer["decision"] == "split" and layer["macs_after"] < 0.85 * layer["macs_before"]
+    assert low.stats["macs_after"] < low.stats["macs_before"]
+
+
+def test_energy_and_budget() -> None:
+    big = conv_model(k=(3, 3), c=64, n=64, pads=[1, 1, 1, 1], seed=3)
+    res = LowRank(LowRankOptions(energy=0.5, round_to=1)).run(copy.deepcopy(big), PassContext())
+    layer = res.stats["layers"][0]
+    assert layer["energy"] >= 0.5 and layer["rank"] % 1 == 0
+    budget = LowRank(LowRankOptions(macs_ratio=0.5)).run(copy.deepcopy(big), PassContext())
+    assert budget.stats["macs_ratio"] <= 0.5 and budget.stats["layers"][0]["rank"] % 8 == 0
+
+
+def test_options_checked() -> None:
+    with pytest.raises(OptionError, match="energy must be in"):
+        LowRank.from_mapping({"energy": "2"})
+    with pytest.raises(OptionError, match="refit=lstsq needs calibration data"):
+        LowRank(LowRankOptions(rank=8, refit="lstsq")).run(conv_model(k=(3, 3), c=64, n=64), PassContext())
+
+
+def test_refit_beats_pure_svd_on_fixture() -> None:
+    cos = {}
+    for refit in ("none", "lstsq"):
+        _, rep = oc.optimize(FIXTURES / "resnet_block.onnx", f"lowrank:rank=8:refit={refit}",
+                             calibration=FIXTURES / "resnet_block_calib.npz",
+                             validation=FIXTURES / "resnet_block_val.npz", latency=False,
+                             thresholds=oc.Thresholds(cosine=None, top1=None))
+        assert rep.passes[-1].stats["split"] > 0
+        cos[refit] = rep.validation.outputs[0].metrics["cosine_mean"]
+    assert cos["lstsq"] > cos["none"]
+
+
+@pytest.mark.shared
+@pytest.mark.parametrize("name", SHARED_MODELS)
+def test_shared_models_go_through(name: str) -> None:
+    m, _ = build_pipeline("canonicalize").run(oc.load_model(shared_path("models", f"{name}.onnx")))
+    res = LowRank(LowRankOptions(energy=0.9, min_saving=0.0)).run(m, PassContext())
+    onnx.checker.check_model(res.model, full_check=True)
+    x = np.load(shared_path("data", f"{name}_eval.npz"))["x"][:1]
+    out = run(res.model, {res.model.graph.input[0].name: x}, optimize=True)
+    assert np.isfinite(out[0]).all()
+
+
+@pytest.mark.parametrize("name", ["resnet50", "inception_v1", "inception_v2"])
+def test_light_models_go_through(name: str) -> None:
+    from .light import LIGHT, realize
+
+    if not (LIGHT / f"light_{name}.onnx").exists():
+        pytest.skip("onnx package without light models")
+    m, _ = build_pipeline("canonicalize").run(realize(name))
+    res = LowRank(LowRankOptions(energy=0.8)).run(m, PassContext())
+    assert res.modified and res.stats["split"] > 0
+    onnx.checker.check_model(res.model, full_check=True)
+    x = np.random.default_rng(0).standard_normal((1, 3, 224, 224)).astype(np.float32)
+    assert np.isfinite(run(res.model, {res.model.graph.input[0].name: x}, optimize=True)[0]).all()
