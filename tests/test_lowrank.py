@@ -143,3 +143,25 @@ def test_light_models_go_through(name: str) -> None:
     onnx.checker.check_model(res.model, full_check=True)
     x = np.random.default_rng(0).standard_normal((1, 3, 224, 224)).astype(np.float32)
     assert np.isfinite(run(res.model, {res.model.graph.input[0].name: x}, optimize=True)[0]).all()
+
+
+def test_data_energy_weights_components_by_input() -> None:
+    """With inputs that only excite one input channel, components acting there dominate."""
+    from onnxcompress.data import open_data
+    from onnxcompress.passes.lowrank import Candidate, _data_energy
+
+    m = conv_model(k=(3, 3), c=4, n=8, pads=[1, 1, 1, 1])
+    x = np.zeros((16, 4, 13, 17), np.float32)
+    x[:, 0] = np.random.default_rng(0).standard_normal((16, 13, 17))
+    data = open_data([{"x": x[i : i + 1]} for i in range(16)], m)
+    w = numpy_helper.to_array(m.graph.initializer[0])
+    u, s, vt = svd_factors(w)
+    cand = Candidate(0, m.graph.node[0], w, u, s, vt, (13, 17), 17, 0)
+    _data_energy(m, [cand], PassContext(calibration=data))
+    assert cand.weights is not None and cand.weights.shape == s.shape
+    # i.i.d. unit-variance input on channel 0 only: E[(u_kᵀx)²] = ‖u_k[rows of channel 0]‖²
+    # (rows (c=0, i=0..2) of U), a little less near the zero-padded borders
+    expected = s**2 * (u[:3] ** 2).sum(axis=0)
+    big = expected > 1e-3 * expected.max()
+    np.testing.assert_allclose(cand.weights[big], expected[big], rtol=0.25)
+    assert (cand.weights[~big] < 1e-2 * expected.max()).all()

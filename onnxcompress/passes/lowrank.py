@@ -52,6 +52,8 @@ class LowRankOptions:
     refit: Literal["auto", "none", "lstsq"] = field(default="auto", metadata={
         "help": "auto = least-squares refit of the second factor when calibration data is given"})
     ridge: float = field(default=1e-4, metadata={"help": "refit ridge, relative to the mean diagonal"})
+    data_energy: bool = field(default=False, metadata={
+        "help": "with calibration data, weigh each singular component by the input energy it sees"})
     refit_scope: Literal["split", "all"] = field(default="split", metadata={
         "help": "refit only the split layers, or every layer after them too (slower, corrects accumulated error)"})
 
@@ -107,6 +109,7 @@ class Candidate:
     rank: int = 0
     decision: str = ""
     reason: str = ""
+    weights: np.ndarray | None = None  # per-component energy: σ_k² (weights) or σ_k²·E[(u_kᵀx)²]
 
     @property
     def full_rank(self) -> int:
@@ -118,8 +121,9 @@ class Candidate:
         return int(r * c * kh * ho * self.in_w + n * r * kw * ho * wo)
 
     def energy(self, r: int) -> float:
-        total = float((self.s**2).sum())
-        return float((self.s[:r] ** 2).sum()) / total if total > 0 else 1.0
+        e = self.s**2 if self.weights is None else self.weights
+        total = float(e.sum())
+        return float(e[:r].sum()) / total if total > 0 else 1.0
 
 
 def _round_up(r: int, step: int, cap: int) -> int:
@@ -204,6 +208,8 @@ class LowRank(Pass):
                 continue
             u, s, vt = svd_factors(w)
             cands.append(Candidate(idx, node, w, u, s, vt, (y_shape[2], y_shape[3]), x_shape[3], macs))
+        if opts.data_energy and ctx.calibration is not None and cands:
+            _data_energy(model, cands, ctx)
         self._choose_ranks(cands, opts, total_macs)
         if opts.measure:
             self._measure(cands, ctx.provider, shapes)
@@ -328,6 +334,47 @@ class LowRank(Pass):
                 c.reason = f"measured: split {t_split:.3f} ms ≥ original {t_orig:.3f} ms"
             else:
                 c.reason += f"; measured {t_split:.3f} ms vs {t_orig:.3f} ms"
+
+
+def _data_energy(model: onnx.ModelProto, cands: list[Candidate], ctx: PassContext, positions: int = 512) -> None:
+    """Weigh component k of each candidate by σ_k²·E[(u_kᵀ x)²], x the (C·Kh) column patch
+    of the layer's input at sampled output positions (second moment from calibration data)."""
+    from .prune.recovery import _conv_geometry, _run_named
+    from ..validate import make_session
+
+    names = list(dict.fromkeys(c.node.input[0] for c in cands))
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    have = {o.name for o in m.graph.output}
+    m.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names if n not in have)
+    sess = make_session(m, ctx.provider, label="calibration model (lowrank)")
+    rng = np.random.default_rng(ctx.seed)
+    moments: dict[int, np.ndarray] = {}
+    counts: dict[int, int] = {}
+    with ctx.progress.task("calibrating (lowrank)", ctx.calibration.num_samples if ctx.calibration else None) as task:
+        for batch in ctx.calibration or []:
+            vals = dict(zip(names, _run_named(sess, names, batch)))
+            for i, c in enumerate(cands):
+                x = np.asarray(vals[c.node.input[0]], np.float32)
+                n_, cin, kh = c.w.shape[0], c.w.shape[1], c.w.shape[2]
+                _, _, strides, dil, pads = _conv_geometry(c.node, x.shape, c.w.shape, (x.shape[0], n_, *c.out_hw))
+                ho = c.out_hw[0]
+                xp = np.pad(x, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
+                b, wp = x.shape[0], xp.shape[3]
+                per = min(positions, ho * wp)
+                ni = np.repeat(np.arange(b), per)
+                flat = np.concatenate([rng.choice(ho * wp, per, replace=False) for _ in range(b)])
+                oy, col = flat // wp, flat % wp
+                rows = oy[:, None] * strides[0] + np.arange(kh)[None, :] * dil[0]
+                patches = xp[ni[:, None, None], np.arange(cin)[None, :, None], rows[:, None, :], col[:, None, None]]
+                p = patches.reshape(len(ni), cin * kh).astype(np.float64)  # (c, i) order matches U's rows
+                moments[i] = moments.get(i, 0) + p.T @ p
+                counts[i] = counts.get(i, 0) + len(ni)
+            task.advance(next(iter(batch.values())).shape[0] if batch else 1)
+    for i, c in enumerate(cands):
+        if i in moments:
+            sigma = moments[i] / max(counts[i], 1)
+            c.weights = c.s**2 * np.einsum("ik,ij,jk->k", c.u, sigma, c.u)
 
 
 def _single_conv_model(node: onnx.NodeProto, w: np.ndarray, x_shape: list[int]) -> onnx.ModelProto:
