@@ -165,3 +165,13 @@ def test_data_energy_weights_components_by_input() -> None:
     big = expected > 1e-3 * expected.max()
     np.testing.assert_allclose(cand.weights[big], expected[big], rtol=0.25)
     assert (cand.weights[~big] < 1e-2 * expected.max()).all()
+
+
+def test_sensitivity_budget_meets_macs_and_measures_every_layer() -> None:
+    m = oc.load_model(FIXTURES / "resnet_block.onnx")
+    _, rep = oc.optimize(m, "lowrank:macs_ratio=0.9:sensitivity=true:refit=none", calibration=FIXTURES / "resnet_block_calib.npz",
+                         validation=False, latency=False)
+    st = rep.passes[-1].stats
+    split = [layer for layer in st["layers"] if layer["decision"] == "split"]
+    assert st["macs_ratio"] <= 0.9 and split
+    assert all("sensitivity" in layer["reason"] for layer in split)

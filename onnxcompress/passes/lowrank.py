@@ -52,6 +52,10 @@ class LowRankOptions:
     refit: Literal["auto", "none", "lstsq"] = field(default="auto", metadata={
         "help": "auto = least-squares refit of the second factor when calibration data is given"})
     ridge: float = field(default=1e-4, metadata={"help": "refit ridge, relative to the mean diagonal"})
+    sensitivity: bool = field(default=False, metadata={
+        "help": "with macs_ratio and calibration data: allocate ranks by the measured output error of splitting "
+                "each layer alone (a few ranks per layer) instead of by weight energy"})
+    sensitivity_samples: int = field(default=8, metadata={"help": "calibration samples used to measure sensitivity"})
     data_energy: bool = field(default=False, metadata={
         "help": "with calibration data, weigh each singular component by the input energy it sees"})
     refit_scope: Literal["split", "all"] = field(default="split", metadata={
@@ -210,7 +214,10 @@ class LowRank(Pass):
             cands.append(Candidate(idx, node, w, u, s, vt, (y_shape[2], y_shape[3]), x_shape[3], macs))
         if opts.data_energy and ctx.calibration is not None and cands:
             _data_energy(model, cands, ctx)
-        self._choose_ranks(cands, opts, total_macs)
+        by_sensitivity = bool(opts.sensitivity and opts.macs_ratio and ctx.calibration is not None)
+        self._choose_ranks(cands, opts, total_macs, budget=not by_sensitivity)
+        if by_sensitivity:
+            _sensitivity_budget(model, cands, opts, total_macs, ctx)
         if opts.measure:
             self._measure(cands, ctx.provider, shapes)
         original = None
@@ -265,7 +272,7 @@ class LowRank(Pass):
         r = min(limit, c.full_rank)
         return (r // opts.round_to) * opts.round_to if r >= opts.round_to else 0
 
-    def _choose_ranks(self, cands: list[Candidate], opts: LowRankOptions, total_macs: int) -> None:
+    def _choose_ranks(self, cands: list[Candidate], opts: LowRankOptions, total_macs: int, budget: bool = True) -> None:
         for c in cands:
             cap = self._max_useful_rank(c, opts)
             if opts.rank:
@@ -283,7 +290,7 @@ class LowRank(Pass):
                     else "no rank saves enough MACs")
             else:
                 c.decision, c.reason = "split", f"chain {c.chain_macs(r):,} MACs vs {c.original_macs:,}"
-        if opts.macs_ratio:
+        if opts.macs_ratio and budget:
             self._budget(cands, opts, total_macs)
 
     @staticmethod
@@ -375,6 +382,94 @@ def _data_energy(model: onnx.ModelProto, cands: list[Candidate], ctx: PassContex
         if i in moments:
             sigma = moments[i] / max(counts[i], 1)
             c.weights = c.s**2 * np.einsum("ik,ij,jk->k", c.u, sigma, c.u)
+
+
+def _output_error(ref: list[np.ndarray], new: list[np.ndarray], scale: list[np.ndarray]) -> float:
+    """Mean squared error of all outputs, each output feature divided by its std."""
+    total = 0.0
+    for a, b, sc in zip(ref, new, scale):
+        total += float(np.mean(((b - a) / sc) ** 2))
+    return total / max(len(ref), 1)
+
+
+def _feature_scale(outs: list[np.ndarray]) -> list[np.ndarray]:
+    scales = []
+    for o in outs:
+        if o.ndim >= 2 and o.shape[-1] <= 1024:
+            sd = o.reshape(-1, o.shape[-1]).std(axis=0)
+        else:
+            sd = np.array(o.std())
+        scales.append(np.maximum(sd, 1e-6 * max(float(np.abs(o).max()), 1e-12)))
+    return scales
+
+
+def _sensitivity_budget(model: onnx.ModelProto, cands: list[Candidate], opts: LowRankOptions, total_macs: int,
+                        ctx: PassContext) -> None:
+    """Allocate ranks to meet the MACs budget using measured output errors.
+
+    For each splittable layer, split it alone (pure SVD) at its largest useful rank and at
+    3/4, 1/2 and 1/4 of it, and measure the std-scaled output error on a few calibration
+    samples; errors between measured ranks are interpolated. Then ranks are lowered
+    greedily where the error grows least per MAC saved, until the budget holds."""
+    from ..validate import make_session
+
+    active = [c for c in cands if c.decision == "split"]
+    if not active or ctx.calibration is None:
+        return
+    feeds: list[dict[str, np.ndarray]] = []
+    n = 0
+    for batch in ctx.calibration:
+        feeds.append(batch)
+        n += next(iter(batch.values())).shape[0] if batch else 1
+        if n >= opts.sensitivity_samples:
+            break
+    base_sess = make_session(model, ctx.provider, label="lowrank sensitivity (original)")
+    ref = [base_sess.run(None, f) for f in feeds]
+    scale = _feature_scale([np.concatenate([r[k] for r in ref]) for k in range(len(ref[0]))])
+    curves: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    with ctx.progress.task("lowrank sensitivity", len(active)) as task:
+        for c in active:
+            cap = c.rank
+            ranks = sorted({max(opts.round_to, (cap * f // 4) // opts.round_to * opts.round_to) for f in (1, 2, 3, 4)})
+            errs = []
+            for r in ranks:
+                m = onnx.ModelProto()
+                m.CopyFrom(model)
+                node = next(nd for nd in m.graph.node if nd.output and nd.output[0] == c.node.output[0])
+                cc = Candidate(0, node, c.w, c.u, c.s, c.vt, c.out_hw, c.in_w, c.original_macs, r)
+                _split_node(m, cc, r)
+                sess = make_session(m, ctx.provider, label="lowrank sensitivity")
+                outs = [sess.run(None, f) for f in feeds]
+                errs.append(np.mean([_output_error(a, b, scale) for a, b in zip(ref, outs)]))
+            curves[id(c)] = (np.array(ranks, dtype=float), np.array(errs))
+            task.advance()
+
+    def err(c: Candidate, r: int) -> float:
+        rs, es = curves[id(c)]
+        return float(np.interp(r, rs, es, left=es[0] * rs[0] / max(r, 1), right=es[-1]))
+
+    target = opts.macs_ratio * total_macs
+    for c in active:
+        c.rank = int(curves[id(c)][0][-1])
+
+    def current() -> int:
+        return total_macs - sum(c.original_macs - c.chain_macs(c.rank) for c in active)
+
+    while current() > target:
+        best, best_cost = None, math.inf
+        for c in active:
+            if c.rank <= opts.round_to:
+                continue
+            r2 = c.rank - opts.round_to
+            cost = (err(c, r2) - err(c, c.rank)) / max(c.chain_macs(c.rank) - c.chain_macs(r2), 1)
+            if cost < best_cost:
+                best, best_cost = c, cost
+        if best is None:
+            log.warning("lowrank: MACs budget %.2f not reachable", opts.macs_ratio)
+            break
+        best.rank -= opts.round_to
+    for c in active:
+        c.reason = f"rank {c.rank} (sensitivity {err(c, c.rank):.2e}): chain {c.chain_macs(c.rank):,} MACs vs {c.original_macs:,}"
 
 
 def _single_conv_model(node: onnx.NodeProto, w: np.ndarray, x_shape: list[int]) -> onnx.ModelProto:
