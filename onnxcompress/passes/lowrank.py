@@ -52,6 +52,7 @@ class LowRankOptions:
     refit: Literal["auto", "none", "lstsq"] = field(default="auto", metadata={
         "help": "auto = least-squares refit of the second factor when calibration data is given"})
     ridge: float = field(default=1e-4, metadata={"help": "refit ridge, relative to the mean diagonal"})
+    positions: int = field(default=256, metadata={"help": "sampled output positions per image for the refit"})
     sensitivity: bool = field(default=False, metadata={
         "help": "with macs_ratio and calibration data: allocate ranks by the measured output error of splitting "
                 "each layer alone (a few ranks per layer) instead of by weight energy"})
@@ -256,7 +257,7 @@ class LowRank(Pass):
             from .prune.recovery import sequential_refit
 
             counts = sequential_refit(original, model, ctx.calibration, provider=ctx.provider, seed=ctx.seed,
-                                      ridge=opts.ridge, progress=ctx.progress,
+                                      ridge=opts.ridge, positions=opts.positions, progress=ctx.progress,
                                       only={c.node.output[0] for c in split} if opts.refit_scope == "split" else None)
             stats["refit_counts"] = counts
         model, _ = Canonicalize._infer_shapes(model)
