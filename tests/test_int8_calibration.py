@@ -122,3 +122,28 @@ def test_other_methods_and_ranges() -> None:
     relu = _hist(np.maximum(x, 0))
     lo, hi = tensor_range(relu, "kl")
     assert lo == 0.0 and hi > 0  # one-sided range for non-negative tensors
+
+
+def test_collect_histograms_on_a_model() -> None:
+    import onnxruntime as ort
+
+    from onnxcompress.data import open_data
+    from onnxcompress.model import load_model
+    from onnxcompress.passes.int8.calibration import activation_tensors, collect_histograms
+    from onnxcompress.registry import build_pipeline
+
+    from .conftest import FIXTURES
+
+    m, _ = build_pipeline("canonicalize").run(load_model(FIXTURES / "resnet_block.onnx"))
+    names = activation_tensors(m, frozenset({"Conv", "Relu", "Add", "Gemm"}))
+    assert "input" in names and "logits" in names
+    data = open_data(FIXTURES / "resnet_block_calib.npz", m, batch_size=16)
+    hists = collect_histograms(m, names, data, cap=None)
+    assert set(hists) == set(names) and all(h.hist.sum() == h.count > 0 for h in hists.values())
+    # exact min/max of the logits over the calibration set
+    sess = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+    logits = sess.run(None, {"input": np.load(FIXTURES / "resnet_block_calib.npz")["input"]})[0]
+    assert hists["logits"].min == pytest.approx(float(logits.min()), rel=1e-5)
+    assert hists["logits"].max == pytest.approx(float(logits.max()), rel=1e-5)
+    relu_out = [n for n in names if n.startswith("relu")]
+    assert relu_out and all(hists[n].non_negative for n in relu_out)

@@ -17,7 +17,7 @@ levels for a symmetric int8 range, 256 for a non-negative tensor on uint8):
 The threshold is (i* + 0.5)·R/bins for the i* of least divergence (ties, equal up to
 1e-9 relative, go to the smallest i). All candidates are
 evaluated at once with cumulative sums (numpy, in row blocks to bound memory), not in
-a Python loop per candidate.
+a Python loop per candidate; per chunk rather than per bin (O(candidates × q)).
 
 Other methods: ``minmax``; ``percentile`` (the |x| value below which p% of the mass
 lies); ``mse`` (threshold minimizing clipping error Σ_{x>T}(x−T)² plus rounding noise
@@ -47,17 +47,25 @@ class StreamingHistogram:
     count: int = 0
     merges: int = field(default=0, repr=False)
 
-    def update(self, x: np.ndarray) -> None:
-        a = np.abs(np.asarray(x, dtype=np.float32)).ravel()
-        a = a[np.isfinite(a)]
-        if a.size == 0:
+    def update(self, x: np.ndarray, rng: np.random.Generator | None = None, cap: int | None = None) -> None:
+        """Add a batch. The min/max are exact; with ``cap`` the histogram gets a uniform
+        random subsample of at most ``cap`` values (drawn from ``rng``)."""
+        xs = np.asarray(x, dtype=np.float32).ravel()
+        if xs.size == 0:
             return
-        xs = np.asarray(x, dtype=np.float32)
-        finite = xs[np.isfinite(xs)]
-        self.min = min(self.min, float(finite.min()))
-        self.max = max(self.max, float(finite.max()))
+        lo, hi = float(np.min(xs)), float(np.max(xs))
+        if not (np.isfinite(lo) and np.isfinite(hi)):
+            xs = xs[np.isfinite(xs)]
+            if xs.size == 0:
+                return
+            lo, hi = float(xs.min()), float(xs.max())
+        self.min = min(self.min, lo)
+        self.max = max(self.max, hi)
+        if cap is not None and xs.size > cap:
+            xs = xs[(rng or np.random.default_rng(0)).integers(0, xs.size, cap)]
+        a = np.abs(xs)
         self.count += a.size
-        peak = float(a.max())
+        peak = max(abs(lo), abs(hi))
         if self.hist is None:
             self.range = peak if peak > 0 else 1e-8
             self.hist = np.zeros(self.bins, dtype=np.int64)
@@ -84,40 +92,43 @@ class StreamingHistogram:
         return self.min >= 0.0
 
 
-def kl_divergences(hist: np.ndarray, num_quantized: int = 128, block: int = 256) -> np.ndarray:
-    """KL(P_i ‖ Q_i) for every candidate i = num_quantized … len(hist) (see module doc)."""
+def kl_divergences(hist: np.ndarray, num_quantized: int = 128) -> np.ndarray:
+    """KL(P_i ‖ Q_i) for every candidate i = num_quantized … len(hist) (see module doc).
+
+    Computed per chunk, not per bin: P always sums to the total count T (clipped counts
+    move into bin i−1), and Q is constant over the non-zero bins of a chunk, so
+    ``KL = Σ_k P_k log P_k − Σ_j S_j log Q_j`` with ``S_j`` the P-mass of chunk j — prefix
+    sums of h·log h and of the non-zero indicator give every term in O(candidates × q)."""
     h = np.asarray(hist, dtype=np.float64)
     nb = len(h)
     q = num_quantized
+    total = float(h.sum())
+    cand = np.arange(q, nb + 1)  # [M]
     cs = np.concatenate([[0.0], np.cumsum(h)])
-    total = cs[-1]
-    out = np.empty(nb - q + 1)
-    k = np.arange(nb)
-    for b0 in range(q, nb + 1, block):
-        cand = np.arange(b0, min(b0 + block, nb + 1))  # [M]
-        rows = np.arange(len(cand))
-        valid = k[None, :] < cand[:, None]  # [M, nb]
-        p = np.where(valid, h[None, :], 0.0)
-        p[rows, cand - 1] += total - cs[cand]
-        nonzero = p > 0
-        merged = cand // q
-        chunk = np.minimum(k[None, :] // merged[:, None], q - 1)
-        start = chunk * merged[:, None]
-        stop = np.where(chunk == q - 1, cand[:, None], start + merged[:, None])
-        stop = np.minimum(stop, cand[:, None])
-        qsum = cs[stop] - cs[start]  # chunk counts without the clipped outliers
-        nz_cs = np.concatenate([np.zeros((len(cand), 1)), np.cumsum(nonzero, axis=1)], axis=1)
-        cnt = np.take_along_axis(nz_cs, stop, axis=1) - np.take_along_axis(nz_cs, start, axis=1)
-        qd = np.where(nonzero & valid, qsum / np.maximum(cnt, 1), 0.0)
-        p_sum = p.sum(axis=1, keepdims=True)
-        q_sum = qd.sum(axis=1, keepdims=True)
-        pn = p / np.where(p_sum > 0, p_sum, 1.0)
-        qn = qd / np.where(q_sum > 0, q_sum, 1.0)
-        qn = np.where((pn > 0) & (qn <= 0), KL_EPS, qn)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            terms = np.where(pn > 0, pn * np.log(pn / qn), 0.0)
-        out[cand - q] = terms.sum(axis=1)
-    return out
+    hlogh = np.where(h > 0, h * np.log(np.where(h > 0, h, 1.0)), 0.0)
+    cs_hlogh = np.concatenate([[0.0], np.cumsum(hlogh)])
+    cs_nz = np.concatenate([[0], np.cumsum(h > 0)])
+    outliers = total - cs[cand]  # counts above bin i-1
+    last = h[cand - 1] + outliers  # P's last bin
+    # Σ_k P_k log P_k with P = p / T
+    plogp = (cs_hlogh[cand - 1] + np.where(last > 0, last * np.log(np.where(last > 0, last, 1.0)), 0.0)) / total
+    plogp -= np.log(total)
+    merged = cand // q  # [M]
+    j = np.arange(q)
+    start = j[None, :] * merged[:, None]  # [M, q]
+    stop = np.where(j[None, :] == q - 1, cand[:, None], start + merged[:, None])
+    qsum = cs[stop] - cs[start]  # chunk counts without the clipped outliers
+    cnt = (cs_nz[stop] - cs_nz[start]).astype(np.float64)
+    last_chunk_fix = (h[cand - 1] == 0) & (outliers > 0)  # the last bin is non-zero only through outliers
+    cnt[:, -1] += last_chunk_fix
+    s_mass = qsum.copy()
+    s_mass[:, -1] += outliers  # P-mass per chunk (outliers sit in the last bin)
+    zq = cs[cand]  # Σ_j qsum_j
+    with np.errstate(divide="ignore", invalid="ignore"):
+        q_bin = np.where(cnt > 0, qsum / np.maximum(cnt, 1) / np.where(zq > 0, zq, 1.0)[:, None], 0.0)
+        q_bin = np.where((s_mass > 0) & (q_bin <= 0), KL_EPS, q_bin)
+        cross = np.where(s_mass > 0, (s_mass / total) * np.log(np.where(q_bin > 0, q_bin, 1.0)), 0.0)
+    return plogp - cross.sum(axis=1)
 
 
 def kl_threshold(hist: np.ndarray, bin_width: float, num_quantized: int = 128) -> float:
@@ -186,3 +197,58 @@ def tensor_range(h: StreamingHistogram, method: Method = "kl", *, symmetric: boo
         raise ValueError(method)
     t = min(t, max(abs(h.min), abs(h.max)))
     return (0.0, t) if nonneg else (-t, t)
+
+
+def activation_tensors(model, op_types: frozenset[str] | None = None) -> list[str]:
+    """Float tensors read or written by nodes (of ``op_types``), initializers excluded."""
+    import onnx
+
+    inits = {t.name for t in model.graph.initializer}
+    types: dict[str, int] = {}
+    for vi in list(model.graph.input) + list(model.graph.value_info) + list(model.graph.output):
+        if vi.type.HasField("tensor_type"):
+            types[vi.name] = vi.type.tensor_type.elem_type
+    floats = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16}
+    names: dict[str, None] = {}
+    for n in model.graph.node:
+        if op_types is not None and n.op_type not in op_types:
+            continue
+        for t in list(n.input) + list(n.output):
+            if t and t not in inits and types.get(t) in floats:
+                names[t] = None
+    return list(names)
+
+
+def collect_histograms(model, names: list[str], data, *, provider: str = "cpu", bins: int = 2048,
+                       cap: int | None = 1 << 16, seed: int = 0, progress=None) -> dict[str, StreamingHistogram]:
+    """Stream ``data`` through one session exposing ``names``; one histogram per tensor.
+
+    Memory: one batch of activations plus ``len(names)`` histograms of ``bins`` counts,
+    whatever the number of samples."""
+    import onnx
+
+    from ...progress import NullProgress
+    from ...validate import make_session, run_session
+
+    progress = progress or NullProgress()
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    have = {o.name for o in m.graph.output}
+    m.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names if n not in have)
+    order = [o.name for o in m.graph.output]
+    sess = make_session(m, provider, label="calibration model (int8)")
+    hists = {n: StreamingHistogram(bins) for n in names}
+    rng = np.random.default_rng(seed)
+    wanted = set(names)
+    with progress.task("calibrating (int8)", getattr(data, "num_samples", None)) as task:
+        for batch in data:
+            outs = run_session(sess, batch, "calibration model (int8)")
+            for name, value in zip(order, outs):
+                if name in wanted:
+                    hists[name].update(value, rng, cap)
+            for name, value in batch.items():
+                if name in wanted:
+                    hists[name].update(value, rng, cap)
+            del outs
+            task.advance(next(iter(batch.values())).shape[0] if batch else 1)
+    return hists

@@ -1,0 +1,168 @@
+"""Calibration cost for issue 5: onnxcompress KL (streaming) vs onnxruntime's Entropy.
+
+    python bench/int8_calibration.py [--shared ../shared] [--json out.json]
+
+Each measurement runs in a fresh subprocess and reports wall time of the calibration
+step and the process's peak RSS (ru_maxrss, imports and model included; the RSS right
+before calibration is shown too). Both sides see the same samples (``*_calib.npz``) and
+calibrate all float
+activations of the model, fed the same batches (8 samples; 1 for captcha_det, whose batch
+dimension is fixed at 1):
+
+* onnxcompress: canonicalize, then one session exposing the activations, 2048-bin
+  streaming histograms (exact min/max, ≤ 65,536 sampled values per tensor per batch),
+  TensorRT KL thresholds;
+* onnxruntime: ``create_calibrator(..., CalibrationMethod.Entropy)`` at its defaults
+  (what quantize_static runs), ``collect_data`` + ``compute_data``.
+
+A second table checks that our peak RSS does not grow with the number of samples:
+captcha_det with 32 and 256 samples (the 32 calibration images cycled).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+MODELS = ["textline_cls", "doc_orientation", "text_det", "captcha_det"]
+
+
+def _rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+BATCH = 8
+
+
+def _batches(shared: Path, name: str, samples: int):
+    """``samples`` calibration images (cycled if needed) in batches of BATCH (1 for a
+    model with a fixed batch dimension of 1)."""
+    import numpy as np
+    import onnx
+
+    x = np.load(shared / "data" / f"{name}_calib.npz")["x"]
+    dim0 = onnx.load(str(shared / "models" / f"{name}.onnx"), load_external_data=False).graph.input[0]
+    fixed = dim0.type.tensor_type.shape.dim[0].dim_value
+    b = 1 if fixed == 1 else BATCH
+    idx = np.arange(samples) % len(x)
+    for i in range(0, samples, b):
+        yield x[idx[i : i + b]]
+
+
+def worker(side: str, shared: Path, name: str, samples: int) -> dict:
+    import onnx
+
+    sys.path.insert(0, str(ROOT))
+    model_path = shared / "models" / f"{name}.onnx"
+    input_name = onnx.load(str(model_path), load_external_data=False).graph.input[0].name
+    if side == "ours":
+        import onnxcompress as oc
+        from onnxcompress.passes.int8.calibration import activation_tensors, collect_histograms, tensor_range
+        from onnxcompress.registry import build_pipeline
+
+        model, _ = build_pipeline("canonicalize").run(oc.load_model(model_path))
+        names = activation_tensors(model)
+        base = _rss_mb()
+        t0 = time.perf_counter()
+        hists = collect_histograms(model, names, ({input_name: b} for b in _batches(shared, name, samples)))
+        ranges = {n: tensor_range(h, "kl") for n, h in hists.items()}
+        seconds = time.perf_counter() - t0
+        return {"side": side, "model": name, "samples": samples, "tensors": len(ranges), "seconds": seconds,
+                "rss_before_mb": base, "peak_rss_mb": _rss_mb()}
+    from onnxruntime.quantization import CalibrationDataReader
+    from onnxruntime.quantization.calibrate import CalibrationMethod, create_calibrator
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.it = ({input_name: b} for b in _batches(shared, name, samples))
+
+        def get_next(self):
+            return next(self.it, None)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        base = _rss_mb()
+        t0 = time.perf_counter()
+        cal = create_calibrator(str(model_path), None, augmented_model_path=str(Path(tmp) / "aug.onnx"),
+                                calibrate_method=CalibrationMethod.Entropy)
+        cal.collect_data(Reader())
+        ranges = cal.compute_data()
+        seconds = time.perf_counter() - t0
+    count = len(ranges.data) if hasattr(ranges, "data") else len(list(ranges.keys()))
+    return {"side": side, "model": name, "samples": samples, "tensors": count, "seconds": seconds,
+            "rss_before_mb": base, "peak_rss_mb": _rss_mb()}
+
+
+def run_worker(side: str, shared: Path, name: str, samples: int) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--worker", side, "--model", name, "--samples", str(samples),
+                          "--shared", str(shared)], capture_output=True, text=True, timeout=3600)
+    if out.returncode != 0:
+        return {"side": side, "model": name, "samples": samples, "error": out.stderr.strip().splitlines()[-1:]}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shared", type=Path, default=Path(os.environ.get("ONNXCOMPRESS_SHARED", ROOT.parent / "shared")))
+    ap.add_argument("--json", type=Path)
+    ap.add_argument("--worker", choices=["ours", "ort"])
+    ap.add_argument("--model")
+    ap.add_argument("--samples", type=int, default=0)
+    ap.add_argument("--models", default=",".join(MODELS))
+    args = ap.parse_args()
+    if args.worker:
+        print(json.dumps(worker(args.worker, args.shared, args.model, args.samples)))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    import numpy as np
+
+    rows = []
+    t = Table(title="calibration of all float activations: onnxcompress KL vs onnxruntime Entropy (same samples)")
+    for col in ("model", "samples", "tensors (ours/ort)", "ours s", "ort s", "time ratio", "goal ≤ 0.2",
+                "ours peak RSS MB", "ort peak RSS MB", "RSS ratio", "goal ≤ 0.2"):
+        t.add_column(col, justify="right")
+    for name in args.models.split(","):
+        n = len(np.load(args.shared / "data" / f"{name}_calib.npz")["x"])
+        ours = run_worker("ours", args.shared, name, n)
+        ort_ = run_worker("ort", args.shared, name, n)
+        rows += [ours, ort_]
+        if "error" in ours or "error" in ort_:
+            t.add_row(name, str(n), "error", str(ours.get("error", "")), str(ort_.get("error", "")), "", "", "", "", "", "")
+            continue
+        tr = ours["seconds"] / ort_["seconds"]
+        rr = ours["peak_rss_mb"] / ort_["peak_rss_mb"]
+        t.add_row(name, str(n), f"{ours['tensors']}/{ort_['tensors']}", f"{ours['seconds']:.1f}", f"{ort_['seconds']:.1f}",
+                  f"{tr:.2f}", "✓" if tr <= 0.2 else "✗", f"{ours['peak_rss_mb']:.0f} ({ours['rss_before_mb']:.0f} before)",
+                  f"{ort_['peak_rss_mb']:.0f} ({ort_['rss_before_mb']:.0f} before)", f"{rr:.2f}", "✓" if rr <= 0.2 else "✗")
+    console = Console(width=220)
+    console.print(t)
+    g = Table(title="onnxcompress KL calibration memory vs number of samples (captcha_det)")
+    for col in ("samples", "seconds", "peak RSS MB", "growth vs 32", "goal < 10%"):
+        g.add_column(col, justify="right")
+    base = None
+    for n in (32, 256):
+        r = run_worker("ours", args.shared, "captcha_det", n)
+        rows.append(r)
+        if "error" in r:
+            g.add_row(str(n), "error", str(r["error"]), "", "")
+            continue
+        base = base or r["peak_rss_mb"]
+        growth = r["peak_rss_mb"] / base - 1
+        g.add_row(str(n), f"{r['seconds']:.1f}", f"{r['peak_rss_mb']:.0f}", f"{growth:+.1%}", "✓" if growth < 0.1 else "✗")
+    console.print(g)
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
