@@ -147,3 +147,21 @@ def test_collect_histograms_on_a_model() -> None:
     assert hists["logits"].max == pytest.approx(float(logits.max()), rel=1e-5)
     relu_out = [n for n in names if n.startswith("relu")]
     assert relu_out and all(hists[n].non_negative for n in relu_out)
+
+
+def test_memory_budget_splits_batches_without_changing_results() -> None:
+    from onnxcompress.data import open_data
+    from onnxcompress.model import load_model
+    from onnxcompress.passes.int8.calibration import activation_tensors, collect_histograms
+    from onnxcompress.registry import build_pipeline
+
+    from .conftest import FIXTURES
+
+    m, _ = build_pipeline("canonicalize").run(load_model(FIXTURES / "mobilenet_se.onnx"))
+    names = activation_tensors(m)
+    data = open_data(FIXTURES / "mobilenet_se_calib.npz", m, batch_size=32)
+    whole = collect_histograms(m, names, data, cap=None, memory_budget=None)
+    split = collect_histograms(m, names, data, cap=None, memory_budget=1)  # one sample at a time
+    for n in names:
+        np.testing.assert_array_equal(whole[n].hist, split[n].hist)
+        assert whole[n].min == split[n].min and whole[n].max == split[n].max

@@ -1,9 +1,10 @@
 """Streaming activation histograms and range selection for int8 calibration.
 
 Histogram. Per tensor, a histogram of |x| with ``bins`` (2048) bins over [0, R] is
-updated batch by batch. When a batch exceeds R, R grows by the smallest power of two
-2^k that covers it and the old histogram is merged exactly (every 2^k old bins into one
-new bin), so memory never depends on the number of samples. The signed min and max are
+updated batch by batch. R starts at a power of two; when a batch exceeds R, R doubles as
+often as needed and the old histogram is merged exactly (every 2^k old bins into one new
+bin). Memory never depends on the number of samples, and R = 2^⌈log2 max|x|⌉ and the bin
+edges do not depend on batch size or order. The signed min and max are
 kept too (minmax, and to tell non-negative tensors apart).
 
 KL (TensorRT entropy calibration). For each candidate i = q … bins (q = 128 quantized
@@ -67,7 +68,9 @@ class StreamingHistogram:
         self.count += a.size
         peak = max(abs(lo), abs(hi))
         if self.hist is None:
-            self.range = peak if peak > 0 else 1e-8
+            # a power of two: with power-of-two merges the final range (2^⌈log2 max⌉) and
+            # every bin edge are the same whatever the batch size or sample order
+            self.range = 2.0 ** math.ceil(math.log2(peak)) if peak > 0 else 2.0**-30
             self.hist = np.zeros(self.bins, dtype=np.int64)
         elif peak > self.range:
             factor = 2 ** math.ceil(math.log2(peak / self.range))
@@ -219,12 +222,28 @@ def activation_tensors(model, op_types: frozenset[str] | None = None) -> list[st
     return list(names)
 
 
+def activation_bytes_per_sample(model, names: list[str], sample_shapes: dict[str, list[int]]) -> int:
+    """Bytes of the ``names`` tensors for one sample (shapes resolved at ``sample_shapes``)."""
+    from ...shapes import all_shapes
+
+    shapes, _ = all_shapes(model, sample_shapes, need=names)
+    total = 0
+    for n in names:
+        s = shapes.get(n)
+        if s:
+            total += 4 * int(np.prod(s[1:], dtype=np.int64)) * (1 if s[0] in (0, 1) else int(s[0]))
+    return total
+
+
 def collect_histograms(model, names: list[str], data, *, provider: str = "cpu", bins: int = 2048,
-                       cap: int | None = 1 << 16, seed: int = 0, progress=None) -> dict[str, StreamingHistogram]:
+                       cap: int | None = 1 << 16, seed: int = 0, progress=None,
+                       memory_budget: int | None = 256 * 2**20) -> dict[str, StreamingHistogram]:
     """Stream ``data`` through one session exposing ``names``; one histogram per tensor.
 
-    Memory: one batch of activations plus ``len(names)`` histograms of ``bins`` counts,
-    whatever the number of samples."""
+    Memory: one (sub-)batch of exposed activations plus ``len(names)`` histograms of
+    ``bins`` counts, whatever the number of samples. Incoming batches are split so that
+    the exposed activations of a sub-batch stay within ``memory_budget`` bytes (at least
+    one sample at a time)."""
     import onnx
 
     from ...progress import NullProgress
@@ -240,15 +259,27 @@ def collect_histograms(model, names: list[str], data, *, provider: str = "cpu", 
     hists = {n: StreamingHistogram(bins) for n in names}
     rng = np.random.default_rng(seed)
     wanted = set(names)
+    per_sample: int | None = None
+    from ...data import input_specs
+
+    if any(sp.static_batch is not None for sp in input_specs(model)):
+        memory_budget = None  # a fixed batch dimension cannot be split
     with progress.task("calibrating (int8)", getattr(data, "num_samples", None)) as task:
         for batch in data:
-            outs = run_session(sess, batch, "calibration model (int8)")
-            for name, value in zip(order, outs):
-                if name in wanted:
-                    hists[name].update(value, rng, cap)
-            for name, value in batch.items():
-                if name in wanted:
-                    hists[name].update(value, rng, cap)
-            del outs
-            task.advance(next(iter(batch.values())).shape[0] if batch else 1)
+            n = next(iter(batch.values())).shape[0] if batch else 1
+            if per_sample is None and memory_budget and batch:
+                one = {k: [1, *v.shape[1:]] for k, v in batch.items()}
+                per_sample = max(activation_bytes_per_sample(model, names, one), 1)
+            step = n if not per_sample or not memory_budget else max(1, min(n, memory_budget // per_sample))
+            for i in range(0, n, step):
+                part = {k: v[i : i + step] for k, v in batch.items()} if batch else batch
+                outs = run_session(sess, part, "calibration model (int8)")
+                for name, value in zip(order, outs):
+                    if name in wanted:
+                        hists[name].update(value, rng, cap)
+                for name, value in part.items():
+                    if name in wanted:
+                        hists[name].update(value, rng, cap)
+                del outs
+            task.advance(n)
     return hists
