@@ -298,27 +298,11 @@ class LowRank(Pass):
     def _budget(cands: list[Candidate], opts: LowRankOptions, total_macs: int) -> None:
         """Greedy (Zhang et al. 2015): lower ranks where log-energy drops least per MAC."""
         active = [c for c in cands if c.decision == "split"]
-        target = opts.macs_ratio * total_macs
 
-        def current() -> int:
-            return total_macs - sum(c.original_macs - c.chain_macs(c.rank) for c in active)
+        def loss(c: Candidate, r_from: int, r_to: int) -> float:
+            return math.log(max(c.energy(r_from), 1e-12)) - math.log(max(c.energy(r_to), 1e-12))
 
-        while current() > target:
-            best, best_cost = None, math.inf
-            for c in active:
-                if c.rank <= opts.round_to:
-                    continue
-                r2 = c.rank - opts.round_to
-                loss = math.log(max(c.energy(c.rank), 1e-12)) - math.log(max(c.energy(r2), 1e-12))
-                saved = c.chain_macs(c.rank) - c.chain_macs(r2)
-                cost = loss / max(saved, 1)
-                if cost < best_cost:
-                    best, best_cost = c, cost
-            if best is None:
-                log.warning("lowrank: MACs budget %.2f not reachable; stopping at %.3f", opts.macs_ratio,
-                            current() / total_macs)
-                break
-            best.rank -= opts.round_to
+        _lower_ranks(active, opts, total_macs, loss)
         for c in active:
             c.reason = f"rank {c.rank}: chain {c.chain_macs(c.rank):,} MACs vs {c.original_macs:,}"
 
@@ -385,6 +369,30 @@ def _data_energy(model: onnx.ModelProto, cands: list[Candidate], ctx: PassContex
             c.weights = c.s**2 * np.einsum("ik,ij,jk->k", c.u, sigma, c.u)
 
 
+def _lower_ranks(active: list[Candidate], opts: LowRankOptions, total_macs: int, loss) -> None:
+    """Lower ranks by ``round_to`` where ``loss(c, rank, rank − round_to)`` per MAC saved is
+    smallest, until the model's MACs meet ``opts.macs_ratio`` (or no rank can go lower)."""
+    target = opts.macs_ratio * total_macs
+
+    def current() -> int:
+        return total_macs - sum(c.original_macs - c.chain_macs(c.rank) for c in active)
+
+    while current() > target:
+        best, best_cost = None, math.inf
+        for c in active:
+            if c.rank <= opts.round_to:
+                continue
+            r2 = c.rank - opts.round_to
+            cost = loss(c, c.rank, r2) / max(c.chain_macs(c.rank) - c.chain_macs(r2), 1)
+            if cost < best_cost:
+                best, best_cost = c, cost
+        if best is None:
+            log.warning("lowrank: MACs budget %.2f not reachable; stopping at %.3f", opts.macs_ratio,
+                        current() / total_macs)
+            break
+        best.rank -= opts.round_to
+
+
 def _output_error(ref: list[np.ndarray], new: list[np.ndarray], scale: list[np.ndarray]) -> float:
     """Mean squared error of all outputs, each output feature divided by its std."""
     total = 0.0
@@ -449,26 +457,9 @@ def _sensitivity_budget(model: onnx.ModelProto, cands: list[Candidate], opts: Lo
         rs, es = curves[id(c)]
         return float(np.interp(r, rs, es, left=es[0] * rs[0] / max(r, 1), right=es[-1]))
 
-    target = opts.macs_ratio * total_macs
     for c in active:
         c.rank = int(curves[id(c)][0][-1])
-
-    def current() -> int:
-        return total_macs - sum(c.original_macs - c.chain_macs(c.rank) for c in active)
-
-    while current() > target:
-        best, best_cost = None, math.inf
-        for c in active:
-            if c.rank <= opts.round_to:
-                continue
-            r2 = c.rank - opts.round_to
-            cost = (err(c, r2) - err(c, c.rank)) / max(c.chain_macs(c.rank) - c.chain_macs(r2), 1)
-            if cost < best_cost:
-                best, best_cost = c, cost
-        if best is None:
-            log.warning("lowrank: MACs budget %.2f not reachable", opts.macs_ratio)
-            break
-        best.rank -= opts.round_to
+    _lower_ranks(active, opts, total_macs, lambda c, r_from, r_to: err(c, r_to) - err(c, r_from))
     for c in active:
         c.reason = f"rank {c.rank} (sensitivity {err(c, c.rank):.2e}): chain {c.chain_macs(c.rank):,} MACs vs {c.original_macs:,}"
 

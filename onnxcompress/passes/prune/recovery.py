@@ -166,6 +166,24 @@ def _run_named(sess, names: list[str], batch: dict[str, np.ndarray]) -> list[np.
         raise RuntimeModelError(f"calibration model: onnxruntime failed to run it: {ort_message(exc)}") from None
 
 
+def sample_patches(node: onnx.NodeProto, x: np.ndarray, out_shape: tuple[int, ...], w_shape: tuple[int, ...], rng,
+                   positions: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Input patches [S, C, kh, kw] of a Conv at up to ``positions`` random output positions
+    per image, and the (image, row, column) indices of those positions."""
+    kh, kw, strides, dil, pads = _conv_geometry(node, x.shape, w_shape, out_shape)
+    n, _, ho, wo = out_shape
+    per = min(positions, ho * wo)
+    ni = np.repeat(np.arange(n), per)
+    flat = np.concatenate([rng.choice(ho * wo, per, replace=False) for _ in range(n)])
+    oy, ox = flat // wo, flat % wo
+    xp = np.pad(x, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
+    rows = oy[:, None] * strides[0] + np.arange(kh)[None, :] * dil[0]  # [S, kh]
+    cols = ox[:, None] * strides[1] + np.arange(kw)[None, :] * dil[1]  # [S, kw]
+    c = x.shape[1]
+    patches = xp[ni[:, None, None, None], np.arange(c)[None, :, None, None], rows[:, None, :, None], cols[:, None, None, :]]
+    return patches, ni, oy, ox
+
+
 def _accumulate(cs: ConsumerStats, node: onnx.NodeProto, x: np.ndarray, y: np.ndarray, inits, rng, positions: int) -> None:
     c = x.shape[1]
     if cs.sum_x is None:
@@ -178,17 +196,7 @@ def _accumulate(cs: ConsumerStats, node: onnx.NodeProto, x: np.ndarray, y: np.nd
     if not cs.solvable:
         return
     if node.op_type == "Conv":
-        w_shape = tuple(inits[node.input[1]].dims)
-        kh, kw, strides, dil, pads = _conv_geometry(node, x.shape, w_shape, y.shape)
-        n, _, ho, wo = y.shape
-        per = min(positions, ho * wo)
-        ni = np.repeat(np.arange(n), per)
-        flat = np.concatenate([rng.choice(ho * wo, per, replace=False) for _ in range(n)])
-        oy, ox = flat // wo, flat % wo
-        xp = np.pad(x, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
-        rows = oy[:, None] * strides[0] + np.arange(kh)[None, :] * dil[0]  # [S, kh]
-        cols = ox[:, None] * strides[1] + np.arange(kw)[None, :] * dil[1]  # [S, kw]
-        patches = xp[ni[:, None, None, None], np.arange(c)[None, :, None, None], rows[:, None, :, None], cols[:, None, None, :]]
+        patches, ni, oy, ox = sample_patches(node, x, y.shape, tuple(inits[node.input[1]].dims), rng, positions)
         p = patches.reshape(len(ni), -1)
         t = y[ni, :, oy, ox]
     else:  # Gemm / MatMul rows; the target excludes nothing (bias is refit too)
@@ -493,17 +501,9 @@ def _accumulate_refit(acc: _Acc, x: np.ndarray, y_new: np.ndarray, y_ref: np.nda
         return
     if n.op_type == "Conv":
         w_shape = tuple(inits[n.input[1]].dims)
-        kh, kw, strides, dil, pads = _conv_geometry(n, x.shape, w_shape, y_ref.shape)
-        b, c, ho, wo = y_ref.shape
-        per = min(positions, ho * wo)
-        ni = np.repeat(np.arange(b), per)
-        flat = np.concatenate([rng.choice(ho * wo, per, replace=False) for _ in range(b)])
-        oy, ox = flat // wo, flat % wo
-        xp = np.pad(x, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
-        rows = oy[:, None] * strides[0] + np.arange(kh)[None, :] * dil[0]
-        cols = ox[:, None] * strides[1] + np.arange(kw)[None, :] * dil[1]
+        kh, kw = int(w_shape[2]), int(w_shape[3])
         cin = x.shape[1]
-        patches = xp[ni[:, None, None, None], np.arange(cin)[None, :, None, None], rows[:, None, :, None], cols[:, None, None, :]]
+        patches, ni, oy, ox = sample_patches(n, x, y_ref.shape, w_shape, rng, positions)
         t = y_ref[ni, :, oy, ox]  # [S, C_out]
         if acc.kind == "depthwise":  # per channel: [C, S, kh*kw + 1]
             p = patches.reshape(len(ni), cin, kh * kw).transpose(1, 0, 2).astype(np.float64)
