@@ -165,3 +165,12 @@ def test_memory_budget_splits_batches_without_changing_results() -> None:
     for n in names:
         np.testing.assert_array_equal(whole[n].hist, split[n].hist)
         assert whole[n].min == split[n].min and whole[n].max == split[n].max
+
+
+@pytest.mark.parametrize("name", list(DISTRIBUTIONS))
+def test_grouped_kl_equals_per_chunk_kl(name: str) -> None:
+    from onnxcompress.passes.int8.calibration import kl_divergences_fast
+
+    h = _hist(DISTRIBUTIONS[name](np.random.default_rng(7)).astype(np.float32))
+    for q in (128, 256):
+        np.testing.assert_allclose(kl_divergences_fast(h.hist, q), kl_divergences(h.hist, q), rtol=0, atol=1e-12)
