@@ -283,7 +283,7 @@ def activation_bytes_per_sample(model, names: list[str], sample_shapes: dict[str
 
 def collect_histograms(model, names: list[str], data, *, provider: str = "cpu", bins: int = 2048,
                        cap: int | None = 1 << 16, seed: int = 0, progress=None,
-                       memory_budget: int | None = 256 * 2**20) -> dict[str, StreamingHistogram]:
+                       memory_budget: int | None = 64 * 2**20) -> dict[str, StreamingHistogram]:
     """Stream ``data`` through one session exposing ``names``; one histogram per tensor.
 
     Memory: one (sub-)batch of exposed activations plus ``len(names)`` histograms of
