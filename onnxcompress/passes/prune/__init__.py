@@ -38,7 +38,7 @@ from ...pipeline import Pass, PassContext, PassResult
 from ...shapes import all_shapes
 from .apply import PruneConflict, apply_removal, keep_positions, removed_atoms
 from .groups import Analysis, Group, analyze
-from .recovery import CONSUMER_KINDS, CalibrationStats, collect, recover, sequential_refit
+from .recovery import CONSUMER_KINDS, CalibrationStats, bias_compensation, collect, sequential_refit
 
 log = logging.getLogger(__name__)
 
@@ -415,8 +415,7 @@ class Prune(Pass):
         cstats = None
         if ctx.calibration is not None and groups and (criterion == "act" or recovery in ("lstsq", "bias")):
             uses = [u for u in an.uses if u.kind in CONSUMER_KINDS]
-            cstats = collect(an, ctx.calibration, uses=uses, provider=ctx.provider, seed=ctx.seed,
-                             positions=opts.positions, progress=ctx.progress)
+            cstats = collect(an, ctx.calibration, uses=uses, provider=ctx.provider, progress=ctx.progress)
         scores = {}
         used = Counter()
         for g in groups:
@@ -430,7 +429,7 @@ class Prune(Pass):
         stats_out["notes"] = _resolve_conflicts(an, removed)
         allc = np.concatenate(list(removed.values())) if removed else np.array([], np.int64)
         gone = removed_atoms(an, allc)
-        rec = recover(an, gone, cstats, "bias", opts.ridge) if recovery in ("bias", "lstsq") and len(allc) else None
+        rec = bias_compensation(an, gone, cstats) if recovery in ("bias", "lstsq") and len(allc) else None
         channels = sum(p.channels for p in an.producers)
         removed_ch = int(sum((gone[p.atoms]).sum() for p in an.producers))
         stats_out.update({

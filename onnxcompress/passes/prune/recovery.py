@@ -1,25 +1,20 @@
 """Statistics from calibration data, and training-free accuracy recovery.
 
-One streaming pass over the calibration data (one onnxruntime session of the *original*
-model exposing each consumer's input X and output Y) accumulates, per consumer:
+``collect``: one streaming pass over the calibration data (one onnxruntime session of the
+*original* model exposing each consumer's input) accumulates per input channel the mean
+``E[x_c]`` and mean magnitude ``E|x_c|`` (for the ``act`` importance and for bias
+compensation).
 
-* per-channel mean ``E[x_c]`` and mean magnitude ``E|x_c|`` of its input;
-* the normal equations of a least-squares refit over **all** input channels,
-  ``A = Σ pᵀp`` and ``B = Σ pᵀy``, where ``p`` is an input patch (C·kh·kw values and a
-  1 for the bias) at a randomly sampled output position and ``y`` the original output
-  there (Conv); for Gemm/MatMul ``p`` is the input row. Any subset K of channels is then
-  solved from the sub-matrices ``A[K,K]``, ``B[K]`` without another pass.
+Recovery once channels are chosen, without training:
 
-Recovery once channels are chosen (He et al. 2017 / ThiNet, without training):
-
-* **lstsq**: ``W_K, b = argmin Σ‖y − W_K p_K − b‖² + λ‖W_K‖²`` with the ridge
-  ``λ = ridge · tr(A_K)/|K|``; used where the consumer saw at least ``4·|K|`` samples
-  and ``|K|·kh·kw ≤ max_dim``, else bias compensation;
-* **bias**: the removed channels' average contribution is folded into the bias:
-  ``b += Σ_{c removed} E[x_c] · Σ_{kh,kw} W[:, c]`` (exact for constant channels, ignoring
-  zero padding at borders). Without calibration data, ``E[x_c]`` is estimated from the
-  BatchNormalization statistics when the input is ``BN(·)`` (``E = β``) or
-  ``Relu(BN(·))`` (``E = β·Φ(β/γ) + γ·φ(β/γ)``).
+* **bias** (``bias_compensation``): the removed channels' average contribution is folded
+  into the consumers' biases: ``b += Σ_{c removed} E[x_c] · Σ_{kh,kw} W[:, c]`` (exact for
+  constant channels, ignoring zero padding at borders). Without calibration data,
+  ``E[x_c]`` is estimated from the BatchNormalization statistics when the input is
+  ``BN(·)`` (``E = β``) or ``Relu(BN(·))`` (``E = β·Φ(β/γ) + γ·φ(β/γ)``).
+* **lstsq** (``sequential_refit``, He et al. 2017): every constant-weight layer is refit
+  level by level so that its output, computed from the *pruned* network's input, matches
+  the original output on calibration data (ridge least squares on sampled patches).
 """
 
 from __future__ import annotations
@@ -48,15 +43,9 @@ CACHE_OUTPUT_BYTES = 768 * 2**20
 @dataclass
 class ConsumerStats:
     use: Use
-    kh: int = 1
-    kw: int = 1
-    count: int = 0  # samples (patches / rows) in A
     sum_x: np.ndarray | None = None  # per input position
     sum_abs: np.ndarray | None = None
     elems: int = 0
-    A: np.ndarray | None = None
-    B: np.ndarray | None = None
-    solvable: bool = False
 
     def mean(self) -> np.ndarray:
         assert self.sum_x is not None
@@ -105,12 +94,9 @@ def collect(
     *,
     uses: list[Use],
     provider: str = "cpu",
-    seed: int = 0,
-    positions: int = 256,
-    max_dim: int = 2305,
     progress: Progress | None = None,
 ) -> CalibrationStats:
-    """Stream ``data`` through the original model; accumulate stats for ``uses``."""
+    """Stream ``data`` through the original model; per-channel input statistics for ``uses``."""
     progress = progress or NullProgress()
     g = an.model.graph
     inits = {t.name: t for t in g.initializer}
@@ -118,38 +104,26 @@ def collect(
     names: list[str] = []
     for use in uses:
         node = g.node[use.node]
-        if node.op_type == "Conv" and int(_attr(node, "group", 1)) != 1:  # type: ignore[arg-type]
-            continue
-        cs = ConsumerStats(use)
-        w = inits.get(node.input[1])
-        if node.op_type == "Conv" and w is not None and len(w.dims) == 4:
-            cs.kh, cs.kw = int(w.dims[2]), int(w.dims[3])
-        elif node.op_type == "Conv":
-            continue
-        d = len(use.atoms) * cs.kh * cs.kw + 1
-        cs.solvable = d <= max_dim
-        stats.consumers[use.node] = cs
-        names.extend([node.input[0], node.output[0]])
+        if node.op_type == "Conv":
+            w = inits.get(node.input[1])
+            if int(_attr(node, "group", 1)) != 1 or w is None or len(w.dims) != 4:  # type: ignore[arg-type]
+                continue
+        stats.consumers[use.node] = ConsumerStats(use)
+        names.append(node.input[0])
     names = list(dict.fromkeys(names))
     if not names:
         return stats
     m = onnx.ModelProto()
     m.CopyFrom(an.model)
     outs = {o.name for o in m.graph.output}
-    for n in names:
-        if n not in outs:
-            m.graph.output.append(onnx.ValueInfoProto(name=n))
+    m.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names if n not in outs)
     sess = make_session(m, provider, label="calibration model")
-    rng = np.random.default_rng(seed)
     with progress.task("calibrating (prune)", data.num_samples) as task:
         for batch in data:
             vals = dict(zip(names, _run_named(sess, names, batch)))
             n = next(iter(batch.values())).shape[0] if batch else 1
             for idx, cs in stats.consumers.items():
-                node = g.node[idx]
-                x = np.asarray(vals[node.input[0]], dtype=np.float32)
-                y = np.asarray(vals[node.output[0]], dtype=np.float32)
-                _accumulate(cs, node, x, y, inits, rng, positions)
+                _accumulate(cs, np.asarray(vals[g.node[idx].input[0]], dtype=np.float32))
             stats.samples += n
             stats.batches += 1
             task.advance(n)
@@ -184,31 +158,14 @@ def sample_patches(node: onnx.NodeProto, x: np.ndarray, out_shape: tuple[int, ..
     return patches, ni, oy, ox
 
 
-def _accumulate(cs: ConsumerStats, node: onnx.NodeProto, x: np.ndarray, y: np.ndarray, inits, rng, positions: int) -> None:
-    c = x.shape[1]
+def _accumulate(cs: ConsumerStats, x: np.ndarray) -> None:
     if cs.sum_x is None:
-        cs.sum_x = np.zeros(c)
-        cs.sum_abs = np.zeros(c)
+        cs.sum_x = np.zeros(x.shape[1])
+        cs.sum_abs = np.zeros(x.shape[1])
     axes = tuple(i for i in range(x.ndim) if i != 1)
     cs.sum_x += x.sum(axis=axes, dtype=np.float64)
     cs.sum_abs += np.abs(x).sum(axis=axes, dtype=np.float64)
     cs.elems += int(np.prod([x.shape[i] for i in axes]))
-    if not cs.solvable:
-        return
-    if node.op_type == "Conv":
-        patches, ni, oy, ox = sample_patches(node, x, y.shape, tuple(inits[node.input[1]].dims), rng, positions)
-        p = patches.reshape(len(ni), -1)
-        t = y[ni, :, oy, ox]
-    else:  # Gemm / MatMul rows; the target excludes nothing (bias is refit too)
-        p = x.reshape(x.shape[0], -1)
-        t = y.reshape(y.shape[0], -1)
-    p = np.concatenate([p, np.ones((p.shape[0], 1), np.float32)], axis=1).astype(np.float64)
-    if cs.A is None:
-        cs.A = np.zeros((p.shape[1], p.shape[1]))
-        cs.B = np.zeros((p.shape[1], t.shape[1]))
-    cs.A += p.T @ p
-    cs.B += p.T @ t.astype(np.float64)
-    cs.count += p.shape[0]
 
 
 def _weight_2d(node: onnx.NodeProto, w: np.ndarray) -> np.ndarray:
@@ -220,30 +177,16 @@ def _weight_2d(node: onnx.NodeProto, w: np.ndarray) -> np.ndarray:
     return w.T
 
 
-def _from_2d(node: onnx.NodeProto, w2: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    if node.op_type == "Conv":
-        return w2.reshape(shape)
-    if node.op_type == "Gemm" and int(_attr(node, "transB", 0)):  # type: ignore[arg-type]
-        return w2
-    return w2.T.copy()
-
-
 @dataclass
 class RecoveryResult:
     arrays: dict[tuple[int, int], np.ndarray]  # (node index, input) -> new full-size array
-    lstsq: int = 0
     bias: int = 0
     skipped: int = 0
 
 
-def recover(
-    an: Analysis,
-    gone: np.ndarray,
-    stats: CalibrationStats | None,
-    mode: str,
-    ridge: float = 1e-2,
-) -> RecoveryResult:
-    """New weights/biases (full input size, removed channels zero) for affected consumers."""
+def bias_compensation(an: Analysis, gone: np.ndarray, stats: CalibrationStats | None) -> RecoveryResult:
+    """New biases of the consumers that lose channels: the removed channels' mean
+    contribution (measured in ``stats``, else from BatchNormalization statistics)."""
     g = an.model.graph
     inits = {t.name: t for t in g.initializer}
     res = RecoveryResult({})
@@ -266,39 +209,15 @@ def recover(
             res.skipped += 1  # broadcast bias shapes: leave alone
             continue
         khw = w2.shape[1] // len(use.atoms)
-        keep_cols = np.flatnonzero(np.repeat(~removed, khw))
         cs = stats.consumers.get(use.node) if stats else None
-        done = False
-        if mode == "lstsq" and cs is not None and cs.solvable and cs.A is not None and cs.count >= 4 * (len(keep_cols) + 1):
-            sel = np.concatenate([keep_cols, [cs.A.shape[0] - 1]])
-            A = cs.A[np.ix_(sel, sel)]
-            Bm = cs.B[sel]  # type: ignore[index]
-            lam = ridge * np.trace(A[:-1, :-1]) / max(len(keep_cols), 1)
-            reg = np.eye(len(sel)) * lam
-            reg[-1, -1] = 0.0  # do not shrink the bias
-            try:
-                sol = np.linalg.solve(A + reg, Bm)  # [|K|·khw + 1, out]
-            except np.linalg.LinAlgError:
-                sol = np.linalg.lstsq(A + reg, Bm, rcond=None)[0]
-            new_w2 = np.zeros_like(w2, dtype=np.float64)
-            new_w2[:, keep_cols] = sol[:-1].T
-            new_b = sol[-1]
-            if node.op_type == "MatMul":  # no bias input: keep the original intercept behaviour
-                new_b = None
-            res.arrays[(use.node, 1)] = _from_2d(node, new_w2.astype(np.float32), w.shape)
-            if new_b is not None:
-                res.arrays[(use.node, bias_k)] = new_b.astype(np.float32)
-            res.lstsq += 1
-            done = True
-        if not done and mode in ("lstsq", "bias"):
-            mean = cs.mean() if cs is not None and cs.sum_x is not None else bn_mean_estimate(an, use)
-            if mean is None or node.op_type == "MatMul":
-                res.skipped += 1
-                continue
-            contrib = w2.reshape(w2.shape[0], len(use.atoms), khw).sum(axis=2)  # [out, in]
-            delta = contrib[:, removed] @ mean[removed]
-            res.arrays[(use.node, bias_k)] = (b + delta).astype(np.float32)
-            res.bias += 1
+        mean = cs.mean() if cs is not None and cs.sum_x is not None else bn_mean_estimate(an, use)
+        if mean is None or node.op_type == "MatMul":
+            res.skipped += 1
+            continue
+        contrib = w2.reshape(w2.shape[0], len(use.atoms), khw).sum(axis=2)  # [out, in]
+        delta = contrib[:, removed] @ mean[removed]
+        res.arrays[(use.node, bias_k)] = (b + delta).astype(np.float32)
+        res.bias += 1
     return res
 
 
