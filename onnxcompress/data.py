@@ -19,7 +19,7 @@ import logging
 import os
 import zipfile
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Literal
 
@@ -682,10 +682,3 @@ def first_batch(source: DataSource) -> Batch:
     for batch in source:
         return batch
     raise DataError("the data source yielded no samples")
-
-
-@dataclass
-class DataSummary:
-    samples: int = 0
-    batches: int = 0
-    shapes: dict[str, list[int]] = field(default_factory=dict)

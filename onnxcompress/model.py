@@ -18,6 +18,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -65,6 +66,15 @@ def iter_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
                 elif attr.type == onnx.AttributeProto.SPARSE_TENSOR:
                     yield attr.sparse_tensor.values
                     yield attr.sparse_tensor.indices
+
+
+def node_attr(node: onnx.NodeProto, name: str, default: object = None) -> Any:
+    """The value of a node attribute (bytes decoded to str), or ``default``."""
+    for a in node.attribute:
+        if a.name == name:
+            v = onnx.helper.get_attribute_value(a)
+            return v.decode() if isinstance(v, bytes) else v
+    return default
 
 
 def default_opset(model: onnx.ModelProto) -> int | None:
@@ -320,9 +330,3 @@ def serialized_size(model: onnx.ModelProto) -> int:
         return model.ByteSize()
     except (ValueError, RuntimeError):
         return tensor_bytes(model)
-
-
-def graph_input_names(model: onnx.ModelProto) -> list[str]:
-    """Real inputs: graph inputs that are not initializers (IR < 4 lists both)."""
-    inits = {t.name for t in model.graph.initializer}
-    return [i.name for i in model.graph.input if i.name not in inits]

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
@@ -354,11 +353,6 @@ def compare_models(
         m = s.metrics()
         results.append(OutputResult(s.name, m, t, judge(s.name, m, t)))
     return ValidationReport(provider, samples, batches, results)
-
-
-def default_threads() -> int | None:
-    env = os.environ.get("ONNXCOMPRESS_THREADS")
-    return int(env) if env and env.isdigit() else None
 
 
 def measure_latency(

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections import defaultdict
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -366,17 +365,4 @@ def value_shapes(model: onnx.ModelProto) -> dict[str, list[int | str | None]]:
         out[vi.name] = dims
     for t in g.initializer:
         out[t.name] = list(t.dims)
-    return out
-
-
-def producers_map(g: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
-    return {o: n for n in g.node for o in n.output if o}
-
-
-def consumers_map(g: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
-    out: dict[str, list[onnx.NodeProto]] = defaultdict(list)
-    for n in g.node:
-        for i in n.input:
-            if i:
-                out[i].append(n)
     return out

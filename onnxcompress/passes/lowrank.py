@@ -34,6 +34,7 @@ from onnx import helper, numpy_helper
 
 from ..data import first_batch
 from ..errors import OptionError
+from ..model import node_attr
 from ..pipeline import Pass, PassContext, PassResult
 from ..shapes import all_shapes
 from .canonicalize import Canonicalize
@@ -72,13 +73,6 @@ class LowRankOptions:
         if not 0 <= self.min_saving < 1:
             raise ValueError(f"min_saving must be in [0, 1), got {self.min_saving}")
 
-
-def _attr(node: onnx.NodeProto, name: str, default: Any) -> Any:
-    for a in node.attribute:
-        if a.name == name:
-            v = helper.get_attribute_value(a)
-            return v.decode() if isinstance(v, bytes) else v
-    return default
 
 
 def svd_factors(w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -153,10 +147,10 @@ def _split_node(model: onnx.ModelProto, cand: Candidate, r: int) -> str:
 
     v_name, h_name, mid = fresh(f"{base}_lr_v"), fresh(f"{base}_lr_h"), fresh(f"{base}_lr_mid")
     g.initializer.extend([numpy_helper.from_array(vert, v_name), numpy_helper.from_array(horiz, h_name)])
-    strides = list(_attr(node, "strides", [1, 1]))
-    dil = list(_attr(node, "dilations", [1, 1]))
-    pads = list(_attr(node, "pads", [0, 0, 0, 0]))
-    auto = _attr(node, "auto_pad", "NOTSET")
+    strides = list(node_attr(node, "strides", [1, 1]))
+    dil = list(node_attr(node, "dilations", [1, 1]))
+    pads = list(node_attr(node, "pads", [0, 0, 0, 0]))
+    auto = node_attr(node, "auto_pad", "NOTSET")
     v_attrs: dict[str, Any] = {"kernel_shape": [cand.w.shape[2], 1], "strides": [strides[0], 1], "dilations": [dil[0], 1]}
     h_attrs: dict[str, Any] = {"kernel_shape": [1, cand.w.shape[3]], "strides": [1, strides[1]], "dilations": [1, dil[1]]}
     if auto in ("SAME_UPPER", "SAME_LOWER", "VALID"):
@@ -202,8 +196,8 @@ class LowRank(Pass):
             label = node.name or node.output[0]
             if w.ndim != 4:
                 continue
-            if int(_attr(node, "group", 1)) != 1:
-                layers.append({"node": label, "decision": "kept", "reason": f"grouped (group={_attr(node, 'group', 1)})"})
+            if int(node_attr(node, "group", 1)) != 1:
+                layers.append({"node": label, "decision": "kept", "reason": f"grouped (group={node_attr(node, 'group', 1)})"})
                 continue
             if w.shape[2] < 2 or w.shape[3] < 2:
                 continue  # 1×1, 1×k, k×1: nothing to split
@@ -486,7 +480,7 @@ def _layer_macs(node: onnx.NodeProto, shapes: dict[str, list[int]], inits: dict[
     if node.op_type == "ConvTranspose":
         return int(np.prod(x)) * int(w[1]) * int(np.prod(w[2:]))
     if node.op_type == "Gemm":
-        k = x[0] if int(_attr(node, "transA", 0)) else x[-1]
+        k = x[0] if int(node_attr(node, "transA", 0)) else x[-1]
         return int(np.prod(y)) * int(k)
     return int(np.prod(y)) * int(x[-1])
 

@@ -21,6 +21,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from ...model import node_attr
 from ..canonicalize import Canonicalize
 from .groups import Analysis, Use
 
@@ -74,12 +75,6 @@ class _Edits:
             self.graph.initializer.append(numpy_helper.from_array(arr, name))
             node.input[k] = name
 
-
-def _attr(node: onnx.NodeProto, name: str, default: object) -> object:
-    for a in node.attribute:
-        if a.name == name:
-            return helper.get_attribute_value(a)
-    return default
 
 
 def _set_attr(node: onnx.NodeProto, name: str, value: object) -> None:
@@ -169,7 +164,7 @@ def _apply_use(an: Analysis, ed: _Edits, use: Use, keep: np.ndarray, gone: np.nd
         out_rank = len(an.shapes[node.output[0]])
         ed.set(use.node, use.input, _slice_axis(arr, keep, 1 - (out_rank - arr.ndim)))
     elif kind == "gemm":
-        trans_b = int(_attr(node, "transB", 0))  # type: ignore[arg-type]
+        trans_b = int(node_attr(node, "transB", 0))  # type: ignore[arg-type]
         ed.set(use.node, 1, _slice_axis(ed.get(use.node, 1), keep, 1 if trans_b else 0))
     elif kind == "matmul":
         ed.set(use.node, 1, _slice_axis(ed.get(use.node, 1), keep, 0))
@@ -231,7 +226,7 @@ def apply_mask(an: Analysis, removed_classes: np.ndarray) -> onnx.ModelProto:
             w[drop] = 0
         elif use.kind == "gemm":
             w = ed.get(use.node, 1)
-            if int(_attr(node, "transB", 0)):  # type: ignore[arg-type]
+            if int(node_attr(node, "transB", 0)):  # type: ignore[arg-type]
                 w[:, drop] = 0
             else:
                 w[drop] = 0

@@ -28,6 +28,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from ...data import DataSource
+from ...model import node_attr
 from ...progress import NullProgress, Progress
 from ...validate import make_session
 from .groups import Analysis, Use
@@ -63,20 +64,14 @@ class CalibrationStats:
     batches: int = 0
 
 
-def _attr(node: onnx.NodeProto, name: str, default: object) -> object:
-    for a in node.attribute:
-        if a.name == name:
-            return helper.get_attribute_value(a)
-    return default
-
 
 def _conv_geometry(node: onnx.NodeProto, x_shape: tuple[int, ...], w_shape: tuple[int, ...], y_shape: tuple[int, ...]):
     kh, kw = int(w_shape[2]), int(w_shape[3])
-    strides = list(_attr(node, "strides", [1, 1]))  # type: ignore[arg-type]
-    dil = list(_attr(node, "dilations", [1, 1]))  # type: ignore[arg-type]
-    auto = _attr(node, "auto_pad", b"NOTSET")
+    strides = list(node_attr(node, "strides", [1, 1]))  # type: ignore[arg-type]
+    dil = list(node_attr(node, "dilations", [1, 1]))  # type: ignore[arg-type]
+    auto = node_attr(node, "auto_pad", b"NOTSET")
     auto = auto.decode() if isinstance(auto, bytes) else str(auto)
-    pads = list(_attr(node, "pads", [0, 0, 0, 0]))  # type: ignore[arg-type]
+    pads = list(node_attr(node, "pads", [0, 0, 0, 0]))  # type: ignore[arg-type]
     if auto in ("SAME_UPPER", "SAME_LOWER"):
         pads = [0, 0, 0, 0]
         for i, (size, k, s, d, out) in enumerate(zip(x_shape[2:], (kh, kw), strides, dil, y_shape[2:])):
@@ -106,7 +101,7 @@ def collect(
         node = g.node[use.node]
         if node.op_type == "Conv":
             w = inits.get(node.input[1])
-            if int(_attr(node, "group", 1)) != 1 or w is None or len(w.dims) != 4:  # type: ignore[arg-type]
+            if int(node_attr(node, "group", 1)) != 1 or w is None or len(w.dims) != 4:  # type: ignore[arg-type]
                 continue
         stats.consumers[use.node] = ConsumerStats(use)
         names.append(node.input[0])
@@ -172,7 +167,7 @@ def _weight_2d(node: onnx.NodeProto, w: np.ndarray) -> np.ndarray:
     """Consumer weight as [out, in·kh·kw] (Conv), [out, in] (Gemm/MatMul)."""
     if node.op_type == "Conv":
         return w.reshape(w.shape[0], -1)
-    if node.op_type == "Gemm" and int(_attr(node, "transB", 0)):  # type: ignore[arg-type]
+    if node.op_type == "Gemm" and int(node_attr(node, "transB", 0)):  # type: ignore[arg-type]
         return w
     return w.T
 
@@ -198,7 +193,7 @@ def bias_compensation(an: Analysis, gone: np.ndarray, stats: CalibrationStats | 
         if not removed.any():
             continue
         node = g.node[use.node]
-        if node.op_type == "Conv" and int(_attr(node, "group", 1)) != 1:  # type: ignore[arg-type]
+        if node.op_type == "Conv" and int(node_attr(node, "group", 1)) != 1:  # type: ignore[arg-type]
             continue
         w = numpy_helper.to_array(inits[node.input[1]]).astype(np.float32)
         w2 = _weight_2d(node, w)
@@ -255,7 +250,7 @@ def _consumer_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
     for n in model.graph.node:
         if n.op_type == "Conv" and len(n.input) > 1 and n.input[1] in inits:
             out.append(n)
-        elif n.op_type == "Gemm" and n.input[1] in inits and not int(_attr(n, "transA", 0)):  # type: ignore[arg-type]
+        elif n.op_type == "Gemm" and n.input[1] in inits and not int(node_attr(n, "transA", 0)):  # type: ignore[arg-type]
             out.append(n)
         elif n.op_type == "MatMul" and n.input[1] in inits:
             out.append(n)
@@ -369,11 +364,11 @@ def sequential_refit(
             accs = {}
             for n in level:
                 w = numpy_helper.to_array(inits[n.input[1]])
-                group = int(_attr(n, "group", 1))  # type: ignore[arg-type]
+                group = int(node_attr(n, "group", 1))  # type: ignore[arg-type]
                 if n.op_type == "Conv" and group > 1:
                     kind = "depthwise" if group == w.shape[0] and w.shape[1] == 1 else "bias"
                 else:
-                    d = int(np.prod(w.shape[1:])) + 1 if n.op_type == "Conv" else w.shape[1 if n.op_type == "Gemm" and int(_attr(n, "transB", 0)) else 0] + 1  # type: ignore[arg-type]
+                    d = int(np.prod(w.shape[1:])) + 1 if n.op_type == "Conv" else w.shape[1 if n.op_type == "Gemm" and int(node_attr(n, "transB", 0)) else 0] + 1  # type: ignore[arg-type]
                     kind = "dense" if d <= max_dim else "bias"
                 accs[n.output[0]] = _Acc(n, kind)
             for i, batch in enumerate(batches if batches is not None else data):
@@ -589,7 +584,7 @@ def _solve_refit(acc: _Acc, model: onnx.ModelProto, inits, ridge: float) -> int:
     w2 = sol[:-1].T  # [out, in...]
     if n.op_type == "Conv":
         new_w = w2.reshape(w.shape)
-    elif n.op_type == "Gemm" and int(_attr(n, "transB", 0)):  # type: ignore[arg-type]
+    elif n.op_type == "Gemm" and int(node_attr(n, "transB", 0)):  # type: ignore[arg-type]
         new_w = w2
     else:
         new_w = w2.T
