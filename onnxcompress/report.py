@@ -22,10 +22,9 @@ from typing import Any
 
 import numpy as np
 import onnx
-from onnx import helper
 
 from .data import input_specs
-from .model import default_opset, iter_tensors, serialized_size
+from .model import default_opset, iter_tensors, node_attr, serialized_size
 from .shapes import all_shapes
 
 log = logging.getLogger(__name__)
@@ -79,6 +78,18 @@ def count_params(model: onnx.ModelProto) -> int:
     return total
 
 
+def layer_macs(node: onnx.NodeProto, x: Sequence[int], w: Sequence[int], y: Sequence[int]) -> int:
+    """MACs of one Conv/ConvTranspose/Gemm/MatMul from its input, weight and output shapes."""
+    if node.op_type == "Conv":  # W is [M, C/group, k...]
+        return int(np.prod(y, dtype=np.int64)) * int(w[1]) * int(np.prod(w[2:], dtype=np.int64))
+    if node.op_type == "ConvTranspose":  # W is [C, M/group, k...]: each input element feeds M/group outputs per tap
+        return int(np.prod(x, dtype=np.int64)) * int(w[1]) * int(np.prod(w[2:], dtype=np.int64))
+    if node.op_type == "Gemm":
+        k = x[0] if node_attr(node, "transA", 0) else x[-1]
+        return int(np.prod(y, dtype=np.int64)) * int(k)
+    return int(np.prod(y, dtype=np.int64)) * int(x[-1])  # MatMul
+
+
 def count_macs(
     model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]] | None = None
 ) -> tuple[int, list[LayerMacs], dict[str, list[int]]]:
@@ -86,23 +97,9 @@ def count_macs(
     nodes = [n for n in model.graph.node if n.op_type in MAC_OPS]
     need = [name for n in nodes for name in (n.input[0], n.input[1], n.output[0]) if name]
     shapes, shapes_in = all_shapes(model, input_shapes, need)
-    layers: list[LayerMacs] = []
-    for n in nodes:
-        attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
-        x, w, y = shapes[n.input[0]], shapes[n.input[1]], shapes[n.output[0]]
-        if n.op_type == "Conv":
-            group = int(attrs.get("group", 1))
-            macs = int(np.prod(y, dtype=np.int64)) * (int(x[1]) // group) * int(np.prod(w[2:], dtype=np.int64))
-        elif n.op_type == "ConvTranspose":
-            group = int(attrs.get("group", 1))
-            macs = int(np.prod(x, dtype=np.int64)) * (int(w[1])) * int(np.prod(w[2:], dtype=np.int64))
-            del group  # W is [C, M/group, k...]: each input element feeds M/group outputs per tap
-        elif n.op_type == "Gemm":
-            k = x[0] if attrs.get("transA", 0) else x[-1]
-            macs = int(np.prod(y, dtype=np.int64)) * int(k)
-        else:  # MatMul
-            macs = int(np.prod(y, dtype=np.int64)) * int(x[-1])
-        layers.append(LayerMacs(n.name or n.output[0], n.op_type, int(macs), [int(d) for d in y]))
+    layers = [LayerMacs(n.name or n.output[0], n.op_type,
+                        layer_macs(n, shapes[n.input[0]], shapes[n.input[1]], shapes[n.output[0]]),
+                        [int(d) for d in shapes[n.output[0]]]) for n in nodes]
     return sum(layer.macs for layer in layers), layers, {k: list(v) for k, v in shapes_in.items()}
 
 

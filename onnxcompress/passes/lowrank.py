@@ -36,6 +36,7 @@ from ..data import first_batch
 from ..errors import OptionError
 from ..model import node_attr
 from ..pipeline import Pass, PassContext, PassResult
+from ..report import layer_macs
 from ..shapes import all_shapes
 from .canonicalize import Canonicalize
 
@@ -473,16 +474,7 @@ def _layer_macs(node: onnx.NodeProto, shapes: dict[str, list[int]], inits: dict[
     x = shapes.get(node.input[0])
     y = shapes.get(node.output[0])
     w = list(inits[node.input[1]].dims) if len(node.input) > 1 and node.input[1] in inits else shapes.get(node.input[1])
-    if x is None or y is None or w is None:
-        return 0
-    if node.op_type == "Conv":
-        return int(np.prod(y)) * int(w[1]) * int(np.prod(w[2:]))
-    if node.op_type == "ConvTranspose":
-        return int(np.prod(x)) * int(w[1]) * int(np.prod(w[2:]))
-    if node.op_type == "Gemm":
-        k = x[0] if int(node_attr(node, "transA", 0)) else x[-1]
-        return int(np.prod(y)) * int(k)
-    return int(np.prod(y)) * int(x[-1])
+    return 0 if x is None or y is None or w is None else layer_macs(node, x, w, y)
 
 
 def split_conv(model: onnx.ModelProto, node_name: str, rank: int | None = None) -> onnx.ModelProto:
