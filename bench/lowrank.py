@@ -34,6 +34,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 import onnxcompress as oc  # noqa: E402
+from _common import check_and_run  # noqa: E402
 from onnxcompress.passes.lowrank import LowRank, LowRankOptions, split_conv  # noqa: E402
 from onnxcompress.pipeline import PassContext  # noqa: E402
 from onnxcompress.registry import build_pipeline  # noqa: E402
@@ -119,19 +120,7 @@ def structure(shared: Path, rows: list[dict]) -> Table:
         canon, _ = build_pipeline("canonicalize").run(m)
         opts = LowRankOptions(rank=16) if name.startswith("light") else LowRankOptions(energy=0.9)
         res = LowRank(opts).run(canon, PassContext())
-        try:
-            onnx.checker.check_model(res.model, full_check=True)
-            checker = "ok"
-        except Exception as exc:
-            checker = f"FAIL {exc}"[:60]
-        try:
-            s = ort.InferenceSession(res.model.SerializeToString(), providers=["CPUExecutionProvider"])
-            i = s.get_inputs()[0]
-            shape = [d if isinstance(d, int) else (1 if k == 0 else 64) for k, d in enumerate(i.shape)]
-            s.run(None, {i.name: np.zeros(shape, np.float32)})
-            runs = "runs"
-        except Exception as exc:
-            runs = f"FAIL {exc}"[:60]
+        checker, runs = check_and_run(res.model)
         st = res.stats
         t.add_row(name, f"{st['split']}/{st['candidates']}", f"{st['macs_ratio']:.3f}×", checker, runs)
         rows.append({"table": "structure", "model": name, "split": st["split"], "candidates": st["candidates"],

@@ -35,6 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import onnxcompress as oc  # noqa: E402
+from _common import check_and_run  # noqa: E402
 from onnxcompress.passes.prune import Prune, PruneOptions  # noqa: E402
 from onnxcompress.pipeline import PassContext  # noqa: E402
 from onnxcompress.registry import build_pipeline  # noqa: E402
@@ -116,19 +117,7 @@ def structure_table(shared: Path, rows: list[dict]) -> Table:
         t0 = time.perf_counter()
         res = Prune(PruneOptions(ratio=0.3)).run(copy.deepcopy(canon), PassContext())
         seconds = time.perf_counter() - t0
-        try:
-            onnx.checker.check_model(res.model, full_check=True)
-            checker = "ok"
-        except Exception as exc:  # report, do not hide
-            checker = f"FAIL {exc}"[:60]
-        try:
-            sess = ort.InferenceSession(res.model.SerializeToString(), providers=["CPUExecutionProvider"])
-            i = sess.get_inputs()[0]
-            shape = [d if isinstance(d, int) else (1 if k == 0 else 64) for k, d in enumerate(i.shape)]
-            sess.run(None, {i.name: np.zeros(shape, np.float32)})
-            runs = "runs"
-        except Exception as exc:
-            runs = f"FAIL {exc}"[:60]
+        checker, runs = check_and_run(res.model)
         st = res.stats
         reasons = ", ".join(f"{k} ×{v}" for k, v in st["blocked_reasons"].items())
         t.add_row(name, f"{st['groups']} ({st['prunable_groups']})", f"{st['channels_removed']}/{st['channels_before']}",

@@ -39,6 +39,14 @@ class PassContext:
     seed: int = 0
     progress: Progress = field(default_factory=NullProgress)
 
+    def calibration_shapes(self) -> dict[str, list[int]] | None:
+        """Input shapes of the first calibration batch (None without calibration data)."""
+        if self.calibration is None:
+            return None
+        from .data import first_batch
+
+        return {k: list(v.shape) for k, v in first_batch(self.calibration).items()}
+
 
 @dataclass
 class PassResult:

@@ -32,7 +32,6 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from ..data import first_batch
 from ..errors import OptionError
 from ..model import node_attr
 from ..pipeline import Pass, PassContext, PassResult
@@ -178,10 +177,7 @@ class LowRank(Pass):
 
     def run(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
         opts: LowRankOptions = self.options
-        input_shapes = None
-        if ctx.calibration is not None:
-            input_shapes = {k: list(v.shape) for k, v in first_batch(ctx.calibration).items()}
-        shapes, _ = all_shapes(model, input_shapes)
+        shapes, _ = all_shapes(model, ctx.calibration_shapes())
         inits = {t.name: t for t in model.graph.initializer}
         cands: list[Candidate] = []
         total_macs = 0

@@ -32,7 +32,6 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from ...data import first_batch
 from ...errors import OptionError
 from ...pipeline import Pass, PassContext, PassResult
 from ...shapes import all_shapes
@@ -392,10 +391,7 @@ class Prune(Pass):
     def run(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
         opts: PruneOptions = self.options
         round_to = opts.round_to or default_round_to()
-        input_shapes = None
-        if ctx.calibration is not None:
-            input_shapes = {k: list(v.shape) for k, v in first_batch(ctx.calibration).items()}
-        shapes, _ = all_shapes(model, input_shapes)
+        shapes, _ = all_shapes(model, ctx.calibration_shapes())
         an = analyze(model, shapes)
         groups = [g for g in an.groups if not g.blocked and g.size > 1]
         blocked = Counter(g.blocked for g in an.groups if g.blocked)
