@@ -22,7 +22,7 @@ from .errors import DataError, ModelSaveError, OptionError
 from .model import load_model, same_file, save_model
 from .pipeline import Pass, PassContext, Pipeline
 from .progress import NullProgress, Progress
-from .registry import build_pipeline
+from .registry import build_pipeline, parse_spec
 from .report import LatencyResult, ModelSummary, OptimizeReport, summarize
 from .validate import Thresholds, ValidationReport, compare_models, make_session, measure_latency, resolve_provider
 
@@ -50,7 +50,7 @@ def _as_pipeline(passes: PassesLike) -> Pipeline:
         if isinstance(p, Pass):
             objs.append(p)
         elif isinstance(p, str):
-            steps.extend(build_steps(p))
+            steps.extend(parse_spec(p))
         elif isinstance(p, tuple) and len(p) == 2:
             steps.append((str(p[0]), dict(p[1])))
         else:
@@ -64,12 +64,6 @@ def _as_pipeline(passes: PassesLike) -> Pipeline:
             objs.insert(0, Canonicalize())
         return Pipeline(objs)
     return build_pipeline(steps)
-
-
-def build_steps(spec: str) -> list[tuple[str, dict[str, str]]]:
-    from .registry import parse_spec
-
-    return list(parse_spec(spec))
 
 
 def _latency_feeds(batch: Batch, model: onnx.ModelProto, n: int) -> Batch:

@@ -291,7 +291,7 @@ class DataSource(abc.ABC):
             total += n
             key = tuple(chunk[s.name].shape[1:] for s in self.specs)
             if pending and key != pending_key:  # dynamic dims changed: cannot stack
-                yield from self._flush(pending, final=True)
+                yield from self._flush(pending)
                 pending, pending_n = [], 0
             pending_key = key
             pending.append(chunk)
@@ -304,9 +304,9 @@ class DataSource(abc.ABC):
                 rest = {k: v[full:] for k, v in merged.items()}
                 pending_n -= full
                 pending = [rest] if pending_n else []
-        yield from self._flush(pending, final=True)
+        yield from self._flush(pending)
 
-    def _flush(self, pending: list[Batch], final: bool) -> Iterator[Batch]:
+    def _flush(self, pending: list[Batch]) -> Iterator[Batch]:
         if not pending:
             return
         merged = _concat(pending)

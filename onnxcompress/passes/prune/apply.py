@@ -202,7 +202,8 @@ def _apply_use(an: Analysis, ed: _Edits, use: Use, keep: np.ndarray, gone: np.nd
         ed.set(use.node, 3, sizes)
     elif kind == "reshape":
         ed.add_input(use.node, 1, np.array([0, -1], dtype=np.int64), f"{node.name or node.output[0]}_flat")
-        _set_attr(node, "allowzero", 0) if any(a.name == "allowzero" for a in node.attribute) else None
+        if any(a.name == "allowzero" for a in node.attribute):  # [0, -1] means "copy dim 0"
+            _set_attr(node, "allowzero", 0)
     else:  # pragma: no cover - every kind above
         raise ValueError(kind)
 
