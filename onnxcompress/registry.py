@@ -23,6 +23,7 @@ from typing import Any
 
 from .errors import OptionError
 from .passes import Canonicalize
+from .passes.int8 import Int8
 from .passes.lowrank import LowRank
 from .passes.prune import Prune
 from .pipeline import Pass, Pipeline
@@ -36,6 +37,7 @@ REGISTRY: dict[str, type[Pass]] = {
     "canonicalize": Canonicalize,
     "prune": Prune,
     "lowrank": LowRank,
+    "int8": Int8,
 }
 
 #: What ``optimize`` runs when no pipeline is given.

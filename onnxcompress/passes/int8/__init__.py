@@ -1,2 +1,485 @@
-"""int8 quantization (issue 5). So far: streaming calibration statistics and range
-selection (calibration.py); the QDQ pass itself is not written yet and not registered."""
+"""Pass ``int8``: QuantizeLinear/DequantizeLinear insertion with streaming calibration,
+an accuracy control and a latency guard.
+
+1. **Prepare** (prepare.py): opset ≥ 13 for per-channel weights (validated upgrade, or
+   per-tensor weights), BatchNormalization folded into Convs, ``x / c`` → ``x · (1/c)``.
+2. **Place** (qdq.py): which nodes onnxruntime can run as integer kernels, which
+   tensors get one Q → DQ pair, which share a scale.
+3. **Calibrate** (calibration.py): one onnxruntime session exposing the tensors that may
+   need a range, run batch by batch; a 2048-bin histogram per tensor, so memory does
+   not depend on the number of samples. Ranges by ``kl`` (TensorRT's entropy method;
+   ``kl_guard`` swaps in the MSE threshold where KL's error is far from the best),
+   ``minmax``, ``percentile`` or ``mse``. Tensors that no quantized node reads (the
+   edge back to float, graph outputs) get their min/max: clipping there reaches the
+   output directly.
+4. **Accuracy control** (``max_drop``): agreement with the float model on held-out
+   calibration samples, ``1 − min over outputs of the mean per-sample cosine`` (and
+   ``1 −`` top-1 agreement for 2-D outputs). If it exceeds ``max_drop`` the other range
+   methods are tried on the same histograms, then the quantized nodes that add the most
+   error (relative error of their output minus that of their inputs, on the same
+   samples) go back to float in steps until the drop holds or ``max_float`` of the
+   compute nodes are float.
+5. **Latency guard** (``guard``): fp32 and int8 timed in one process (ABBA blocks,
+   medians). Quantized regions (connected quantized nodes) without a Conv/Gemm/MatMul,
+   or whose only compute is depthwise, are tried in float; if int8 is still not faster,
+   regions go back to float one at a time (smallest first) while that helps. If no
+   variant is faster than the input, the input is returned unchanged and the report
+   says so. Every timing the decision used is in the report.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import onnx
+
+from ...errors import OptionError
+from ...model import node_attr
+from ...pipeline import Pass, PassContext, PassResult
+from . import prepare, qdq
+from .calibration import StreamingHistogram, collect_histograms, tensor_range
+
+log = logging.getLogger(__name__)
+
+METHODS = ("kl", "minmax", "percentile", "mse")
+
+
+@dataclass(frozen=True)
+class Int8Options:
+    method: Literal["kl", "minmax", "percentile", "mse"] = field(default="kl", metadata={
+        "help": "activation range: kl (TensorRT entropy, 2048 bins), minmax, percentile, mse"})
+    percentile: float = field(default=99.99, metadata={"help": "percentile of |x| for method=percentile"})
+    kl_guard: float = field(default=1.25, metadata={
+        "help": "kl: use the MSE threshold where KL's expected error exceeds this × the least (0 = pure KL)"})
+    activations: Literal["uint8", "int8"] = field(default="uint8", metadata={
+        "help": "uint8 asymmetric (onnxruntime CPU fast path) or int8 symmetric (TensorRT)"})
+    per_channel: bool = field(default=True, metadata={"help": "per-output-channel weight scales (needs opset 13)"})
+    bias: Literal["int32", "float"] = field(default="int32", metadata={
+        "help": "int32 bias with scale s_x·s_w (fuses on CPU), or leave it float"})
+    exclude: str = field(default="", metadata={
+        "help": "comma-separated op types, node names or regexes of nodes kept float"})
+    max_drop: float = field(default=0.005, metadata={
+        "help": "largest allowed drop of agreement with the float model on calibration samples (0 = off)"})
+    max_float: float = field(default=0.3, metadata={
+        "help": "accuracy control returns at most this fraction of compute nodes to float"})
+    check_samples: int = field(default=16, metadata={"help": "calibration samples held for the accuracy check"})
+    samples: int = field(default=0, metadata={"help": "calibration samples used for ranges (0 = all)"})
+    guard: bool = field(default=True, metadata={"help": "time fp32 vs int8 and never return a slower model"})
+    guard_batch: int = field(default=1, metadata={"help": "batch size the latency guard times"})
+    guard_trials: int = field(default=6, metadata={"help": "most region-removal timings the guard tries"})
+    concat_spread: float = field(default=4.0, metadata={
+        "help": "keep a Concat float when its inputs' range widths differ by more than this factor"})
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def _excluded(model: onnx.ModelProto, spec: str) -> set[str]:
+    names: set[str] = set()
+    tokens = [t.strip() for t in spec.split(",") if t.strip()]
+    if not tokens:
+        return names
+    pats = []
+    for t in tokens:
+        try:
+            pats.append(re.compile(t))
+        except re.error as exc:
+            raise OptionError(f"pass 'int8': exclude pattern '{t}' is not a valid regex: {exc}") from None
+    matched = set()
+    for n in model.graph.node:
+        for t, pat in zip(tokens, pats):
+            if n.op_type == t or n.name == t or pat.fullmatch(n.name):
+                names.add(n.name)
+                matched.add(t)
+    for t in tokens:
+        if t not in matched:
+            log.warning("int8: exclude '%s' matches no node or op type", t)
+    return names
+
+
+def _take(data: Any, limit: int) -> list[dict[str, np.ndarray]]:
+    """The first ``limit`` samples of a data source, as batches."""
+    out: list[dict[str, np.ndarray]] = []
+    got = 0
+    for batch in data:
+        n = next(iter(batch.values())).shape[0] if batch else 1
+        if got + n > limit:
+            batch = {k: v[: limit - got] for k, v in batch.items()}
+            n = limit - got
+        out.append(batch)
+        got += n
+        if got >= limit:
+            break
+    return out
+
+
+class _Limited:
+    """Iterate a data source but stop after ``limit`` samples (0 = all)."""
+
+    def __init__(self, data: Any, limit: int) -> None:
+        self.data, self.limit = data, limit
+        total = getattr(data, "num_samples", None)
+        self.num_samples = min(total, limit) if (limit and total) else (limit or total)
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        if not self.limit:
+            yield from self.data
+            return
+        yield from _take(self.data, self.limit)
+
+
+def agreement(ref: list[list[np.ndarray]], new: list[list[np.ndarray]]) -> dict[str, float]:
+    """Mean per-sample cosine of every output (and top-1 agreement of 2-D outputs)."""
+    cos: dict[int, list[float]] = defaultdict(list)
+    top1: dict[int, list[float]] = defaultdict(list)
+    for a_list, b_list in zip(ref, new):
+        for k, (a, b) in enumerate(zip(a_list, b_list)):
+            if a.dtype.kind != "f":
+                continue
+            a2 = a.reshape(a.shape[0], -1).astype(np.float64) if a.ndim else a.reshape(1, -1).astype(np.float64)
+            b2 = b.reshape(a2.shape).astype(np.float64)
+            na, nb = np.linalg.norm(a2, axis=1), np.linalg.norm(b2, axis=1)
+            c = np.where((na > 0) & (nb > 0), (a2 * b2).sum(1) / np.maximum(na * nb, 1e-300),
+                         np.where((na == 0) & (nb == 0), 1.0, 0.0))
+            cos[k].extend(c.tolist())
+            if a.ndim == 2 and a.shape[1] > 1:
+                top1[k].extend((a.argmax(1) == b.argmax(1)).astype(float).tolist())
+    worst = min((float(np.mean(v)) for v in cos.values()), default=1.0)
+    agree = min((float(np.mean(v)) for v in top1.values()), default=1.0)
+    return {"cosine": worst, "top1": agree, "drop": max(1.0 - worst, 1.0 - agree)}
+
+
+# ----------------------------------------------------------------------------- the pass
+
+@dataclass
+class _State:
+    model: onnx.ModelProto              # prepared float model
+    inits: dict[str, onnx.TensorProto]
+    allowed: set[str]
+    hists: dict[str, StreamingHistogram]
+    bounds: dict[str, tuple[float, float]]
+    per_channel: bool
+    ref: list[list[np.ndarray]] = field(default_factory=list)  # float outputs on the check samples
+
+
+class Int8(Pass):
+    name = "int8"
+    summary = "QDQ int8 quantization: streaming KL calibration, accuracy control, never slower than its input"
+    Options = Int8Options
+    exact = False
+
+    def run(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
+        opts: Int8Options = self.options
+        if ctx.calibration is None:
+            raise OptionError("pass 'int8' needs calibration data (--calib)")
+        for key, v in (("percentile", opts.percentile),):
+            if not 0 < v <= 100:
+                raise OptionError(f"pass 'int8': {key}={v} must be in (0, 100]")
+        if not 0 <= opts.max_float <= 1:
+            raise OptionError(f"pass 'int8': max_float={opts.max_float} must be in [0, 1]")
+        stats: dict[str, Any] = {}
+        t_start = time.perf_counter()
+        state = self._prepare(model, ctx, opts, stats)
+
+        # calibrate every tensor the widest placement could quantize
+        widest = qdq.plan(state.model, state.allowed)
+        names = sorted(widest.tensors | widest.inner)
+        if not widest.nodes:
+            stats.update(decision="kept float", reason="no quantizable node")
+            return PassResult(model, False, stats)
+        t0 = time.perf_counter()
+        state.hists = collect_histograms(state.model, names, _Limited(ctx.calibration, opts.samples),
+                                         provider=ctx.provider, seed=ctx.seed, progress=ctx.progress)
+        stats["calibration"] = {"tensors": len(names), "seconds": round(time.perf_counter() - t0, 3)}
+
+        check = _take(ctx.calibration, max(opts.check_samples, 1))
+        from ...validate import make_session, run_session
+
+        ref_sess = make_session(model, ctx.provider, label="int8: float model")
+        state.ref = [run_session(ref_sess, b, "int8: float model") for b in check]
+        del ref_sess
+
+        def evaluate(q: onnx.ModelProto) -> dict[str, float]:
+            sess = make_session(q, ctx.provider, label="int8 model")
+            return agreement(state.ref, [run_session(sess, b, "int8 model") for b in check])
+
+        # accuracy control
+        method = opts.method
+        floated: set[str] = set()
+        q, p = self._build(state, opts, method, floated)
+        acc = evaluate(q)
+        steps = [{"method": method, "float_nodes": 0, **_round(acc)}]
+        if opts.max_drop > 0 and acc["drop"] > opts.max_drop:
+            for other in [m for m in ("mse", "percentile", "kl", "minmax") if m != method]:
+                q2, p2 = self._build(state, opts, other, floated)
+                acc2 = evaluate(q2)
+                steps.append({"method": other, "float_nodes": 0, **_round(acc2)})
+                if acc2["drop"] < acc["drop"]:
+                    q, p, acc, method = q2, p2, acc2, other
+                if acc["drop"] <= opts.max_drop:
+                    break
+        if opts.max_drop > 0 and acc["drop"] > opts.max_drop:
+            q, p, acc = self._return_to_float(state, opts, method, q, p, acc, check, ctx, floated, steps, evaluate)
+        stats["accuracy"] = {"method": method, "max_drop": opts.max_drop, "met": acc["drop"] <= opts.max_drop or
+                             opts.max_drop == 0, "steps": steps}
+        if opts.max_drop > 0 and acc["drop"] > opts.max_drop:
+            log.warning("int8: agreement drop %.4f on calibration samples exceeds max_drop %.4f even with %d "
+                        "nodes in float", acc["drop"], opts.max_drop, len(floated))
+
+        # latency guard
+        if opts.guard:
+            best = self._guard(state, opts, method, floated, model, q, p, check, ctx, stats, evaluate)
+            if best is None:
+                stats.update(decision="kept float", seconds=round(time.perf_counter() - t_start, 3))
+                return PassResult(model, False, stats)
+            q, p = best
+        stats.update(self._describe(state, p))
+        stats["decision"] = "quantized"
+        stats["seconds"] = round(time.perf_counter() - t_start, 3)
+        return PassResult(q, True, stats)
+
+    # -- steps
+
+    def _prepare(self, model: onnx.ModelProto, ctx: PassContext, opts: Int8Options,
+                 stats: dict[str, Any]) -> _State:
+        m = onnx.ModelProto()
+        m.CopyFrom(model)
+        per_channel = opts.per_channel
+        opset = prepare.opset_of(m)
+        if opset < 10:
+            raise OptionError(f"pass 'int8': the model's opset {opset} has no QuantizeLinear (needs ≥ 10)")
+        if opset < prepare.PER_CHANNEL_OPSET and per_channel:
+            why = None
+            try:
+                up = prepare.upgrade_opset(m)
+                from ...validate import make_session, run_session
+
+                batch = _take(ctx.calibration, 1)[0]
+                a = run_session(make_session(m, ctx.provider), batch)
+                b = run_session(make_session(up, ctx.provider), batch)
+                for x, y in zip(a, b):
+                    span = float(np.max(np.abs(x))) if x.size else 0.0
+                    if x.shape != y.shape or (x.size and float(np.max(np.abs(x - y))) > 1e-4 * max(span, 1e-12)):
+                        why = "the upgraded model's outputs differ"
+                        break
+            except Exception as exc:  # the converter raises many kinds of errors
+                why = f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
+            if why is None:
+                m = up
+                stats["opset"] = f"upgraded {opset} → {prepare.PER_CHANNEL_OPSET} (validated)"
+            else:
+                per_channel = False
+                stats["opset"] = f"kept {opset}: upgrade failed ({why}); weights per tensor"
+                log.warning("int8: opset %d could not be upgraded to 13 (%s); weights are quantized per tensor",
+                            opset, why)
+        stats["batchnorm_folded"] = prepare.fold_batchnorm(m)
+        stats["div_to_mul"] = prepare.div_to_mul(m)
+        prepare.name_nodes(m)
+        m = onnx.shape_inference.infer_shapes(m)
+        inits = {t.name: t for t in m.graph.initializer}
+        allowed = {n.name for n in m.graph.node} - _excluded(m, opts.exclude)
+        bounds = {}
+        for n in m.graph.node:
+            if n.op_type in qdq.FUSED_ACTIVATIONS and n.output:
+                bounds[n.output[0]] = qdq.fused_bounds(n, inits)
+        return _State(m, inits, allowed, {}, bounds, per_channel)
+
+    def _ranges(self, state: _State, opts: Int8Options, method: str, p: qdq.Plan | None = None,
+                ) -> dict[str, tuple[float, float]]:
+        sym = opts.activations == "int8"
+        out = {}
+        for t, h in state.hists.items():
+            out[t] = tensor_range(h, method, symmetric=sym, percentile=opts.percentile,  # type: ignore[arg-type]
+                                  kl_guard=opts.kl_guard)
+        if p is not None:
+            read = set()
+            for n in state.model.graph.node:
+                if n.name in p.nodes and n.name not in p.fused:
+                    read.update(qdq.data_inputs(n, state.inits) if n.op_type not in qdq.PASSTHROUGH else n.input[:1])
+            for t in p.tensors - read:
+                if t in state.hists:
+                    out[t] = tensor_range(state.hists[t], "minmax", symmetric=sym)
+        return out
+
+    def _build(self, state: _State, opts: Int8Options, method: str, floated: set[str],
+               drop: set[str] | None = None) -> tuple[onnx.ModelProto, qdq.Plan]:
+        allowed = state.allowed - floated - (drop or set())
+        ranges = self._ranges(state, opts, method)
+        p = qdq.plan(state.model, allowed, ranges, opts.concat_spread)
+        ranges = self._ranges(state, opts, method, p)
+        params = qdq.tensor_params(p, ranges, opts.activations, state.bounds)
+        q = qdq.insert_qdq(state.model, p, params, act_type=opts.activations, per_channel=state.per_channel,
+                           bias=opts.bias)
+        return q, p
+
+    def _return_to_float(self, state: _State, opts: Int8Options, method: str, q: onnx.ModelProto, p: qdq.Plan,
+                         acc: dict[str, float], check: list[dict[str, np.ndarray]], ctx: PassContext,
+                         floated: set[str], steps: list[dict[str, Any]], evaluate):  # type: ignore[no-untyped-def]
+        """Return the nodes that add the most error to float, in growing steps (``floated`` is updated)."""
+        scores = self._local_errors(state, q, p, check[:4], ctx)
+        budget = int(opts.max_float * max(len(scores), 1))
+        ranked = sorted(scores, key=lambda n: -scores[n])
+        k = max(1, len(scores) // 20)
+        best: tuple[onnx.ModelProto, qdq.Plan, dict[str, float], set[str]] = (q, p, acc, set())
+        while k <= budget:
+            trial = set(ranked[:k])
+            q2, p2 = self._build(state, opts, method, floated | trial)
+            acc2 = evaluate(q2)
+            steps.append({"method": method, "float_nodes": k, **_round(acc2)})
+            if acc2["drop"] < best[2]["drop"]:
+                best = (q2, p2, acc2, trial)
+            if acc2["drop"] <= opts.max_drop:
+                break
+            k = min(k * 2, budget) if k < budget else budget + 1
+        floated |= best[3]
+        return best[0], best[1], best[2]
+
+    def _local_errors(self, state: _State, q: onnx.ModelProto, p: qdq.Plan, batches: list[dict[str, np.ndarray]],
+                      ctx: PassContext) -> dict[str, float]:
+        """Per quantized node: relative error of its output minus the largest of its inputs'."""
+        from ...validate import make_session, run_session
+
+        tensors = sorted(t for t in p.tensors if t in state.hists)
+        f = onnx.ModelProto()
+        f.CopyFrom(state.model)
+        qq = onnx.ModelProto()
+        qq.CopyFrom(q)
+        for m in (f, qq):
+            have = {o.name for o in m.graph.output}
+            m.graph.output.extend(onnx.ValueInfoProto(name=t) for t in tensors if t not in have)
+        sf, sq = make_session(f, ctx.provider), make_session(qq, ctx.provider)
+        num: dict[str, float] = defaultdict(float)
+        den: dict[str, float] = defaultdict(float)
+        of = [o.name for o in f.graph.output]
+        oq = [o.name for o in qq.graph.output]
+        for b in batches:
+            a = dict(zip(of, run_session(sf, b)))
+            c = dict(zip(oq, run_session(sq, b)))
+            for t in tensors:
+                x, y = a[t].astype(np.float64), c[t].astype(np.float64)
+                num[t] += float(np.sum((x - y) ** 2))
+                den[t] += float(np.sum(x**2))
+        rel = {t: (num[t] / den[t]) ** 0.5 if den[t] > 0 else 0.0 for t in tensors}
+        scores = {}
+        for n in state.model.graph.node:
+            if n.name not in p.nodes or n.name in p.fused or n.op_type in qdq.PASSTHROUGH:
+                continue
+            outs = [o for o in n.output if o in rel]
+            fused = [m for m, src in p.fused.items() if src == n.name]
+            if fused:
+                outs = [o for fn in state.model.graph.node if fn.name in fused for o in fn.output if o in rel]
+            ins = [x for x in qdq.data_inputs(n, state.inits) if x in rel]
+            if outs:
+                scores[n.name] = max(rel[o] for o in outs) - max((rel[x] for x in ins), default=0.0)
+        return scores
+
+    def _regions(self, state: _State, p: qdq.Plan) -> list[set[str]]:
+        """Connected quantized nodes (through quantized tensors)."""
+        parent: dict[str, str] = {}
+
+        def find(x: str) -> str:
+            parent.setdefault(x, x)
+            while parent[x] != x:
+                parent[x] = parent[parent[x]]
+                x = parent[x]
+            return x
+
+        producer = {o: n.name for n in state.model.graph.node for o in n.output}
+        for n in state.model.graph.node:
+            if n.name not in p.nodes:
+                continue
+            find(n.name)
+            if n.name in p.fused:
+                parent[find(n.name)] = find(p.fused[n.name])
+            for x in n.input:
+                src = producer.get(x)
+                if src in p.nodes and (x in p.tensors or x in p.inner):
+                    ra, rb = find(n.name), find(src)
+                    if ra != rb:
+                        parent[ra] = rb
+        groups: dict[str, set[str]] = defaultdict(set)
+        for n in p.nodes:
+            groups[find(n)].add(n)
+        return list(groups.values())
+
+    def _guard(self, state: _State, opts: Int8Options, method: str, floated: set[str], original: onnx.ModelProto,
+               q: onnx.ModelProto, p: qdq.Plan, check: list[dict[str, np.ndarray]], ctx: PassContext,
+               stats: dict[str, Any], evaluate):  # type: ignore[no-untyped-def]
+        from ...validate import measure_latency
+
+        feeds = {k: v[: opts.guard_batch] for k, v in check[0].items()}
+        if any(v.shape[0] < opts.guard_batch for v in feeds.values()):
+            feeds = {k: np.concatenate([v] * opts.guard_batch)[: opts.guard_batch] for k, v in feeds.items()}
+        trials: list[dict[str, Any]] = []
+
+        def timed(cand: onnx.ModelProto, label: str) -> float:
+            t_f, t_q = measure_latency([original, cand], feeds, provider=ctx.provider, runs=20, min_seconds=0.6,
+                                       labels=["fp32 model", f"int8 model ({label})"])
+            r = t_q / t_f
+            trials.append({"variant": label, "fp32_ms": round(t_f, 3), "int8_ms": round(t_q, 3), "ratio": round(r, 3)})
+            return r
+
+        best_ratio = timed(q, "all quantized")
+        best = (q, p)
+        regions = self._regions(state, p)
+        nodes = {n.name: n for n in state.model.graph.node}
+
+        def depthwise(n: onnx.NodeProto) -> bool:
+            if n.op_type != "Conv":
+                return False
+            w = state.inits.get(n.input[1])
+            return w is not None and int(node_attr(n, "group", 1)) > 1 and w.dims[1] == 1
+
+        no_compute = set().union(*[r for r in regions if not any(nodes[x].op_type in qdq.COMPUTE for x in r)] or [set()])
+        dw_only = set().union(*[r for r in regions if any(nodes[x].op_type in qdq.COMPUTE for x in r) and all(
+            depthwise(nodes[x]) for x in r if nodes[x].op_type in qdq.COMPUTE)] or [set()])
+        drop: set[str] = set()
+        for label, cand_set in (("elementwise-only regions float", no_compute), ("depthwise-only regions float", dw_only)):
+            if not cand_set:
+                continue
+            q2, p2 = self._build(state, opts, method, floated, drop | cand_set)
+            r = timed(q2, label)
+            if r < best_ratio * 0.97:
+                best_ratio, best, drop = r, (q2, p2), drop | cand_set
+        if best_ratio >= 1.0:
+            _, p_now = best
+            regs = sorted(self._regions(state, p_now), key=len)
+            for reg in regs[: opts.guard_trials]:
+                q2, p2 = self._build(state, opts, method, floated, drop | reg)
+                r = timed(q2, f"region of {len(reg)} nodes float")
+                if r < best_ratio * 0.97:
+                    best_ratio, best, drop = r, (q2, p2), drop | reg
+        stats["latency"] = {"batch": opts.guard_batch, "provider": ctx.provider, "trials": trials,
+                            "ratio": round(best_ratio, 3)}
+        if best_ratio >= 1.0:
+            log.warning("int8: no quantized variant is faster than the float model (best %.3f×); keeping float",
+                        best_ratio)
+            stats["reason"] = f"int8 not faster (best {best_ratio:.3f}× of fp32)"
+            return None
+        if drop:
+            acc = evaluate(best[0])
+            stats["accuracy"]["after_guard"] = _round(acc)
+        return best
+
+    def _describe(self, state: _State, p: qdq.Plan) -> dict[str, Any]:
+        ops = Counter(n.op_type for n in state.model.graph.node if n.name in p.nodes)
+        reasons = Counter(v for v in p.declined.values())
+        return {
+            "quantized_nodes": len(p.nodes),
+            "quantized_ops": dict(sorted(ops.items())),
+            "qdq_pairs": len(p.tensors),
+            "per_channel": state.per_channel,
+            "float_reasons": dict(reasons.most_common()),
+        }
+
+
+def _round(d: dict[str, float]) -> dict[str, float]:
+    return {k: round(v, 5) for k, v in d.items()}
+
+
+__all__ = ["Int8", "Int8Options"]

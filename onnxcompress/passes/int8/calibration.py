@@ -11,9 +11,20 @@ KL (TensorRT entropy calibration). For each candidate i = q … bins (q = 128 qu
 levels for a symmetric int8 range, 256 for a non-negative tensor on uint8):
 
 * P = the first i bins, with every count above bin i added to bin i−1 (clipping);
-* Q = the first i bins merged into q chunks of ⌊i/q⌋ bins (the last chunk takes the
-  remainder), each chunk's count spread evenly over the bins where P is non-zero;
+* Q = the first i bins merged into q chunks of equal width i/q (bin k falls in chunk
+  ⌊k·q/i⌋), each chunk's count spread evenly over its bins where P is non-zero;
 * both normalized, Q floored at ε where P > 0; KL(P‖Q) = Σ P log(P/Q).
+
+Before the search the first bin's count is replaced by the second's, as NVIDIA's own
+implementation does (pytorch-quantization, ``bins[0] = bins[1]``): the spike of exact
+or near zeros (ReLU, SiLU, sparse maps) otherwise dominates P, and the divergence barely
+notices clipping of the informative tail — on SiLU networks the unmodified search clips
+most activations at a small fraction of their range.
+
+Equal-width chunks are what NVIDIA's pytorch-quantization does. The MXNet/onnxruntime
+variant (chunks of ⌊i/q⌋ bins, the last one taking the remainder) has a divergence
+curve with saw-teeth at i = 2q−1, 3q−1, …, where all chunks but the last are single
+bins and Q copies P almost exactly; its minimum then sits on a tooth and clips hard.
 
 The threshold is (i* + 0.5)·R/bins for the i* of least divergence (ties, equal up to
 1e-9 relative, go to the smallest i). All candidates are
@@ -95,100 +106,59 @@ class StreamingHistogram:
         return self.min >= 0.0
 
 
-def kl_divergences(hist: np.ndarray, num_quantized: int = 128) -> np.ndarray:
+def kl_divergences(hist: np.ndarray, num_quantized: int = 128, block: int = 512) -> np.ndarray:
     """KL(P_i ‖ Q_i) for every candidate i = num_quantized … len(hist) (see module doc).
 
     Computed per chunk, not per bin: P always sums to the total count T (clipped counts
     move into bin i−1), and Q is constant over the non-zero bins of a chunk, so
     ``KL = Σ_k P_k log P_k − Σ_j S_j log Q_j`` with ``S_j`` the P-mass of chunk j — prefix
-    sums of h·log h and of the non-zero indicator give every term in O(candidates × q)."""
+    sums of h·log h, of h and of the non-zero indicator give every term; candidates are
+    processed in blocks of ``block`` rows (arrays of block × q)."""
     h = np.asarray(hist, dtype=np.float64)
     nb = len(h)
     q = num_quantized
     total = float(h.sum())
-    cand = np.arange(q, nb + 1)  # [M]
-    cs = np.concatenate([[0.0], np.cumsum(h)])
-    hlogh = np.where(h > 0, h * np.log(np.where(h > 0, h, 1.0)), 0.0)
-    cs_hlogh = np.concatenate([[0.0], np.cumsum(hlogh)])
-    cs_nz = np.concatenate([[0], np.cumsum(h > 0)])
-    outliers = total - cs[cand]  # counts above bin i-1
-    last = h[cand - 1] + outliers  # P's last bin
-    # Σ_k P_k log P_k with P = p / T
-    plogp = (cs_hlogh[cand - 1] + np.where(last > 0, last * np.log(np.where(last > 0, last, 1.0)), 0.0)) / total
-    plogp -= np.log(total)
-    merged = cand // q  # [M]
-    j = np.arange(q)
-    start = j[None, :] * merged[:, None]  # [M, q]
-    stop = np.where(j[None, :] == q - 1, cand[:, None], start + merged[:, None])
-    qsum = cs[stop] - cs[start]  # chunk counts without the clipped outliers
-    cnt = (cs_nz[stop] - cs_nz[start]).astype(np.float64)
-    last_chunk_fix = (h[cand - 1] == 0) & (outliers > 0)  # the last bin is non-zero only through outliers
-    cnt[:, -1] += last_chunk_fix
-    s_mass = qsum.copy()
-    s_mass[:, -1] += outliers  # P-mass per chunk (outliers sit in the last bin)
-    zq = cs[cand]  # Σ_j qsum_j
-    with np.errstate(divide="ignore", invalid="ignore"):
-        q_bin = np.where(cnt > 0, qsum / np.maximum(cnt, 1) / np.where(zq > 0, zq, 1.0)[:, None], 0.0)
-        q_bin = np.where((s_mass > 0) & (q_bin <= 0), KL_EPS, q_bin)
-        cross = np.where(s_mass > 0, (s_mass / total) * np.log(np.where(q_bin > 0, q_bin, 1.0)), 0.0)
-    return plogp - cross.sum(axis=1)
-
-
-def kl_divergences_fast(hist: np.ndarray, num_quantized: int = 128) -> np.ndarray:
-    """The same divergences as :func:`kl_divergences`, in O(groups·q + candidates).
-
-    Candidates with the same chunk width m = ⌊i/q⌋ share every chunk but the last
-    (chunk j covers bins [j·m, (j+1)·m) for j < q−1, and the last covers [(q−1)·m, i)), so
-    ``Σ_{j<q−1} S_j log Q_j = A_m − (B_m / T) · log cs[i]`` with per-group constants
-    ``A_m = Σ_j (s_j/T) log(s_j/n_j)`` and ``B_m = Σ_j s_j`` (s_j chunk count, n_j its
-    non-zero bins); only the last chunk and Σ P log P are per candidate."""
-    h = np.asarray(hist, dtype=np.float64)
-    nb = len(h)
-    q = num_quantized
-    total = float(h.sum())
-    cand = np.arange(q, nb + 1)
     cs = np.concatenate([[0.0], np.cumsum(h)])
     hlogh = np.where(h > 0, h * np.log(np.where(h > 0, h, 1.0)), 0.0)
     cs_hlogh = np.concatenate([[0.0], np.cumsum(hlogh)])
     cs_nz = np.concatenate([[0], np.cumsum(h > 0)]).astype(np.float64)
-    outliers = total - cs[cand]
-    last = h[cand - 1] + outliers
-    plogp = (cs_hlogh[cand - 1] + np.where(last > 0, last * np.log(np.where(last > 0, last, 1.0)), 0.0)) / total
-    plogp -= np.log(total)
-    merged = cand // q
-    groups = np.unique(merged)
-    a_m = np.zeros(groups.max() + 1)
-    b_m = np.zeros(groups.max() + 1)
-    for m in groups:  # at most len(hist)/q groups (16 for 2048 bins, 128 levels)
-        edges = np.arange(q) * m  # starts of chunks 0..q-1; chunk j < q-1 ends at (j+1)·m
-        s_j = cs[edges[1:]] - cs[edges[:-1]]
-        n_j = cs_nz[edges[1:]] - cs_nz[edges[:-1]]
-        ok = s_j > 0
-        a_m[m] = float(np.sum(s_j[ok] / total * np.log(s_j[ok] / n_j[ok])))
-        b_m[m] = float(s_j.sum())
-    zq = cs[cand]
-    log_zq = np.log(np.where(zq > 0, zq, 1.0))
-    first = (q - 1) * merged
-    s_last = cs[cand] - cs[first]
-    n_last = cs_nz[cand] - cs_nz[first] + ((h[cand - 1] == 0) & (outliers > 0))
-    mass_last = (s_last + outliers) / total
-    with np.errstate(divide="ignore", invalid="ignore"):
-        q_last = np.where(n_last > 0, s_last / np.maximum(n_last, 1) / np.where(zq > 0, zq, 1.0), 0.0)
-        q_last = np.where((mass_last > 0) & (q_last <= 0), KL_EPS, q_last)
-        cross_last = np.where(mass_last > 0, mass_last * np.log(np.where(q_last > 0, q_last, 1.0)), 0.0)
-    cross_rest = a_m[merged] - b_m[merged] / total * log_zq
-    return plogp - cross_rest - cross_last
+    j = np.arange(q + 1, dtype=np.int64)
+    out = np.empty(nb - q + 1)
+    for b0 in range(q, nb + 1, block):
+        cand = np.arange(b0, min(b0 + block, nb + 1), dtype=np.int64)  # [M]
+        outliers = total - cs[cand]  # counts above bin i-1
+        last = h[cand - 1] + outliers  # P's last bin
+        plogp = (cs_hlogh[cand - 1] + np.where(last > 0, last * np.log(np.where(last > 0, last, 1.0)), 0.0)) / total
+        plogp -= np.log(total)
+        edges = (j[None, :] * cand[:, None] + q - 1) // q  # chunk j = bins [edges_j, edges_{j+1})
+        start, stop = edges[:, :-1], edges[:, 1:]
+        qsum = cs[stop] - cs[start]  # chunk counts without the clipped outliers
+        cnt = cs_nz[stop] - cs_nz[start]
+        cnt[:, -1] += (h[cand - 1] == 0) & (outliers > 0)  # last bin non-zero only through outliers
+        s_mass = qsum.copy()
+        s_mass[:, -1] += outliers  # P-mass per chunk (outliers sit in the last bin)
+        zq = cs[cand]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            q_bin = np.where(cnt > 0, qsum / np.maximum(cnt, 1) / np.where(zq > 0, zq, 1.0)[:, None], 0.0)
+            q_bin = np.where((s_mass > 0) & (q_bin <= 0), KL_EPS, q_bin)
+            cross = np.where(s_mass > 0, (s_mass / total) * np.log(np.where(q_bin > 0, q_bin, 1.0)), 0.0)
+        out[b0 - q : b0 - q + len(cand)] = plogp - cross.sum(axis=1)
+    return out
 
 
 def kl_threshold(hist: np.ndarray, bin_width: float, num_quantized: int = 128) -> float:
     """TensorRT's entropy threshold from a histogram of |x| (vectorized)."""
-    h = np.asarray(hist)
+    h = np.array(hist, dtype=np.float64)
     if h.sum() == 0:
         return 0.0
+    if len(h) > 1:
+        h[0] = h[1]  # suppress the zero spike (see module doc)
+        if h.sum() == 0:
+            return 0.0
     last = int(np.flatnonzero(h)[-1]) + 1
     if last <= num_quantized:  # everything fits in the finest candidate: no clipping needed
         return last * bin_width
-    d = kl_divergences_fast(h, num_quantized)
+    d = kl_divergences(h, num_quantized)
     # ties (equal divergence up to float noise) go to the smallest threshold: finer steps
     best = float(d.min())
     i = int(np.flatnonzero(d <= best + 1e-9 * max(best, 1e-12))[0]) + num_quantized
@@ -203,7 +173,9 @@ def percentile_threshold(hist: np.ndarray, bin_width: float, percentile: float =
     return (i + 1) * bin_width
 
 
-def mse_threshold(hist: np.ndarray, bin_width: float, levels: int = 128) -> float:
+def mse_curve(hist: np.ndarray, bin_width: float, levels: int = 128) -> tuple[np.ndarray, np.ndarray]:
+    """(candidate thresholds at bin edges, expected squared error of each) from a histogram of |x|:
+    clipping error Σ_{x>T}(x−T)² plus rounding noise Δ²/12 per value below T, Δ = T/levels."""
     h = np.asarray(hist, dtype=np.float64)
     nb = len(h)
     centers = (np.arange(nb) + 0.5) * bin_width
@@ -215,19 +187,28 @@ def mse_threshold(hist: np.ndarray, bin_width: float, levels: int = 128) -> floa
     hn = np.cumsum(h[::-1])[::-1]
     above = np.concatenate([hx2[1:], [0.0]]) - 2 * t * np.concatenate([hx[1:], [0.0]]) + t**2 * np.concatenate([hn[1:], [0.0]])
     noise = (t / levels) ** 2 / 12.0 * cs
-    return float(t[int(np.argmin(above + noise))])
+    return t, above + noise
+
+
+def mse_threshold(hist: np.ndarray, bin_width: float, levels: int = 128) -> float:
+    t, err = mse_curve(hist, bin_width, levels)
+    return float(t[int(np.argmin(err))])
 
 
 Method = Literal["kl", "minmax", "percentile", "mse"]
 
 
 def tensor_range(h: StreamingHistogram, method: Method = "kl", *, symmetric: bool = False,
-                 percentile: float = 99.99) -> tuple[float, float]:
+                 percentile: float = 99.99, kl_guard: float = 0.0) -> tuple[float, float]:
     """(low, high) quantization range of a tensor from its statistics.
 
     Non-negative tensors get a one-sided range [0, T] (uint8's 256 levels for KL);
     others a symmetric [−T, T] (128 levels per side), or [min, max] for asymmetric
-    minmax."""
+    minmax.
+
+    ``kl_guard`` > 0: where the KL threshold's expected squared error (:func:`mse_curve`)
+    exceeds ``kl_guard`` times the least achievable, the MSE-optimal threshold is used
+    instead (long-tailed activations such as SiLU's, on which KL clips most of the range)."""
     if h.hist is None:
         return 0.0, 0.0
     nonneg = h.non_negative and not symmetric
@@ -237,7 +218,14 @@ def tensor_range(h: StreamingHistogram, method: Method = "kl", *, symmetric: boo
             return -m, m
         return min(h.min, 0.0), max(h.max, 0.0)
     if method == "kl":
-        t = kl_threshold(h.hist, h.bin_width, 256 if nonneg else 128)
+        levels = 256 if nonneg else 128
+        t = kl_threshold(h.hist, h.bin_width, levels)
+        if kl_guard > 0:
+            ts, err = mse_curve(h.hist, h.bin_width, levels)
+            k = int(np.clip(round(t / h.bin_width) - 1, 0, len(ts) - 1))
+            best = int(np.argmin(err))
+            if err[k] > kl_guard * max(float(err[best]), 1e-30):
+                t = float(ts[best])
     elif method == "percentile":
         t = percentile_threshold(h.hist, h.bin_width, percentile)
     elif method == "mse":

@@ -1,0 +1,147 @@
+"""Float rewrites that make a model quantizable, each exact up to float rounding.
+
+* **Opset upgrade.** Per-channel ``DequantizeLinear`` (the ``axis`` attribute) needs
+  opset 13. A model below it is converted with ``onnx.version_converter`` and the
+  result is checked: onnx.checker, then onnxruntime on one calibration batch, outputs
+  within 1e-4 of their range of the original's. If either fails the caller falls back
+  to per-tensor weights at the original opset (≥ 10).
+* **BatchNormalization folding.** ``BN(Conv(x, W) + b)`` with a Conv whose output has
+  no other reader becomes ``Conv(x, W')`` + b' with, per output channel c,
+  ``k_c = γ_c / √(σ²_c + ε)``, ``W'_c = k_c W_c``, ``b'_c = k_c (b_c − μ_c) + β_c``
+  (ConvTranspose: the output channel is axis 1 of W, per group). The quantized Conv
+  then carries the BN in its weights, as onnxruntime does for float.
+* **Division by a constant** ``x / c`` becomes ``x · (1/c)``: ``Mul`` has a quantized
+  kernel, ``Div`` does not (the HardSwish spelled ``x·clip(x+3, 0, 6)/6``).
+* Every node gets a unique name (the per-node decisions and reports refer to it).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from ...model import default_opset, node_attr
+
+log = logging.getLogger(__name__)
+
+PER_CHANNEL_OPSET = 13
+
+
+def name_nodes(model: onnx.ModelProto) -> None:
+    """Give every node of the main graph a unique, non-empty name."""
+    seen: set[str] = set()
+    for i, n in enumerate(model.graph.node):
+        name = n.name or f"{n.op_type}_{i}"
+        while name in seen:
+            name = f"{name}_{i}"
+        n.name = name
+        seen.add(name)
+
+
+def upgrade_opset(model: onnx.ModelProto, target: int = PER_CHANNEL_OPSET) -> onnx.ModelProto:
+    """``model`` converted to ``target`` (raises on any converter or checker failure)."""
+    from onnx import version_converter
+
+    new = version_converter.convert_version(model, target)
+    onnx.checker.check_model(new)
+    return new
+
+
+def fold_batchnorm(model: onnx.ModelProto) -> int:
+    """Fold every BatchNormalization that reads a Conv's sole output; the number folded."""
+    g = model.graph
+    inits = {t.name: t for t in g.initializer}
+    readers: dict[str, int] = defaultdict(int)
+    for n in g.node:
+        for i in n.input:
+            readers[i] += 1
+    outputs = {o.name for o in g.output}
+    producer = {o: n for n in g.node for o in n.output}
+    folded = 0
+    for bn in list(g.node):
+        if bn.op_type != "BatchNormalization" or len(bn.output) != 1 or any(x not in inits for x in bn.input[1:5]):
+            continue
+        conv = producer.get(bn.input[0])
+        if conv is None or conv.op_type not in ("Conv", "ConvTranspose") or len(conv.input) < 2:
+            continue
+        if readers[bn.input[0]] != 1 or bn.input[0] in outputs or conv.input[1] not in inits:
+            continue
+        if len(conv.input) > 2 and conv.input[2] and conv.input[2] not in inits:
+            continue
+        w = numpy_helper.to_array(inits[conv.input[1]]).astype(np.float64)
+        gamma, beta, mean, var = (numpy_helper.to_array(inits[x]).astype(np.float64) for x in bn.input[1:5])
+        eps = float(node_attr(bn, "epsilon", 1e-5))
+        k = gamma / np.sqrt(var + eps)
+        if conv.op_type == "Conv":
+            if w.shape[0] != k.size:
+                continue
+            w2 = w * k.reshape(-1, *([1] * (w.ndim - 1)))
+        else:
+            group = int(node_attr(conv, "group", 1))
+            per = w.shape[1]
+            if per * group != k.size:
+                continue
+            w2 = w.reshape(group, w.shape[0] // group, per, *w.shape[2:]) * k.reshape(group, 1, per, *([1] * (w.ndim - 2)))
+            w2 = w2.reshape(w.shape)
+        b = numpy_helper.to_array(inits[conv.input[2]]).astype(np.float64) if len(conv.input) > 2 and conv.input[2] else 0.0
+        b2 = k * (b - mean) + beta
+        dtype = numpy_helper.to_array(inits[conv.input[1]]).dtype
+        wname, bname = f"{conv.name}_W_bnfold", f"{conv.name}_B_bnfold"
+        g.initializer.extend([numpy_helper.from_array(w2.astype(dtype), wname),
+                              numpy_helper.from_array(b2.astype(dtype), bname)])
+        conv.input[1] = wname
+        if len(conv.input) > 2:
+            conv.input[2] = bname
+        else:
+            conv.input.append(bname)
+        conv.output[0] = bn.output[0]
+        g.node.remove(bn)
+        folded += 1
+    if folded:
+        _drop_unused_initializers(model)
+    return folded
+
+
+def div_to_mul(model: onnx.ModelProto) -> int:
+    """Rewrite ``Div(x, c)`` with a constant float ``c`` (no zeros) as ``Mul(x, 1/c)``."""
+    g = model.graph
+    inits = {t.name: t for t in g.initializer}
+    done = 0
+    for n in g.node:
+        if n.op_type != "Div" or len(n.input) != 2 or n.input[1] not in inits:
+            continue
+        c = numpy_helper.to_array(inits[n.input[1]])
+        if c.dtype.kind != "f" or np.any(c == 0):
+            continue
+        name = f"{n.name}_reciprocal"
+        g.initializer.append(numpy_helper.from_array((1.0 / c.astype(np.float64)).astype(c.dtype), name))
+        n.op_type = "Mul"
+        n.input[1] = name
+        done += 1
+    if done:
+        _drop_unused_initializers(model)
+    return done
+
+
+def _drop_unused_initializers(model: onnx.ModelProto) -> None:
+    g = model.graph
+    used = {i for n in g.node for i in n.input} | {o.name for o in g.output}
+    keep = [t for t in g.initializer if t.name in used]
+    del g.initializer[:]
+    g.initializer.extend(keep)
+
+
+def opset_of(model: onnx.ModelProto) -> int:
+    return default_opset(model) or 0
+
+
+def set_default_opset(model: onnx.ModelProto, version: int) -> None:
+    for op in model.opset_import:
+        if op.domain in ("", "ai.onnx"):
+            op.version = version
+            return
+    model.opset_import.append(helper.make_opsetid("", version))
