@@ -278,6 +278,7 @@ class Int8(Pass):
                 log.warning("int8: opset %d could not be upgraded to 13 (%s); weights are quantized per tensor",
                             opset, why)
         stats["batchnorm_folded"] = prepare.fold_batchnorm(m)
+        stats["affine_folded"] = prepare.fold_affine(m)
         stats["div_to_mul"] = prepare.div_to_mul(m)
         prepare.name_nodes(m)
         m = onnx.shape_inference.infer_shapes(m)

@@ -203,8 +203,8 @@ def tensor_range(h: StreamingHistogram, method: Method = "kl", *, symmetric: boo
     """(low, high) quantization range of a tensor from its statistics.
 
     Non-negative tensors get a one-sided range [0, T] (uint8's 256 levels for KL);
-    others a symmetric [−T, T] (128 levels per side), or [min, max] for asymmetric
-    minmax.
+    others [max(min, −T), min(max, T)] (asymmetric, for uint8), or [−T, T] with
+    ``symmetric`` (int8), or [min, max] for asymmetric minmax.
 
     ``kl_guard`` > 0: where the KL threshold's expected squared error (:func:`mse_curve`)
     exceeds ``kl_guard`` times the least achievable, the MSE-optimal threshold is used
@@ -233,7 +233,12 @@ def tensor_range(h: StreamingHistogram, method: Method = "kl", *, symmetric: boo
     else:
         raise ValueError(method)
     t = min(t, max(abs(h.min), abs(h.max)))
-    return (0.0, t) if nonneg else (-t, t)
+    if nonneg:
+        return 0.0, t
+    if symmetric:
+        return -t, t
+    # asymmetric (uint8): the threshold clips each side, but never beyond what was seen
+    return max(min(h.min, 0.0), -t), min(max(h.max, 0.0), t)
 
 
 def activation_tensors(model, op_types: frozenset[str] | None = None) -> list[str]:

@@ -10,6 +10,10 @@
   ``k_c = γ_c / √(σ²_c + ε)``, ``W'_c = k_c W_c``, ``b'_c = k_c (b_c − μ_c) + β_c``
   (ConvTranspose: the output channel is axis 1 of W, per group). The quantized Conv
   then carries the BN in its weights, as onnxruntime does for float.
+* **Affine folding.** ``Conv(x) · a + b`` with constants a, b that are scalars or vary
+  only along the output channel (BatchNormalization exported as Mul/Add, PP-LCNetV3's
+  learnable affine blocks) becomes one Conv with ``W'_c = a_c W_c``, ``b'_c = a_c b_c + b_c``
+  — fewer quantization points, and per-channel weight scales absorb a_c.
 * **Division by a constant** ``x / c`` becomes ``x · (1/c)``: ``Mul`` has a quantized
   kernel, ``Div`` does not (the HardSwish spelled ``x·clip(x+3, 0, 6)/6``).
 * Every node gets a unique name (the per-node decisions and reports refer to it).
@@ -101,6 +105,78 @@ def fold_batchnorm(model: onnx.ModelProto) -> int:
         conv.output[0] = bn.output[0]
         g.node.remove(bn)
         folded += 1
+    if folded:
+        _drop_unused_initializers(model)
+    return folded
+
+
+def _channel_vector(c: np.ndarray, out_rank: int, channels: int) -> np.ndarray | None:
+    """``c`` as a length-``channels`` vector if it broadcasts only along axis 1 of a rank-``out_rank`` tensor."""
+    if c.ndim > out_rank:
+        return None
+    if c.size == 1:
+        return np.full(channels, float(c.reshape(())), dtype=np.float64)
+    shape = [1] * (out_rank - c.ndim) + list(c.shape)
+    if shape[1] != channels or any(d != 1 for i, d in enumerate(shape) if i != 1):
+        return None
+    return c.reshape(-1).astype(np.float64)
+
+
+def fold_affine(model: onnx.ModelProto) -> int:
+    """Fold constant per-channel Mul/Add that follow a Conv into it; the number folded."""
+    g = model.graph
+    folded = 0
+    changed = True
+    while changed:
+        changed = False
+        inits = {t.name: t for t in g.initializer}
+        readers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
+        for n in g.node:
+            for i in n.input:
+                readers[i].append(n)
+        outputs = {o.name for o in g.output}
+        for conv in g.node:
+            if conv.op_type != "Conv" or len(conv.input) < 2 or conv.input[1] not in inits:
+                continue
+            y = conv.output[0]
+            nxt = readers.get(y, [])
+            if len(nxt) != 1 or y in outputs:
+                continue
+            op = nxt[0]
+            if op.op_type not in ("Mul", "Add") or len(op.input) != 2:
+                continue
+            other = op.input[1] if op.input[0] == y else op.input[0]
+            if other not in inits or other == y:
+                continue
+            if len(conv.input) > 2 and conv.input[2] and conv.input[2] not in inits:
+                continue
+            w = numpy_helper.to_array(inits[conv.input[1]])
+            if w.dtype != np.float32:
+                continue
+            c = _channel_vector(numpy_helper.to_array(inits[other]), w.ndim, w.shape[0])
+            if c is None:
+                continue
+            b = (numpy_helper.to_array(inits[conv.input[2]]).astype(np.float64)
+                 if len(conv.input) > 2 and conv.input[2] else np.zeros(w.shape[0]))
+            if op.op_type == "Mul":
+                w2 = (w.astype(np.float64) * c.reshape(-1, *([1] * (w.ndim - 1)))).astype(np.float32)
+                b2 = b * c
+            else:
+                w2 = w
+                b2 = b + c
+            wname, bname = f"{conv.name}_W_affine{folded}", f"{conv.name}_B_affine{folded}"
+            g.initializer.extend([numpy_helper.from_array(w2, wname),
+                                  numpy_helper.from_array(b2.astype(np.float32), bname)])
+            conv.input[1] = wname
+            if len(conv.input) > 2:
+                conv.input[2] = bname
+            else:
+                conv.input.append(bname)
+            conv.output[0] = op.output[0]
+            g.node.remove(op)
+            folded += 1
+            changed = True
+            break
     if folded:
         _drop_unused_initializers(model)
     return folded

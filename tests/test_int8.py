@@ -1,0 +1,213 @@
+"""int8 pass: exact preparation rewrites, QDQ placement that onnxruntime fuses, weight
+quantization, accuracy on fixtures, opset upgrade (and its fallback), the latency guard."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper, numpy_helper
+
+import onnxcompress as oc
+from onnxcompress.data import open_data
+from onnxcompress.errors import OptionError
+from onnxcompress.passes.int8 import Int8, Int8Options, agreement, prepare, qdq
+from onnxcompress.pipeline import PassContext
+from onnxcompress.registry import build_pipeline
+
+from .builders import fvi, make_model, run, tensor
+from .conftest import FIXTURES, shared_path
+
+
+def _canon(path) -> onnx.ModelProto:
+    m, _ = build_pipeline("canonicalize").run(oc.load_model(path))
+    return m
+
+
+def _ctx(model: onnx.ModelProto, name: str) -> PassContext:
+    return PassContext(calibration=open_data(FIXTURES / f"{name}_calib.npz", model, batch_size=16))
+
+
+def _val(name: str) -> np.ndarray:
+    return np.load(FIXTURES / f"{name}_val.npz")
+
+
+def _feeds(model: onnx.ModelProto, arrays) -> dict[str, np.ndarray]:
+    return {i.name: arrays[i.name] for i in model.graph.input if i.name in arrays}
+
+
+def conv_bn_affine_model(seed: int = 0) -> onnx.ModelProto:
+    """Conv → BN → Relu; Conv → Mul(per-channel) → Add(scalar) → Div(6)."""
+    rng = np.random.default_rng(seed)
+    c = 8
+    inits = [tensor(rng, "w1", (c, 3, 3, 3)), tensor(rng, "b1", (c,)),
+             numpy_helper.from_array(rng.uniform(0.5, 2, c).astype(np.float32), "g"),
+             tensor(rng, "beta", (c,)), tensor(rng, "mean", (c,)),
+             numpy_helper.from_array(rng.uniform(0.5, 2, c).astype(np.float32), "var"),
+             tensor(rng, "w2", (c, c, 1, 1)),
+             numpy_helper.from_array(rng.uniform(0.5, 2, (1, c, 1, 1)).astype(np.float32), "a"),
+             numpy_helper.from_array(np.array([0.3], np.float32), "sh"),
+             numpy_helper.from_array(np.array(6.0, np.float32), "six")]
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+             helper.make_node("BatchNormalization", ["c1", "g", "beta", "mean", "var"], ["bn"], name="bn"),
+             helper.make_node("Relu", ["bn"], ["r"], name="relu"),
+             helper.make_node("Conv", ["r", "w2"], ["c2"], name="conv2"),
+             helper.make_node("Mul", ["c2", "a"], ["m"], name="mul"),
+             helper.make_node("Add", ["m", "sh"], ["s"], name="add"),
+             helper.make_node("Div", ["s", "six"], ["y"], name="div")]
+    return make_model(nodes, [fvi("x", [2, 3, 10, 10])], [fvi("y", [2, c, 10, 10])], inits)
+
+
+def test_prepare_rewrites_are_exact() -> None:
+    m = conv_bn_affine_model()
+    x = np.random.default_rng(1).standard_normal((2, 3, 10, 10)).astype(np.float32)
+    ref = run(m, {"x": x})[0]
+    p = copy.deepcopy(m)
+    assert prepare.fold_batchnorm(p) == 1
+    assert prepare.fold_affine(p) == 2
+    assert prepare.div_to_mul(p) == 1
+    ops = [n.op_type for n in p.graph.node]
+    assert ops == ["Conv", "Relu", "Conv", "Mul"], ops
+    np.testing.assert_allclose(run(p, {"x": x})[0], ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+
+
+def test_plan_fuses_relu_and_quantizes_all_convs() -> None:
+    m = conv_bn_affine_model()
+    prepare.fold_batchnorm(m)
+    prepare.name_nodes(m)
+    m = onnx.shape_inference.infer_shapes(m)
+    p = qdq.plan(m)
+    assert p.fused == {"relu": "conv1"} and p.inner == {"bn"}  # Relu folds into conv1's requantize
+    assert {"conv1", "conv2", "mul", "add"} <= p.nodes and "div" not in p.nodes
+    assert {"x", "r", "s"} <= p.tensors and not {"bn", "y"} & p.tensors
+
+
+def test_weight_quantization_is_per_channel_within_half_a_step() -> None:
+    w = np.random.default_rng(2).standard_normal((6, 4, 3, 3)).astype(np.float32)
+    w[2] *= 100  # one wide channel must not coarsen the others
+    q, s = qdq.quantize_weight(w, 0)
+    assert q.dtype == np.int8 and s.shape == (6,) and np.abs(q).max() <= 127
+    err = np.abs(q.astype(np.float32) * s.reshape(-1, 1, 1, 1) - w)
+    assert np.all(err <= s.reshape(-1, 1, 1, 1) / 2 + 1e-7)
+    assert s[0] < s[2] / 20
+    qt, st = qdq.quantize_weight(w, None)
+    assert st.shape == () and np.abs(qt.astype(np.float32) * st - w).max() <= st / 2 + 1e-6
+
+
+def test_act_params_cover_the_range_with_zero_exact() -> None:
+    s, z = qdq.act_params(-1.0, 3.0, "uint8")
+    assert z == round(1.0 / s) and abs(255 * s - 4.0) < 1e-6
+    assert qdq.act_params(0.0, 6.0, "uint8")[1] == 0  # non-negative: zero point at the bottom (Relu fusion)
+    s8, z8 = qdq.act_params(-1.0, 3.0, "int8")
+    assert z8 == 0 and abs(s8 * 127 - 3.0) < 1e-6
+
+
+@pytest.mark.parametrize("name", ["resnet_block", "mobilenet_se", "concat_split"])
+def test_fixture_quantizes_fuses_and_agrees(name: str) -> None:
+    m = _canon(FIXTURES / f"{name}.onnx")
+    res = Int8(Int8Options(guard=False)).run(copy.deepcopy(m), _ctx(m, name))
+    assert res.modified and res.stats["decision"] == "quantized"
+    q = res.model
+    onnx.checker.check_model(q, full_check=True)
+    fused = qdq.fused_ops(q)
+    convs = sum(n.op_type == "Conv" for n in m.graph.node)
+    assert fused.get("QLinearConv", 0) == convs, fused  # every Conv runs as an integer kernel
+    assert "Conv" not in fused and "FusedConv" not in fused
+    val = _val(name)
+    feeds = _feeds(m, val)
+    acc = agreement([run(m, feeds, optimize=True)], [run(q, feeds, optimize=True)])
+    assert acc["cosine"] > 0.99, acc
+    assert acc["top1"] >= 0.9, acc  # random weights: near-tied classes flip at cosine 0.9999
+
+
+def test_opset11_is_upgraded_for_per_channel_weights() -> None:
+    m = _canon(FIXTURES / "resnet_block.onnx")
+    assert prepare.opset_of(m) == 11
+    res = Int8(Int8Options(guard=False)).run(copy.deepcopy(m), _ctx(m, "resnet_block"))
+    assert prepare.opset_of(res.model) == 13 and "upgraded 11" in res.stats["opset"]
+    axes = [n for n in res.model.graph.node if n.op_type == "DequantizeLinear" and any(a.name == "axis" for a in n.attribute)]
+    assert axes  # per-channel weight DQs
+
+
+def test_failed_upgrade_falls_back_to_per_tensor(monkeypatch: pytest.MonkeyPatch) -> None:
+    m = _canon(FIXTURES / "resnet_block.onnx")
+
+    def boom(model, target=13):  # noqa: ANN001, ANN202
+        raise RuntimeError("converter cannot handle this model")
+
+    monkeypatch.setattr(prepare, "upgrade_opset", boom)
+    res = Int8(Int8Options(guard=False)).run(copy.deepcopy(m), _ctx(m, "resnet_block"))
+    assert prepare.opset_of(res.model) == 11 and "per tensor" in res.stats["opset"]
+    assert res.stats["per_channel"] is False
+    assert not any(a.name == "axis" for n in res.model.graph.node for a in n.attribute if n.op_type == "DequantizeLinear")
+    x = _val("resnet_block")
+    run(res.model, _feeds(m, x))  # loads and runs at opset 11
+
+
+def test_guard_keeps_float_when_int8_is_slower(monkeypatch: pytest.MonkeyPatch) -> None:
+    import onnxcompress.validate as validate
+
+    monkeypatch.setattr(validate, "measure_latency", lambda models, feeds, **kw: [1.0, 1.5])
+    m = _canon(FIXTURES / "mobilenet_se.onnx")
+    res = Int8(Int8Options()).run(copy.deepcopy(m), _ctx(m, "mobilenet_se"))
+    assert not res.modified and res.stats["decision"] == "kept float"
+    assert res.model.SerializeToString() == m.SerializeToString()
+    trials = res.stats["latency"]["trials"]
+    assert trials and all(t["ratio"] == 1.5 for t in trials)
+
+
+def test_guard_keeps_int8_when_faster(monkeypatch: pytest.MonkeyPatch) -> None:
+    import onnxcompress.validate as validate
+
+    monkeypatch.setattr(validate, "measure_latency", lambda models, feeds, **kw: [2.0, 1.0])
+    m = _canon(FIXTURES / "resnet_block.onnx")
+    res = Int8(Int8Options()).run(copy.deepcopy(m), _ctx(m, "resnet_block"))
+    assert res.modified and res.stats["latency"]["ratio"] == 0.5
+
+
+def test_exclude_by_op_type_name_and_regex() -> None:
+    m = _canon(FIXTURES / "resnet_block.onnx")
+    base = Int8(Int8Options(guard=False, max_drop=0)).run(copy.deepcopy(m), _ctx(m, "resnet_block"))
+    res = Int8(Int8Options(guard=False, max_drop=0, exclude="Add")).run(copy.deepcopy(m), _ctx(m, "resnet_block"))
+    assert "Add" in base.stats["quantized_ops"] and "Add" not in res.stats["quantized_ops"]
+    with pytest.raises(OptionError, match="not a valid regex"):
+        Int8(Int8Options(exclude="conv[")).run(copy.deepcopy(m), _ctx(m, "resnet_block"))
+
+
+def test_needs_calibration_data() -> None:
+    m = _canon(FIXTURES / "resnet_block.onnx")
+    with pytest.raises(OptionError, match="needs calibration data"):
+        Int8(Int8Options()).run(m, PassContext())
+
+
+def test_concat_of_mismatched_ranges_stays_float() -> None:
+    rng = np.random.default_rng(3)
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["box"], name="box_conv"),
+             helper.make_node("Conv", ["x", "w2"], ["logit"], name="cls_conv"),
+             helper.make_node("Sigmoid", ["logit"], ["prob"], name="sig"),
+             helper.make_node("Concat", ["box", "prob"], ["y"], name="cat", axis=1)]
+    m = make_model(nodes, [fvi("x", [1, 4, 6, 6])], [fvi("y", [1, 4, 6, 6])],
+                   [tensor(rng, "w1", (2, 4, 1, 1)), tensor(rng, "w2", (2, 4, 1, 1))])
+    m = onnx.shape_inference.infer_shapes(m)
+    ranges = {"x": (-1.0, 1.0), "box": (-50.0, 80.0), "logit": (-5.0, 5.0), "prob": (0.0, 1.0), "y": (-50.0, 80.0)}
+    p = qdq.plan(m, None, ranges)
+    assert "cat" not in p.nodes and "mixes ranges" in p.declined["cat"]
+    assert "cat" in qdq.plan(m, None, {**ranges, "prob": (0.0, 60.0)}).nodes
+
+
+def test_textline_opset11_quantizes_and_loads() -> None:
+    path = shared_path("models", "textline_cls.onnx")
+    data = shared_path("data", "textline_cls_calib.npz")
+    m = _canon(path)
+    assert prepare.opset_of(m) == 11
+    ctx = PassContext(calibration=open_data(data, m, batch_size=16))
+    res = Int8(Int8Options(guard=False)).run(copy.deepcopy(m), ctx)
+    assert res.modified and prepare.opset_of(res.model) == 13
+    ev = np.load(shared_path("data", "textline_cls_eval.npz"))
+    x = ev["x"][:64]
+    a = run(m, {m.graph.input[0].name: x}, optimize=True)[0]
+    b = run(res.model, {m.graph.input[0].name: x}, optimize=True)[0]
+    assert (a.argmax(1) == b.argmax(1)).mean() >= 0.98
+    assert "QLinearConv" in qdq.fused_ops(res.model)
