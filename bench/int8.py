@@ -1,0 +1,201 @@
+"""int8 for issue 5: onnxcompress vs onnxruntime.quantization.quantize_static, side by side.
+
+    python bench/int8.py [--shared ../shared] [--models a,b] [--json out.json]
+
+One subprocess per model; in it both tools quantize the same model from the same
+calibration samples (``*_calib.npz``) and everything is scored on ``*_eval.npz``:
+
+* onnxcompress: ``canonicalize,int8`` at its defaults (KL, uint8 activations,
+  per-channel weights, accuracy control, latency guard);
+* quantize_static, QDQ, per-channel int8 weights, MinMax calibration (its default), in
+  two configurations: int8 activations (its default) and uint8 activations (its best
+  for speed on CPU). Where its per-channel model does not load (opset < 13) it is
+  redone per tensor, and the row says so.
+
+Accuracy: classifiers, top-1 against the labels; captcha_det, mean per-sample cosine to
+the fp32 output and recall of the fp32 detections (objectness > 0.3 kept > 0.3);
+text_det, mean cosine and IoU of the ``p > 0.3`` text mask with the fp32 mask.
+Latency: onnxruntime CPU, 2 threads, all variants of a model timed in one
+``measure_latency`` call (ABBA blocks, medians), as a ratio to fp32; batch 1 and 8 for
+the classifiers, batch 1 for the detectors. The whole table is measured 1× (the guard
+itself measured inside the pass is in the JSON).
+
+Calibration time and memory against quantize_static's Entropy: bench/int8_calibration.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+MODELS = ["textline_cls", "doc_orientation", "captcha_det", "text_det"]
+GOALS = {  # accuracy goal, latency goal
+    "textline_cls": ("top-1 ≥ 0.993", 1.0),
+    "doc_orientation": ("top-1 ≥ 0.99", 1.0),
+    "captcha_det": ("cos ≥ 0.995, recall ≥ 0.95", 0.5),
+    "text_det": ("mask IoU ≥ 0.95", 1.0),
+}
+
+
+def worker(shared: Path, name: str) -> dict:
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+
+    sys.path.insert(0, str(ROOT))
+    import onnxcompress as oc
+    from onnxcompress.data import open_data
+    from onnxcompress.pipeline import PassContext
+    from onnxcompress.registry import build_pipeline
+    from onnxcompress.validate import measure_latency
+
+    path = shared / "models" / f"{name}.onnx"
+    calib = np.load(shared / "data" / f"{name}_calib.npz")["x"]
+    ev = np.load(shared / "data" / f"{name}_eval.npz")
+    x_eval = ev["x"]
+    fp32 = onnx.load(str(path))
+    inp = fp32.graph.input[0].name
+    fixed = fp32.graph.input[0].type.tensor_type.shape.dim[0].dim_value
+    bs = 1 if fixed == 1 else 8
+    out: dict = {"model": name, "variants": {}}
+
+    # onnxcompress
+    t0 = time.perf_counter()
+    model = oc.load_model(path)
+    ctx = PassContext(calibration=open_data(shared / "data" / f"{name}_calib.npz", model, batch_size=bs))
+    ours, reports = build_pipeline("canonicalize,int8").run(model, ctx)
+    stats = reports[-1].stats
+    out["variants"]["onnxcompress"] = {"seconds": time.perf_counter() - t0, "stats": stats,
+                                       "note": stats.get("decision", "")}
+    models = {"fp32": fp32, "onnxcompress": ours}
+
+    # quantize_static
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.it = ({inp: calib[i : i + bs]} for i in range(0, len(calib), bs))
+
+        def get_next(self):  # type: ignore[no-untyped-def]
+            return next(self.it, None)
+
+    for label, act in (("ort int8 act", QuantType.QInt8), ("ort uint8 act", QuantType.QUInt8)):
+        note = "per-channel"
+        with tempfile.TemporaryDirectory() as tmp:
+            dst = Path(tmp) / "q.onnx"
+            t0 = time.perf_counter()
+            try:
+                quantize_static(str(path), str(dst), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                                activation_type=act, weight_type=QuantType.QInt8)
+                ort.InferenceSession(str(dst), providers=["CPUExecutionProvider"])
+            except Exception as exc:  # its per-channel output may not load (opset < 13)
+                note = f"per-tensor (per-channel failed: {' '.join(str(exc).split())[:80]})"
+                quantize_static(str(path), str(dst), Reader(), quant_format=QuantFormat.QDQ, per_channel=False,
+                                activation_type=act, weight_type=QuantType.QInt8)
+            seconds = time.perf_counter() - t0
+            models[label] = onnx.load(str(dst))
+        out["variants"][label] = {"seconds": seconds, "note": note}
+
+    # accuracy on the eval set
+    def run_all(m: onnx.ModelProto) -> np.ndarray:
+        sess = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+        return np.concatenate([sess.run(None, {inp: x_eval[i : i + bs]})[0] for i in range(0, len(x_eval), bs)])
+
+    ref = run_all(fp32)
+    for label, m in models.items():
+        y = run_all(m)
+        a, b = ref.reshape(len(ref), -1).astype(np.float64), y.reshape(len(y), -1).astype(np.float64)
+        cos = float(np.mean((a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-30)))
+        acc: dict = {"cosine": cos}
+        if "y" in ev.files:
+            acc["top1"] = float((y.argmax(1) == ev["y"]).mean())
+        if name == "captcha_det":
+            pos = ref[..., 4] > 0.3
+            acc["recall"] = float((y[..., 4][pos] > 0.3).mean())
+        if name == "text_det":
+            ma, mb = ref > 0.3, y > 0.3
+            acc["iou"] = float((ma & mb).sum() / max((ma | mb).sum(), 1))
+        out["variants"].setdefault(label, {})["accuracy"] = acc
+
+    # latency, all variants of this model in one call
+    labels = list(models)
+    for batch in ([1, 8] if "y" in ev.files else [1]):
+        feeds = {inp: x_eval[:batch]}
+        ms = measure_latency([models[k] for k in labels], feeds, threads=2, runs=30, min_seconds=3.0, labels=labels)
+        for k, t in zip(labels, ms):
+            out["variants"][k][f"latency_b{batch}_ms"] = t
+            out["variants"][k][f"latency_b{batch}_ratio"] = t / ms[0]
+    return out
+
+
+def run_worker(shared: Path, name: str) -> dict:
+    res = subprocess.run([sys.executable, __file__, "--worker", name, "--shared", str(shared)],
+                         capture_output=True, text=True, timeout=3600)
+    if res.returncode != 0:
+        return {"model": name, "error": res.stderr.strip().splitlines()[-3:]}
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def _acc_text(name: str, a: dict) -> tuple[str, bool]:
+    if name in ("textline_cls", "doc_orientation"):
+        goal = 0.993 if name == "textline_cls" else 0.99
+        return f"top-1 {a['top1']:.3f}", a["top1"] >= goal
+    if name == "captcha_det":
+        return f"cos {a['cosine']:.4f} recall {a['recall']:.3f}", a["cosine"] >= 0.995 and a["recall"] >= 0.95
+    return f"cos {a['cosine']:.4f} IoU {a['iou']:.3f}", a["iou"] >= 0.95
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shared", type=Path, default=Path(os.environ.get("ONNXCOMPRESS_SHARED", ROOT.parent / "shared")))
+    ap.add_argument("--models", default=",".join(MODELS))
+    ap.add_argument("--json", type=Path)
+    ap.add_argument("--worker")
+    args = ap.parse_args()
+    if args.worker:
+        print(json.dumps(worker(args.shared, args.worker), default=str))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title="int8: onnxcompress vs quantize_static (eval sets; latency = ratio to fp32, CPU, 2 threads)")
+    for col in ("model", "variant", "accuracy", "goal", "latency b1", "latency b8", "goal", "quantize s", "note"):
+        t.add_column(col, justify="right")
+    results = []
+    for name in args.models.split(","):
+        r = run_worker(args.shared, name)
+        results.append(r)
+        if "error" in r:
+            t.add_row(name, "error", " ".join(r["error"])[:120], "", "", "", "", "", "")
+            continue
+        acc_goal, lat_goal = GOALS[name]
+        v = r["variants"]
+        ort_best = min(v[k]["latency_b1_ratio"] for k in ("ort int8 act", "ort uint8 act"))
+        for label, d in v.items():
+            text, ok = _acc_text(name, d["accuracy"])
+            b1 = d["latency_b1_ratio"]
+            b8 = d.get("latency_b8_ratio")
+            lat = f"{b1:.3f} ({d['latency_b1_ms']:.2f} ms)"
+            lat8 = f"{b8:.3f}" if b8 is not None else "-"
+            goal = ""
+            if label == "onnxcompress":
+                worst = max(b1, b8 or 0)
+                goal = f"≤ {lat_goal}, ≤ ort best {ort_best:.2f}: " + ("✓" if worst <= lat_goal and b1 <= ort_best else "✗")
+                text += " ✓" if ok else " ✗"
+            t.add_row(name if label == "fp32" else "", label, text, acc_goal if label == "onnxcompress" else "",
+                      lat, lat8, goal, f"{d.get('seconds', 0):.1f}" if "seconds" in d else "", d.get("note", "")[:60])
+    Console(width=230).print(t)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
