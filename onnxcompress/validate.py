@@ -371,8 +371,8 @@ def measure_latency(
     """Median latency (ms) of each model on ``feeds``.
 
     All models run in one process, interleaved in rounds (ABBA order): in each round a
-    model gets one untimed run, which absorbs the switch from the other session (whose
-    onnxruntime threads may still be spinning), then 5 timed runs. Machine noise thus
+    model gets untimed runs for at least 20 ms (at least one), which absorb the switch from
+    the other session (whose onnxruntime threads may still be spinning), then 5 timed runs. Machine noise thus
     hits every model alike. Warm-up lasts at least
     ``warmup`` rounds and 0.2 s; timing lasts at least ``runs`` rounds and ``min_seconds``
     (at most ``max_runs`` rounds).
@@ -391,12 +391,16 @@ def measure_latency(
         i += 1
     times: list[list[float]] = [[] for _ in sessions]
     start = time.perf_counter()
-    block = 5  # timed runs per model per round, after one untimed run that absorbs the switch
+    block = 5  # timed runs per model per round, after untimed runs that absorb the switch
+    settle = 0.02  # seconds of untimed runs after each switch (at least one run)
     with progress.task("latency", runs) as task:
         i = 0
         while i * block < max_runs and (i * block < runs or time.perf_counter() - start < min_seconds):
             for k in (order if i % 2 == 0 else order[::-1]):
+                t_switch = time.perf_counter()
                 run_session(sessions[k], feeds, labels[k])
+                while time.perf_counter() - t_switch < settle:  # the previous session's threads may still spin
+                    run_session(sessions[k], feeds, labels[k])
                 for _ in range(block):
                     t0 = time.perf_counter()
                     run_session(sessions[k], feeds, labels[k])

@@ -211,3 +211,40 @@ def test_textline_opset11_quantizes_and_loads() -> None:
     b = run(res.model, {m.graph.input[0].name: x}, optimize=True)[0]
     assert (a.argmax(1) == b.argmax(1)).mean() >= 0.98
     assert "QLinearConv" in qdq.fused_ops(res.model)
+
+
+def test_hard_activation_decomposition_is_exact() -> None:
+    rng = np.random.default_rng(4)
+    nodes = [helper.make_node("HardSwish", ["x"], ["h"], name="hs"),
+             helper.make_node("HardSigmoid", ["h"], ["y"], name="hsig", alpha=0.3, beta=0.4)]
+    m = make_model(nodes, [fvi("x", [2, 3, 5, 5])], [fvi("y", [2, 3, 5, 5])], opset=14)
+    x = (rng.standard_normal((2, 3, 5, 5)) * 4).astype(np.float32)
+    ref = run(m, {"x": x})[0]
+    d = copy.deepcopy(m)
+    assert prepare.decompose_hard_activations(d) == 2
+    assert {n.op_type for n in d.graph.node} == {"Mul", "Add", "Clip"}
+    np.testing.assert_allclose(run(d, {"x": x})[0], ref, rtol=1e-6, atol=1e-6)
+
+
+def test_channel_noise_to_signal() -> None:
+    from onnxcompress.passes.int8.calibration import StreamingHistogram
+
+    h = StreamingHistogram()
+    x = np.ones((4, 2, 8, 8), np.float32)
+    x[:, 1] *= 100.0  # a loud channel next to a quiet one
+    h.update(x)
+    h.update_channels(x)
+    # step 1: the quiet channel (power 1) is buried at 1/12, the loud one not at all
+    assert h.noise_to_signal(1.0) == pytest.approx((1 / 12 + 1 / 12 / 1e4) / 2)
+    assert h.noise_to_signal(100.0) == pytest.approx((1.0 + 1 / 12) / 2)
+
+
+def test_bias_correction_never_lowers_agreement() -> None:
+    m = _canon(FIXTURES / "mobilenet_se.onnx")
+    base = Int8(Int8Options(guard=False, max_drop=0)).run(copy.deepcopy(m), _ctx(m, "mobilenet_se"))
+    res = Int8(Int8Options(guard=False, max_drop=0, bias_correction=True)).run(copy.deepcopy(m), _ctx(m, "mobilenet_se"))
+    steps = res.stats["accuracy"]["steps"]
+    assert steps[-1].get("bias_corrected", 0) > 0
+    before = base.stats["accuracy"]["steps"][0]["drop"]
+    final = min(s["drop"] for s in steps)
+    assert final <= before

@@ -58,6 +58,33 @@ class StreamingHistogram:
     max: float = -math.inf
     count: int = 0
     merges: int = field(default=0, repr=False)
+    channel_sq: np.ndarray | None = field(default=None, repr=False)  #: Σx² per channel (axis 1)
+    channel_n: int = field(default=0, repr=False)  #: values per channel behind channel_sq
+
+    def update_channels(self, x: np.ndarray) -> None:
+        """Accumulate the per-channel mean square (axis 1) of a batch."""
+        if x.ndim < 2 or x.shape[1] == 0 or x.size == 0:
+            return
+        v = np.asarray(x, dtype=np.float32).reshape(x.shape[0], x.shape[1], -1)
+        sq = np.square(v).sum(axis=(0, 2), dtype=np.float64)
+        if self.channel_sq is None or self.channel_sq.shape != sq.shape:
+            if self.channel_sq is not None:  # the channel count changed (dynamic shapes): give up
+                self.channel_sq, self.channel_n = None, -1
+                return
+            if self.channel_n < 0:
+                return
+            self.channel_sq = np.zeros_like(sq)
+        self.channel_sq += sq
+        self.channel_n += v.shape[0] * v.shape[2]
+
+    def noise_to_signal(self, scale: float) -> float | None:
+        """Mean over channels of min(1, (s²/12) / E[x_c²]): how much of a typical channel
+        uniform rounding with step ``scale`` buries (1 = all of it)."""
+        if self.channel_sq is None or self.channel_n <= 0:
+            return None
+        power = self.channel_sq / self.channel_n
+        nsr = np.where(power > 0, (scale * scale / 12.0) / np.maximum(power, 1e-300), 0.0)
+        return float(np.mean(np.minimum(nsr, 1.0)))
 
     def update(self, x: np.ndarray, rng: np.random.Generator | None = None, cap: int | None = None) -> None:
         """Add a batch. The min/max are exact; with ``cap`` the histogram gets a uniform
@@ -276,13 +303,15 @@ def activation_bytes_per_sample(model, names: list[str], sample_shapes: dict[str
 
 def collect_histograms(model, names: list[str], data, *, provider: str = "cpu", bins: int = 2048,
                        cap: int | None = 1 << 16, seed: int = 0, progress=None,
-                       memory_budget: int | None = 64 * 2**20) -> dict[str, StreamingHistogram]:
+                       memory_budget: int | None = 64 * 2**20, channels: bool = False,
+                       ) -> dict[str, StreamingHistogram]:
     """Stream ``data`` through one session exposing ``names``; one histogram per tensor.
 
     Memory: one (sub-)batch of exposed activations plus ``len(names)`` histograms of
     ``bins`` counts, whatever the number of samples. Incoming batches are split so that
     the exposed activations of a sub-batch stay within ``memory_budget`` bytes (at least
-    one sample at a time)."""
+    one sample at a time). With ``channels`` each tensor also keeps its per-channel mean
+    square (one float64 per channel)."""
     import onnx
 
     from ...progress import NullProgress
@@ -313,12 +342,11 @@ def collect_histograms(model, names: list[str], data, *, provider: str = "cpu", 
             for i in range(0, n, step):
                 part = {k: v[i : i + step] for k, v in batch.items()} if batch else batch
                 outs = run_session(sess, part, "calibration model (int8)")
-                for name, value in zip(order, outs):
+                for name, value in list(zip(order, outs)) + list(part.items()):
                     if name in wanted:
                         hists[name].update(value, rng, cap)
-                for name, value in part.items():
-                    if name in wanted:
-                        hists[name].update(value, rng, cap)
+                        if channels:
+                            hists[name].update_channels(value)
                 del outs
             task.advance(n)
     return hists

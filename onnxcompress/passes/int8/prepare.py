@@ -16,6 +16,11 @@
   — fewer quantization points, and per-channel weight scales absorb a_c.
 * **Division by a constant** ``x / c`` becomes ``x · (1/c)``: ``Mul`` has a quantized
   kernel, ``Div`` does not (the HardSwish spelled ``x·clip(x+3, 0, 6)/6``).
+* **HardSigmoid / HardSwish decomposition** (opset ≥ 11): ``hardsigmoid(x) =
+  clip(α·x + β, 0, 1)`` as Mul → Add → Clip, and ``hardswish(x) = x · hardsigmoid(x)``
+  with α = 1/6, β = 1/2: onnxruntime has no integer kernel for either op, but it has
+  them for Mul and Add, and a Clip(0, ·) folds into the requantization — the int8 region
+  then does not break at every activation.
 * Every node gets a unique name (the per-node decisions and reports refer to it).
 """
 
@@ -200,6 +205,47 @@ def div_to_mul(model: onnx.ModelProto) -> int:
         done += 1
     if done:
         _drop_unused_initializers(model)
+    return done
+
+
+def decompose_hard_activations(model: onnx.ModelProto) -> int:
+    """Rewrite HardSigmoid and HardSwish as Mul/Add/Clip(/Mul); the number rewritten."""
+    if opset_of(model) < 11:
+        return 0
+    g = model.graph
+    done = 0
+    new_nodes: list[onnx.NodeProto] = []
+    consts: dict[float, str] = {}
+
+    def const(v: float) -> str:
+        if v not in consts:
+            name = f"hard_act_const_{len(consts)}"
+            g.initializer.append(numpy_helper.from_array(np.array(v, dtype=np.float32), name))
+            consts[v] = name
+        return consts[v]
+
+    for n in g.node:
+        if n.op_type not in ("HardSigmoid", "HardSwish") or n.domain not in ("", "ai.onnx"):
+            new_nodes.append(n)
+            continue
+        x, y = n.input[0], n.output[0]
+        if n.op_type == "HardSigmoid":
+            alpha, beta = float(node_attr(n, "alpha", 0.2)), float(node_attr(n, "beta", 0.5))
+        else:
+            alpha, beta = 1.0 / 6.0, 0.5
+        base = n.name or f"{n.op_type}_{done}"
+        hs = y if n.op_type == "HardSigmoid" else f"{base}_hardsigmoid"
+        new_nodes += [
+            helper.make_node("Mul", [x, const(alpha)], [f"{base}_scaled"], name=f"{base}_mul_alpha"),
+            helper.make_node("Add", [f"{base}_scaled", const(beta)], [f"{base}_shifted"], name=f"{base}_add_beta"),
+            helper.make_node("Clip", [f"{base}_shifted", const(0.0), const(1.0)], [hs], name=f"{base}_clip"),
+        ]
+        if n.op_type == "HardSwish":
+            new_nodes.append(helper.make_node("Mul", [x, hs], [y], name=f"{base}_mul_x"))
+        done += 1
+    if done:
+        del g.node[:]
+        g.node.extend(new_nodes)
     return done
 
 
