@@ -4,16 +4,16 @@
 
 Each measurement runs in a fresh subprocess and reports wall time of the calibration
 step and the process's peak RSS (ru_maxrss, imports and model included; the RSS right
-before calibration is shown too). Both sides see the same samples (``*_calib.npz``) and
-calibrate all float
-activations of the model, fed the same batches (8 samples; 1 for captcha_det, whose batch
+before calibration is shown too). Both sides see the same samples (``*_calib.npz``), fed the same batches (8 samples; 1 for captcha_det, whose batch
 dimension is fixed at 1):
 
-* onnxcompress: canonicalize, then one session exposing the activations, 2048-bin
-  streaming histograms (exact min/max, ≤ 65,536 sampled values per tensor per batch),
-  TensorRT KL thresholds;
+* onnxcompress: what the int8 pass does — canonicalize and prepare (BN/affine folding),
+  then one session exposing every tensor its widest QDQ placement could quantize, 2048-bin
+  streaming histograms (exact min/max, ≤ 65,536 sampled values per tensor per batch) and
+  per-channel mean squares, KL thresholds;
 * onnxruntime: ``create_calibrator(..., CalibrationMethod.Entropy)`` at its defaults
-  (what quantize_static runs), ``collect_data`` + ``compute_data``.
+  (what quantize_static runs: every tensor of the op types it quantizes),
+  ``collect_data`` + ``compute_data``.
 
 A second table checks that our peak RSS does not grow with the number of samples:
 captcha_det with 32 and 256 samples (the 32 calibration images cycled).
@@ -65,15 +65,25 @@ def worker(side: str, shared: Path, name: str, samples: int) -> dict:
     input_name = onnx.load(str(model_path), load_external_data=False).graph.input[0].name
     if side == "ours":
         import onnxcompress as oc
-        from onnxcompress.passes.int8.calibration import activation_tensors, collect_histograms, tensor_range
+        from onnxcompress.data import open_data
+        from onnxcompress.passes.int8 import Int8, Int8Options, qdq
+        from onnxcompress.passes.int8.calibration import collect_histograms, tensor_range
+        from onnxcompress.pipeline import PassContext
         from onnxcompress.registry import build_pipeline
 
         model, _ = build_pipeline("canonicalize").run(oc.load_model(model_path))
-        names = activation_tensors(model)
+        # what the int8 pass calibrates: every tensor its widest placement could quantize,
+        # with per-channel mean squares for the accuracy control
+        p = Int8(Int8Options())
+        ctx = PassContext(calibration=open_data(shared / "data" / f"{name}_calib.npz", model, limit=1))
+        state = p._prepare(model, ctx, p.options, {})
+        widest = qdq.plan(state.model, state.allowed)
+        names = sorted(widest.tensors | widest.inner)
         base = _rss_mb()
         t0 = time.perf_counter()
-        hists = collect_histograms(model, names, ({input_name: b} for b in _batches(shared, name, samples)))
-        ranges = {n: tensor_range(h, "kl") for n, h in hists.items()}
+        hists = collect_histograms(state.model, names, ({input_name: b} for b in _batches(shared, name, samples)),
+                                   channels=True)
+        ranges = {n: tensor_range(h, "kl", kl_guard=p.options.kl_guard) for n, h in hists.items()}
         seconds = time.perf_counter() - t0
         return {"side": side, "model": name, "samples": samples, "tensors": len(ranges), "seconds": seconds,
                 "rss_before_mb": base, "peak_rss_mb": _rss_mb()}
