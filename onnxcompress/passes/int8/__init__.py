@@ -10,9 +10,14 @@ an accuracy control and a latency guard.
    not depend on the number of samples. Ranges by ``kl`` (TensorRT's entropy method;
    ``kl_guard`` swaps in the MSE threshold where KL's error is far from the best),
    ``minmax``, ``percentile`` or ``mse``. Tensors that no quantized node reads (the
-   edge back to float, graph outputs) get their min/max: clipping there reaches the
-   output directly.
-4. **Bias correction** (``bias_correction``): each quantized Conv/Gemm's bias is shifted
+   edge back to float, graph outputs), and graph inputs (raw data: pixels), get their
+   min/max: clipping there reaches the output directly.
+4. **Head correction** (``head_correction``, on): the last quantized Conv/Gemm before
+   each output gets its bias shifted by minus its total mean error per channel on the
+   check samples (upstream error included — nothing downstream absorbs it). On
+   captcha_det the objectness logits of true detections sat 0.34 too low on average.
+   Kept only if agreement does not get worse.
+   **Bias correction** (``bias_correction``): each quantized Conv/Gemm's bias is shifted
    by minus the mean error per output channel its own quantized weights and bias add
    (against a float twin reading the same dequantized input, on the check samples;
    the empirical correction of Nagel et al. 2019). Kept only if agreement does not get
@@ -81,11 +86,15 @@ class Int8Options:
         "help": "accuracy control returns at most this fraction of compute nodes to float"})
     check_samples: int = field(default=16, metadata={"help": "calibration samples held for the accuracy check"})
     samples: int = field(default=0, metadata={"help": "calibration samples used for ranges (0 = all)"})
+    head_correction: bool = field(default=True, metadata={
+        "help": "shift the bias of the last quantized Conv/Gemm before each output by its mean total error"})
     bias_correction: bool = field(default=False, metadata={
         "help": "shift each quantized Conv/Gemm bias by the mean error its own quantization adds (kept only if "
                 "agreement does not get worse)"})
     guard: bool = field(default=True, metadata={"help": "time fp32 vs int8 and never return a slower model"})
-    guard_batch: int = field(default=1, metadata={"help": "batch size the latency guard times"})
+    guard_batches: str = field(default="1,8", metadata={
+        "help": "comma-separated batch sizes the guard times; int8 must be faster at every one "
+                "(a model with a fixed batch dimension is timed at that size only)"})
     guard_trials: int = field(default=6, metadata={"help": "most region-removal timings the guard tries"})
     guard_margin: float = field(default=0.03, metadata={
         "help": "int8 must be at least this fraction faster than fp32 to be kept (timing noise)"})
@@ -243,6 +252,17 @@ class Int8(Pass):
                     q, p, acc, method = q2, p2, acc2, other
                 if acc["drop"] <= opts.max_drop:
                     break
+        if opts.head_correction and opts.bias == "int32":
+            saved = dict(state.bias_shift)
+            done = self._correct_heads(state, p, q, check, ctx)
+            if done:
+                q2, p2 = self._build(state, opts, method, floated)
+                acc2 = evaluate(q2)
+                steps.append({"method": method, "heads_corrected": done, **_round(acc2)})
+                if acc2["drop"] <= acc["drop"]:
+                    q, p, acc = q2, p2, acc2
+                else:
+                    state.bias_shift = saved
         if opts.bias_correction and opts.bias == "int32":
             self._correct_bias(state, p, q, check, ctx)
             q, p = self._build(state, opts, method, floated)
@@ -263,7 +283,7 @@ class Int8(Pass):
 
         # latency guard
         if opts.guard:
-            best = self._guard(state, opts, method, floated, model, q, p, check, ctx, stats, evaluate)
+            best = self._guard(state, opts, method, floated, model, q, p, check, ctx, stats, evaluate, acc["drop"])
             if best is None:
                 stats.update(decision="kept float", seconds=round(time.perf_counter() - t_start, 3))
                 return PassResult(model, False, stats)
@@ -334,8 +354,8 @@ class Int8(Pass):
             for n in state.model.graph.node:
                 if n.name in p.nodes and n.name not in p.fused:
                     read.update(qdq.data_inputs(n, state.inits) if n.op_type not in qdq.PASSTHROUGH else n.input[:1])
-            edge = p.tensors - read
-            for t in edge:
+            edge = (p.tensors - read) | {i.name for i in state.model.graph.input}
+            for t in edge & p.tensors:
                 if t in state.hists:
                     out[t] = tensor_range(state.hists[t], "minmax", symmetric=sym)
         return out
@@ -397,6 +417,57 @@ class Int8(Pass):
                 count[node] += d.shape[0] * d.shape[2]
         for node, e in err.items():
             state.bias_shift[node] = state.bias_shift.get(node, 0.0) - e / max(count[node], 1)
+
+    def _correct_heads(self, state: _State, p: qdq.Plan, q: onnx.ModelProto, check: list[dict[str, np.ndarray]],
+                       ctx: PassContext) -> int:
+        """Head correction: the last quantized Conv/Gemm before each graph output gets its
+        bias shifted by minus its *total* mean error per channel (int8 model vs float model,
+        upstream errors included). Only the heads: nothing downstream absorbs the shift,
+        so corrections cannot compound. Returns the number of heads corrected."""
+        from ...validate import make_session, run_session
+
+        producer = {o: n for n in state.model.graph.node for o in n.output if o}
+        heads: dict[str, onnx.NodeProto] = {}
+        stack, seen = [o.name for o in state.model.graph.output], set()
+        while stack:
+            n = producer.get(stack.pop())
+            if n is None or n.name in seen:
+                continue
+            seen.add(n.name)
+            if n.op_type in ("Conv", "Gemm", "MatMul", "ConvTranspose"):
+                if n.name in p.nodes and n.op_type in ("Conv", "Gemm"):
+                    heads[n.name] = n
+                continue
+            stack.extend(x for x in n.input if x)
+        if not heads:
+            return 0
+        names_f = [n.output[0] for n in heads.values()]
+        names_q = [t + qdq.FLOAT_SUFFIX if t in p.tensors else t for t in names_f]
+        f = onnx.ModelProto()
+        f.CopyFrom(state.model)
+        qq = onnx.ModelProto()
+        qq.CopyFrom(q)
+        for m, names in ((f, names_f), (qq, names_q)):
+            have = {o.name for o in m.graph.output}
+            m.graph.output.extend(onnx.ValueInfoProto(name=t) for t in names if t not in have)
+        sf = make_session(f, ctx.provider, label="int8 head correction (float)")
+        sq = make_session(qq, ctx.provider, label="int8 head correction (int8)")
+        of, oq = [o.name for o in f.graph.output], [o.name for o in qq.graph.output]
+        err: dict[str, np.ndarray] = {}
+        count: dict[str, int] = defaultdict(int)
+        for b in check:
+            a = dict(zip(of, run_session(sf, b)))
+            c = dict(zip(oq, run_session(sq, b)))
+            for name, tf, tq in zip(heads, names_f, names_q):
+                x, y = a[tf], c[tq]
+                if x.ndim < 2 or x.shape != y.shape:
+                    continue
+                d = (y.astype(np.float64) - x).reshape(x.shape[0], x.shape[1], -1)
+                err[name] = err.get(name, 0.0) + d.sum(axis=(0, 2))
+                count[name] += d.shape[0] * d.shape[2]
+        for name, e in err.items():
+            state.bias_shift[name] = state.bias_shift.get(name, 0.0) - e / max(count[name], 1)
+        return len(err)
 
     def _return_to_float(self, state: _State, opts: Int8Options, method: str, q: onnx.ModelProto, p: qdq.Plan,
                          acc: dict[str, float], floated: set[str], steps: list[dict[str, Any]],
@@ -480,20 +551,54 @@ class Int8(Pass):
 
     def _guard(self, state: _State, opts: Int8Options, method: str, floated: set[str], original: onnx.ModelProto,
                q: onnx.ModelProto, p: qdq.Plan, check: list[dict[str, np.ndarray]], ctx: PassContext,
-               stats: dict[str, Any], evaluate):  # type: ignore[no-untyped-def]
+               stats: dict[str, Any], evaluate, drop_now: float):  # type: ignore[no-untyped-def]
+        """Time int8 against fp32; try the usual culprits in float; keep a variant only if it
+        is faster by ``guard_margin`` and its agreement drop stays within
+        max(``max_drop``, the drop before the guard) — moving a float boundary can cost
+        accuracy (text_det: cosine 0.98 → 0.92 with its elementwise-only regions float)."""
         from ...validate import measure_latency
 
-        feeds = {k: v[: opts.guard_batch] for k, v in check[0].items()}
-        if any(v.shape[0] < opts.guard_batch for v in feeds.values()):
-            feeds = {k: np.concatenate([v] * opts.guard_batch)[: opts.guard_batch] for k, v in feeds.items()}
+        drop_limit = max(opts.max_drop, drop_now) + 1e-4 if opts.max_drop > 0 else None
+        rejected: list[str] = []
+
+        def accurate(cand: onnx.ModelProto, label: str) -> bool:
+            if drop_limit is None:
+                return True
+            a = evaluate(cand)
+            if a["drop"] > drop_limit:
+                rejected.append(f"{label}: drop {a['drop']:.4f} > {drop_limit:.4f}")
+                return False
+            return True
+
+        from ...data import input_specs
+
+        try:
+            sizes = sorted({int(b) for b in opts.guard_batches.split(",") if b.strip()})
+        except ValueError:
+            raise OptionError(f"pass 'int8': guard_batches='{opts.guard_batches}' is not a list of integers") from None
+        if not sizes or min(sizes) < 1:
+            raise OptionError(f"pass 'int8': guard_batches='{opts.guard_batches}' needs sizes ≥ 1")
+        fixed = {sp.static_batch for sp in input_specs(original) if sp.static_batch is not None}
+        if fixed:
+            sizes = sorted(fixed)
+        pool = {k: np.concatenate([b[k] for b in check]) for k in check[0]}
+        feeds_by_batch = {}
+        for bsz in sizes:
+            feeds_by_batch[bsz] = {k: (np.concatenate([v] * (-(-bsz // len(v))))[:bsz] if len(v) < bsz else v[:bsz])
+                                   for k, v in pool.items()}
         trials: list[dict[str, Any]] = []
 
         def timed(cand: onnx.ModelProto, label: str) -> float:
-            t_f, t_q = measure_latency([original, cand], feeds, provider=ctx.provider, runs=20, min_seconds=0.6,
-                                       labels=["fp32 model", f"int8 model ({label})"])
-            r = t_q / t_f
-            trials.append({"variant": label, "fp32_ms": round(t_f, 3), "int8_ms": round(t_q, 3), "ratio": round(r, 3)})
-            return r
+            worst = 0.0
+            row: dict[str, Any] = {"variant": label}
+            for bsz, feeds in feeds_by_batch.items():
+                t_f, t_q = measure_latency([original, cand], feeds, provider=ctx.provider, runs=20, min_seconds=0.6,
+                                           labels=["fp32 model", f"int8 model ({label})"])
+                row[f"b{bsz}"] = {"fp32_ms": round(t_f, 3), "int8_ms": round(t_q, 3), "ratio": round(t_q / t_f, 3)}
+                worst = max(worst, t_q / t_f)
+            row["ratio"] = round(worst, 3)
+            trials.append(row)
+            return worst
 
         best_ratio = timed(q, "all quantized")
         best = (q, p)
@@ -522,7 +627,7 @@ class Int8(Pass):
             if not any(nodes[x].op_type in qdq.COMPUTE for x in p2.nodes):
                 continue
             r = timed(q2, label)
-            if r < best_ratio * (1.0 - opts.guard_margin):
+            if r < best_ratio * (1.0 - opts.guard_margin) and accurate(q2, label):
                 best_ratio, best, drop = r, (q2, p2), drop | cand_set
         if best_ratio >= 1.0 - opts.guard_margin:
             _, p_now = best
@@ -532,10 +637,10 @@ class Int8(Pass):
                 if not any(nodes[x].op_type in qdq.COMPUTE for x in p2.nodes):
                     continue  # nothing heavy left in int8: that is the float model
                 r = timed(q2, f"region of {len(reg)} nodes float")
-                if r < best_ratio * (1.0 - opts.guard_margin):
+                if r < best_ratio * (1.0 - opts.guard_margin) and accurate(q2, f"region of {len(reg)} nodes float"):
                     best_ratio, best, drop = r, (q2, p2), drop | reg
-        stats["latency"] = {"batch": opts.guard_batch, "provider": ctx.provider, "trials": trials,
-                            "ratio": round(best_ratio, 3)}
+        stats["latency"] = {"batches": sizes, "provider": ctx.provider, "trials": trials,
+                            "ratio": round(best_ratio, 3), "rejected_for_accuracy": rejected}
         if best_ratio >= 1.0 - opts.guard_margin:
             log.warning("int8: no quantized variant is faster than the float model (best %.3f×); keeping float",
                         best_ratio)
