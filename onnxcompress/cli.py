@@ -165,7 +165,7 @@ def _print_report(r: OptimizeReport) -> None:
     for col in ("pass", "changed", "seconds", "statistics"):
         steps.add_column(col)
     for p in r.passes:
-        stats = ", ".join(f"{k}={v}" for k, v in p.stats.items() if not isinstance(v, (list, tuple)))
+        stats = ", ".join(f"{k}={v}" for k, v in p.stats.items() if not isinstance(v, (list, tuple, dict)))
         steps.add_row(p.name, "yes" if p.modified else "no", f"{p.seconds:.2f}", stats)
     out.print(steps)
     b, a = r.before, r.after

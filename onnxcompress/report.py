@@ -24,7 +24,7 @@ import numpy as np
 import onnx
 
 from .data import input_specs
-from .model import default_opset, iter_tensors, node_attr, serialized_size
+from .model import default_opset, iter_graphs, iter_tensors, node_attr, serialized_size
 from .shapes import all_shapes
 
 log = logging.getLogger(__name__)
@@ -69,11 +69,15 @@ def _dims(vi: onnx.ValueInfoProto) -> list[int | str | None]:
 
 
 def count_params(model: onnx.ModelProto) -> int:
-    """Elements of floating-point weights: initializers and Constant-node tensors."""
+    """Elements of weights: floating-point initializers and Constant-node tensors, and the
+    integer tensors a DequantizeLinear reads as data (quantized weights and biases; their
+    scales and zero points are floating/integer bookkeeping and count too only if float)."""
     floating = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16}
+    quantized = {n.input[0] for g in iter_graphs(model.graph) for n in g.node
+                 if n.op_type == "DequantizeLinear" and n.input}
     total = 0
     for t in iter_tensors(model):
-        if t.data_type in floating:
+        if t.data_type in floating or t.name in quantized:
             total += int(np.prod(t.dims, dtype=np.int64)) if len(t.dims) else 1
     return total
 
