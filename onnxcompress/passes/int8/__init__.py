@@ -86,10 +86,11 @@ class Int8Options:
     max_drop: float = field(default=0.005, metadata={
         "help": "largest allowed drop of agreement with the float model on calibration samples (0 = off)"})
     max_float: float = field(default=0.3, metadata={
-        "help": "accuracy control returns at most this fraction of compute nodes to float"})
+        "help": "accuracy control returns at most this fraction of the quantized nodes to float"})
     float_steps: int = field(default=12, metadata={
         "help": "accuracy control: most chunks of Q/DQ pairs tried in float (each costs one evaluation)"})
-    check_samples: int = field(default=16, metadata={"help": "calibration samples held for the accuracy check"})
+    check_samples: int = field(default=16, metadata={
+        "help": "first calibration samples the accuracy check (and bias correction, guard timing) runs on"})
     samples: int = field(default=0, metadata={"help": "calibration samples used for ranges (0 = all)"})
     head_correction: bool = field(default=True, metadata={
         "help": "shift the bias of the last quantized Conv/Gemm before each output by its mean total error"})
