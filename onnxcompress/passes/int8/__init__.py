@@ -52,6 +52,7 @@ import logging
 import re
 import time
 from collections import Counter, defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -133,6 +134,26 @@ def _excluded(model: onnx.ModelProto, spec: str) -> set[str]:
         if t not in matched:
             log.warning("int8: exclude '%s' matches no node or op type", t)
     return names
+
+
+def _shift_biases(state: "_State", runs: Iterable[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]],
+                  watch: list[tuple[str, str, str]]) -> int:
+    """For ``(node, quantized tensor, reference tensor)`` in ``watch``, add minus the mean
+    per-channel difference over ``runs`` (pairs of quantized, reference outputs) to the
+    node's bias shift; the number of nodes shifted."""
+    err: dict[str, np.ndarray] = {}
+    count: dict[str, int] = defaultdict(int)
+    for got_q, got_f in runs:
+        for node, y_q, y_f in watch:
+            x, y = got_f[y_f], got_q[y_q]
+            if x.ndim < 2 or x.shape != y.shape:
+                continue
+            d = (y.astype(np.float64) - x).reshape(x.shape[0], x.shape[1], -1)
+            err[node] = err.get(node, 0.0) + d.sum(axis=(0, 2))
+            count[node] += d.shape[0] * d.shape[2]
+    for node, e in err.items():
+        state.bias_shift[node] = state.bias_shift.get(node, 0.0) - e / max(count[node], 1)
+    return len(err)
 
 
 def _take(data: Any, limit: int) -> list[dict[str, np.ndarray]]:
@@ -414,19 +435,9 @@ class Int8(Pass):
         m.graph.output.extend(onnx.ValueInfoProto(name=t) for _, a, b in watch for t in (a, b) if t not in outs)
         sess = make_session(m, ctx.provider, optimize=False, label="int8 bias correction model")
         names = [o.name for o in m.graph.output]
-        err: dict[str, np.ndarray] = {}
-        count: dict[str, int] = defaultdict(int)
-        for b in check:
-            got = dict(zip(names, run_session(sess, b, "int8 bias correction model")))
-            for node, y_q, y_f in watch:
-                x, y = got[y_f], got[y_q]
-                if x.ndim < 2 or x.shape != y.shape:
-                    continue
-                d = (y.astype(np.float64) - x).reshape(x.shape[0], x.shape[1], -1)
-                err[node] = err.get(node, 0.0) + d.sum(axis=(0, 2))
-                count[node] += d.shape[0] * d.shape[2]
-        for node, e in err.items():
-            state.bias_shift[node] = state.bias_shift.get(node, 0.0) - e / max(count[node], 1)
+        runs = ((got, got) for got in (dict(zip(names, run_session(sess, b, "int8 bias correction model")))
+                                       for b in check))
+        _shift_biases(state, runs, watch)
 
     def _correct_heads(self, state: _State, p: qdq.Plan, q: onnx.ModelProto, check: list[dict[str, np.ndarray]],
                        ctx: PassContext) -> int:
@@ -463,21 +474,8 @@ class Int8(Pass):
         sf = make_session(f, ctx.provider, label="int8 head correction (float)")
         sq = make_session(qq, ctx.provider, label="int8 head correction (int8)")
         of, oq = [o.name for o in f.graph.output], [o.name for o in qq.graph.output]
-        err: dict[str, np.ndarray] = {}
-        count: dict[str, int] = defaultdict(int)
-        for b in check:
-            a = dict(zip(of, run_session(sf, b)))
-            c = dict(zip(oq, run_session(sq, b)))
-            for name, tf, tq in zip(heads, names_f, names_q):
-                x, y = a[tf], c[tq]
-                if x.ndim < 2 or x.shape != y.shape:
-                    continue
-                d = (y.astype(np.float64) - x).reshape(x.shape[0], x.shape[1], -1)
-                err[name] = err.get(name, 0.0) + d.sum(axis=(0, 2))
-                count[name] += d.shape[0] * d.shape[2]
-        for name, e in err.items():
-            state.bias_shift[name] = state.bias_shift.get(name, 0.0) - e / max(count[name], 1)
-        return len(err)
+        runs = ((dict(zip(oq, run_session(sq, b))), dict(zip(of, run_session(sf, b)))) for b in check)
+        return _shift_biases(state, runs, list(zip(heads, names_q, names_f)))
 
     def _return_to_float(self, state: _State, opts: Int8Options, method: str, q: onnx.ModelProto, p: qdq.Plan,
                          acc: dict[str, float], floated: set[str], steps: list[dict[str, Any]],
@@ -534,31 +532,21 @@ class Int8(Pass):
 
     def _regions(self, state: _State, p: qdq.Plan) -> list[set[str]]:
         """Connected quantized nodes (through quantized tensors)."""
-        parent: dict[str, str] = {}
-
-        def find(x: str) -> str:
-            parent.setdefault(x, x)
-            while parent[x] != x:
-                parent[x] = parent[parent[x]]
-                x = parent[x]
-            return x
-
+        uf = qdq.UnionFind()
         producer = {o: n.name for n in state.model.graph.node for o in n.output}
         for n in state.model.graph.node:
             if n.name not in p.nodes:
                 continue
-            find(n.name)
+            uf.find(n.name)
             if n.name in p.fused:
-                parent[find(n.name)] = find(p.fused[n.name])
+                uf.union(n.name, p.fused[n.name])
             for x in n.input:
                 src = producer.get(x)
                 if src in p.nodes and (x in p.tensors or x in p.inner):
-                    ra, rb = find(n.name), find(src)
-                    if ra != rb:
-                        parent[ra] = rb
+                    uf.union(n.name, src)
         groups: dict[str, set[str]] = defaultdict(set)
         for n in p.nodes:
-            groups[find(n)].add(n)
+            groups[uf.find(n)].add(n)
         return list(groups.values())
 
     def _guard(self, state: _State, opts: Int8Options, method: str, floated: set[str], original: onnx.ModelProto,

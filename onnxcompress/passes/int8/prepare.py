@@ -60,6 +60,20 @@ def upgrade_opset(model: onnx.ModelProto, target: int = PER_CHANNEL_OPSET) -> on
     return new
 
 
+def _absorb(g: onnx.GraphProto, conv: onnx.NodeProto, w: np.ndarray, b: np.ndarray, follower: onnx.NodeProto,
+            tag: str) -> None:
+    """Give ``conv`` the new weights and bias and ``follower``'s output; drop ``follower``."""
+    wname, bname = f"{conv.name}_W_{tag}", f"{conv.name}_B_{tag}"
+    g.initializer.extend([numpy_helper.from_array(w, wname), numpy_helper.from_array(b, bname)])
+    conv.input[1] = wname
+    if len(conv.input) > 2:
+        conv.input[2] = bname
+    else:
+        conv.input.append(bname)
+    conv.output[0] = follower.output[0]
+    g.node.remove(follower)
+
+
 def fold_batchnorm(model: onnx.ModelProto) -> int:
     """Fold every BatchNormalization that reads a Conv's sole output; the number folded."""
     g = model.graph
@@ -99,16 +113,7 @@ def fold_batchnorm(model: onnx.ModelProto) -> int:
         b = numpy_helper.to_array(inits[conv.input[2]]).astype(np.float64) if len(conv.input) > 2 and conv.input[2] else 0.0
         b2 = k * (b - mean) + beta
         dtype = numpy_helper.to_array(inits[conv.input[1]]).dtype
-        wname, bname = f"{conv.name}_W_bnfold", f"{conv.name}_B_bnfold"
-        g.initializer.extend([numpy_helper.from_array(w2.astype(dtype), wname),
-                              numpy_helper.from_array(b2.astype(dtype), bname)])
-        conv.input[1] = wname
-        if len(conv.input) > 2:
-            conv.input[2] = bname
-        else:
-            conv.input.append(bname)
-        conv.output[0] = bn.output[0]
-        g.node.remove(bn)
+        _absorb(g, conv, w2.astype(dtype), b2.astype(dtype), bn, f"bnfold{folded}")
         folded += 1
     if folded:
         _drop_unused_initializers(model)
@@ -169,16 +174,7 @@ def fold_affine(model: onnx.ModelProto) -> int:
             else:
                 w2 = w
                 b2 = b + c
-            wname, bname = f"{conv.name}_W_affine{folded}", f"{conv.name}_B_affine{folded}"
-            g.initializer.extend([numpy_helper.from_array(w2, wname),
-                                  numpy_helper.from_array(b2.astype(np.float32), bname)])
-            conv.input[1] = wname
-            if len(conv.input) > 2:
-                conv.input[2] = bname
-            else:
-                conv.input.append(bname)
-            conv.output[0] = op.output[0]
-            g.node.remove(op)
+            _absorb(g, conv, w2, b2.astype(np.float32), op, f"affine{folded}")
             folded += 1
             changed = True
             break

@@ -80,7 +80,7 @@ class Plan:
         return dict(out)
 
 
-class _UnionFind:
+class UnionFind:
     def __init__(self) -> None:
         self.parent: dict[str, str] = {}
 
@@ -297,7 +297,7 @@ def plan(model: onnx.ModelProto, allowed: Iterable[str] | None = None,
             p.declined[n.name] = "no quantized neighbour on both sides"
 
     # 5. shared scales: data movement (output = input) and Concat (inputs = output)
-    uf = _UnionFind()
+    uf = UnionFind()
     produced_by_sharing: set[str] = set()
     for n in order:
         if n.name not in p.nodes:
