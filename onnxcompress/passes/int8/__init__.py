@@ -1,8 +1,10 @@
 """Pass ``int8``: QuantizeLinear/DequantizeLinear insertion with streaming calibration,
 an accuracy control and a latency guard.
 
-1. **Prepare** (prepare.py): opset ≥ 13 for per-channel weights (validated upgrade, or
-   per-tensor weights), BatchNormalization folded into Convs, ``x / c`` → ``x · (1/c)``.
+1. **Prepare** (prepare.py, exact float rewrites): opset ≥ 13 for per-channel weights
+   (validated upgrade, or per-tensor weights), BatchNormalization and constant
+   per-channel Mul/Add folded into Convs, ``x / c`` → ``x · (1/c)``, HardSigmoid and
+   HardSwish as Mul/Add/Clip.
 2. **Place** (qdq.py): which nodes onnxruntime can run as integer kernels, which
    tensors get one Q → DQ pair, which share a scale.
 3. **Calibrate** (calibration.py): one onnxruntime session exposing the tensors that may
