@@ -193,6 +193,9 @@ class LowRank(Pass):
             label = node.name or node.output[0]
             if w.ndim != 4:
                 continue
+            if not np.all(np.isfinite(w)):
+                layers.append({"node": label, "decision": "kept", "reason": "weights have NaN or Inf values"})
+                continue
             if int(node_attr(node, "group", 1)) != 1:
                 layers.append({"node": label, "decision": "kept", "reason": f"grouped (group={node_attr(node, 'group', 1)})"})
                 continue

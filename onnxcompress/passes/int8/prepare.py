@@ -98,7 +98,10 @@ def fold_batchnorm(model: onnx.ModelProto) -> int:
         w = numpy_helper.to_array(inits[conv.input[1]]).astype(np.float64)
         gamma, beta, mean, var = (numpy_helper.to_array(inits[x]).astype(np.float64) for x in bn.input[1:5])
         eps = float(node_attr(bn, "epsilon", 1e-5))
-        k = gamma / np.sqrt(var + eps)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            k = gamma / np.sqrt(var + eps)
+        if not np.all(np.isfinite(k)):
+            continue  # a negative variance or zero-width BN: leave it to run as it is
         if conv.op_type == "Conv":
             if w.shape[0] != k.size:
                 continue

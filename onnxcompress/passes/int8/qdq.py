@@ -164,6 +164,9 @@ def _compute_ok(node: onnx.NodeProto, inits: Mapping[str, TensorProto]) -> str |
         return f"MatMul weight of rank {len(w.dims)}"
     if op == "Conv" and len(node.input) > 2 and node.input[2] and node.input[2] not in inits:
         return "bias is not a constant"
+    for x in node.input[1:3]:
+        if x in inits and inits[x].data_type == TensorProto.FLOAT and not np.all(np.isfinite(numpy_helper.to_array(inits[x]))):
+            return f"'{x}' has NaN or Inf values"
     return None
 
 

@@ -227,6 +227,12 @@ def analyze(model: onnx.ModelProto, shapes: dict[str, list[int]]) -> Analysis:
             if w is None:
                 block(x, f"{label} has non-constant weights")
                 continue
+            if w.ndim < 3:
+                block(x, f"{label} has a weight of rank {w.ndim}")
+                continue
+            if w.dtype.kind == "f" and not np.all(np.isfinite(w)):
+                block(x, f"{label} has NaN or Inf weights")
+                continue
             if op == "Conv":
                 cout, cin = w.shape[0], w.shape[1] * group
             else:

@@ -209,8 +209,15 @@ def bias_compensation(an: Analysis, gone: np.ndarray, stats: CalibrationStats | 
         if mean is None or node.op_type == "MatMul":
             res.skipped += 1
             continue
+        if not np.all(np.isfinite(mean[removed])):
+            res.skipped += 1  # overflowing or NaN activations: no meaningful compensation
+            continue
         contrib = w2.reshape(w2.shape[0], len(use.atoms), khw).sum(axis=2)  # [out, in]
-        delta = contrib[:, removed] @ mean[removed]
+        with np.errstate(all="ignore"):
+            delta = contrib[:, removed] @ mean[removed]
+        if not np.all(np.isfinite(delta)):
+            res.skipped += 1
+            continue
         res.arrays[(use.node, bias_k)] = (b + delta).astype(np.float32)
         res.bias += 1
     return res
@@ -297,6 +304,7 @@ class _Acc:
     B: np.ndarray | None = None
     diff: np.ndarray | None = None  # bias mode: Σ (y_orig - y_new) per out channel
     count: int = 0
+    nonfinite: bool = False  # NaN/Inf seen in its activations: leave the layer as it is
 
 
 def sequential_refit(
@@ -407,6 +415,9 @@ def _kept_target(y_ref: np.ndarray, y_new: np.ndarray, kept: np.ndarray | None) 
 
 def _accumulate_refit(acc: _Acc, x: np.ndarray, y_new: np.ndarray, y_ref: np.ndarray, inits, rng, positions: int) -> None:
     n = acc.node
+    if acc.nonfinite or not (np.all(np.isfinite(x)) and np.all(np.isfinite(y_ref)) and np.all(np.isfinite(y_new))):
+        acc.nonfinite = True
+        return
     if acc.kind == "bias":
         axes = tuple(i for i in range(y_ref.ndim) if i != 1) if y_ref.ndim > 1 else (0,)
         d = (y_ref - y_new).sum(axis=axes, dtype=np.float64)
@@ -546,6 +557,8 @@ def _current_bias(node: onnx.NodeProto, inits, size: int, model: onnx.ModelProto
 
 def _solve_refit(acc: _Acc, model: onnx.ModelProto, inits, ridge: float) -> int:
     n = acc.node
+    if acc.nonfinite or acc.count == 0:
+        return 0
     if acc.kind == "bias":
         delta = acc.diff / max(acc.count, 1)  # type: ignore[operator]
         old = np.zeros_like(delta) if not (len(n.input) > 2 and n.input[2]) else numpy_helper.to_array(inits[n.input[2]]).reshape(-1)
