@@ -70,6 +70,9 @@ from .calibration import StreamingHistogram, collect_histograms, tensor_range
 log = logging.getLogger(__name__)
 
 METHODS = ("kl", "minmax", "percentile", "mse")
+#: ops that mean a model is quantized already (the pass then leaves it unchanged)
+ALREADY_QUANTIZED = frozenset({"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul", "ConvInteger",
+                               "MatMulInteger", "DynamicQuantizeLinear", "MatMulIntegerToFloat", "QGemm"})
 
 
 @dataclass(frozen=True)
@@ -150,12 +153,17 @@ def _shift_biases(state: "_State", runs: Iterable[tuple[dict[str, np.ndarray], d
             x, y = got_f[y_f], got_q[y_q]
             if x.ndim < 2 or x.shape != y.shape:
                 continue
-            d = (y.astype(np.float64) - x).reshape(x.shape[0], x.shape[1], -1)
-            err[node] = err.get(node, 0.0) + d.sum(axis=(0, 2))
+            with np.errstate(invalid="ignore", over="ignore"):
+                d = (y.astype(np.float64) - x).reshape(x.shape[0], x.shape[1], -1)
+                err[node] = err.get(node, 0.0) + d.sum(axis=(0, 2))
             count[node] += d.shape[0] * d.shape[2]
+    shifted = 0
     for node, e in err.items():
-        state.bias_shift[node] = state.bias_shift.get(node, 0.0) - e / max(count[node], 1)
-    return len(err)
+        mean = e / max(count[node], 1)
+        if np.all(np.isfinite(mean)):  # NaN/Inf activations: nothing sensible to correct
+            state.bias_shift[node] = state.bias_shift.get(node, 0.0) - mean
+            shifted += 1
+    return shifted
 
 
 def _take(data: Any, limit: int) -> list[dict[str, np.ndarray]]:
@@ -240,6 +248,9 @@ class Int8(Pass):
         if not 0 <= opts.max_float <= 1:
             raise OptionError(f"pass 'int8': max_float={opts.max_float} must be in [0, 1]")
         stats: dict[str, Any] = {}
+        done = sorted({n.op_type for n in model.graph.node if n.op_type in ALREADY_QUANTIZED})
+        if done:
+            return PassResult(model, False, {"decision": "kept", "summary": f"already quantized ({', '.join(done)})"})
         t_start = time.perf_counter()
         state = self._prepare(model, ctx, opts, stats)
 
@@ -334,9 +345,7 @@ class Int8(Pass):
         m.CopyFrom(model)
         per_channel = opts.per_channel
         opset = prepare.opset_of(m)
-        if opset < 10:
-            raise OptionError(f"pass 'int8': the model's opset {opset} has no QuantizeLinear (needs ≥ 10)")
-        if opset < prepare.PER_CHANNEL_OPSET and per_channel:
+        if opset < prepare.PER_CHANNEL_OPSET and (per_channel or opset < 10):
             why = None
             try:
                 up = prepare.upgrade_opset(m)
@@ -355,6 +364,9 @@ class Int8(Pass):
             if why is None:
                 m = up
                 stats["opset"] = f"upgraded {opset} → {prepare.PER_CHANNEL_OPSET} (validated)"
+            elif opset < 10:
+                raise OptionError(f"pass 'int8': opset {opset} has no QuantizeLinear (needs ≥ 10) and the "
+                                  f"upgrade to {prepare.PER_CHANNEL_OPSET} failed: {why}")
             else:
                 per_channel = False
                 stats["opset"] = f"kept {opset}: upgrade failed ({why}); weights per tensor"
