@@ -325,8 +325,14 @@ def save_model(
 
 
 def serialized_size(model: onnx.ModelProto) -> int:
-    """Bytes the model takes on disk (tensor data included)."""
+    """Bytes the model takes on disk (tensor data included). Over protobuf's 2 GB limit
+    ``ByteSize`` fails (EncodeError): then tensor bytes plus the size of every other part
+    of the graph, which is what a save with external data writes."""
+    from google.protobuf.message import EncodeError
+
     try:
         return model.ByteSize()
-    except (ValueError, RuntimeError):
-        return tensor_bytes(model)
+    except (ValueError, RuntimeError, EncodeError):
+        g = model.graph
+        parts = list(g.node) + list(g.input) + list(g.output) + list(g.value_info)
+        return tensor_bytes(model) + sum(p.ByteSize() for p in parts)
