@@ -56,6 +56,32 @@ def with_if() -> onnx.ModelProto:
     return m
 
 
+def with_loop() -> onnx.ModelProto:
+    """y accumulated three times by a Loop whose body adds the Gemm output."""
+    m = conv_net(13)
+    body = helper.make_graph(
+        [helper.make_node("Identity", ["cond_in"], ["cond_out"]), helper.make_node("Add", ["acc_in", "y"], ["acc_out"])],
+        "body", [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+                 helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []), fvi("acc_in", [2, 5])],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []), fvi("acc_out", [2, 5])])
+    m.graph.initializer.extend([numpy_helper.from_array(np.array(3, np.int64), "trips"),
+                                numpy_helper.from_array(np.array(True), "keep"),
+                                numpy_helper.from_array(np.zeros((2, 5), np.float32), "acc0")])
+    m.graph.node.append(helper.make_node("Loop", ["trips", "keep", "acc0"], ["z"], name="loop", body=body))
+    m.graph.output.append(fvi("z", [2, 5]))
+    return m
+
+
+def conv_integer() -> onnx.ModelProto:
+    rng = np.random.default_rng(4)
+    nodes = [helper.make_node("QuantizeLinear", ["x", "s", "zp"], ["xq"], name="q"),
+             helper.make_node("ConvInteger", ["xq", "wq", "zp"], ["acc"], name="convint", kernel_shape=[3, 3]),
+             helper.make_node("Cast", ["acc"], ["y"], to=TensorProto.FLOAT, name="cast")]
+    inits = [numpy_helper.from_array(np.array(0.05, np.float32), "s"), numpy_helper.from_array(np.array(128, np.uint8), "zp"),
+             numpy_helper.from_array(rng.integers(0, 255, (4, 3, 3, 3)).astype(np.uint8), "wq")]
+    return make_model(nodes, [fvi("x", [2, 3, 8, 8])], [fvi("y", [2, 4, 6, 6])], inits)
+
+
 def already_qdq() -> onnx.ModelProto:
     m = conv_net(13)
     g = m.graph
@@ -117,6 +143,8 @@ CASES = {f"opset{v}": (lambda v=v: conv_net(v)) for v in range(7, 22)}
 CASES.update({
     "float16": lambda: conv_net(13, TensorProto.FLOAT16),
     "if_subgraph": with_if,
+    "loop_subgraph": with_loop,
+    "conv_integer": conv_integer,
     "already_qdq": already_qdq,
     "dynamic_quantized": dynamic_quantized,
     "zero_size_tensor": zero_size,
@@ -166,7 +194,8 @@ def test_corpus_model(case: str, cli, tmp_path: Path) -> None:  # noqa: ANN001
 @pytest.mark.filterwarnings("error::RuntimeWarning")
 def test_corpus_outcomes(cli, tmp_path: Path) -> None:  # noqa: ANN001
     """The cases a user would expect to work do work (not merely refuse cleanly)."""
-    expect_ok = ["opset11", "opset13", "opset17", "opset21", "if_subgraph", "already_qdq", "multiple_inputs_outputs",
+    expect_ok = ["opset11", "opset13", "opset17", "opset21", "if_subgraph", "loop_subgraph", "already_qdq",
+                 "conv_integer", "multiple_inputs_outputs",
                  "no_conv", "nan_inf_weights"]
     for case in expect_ok:
         d = tmp_path / case

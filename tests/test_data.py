@@ -274,3 +274,10 @@ def test_image_errors(tmp_path: Path) -> None:
         open_data(good, conv_model(("N", 3, "H", "W")))
     with pytest.raises(DataError, match="images give 1 or 3 channels, the model wants 5"):
         open_data(good, conv_model(("N", 5, 4, 4)))
+
+
+def test_corrupt_image_named(tmp_path: Path) -> None:
+    _png(tmp_path / "a.png", (255, 0, 0))
+    (tmp_path / "b.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(50)))  # a PNG header, then garbage
+    with pytest.raises(DataError, match=r"b\.png: cannot read image"):
+        collect(open_data(tmp_path, conv_model(("N", 3, 4, 4))))
