@@ -292,27 +292,21 @@ class Int8(Pass):
                     q, p, acc, method = q2, p2, acc2, other
                 if acc["drop"] <= opts.max_drop:
                     break
-        if opts.head_correction and opts.bias == "int32":
+        for enabled, label, correct in ((opts.head_correction, "heads_corrected", self._correct_heads),
+                                        (opts.bias_correction, "bias_corrected", self._correct_bias)):
+            if not enabled or opts.bias != "int32":
+                continue
             saved = dict(state.bias_shift)
-            done = self._correct_heads(state, p, q, check, ctx)
-            if done:
-                q2, p2 = self._build(state, opts, method, floated)
-                acc2 = evaluate(q2)
-                steps.append({"method": method, "heads_corrected": done, **_round(acc2)})
-                if acc2["drop"] <= acc["drop"]:
-                    q, p, acc = q2, p2, acc2
-                else:
-                    state.bias_shift = saved
-        if opts.bias_correction and opts.bias == "int32":
-            self._correct_bias(state, p, q, check, ctx)
-            q, p = self._build(state, opts, method, floated)
-            acc2 = evaluate(q)
-            steps.append({"method": method, "bias_corrected": len(state.bias_shift), **_round(acc2)})
+            shifted = correct(state, p, q, check, ctx)
+            if not shifted:
+                continue
+            q2, p2 = self._build(state, opts, method, floated)
+            acc2 = evaluate(q2)
+            steps.append({"method": method, label: shifted, **_round(acc2)})
             if acc2["drop"] <= acc["drop"]:
-                acc = acc2
-            else:  # it made things worse: forget it
-                state.bias_shift.clear()
-                q, p = self._build(state, opts, method, floated)
+                q, p, acc = q2, p2, acc2
+            else:  # it made things worse: forget this correction, keep the earlier ones
+                state.bias_shift = saved
         if opts.max_drop > 0 and acc["drop"] > opts.max_drop:
             q, p, acc = self._return_to_float(state, opts, method, q, p, acc, floated, steps, evaluate)
         stats["accuracy"] = {"method": method, "max_drop": opts.max_drop, "met": acc["drop"] <= opts.max_drop or
@@ -417,12 +411,12 @@ class Int8(Pass):
         return q, p
 
     def _correct_bias(self, state: _State, p: qdq.Plan, q: onnx.ModelProto, check: list[dict[str, np.ndarray]],
-                      ctx: PassContext) -> None:
+                      ctx: PassContext) -> int:
         """Empirical bias correction of each quantized Conv/Gemm's own error: a float twin
         of the layer reads the same dequantized input, and the mean difference per output
         channel, ``E[Conv(x̂, Ŵ) + b̂ − (Conv(x̂, W) + b)]`` over the check samples, is
         subtracted from the bias. Each layer corrects only what its own weights and bias
-        add, so corrections do not compound."""
+        add, so corrections do not compound. Returns the number of layers shifted."""
         from onnx import helper
 
         from ...validate import make_session, run_session
@@ -430,7 +424,7 @@ class Int8(Pass):
         convs = [n for n in q.graph.node if n.name in p.nodes and n.op_type in ("Conv", "Gemm")]
         orig = {n.name: n for n in state.model.graph.node}
         if not convs:
-            return
+            return 0
         m = onnx.ModelProto()
         m.CopyFrom(q)
         have = {t.name for t in m.graph.initializer}
@@ -451,7 +445,7 @@ class Int8(Pass):
         names = [o.name for o in m.graph.output]
         runs = ((got, got) for got in (dict(zip(names, run_session(sess, b, "int8 bias correction model")))
                                        for b in check))
-        _shift_biases(state, runs, watch)
+        return _shift_biases(state, runs, watch)
 
     def _correct_heads(self, state: _State, p: qdq.Plan, q: onnx.ModelProto, check: list[dict[str, np.ndarray]],
                        ctx: PassContext) -> int:
