@@ -166,6 +166,20 @@ def _shift_biases(state: "_State", runs: Iterable[tuple[dict[str, np.ndarray], d
     return shifted
 
 
+def _guard_sizes(opts: Int8Options, model: onnx.ModelProto) -> list[int]:
+    """The batch sizes the latency guard times (checked before any work is done)."""
+    from ...data import input_specs
+
+    try:
+        sizes = sorted({int(b) for b in opts.guard_batches.split(",") if b.strip()})
+    except ValueError:
+        raise OptionError(f"pass 'int8': guard_batches='{opts.guard_batches}' is not a list of integers") from None
+    if not sizes or min(sizes) < 1:
+        raise OptionError(f"pass 'int8': guard_batches='{opts.guard_batches}' needs sizes ≥ 1")
+    fixed = {sp.static_batch for sp in input_specs(model) if sp.static_batch is not None}
+    return sorted(fixed) if fixed else sizes
+
+
 def _take(data: Any, limit: int) -> list[dict[str, np.ndarray]]:
     """The first ``limit`` samples of a data source, as batches."""
     out: list[dict[str, np.ndarray]] = []
@@ -230,6 +244,19 @@ class _State:
     per_channel: bool
     ref: list[list[np.ndarray]] = field(default_factory=list)  # float outputs on the check samples
     bias_shift: dict[str, np.ndarray] = field(default_factory=dict)  # bias correction per node
+    base_ranges: dict[str, dict[str, tuple[float, float]]] = field(default_factory=dict)  # per method
+    producer: dict[str, onnx.NodeProto] = field(default_factory=dict)  # tensor → the node writing it
+    readers: dict[str, list[onnx.NodeProto]] = field(default_factory=dict)  # tensor → nodes reading it
+
+    def __post_init__(self) -> None:
+        readers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
+        for n in self.model.graph.node:
+            for o in n.output:
+                if o:
+                    self.producer[o] = n
+            for x in n.input:
+                readers[x].append(n)
+        self.readers = readers
 
 
 class Int8(Pass):
@@ -242,11 +269,11 @@ class Int8(Pass):
         opts: Int8Options = self.options
         if ctx.calibration is None:
             raise OptionError("pass 'int8' needs calibration data (--calib)")
-        for key, v in (("percentile", opts.percentile),):
-            if not 0 < v <= 100:
-                raise OptionError(f"pass 'int8': {key}={v} must be in (0, 100]")
+        if not 0 < opts.percentile <= 100:
+            raise OptionError(f"pass 'int8': percentile={opts.percentile} must be in (0, 100]")
         if not 0 <= opts.max_float <= 1:
             raise OptionError(f"pass 'int8': max_float={opts.max_float} must be in [0, 1]")
+        guard_sizes = _guard_sizes(opts, model) if opts.guard else []
         stats: dict[str, Any] = {}
         done = sorted({n.op_type for n in model.graph.node if n.op_type in ALREADY_QUANTIZED})
         if done:
@@ -317,7 +344,8 @@ class Int8(Pass):
 
         # latency guard
         if opts.guard:
-            best = self._guard(state, opts, method, floated, model, q, p, check, ctx, stats, evaluate, acc["drop"])
+            best = self._guard(state, opts, method, floated, model, q, p, check, ctx, stats, evaluate, acc["drop"],
+                               guard_sizes)
             if best is None:
                 stats.update(decision="kept float", seconds=round(time.perf_counter() - t_start, 3),
                              summary=f"kept float: {stats.get('reason', '')}")
@@ -384,10 +412,12 @@ class Int8(Pass):
     def _ranges(self, state: _State, opts: Int8Options, method: str, p: qdq.Plan | None = None,
                 ) -> dict[str, tuple[float, float]]:
         sym = opts.activations == "int8"
-        out = {}
-        for t, h in state.hists.items():
-            out[t] = tensor_range(h, method, symmetric=sym, percentile=opts.percentile,  # type: ignore[arg-type]
-                                  kl_guard=opts.kl_guard)
+        if method not in state.base_ranges:  # thresholds depend only on the histograms: once per method
+            state.base_ranges[method] = {
+                t: tensor_range(h, method, symmetric=sym, percentile=opts.percentile,  # type: ignore[arg-type]
+                                kl_guard=opts.kl_guard)
+                for t, h in state.hists.items()}
+        out = dict(state.base_ranges[method])
         if p is not None:
             read = set()
             for n in state.model.graph.node:
@@ -455,11 +485,10 @@ class Int8(Pass):
         so corrections cannot compound. Returns the number of heads corrected."""
         from ...validate import make_session, run_session
 
-        producer = {o: n for n in state.model.graph.node for o in n.output if o}
         heads: dict[str, onnx.NodeProto] = {}
         stack, seen = [o.name for o in state.model.graph.output], set()
         while stack:
-            n = producer.get(stack.pop())
+            n = state.producer.get(stack.pop())
             if n is None or n.name in seen:
                 continue
             seen.add(n.name)
@@ -503,18 +532,13 @@ class Int8(Pass):
             if v is not None:
                 scores[t] = v
         ranked = sorted(scores, key=lambda t: -scores[t])
-        producer = {o: n.name for n in state.model.graph.node for o in n.output}
-        readers: dict[str, list[str]] = defaultdict(list)
-        for n in state.model.graph.node:
-            for x in n.input:
-                readers[x].append(n.name)
 
         def nodes_of(tensors: list[str]) -> set[str]:
             out: set[str] = set()
             for t in tensors:
-                if t in producer:
-                    out.add(producer[t])
-                out.update(readers[t])
+                if t in state.producer:
+                    out.add(state.producer[t].name)
+                out.update(r.name for r in state.readers.get(t, []))
             out |= {f for f, src in p.fused.items() if src in out} | {p.fused[f] for f in out if f in p.fused}
             return out & p.nodes
 
@@ -541,7 +565,6 @@ class Int8(Pass):
     def _regions(self, state: _State, p: qdq.Plan) -> list[set[str]]:
         """Connected quantized nodes (through quantized tensors)."""
         uf = qdq.UnionFind()
-        producer = {o: n.name for n in state.model.graph.node for o in n.output}
         for n in state.model.graph.node:
             if n.name not in p.nodes:
                 continue
@@ -549,9 +572,9 @@ class Int8(Pass):
             if n.name in p.fused:
                 uf.union(n.name, p.fused[n.name])
             for x in n.input:
-                src = producer.get(x)
-                if src in p.nodes and (x in p.tensors or x in p.inner):
-                    uf.union(n.name, src)
+                src = state.producer.get(x)
+                if src is not None and src.name in p.nodes and (x in p.tensors or x in p.inner):
+                    uf.union(n.name, src.name)
         groups: dict[str, set[str]] = defaultdict(set)
         for n in p.nodes:
             groups[uf.find(n)].add(n)
@@ -559,7 +582,7 @@ class Int8(Pass):
 
     def _guard(self, state: _State, opts: Int8Options, method: str, floated: set[str], original: onnx.ModelProto,
                q: onnx.ModelProto, p: qdq.Plan, check: list[dict[str, np.ndarray]], ctx: PassContext,
-               stats: dict[str, Any], evaluate, drop_now: float):  # type: ignore[no-untyped-def]
+               stats: dict[str, Any], evaluate, drop_now: float, sizes: list[int]):  # type: ignore[no-untyped-def]
         """Time int8 against fp32; try the usual culprits in float; keep a variant only if it
         is faster by ``guard_margin`` and its agreement drop stays within
         max(``max_drop``, the drop before the guard) — moving a float boundary can cost
@@ -569,6 +592,8 @@ class Int8(Pass):
         drop_limit = max(opts.max_drop, drop_now) + 1e-4 if opts.max_drop > 0 else None
         rejected: list[str] = []
 
+        accepted_acc: list[dict[str, float]] = []  # agreement of the variant last accepted
+
         def accurate(cand: onnx.ModelProto, label: str) -> bool:
             if drop_limit is None:
                 return True
@@ -576,19 +601,9 @@ class Int8(Pass):
             if a["drop"] > drop_limit:
                 rejected.append(f"{label}: drop {a['drop']:.4f} > {drop_limit:.4f}")
                 return False
+            accepted_acc[:] = [a]
             return True
 
-        from ...data import input_specs
-
-        try:
-            sizes = sorted({int(b) for b in opts.guard_batches.split(",") if b.strip()})
-        except ValueError:
-            raise OptionError(f"pass 'int8': guard_batches='{opts.guard_batches}' is not a list of integers") from None
-        if not sizes or min(sizes) < 1:
-            raise OptionError(f"pass 'int8': guard_batches='{opts.guard_batches}' needs sizes ≥ 1")
-        fixed = {sp.static_batch for sp in input_specs(original) if sp.static_batch is not None}
-        if fixed:
-            sizes = sorted(fixed)
         pool = {k: np.concatenate([b[k] for b in check]) for k in check[0]}
         feeds_by_batch = {}
         for bsz in sizes:
@@ -655,17 +670,12 @@ class Int8(Pass):
             stats["reason"] = (f"int8 not faster (best {best_ratio:.3f}× of fp32; needs < {1 - opts.guard_margin:.2f}×)")
             return None
         if drop:
-            acc = evaluate(best[0])
-            stats["accuracy"]["after_guard"] = _round(acc)
+            stats["accuracy"]["after_guard"] = _round(accepted_acc[0] if accepted_acc else evaluate(best[0]))
         return best
 
     def _squeeze_excite(self, state: _State, p: qdq.Plan) -> set[str]:
         """Quantized nodes of squeeze-excite branches: from a GlobalAveragePool through the
         ops on its 1×1 output to the Mul that rescales the feature map."""
-        readers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
-        for n in state.model.graph.node:
-            for x in n.input:
-                readers[x].append(n)
         out: set[str] = set()
         for n in state.model.graph.node:
             if n.op_type != "GlobalAveragePool":
@@ -679,7 +689,7 @@ class Int8(Pass):
                 if cur.op_type == "Mul" and cur is not n and len(seen) > 1:
                     continue  # the rescale: stop here (kept in the set)
                 for o in cur.output:
-                    stack.extend(readers[o])
+                    stack.extend(state.readers.get(o, []))
             out |= seen
         return out & p.nodes
 
