@@ -30,7 +30,6 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -52,6 +51,7 @@ def worker(shared: Path, name: str) -> dict:
 
     sys.path.insert(0, str(ROOT))
     import onnxcompress as oc
+    from _common import eval_metrics, quantize_static_variant
     from onnxcompress.data import open_data
     from onnxcompress.pipeline import PassContext
     from onnxcompress.registry import build_pipeline
@@ -78,31 +78,9 @@ def worker(shared: Path, name: str) -> dict:
     models = {"fp32": fp32, "onnxcompress": ours}
     out["variants"]["fp32"] = {}
 
-    # quantize_static
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
-
-    class Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            self.it = ({inp: calib[i : i + bs]} for i in range(0, len(calib), bs))
-
-        def get_next(self):  # type: ignore[no-untyped-def]
-            return next(self.it, None)
-
-    for label, act in (("ort int8 act", QuantType.QInt8), ("ort uint8 act", QuantType.QUInt8)):
-        note = "per-channel"
-        with tempfile.TemporaryDirectory() as tmp:
-            dst = Path(tmp) / "q.onnx"
-            t0 = time.perf_counter()
-            try:
-                quantize_static(str(path), str(dst), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                                activation_type=act, weight_type=QuantType.QInt8)
-                ort.InferenceSession(str(dst), providers=["CPUExecutionProvider"])
-            except Exception as exc:  # its per-channel output may not load (opset < 13)
-                note = f"per-tensor (per-channel failed: {' '.join(str(exc).split())[:80]})"
-                quantize_static(str(path), str(dst), Reader(), quant_format=QuantFormat.QDQ, per_channel=False,
-                                activation_type=act, weight_type=QuantType.QInt8)
-            seconds = time.perf_counter() - t0
-            models[label] = onnx.load(str(dst))
+    # quantize_static: MinMax (its default), int8 activations (its default) and uint8
+    for label, act in (("ort int8 act", "int8"), ("ort uint8 act", "uint8")):
+        models[label], seconds, note = quantize_static_variant(path, calib, bs, act)
         out["variants"][label] = {"seconds": seconds, "note": note}
 
     # accuracy on the eval set
@@ -112,18 +90,7 @@ def worker(shared: Path, name: str) -> dict:
 
     ref = run_all(fp32)
     for label, m in models.items():
-        y = run_all(m)
-        a, b = ref.reshape(len(ref), -1).astype(np.float64), y.reshape(len(y), -1).astype(np.float64)
-        cos = float(np.mean((a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-30)))
-        acc: dict = {"cosine": cos}
-        if "y" in ev.files:
-            acc["top1"] = float((y.argmax(1) == ev["y"]).mean())
-        if name == "captcha_det":
-            pos = ref[..., 4] > 0.3
-            acc["recall"] = float((y[..., 4][pos] > 0.3).mean())
-        if name == "text_det":
-            ma, mb = ref > 0.3, y > 0.3
-            acc["iou"] = float((ma & mb).sum() / max((ma | mb).sum(), 1))
+        acc = eval_metrics(name, ref, run_all(m), ev["y"] if "y" in ev.files else None)
         out["variants"].setdefault(label, {})["accuracy"] = acc
 
     # latency, all variants of this model in one call

@@ -14,16 +14,16 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 import onnx
 
-from .data import Batch, DataSource, ImageOptions, RandomSource, first_batch, input_specs, open_data
+from .data import DataSource, batch_of, ImageOptions, RandomSource, first_batch, input_specs, open_data
 from .errors import DataError, ModelSaveError, OptionError
 from .model import load_model, same_file, save_model
 from .pipeline import Pass, PassContext, Pipeline
 from .progress import NullProgress, Progress
 from .registry import build_pipeline, parse_spec
 from .report import LatencyResult, ModelSummary, OptimizeReport, summarize
+from .search import Search, SearchOptions
 from .validate import Thresholds, ValidationReport, compare_models, make_session, measure_latency, resolve_provider
 
 log = logging.getLogger(__name__)
@@ -66,20 +66,6 @@ def _as_pipeline(passes: PassesLike) -> Pipeline:
     return build_pipeline(steps)
 
 
-def _latency_feeds(batch: Batch, model: onnx.ModelProto, n: int) -> Batch:
-    specs = {s.name: s for s in input_specs(model)}
-    feeds = {}
-    for k, v in batch.items():
-        fixed = specs[k].static_batch if k in specs else None
-        want = fixed or n
-        if v.shape[0] >= want:
-            feeds[k] = np.ascontiguousarray(v[:want])
-        else:
-            reps = -(-want // v.shape[0])
-            feeds[k] = np.ascontiguousarray(np.concatenate([v] * reps, axis=0)[:want])
-    return feeds
-
-
 def optimize(
     model: ModelLike,
     passes: PassesLike = None,
@@ -103,6 +89,7 @@ def optimize(
     keep_failed: bool = False,
     external_data: bool | None = None,
     progress: Progress | None = None,
+    search: SearchOptions | None = None,
 ) -> tuple[onnx.ModelProto, OptimizeReport]:
     """Optimize ``model`` with ``passes`` and check the result against the original.
 
@@ -113,6 +100,11 @@ def optimize(
     inputs); ``False`` skips validation. Returns the new model and the report; when
     ``output`` is given the model is written there if validation passed (or
     ``keep_failed``), and ``report.written`` says whether it was.
+
+    Without ``passes`` and with ``calibration``, the default pipeline runs: a search over
+    prune, lowrank and int8 for the fastest model within an accuracy budget
+    (``search``: :class:`SearchOptions`; ``thresholds`` replace its default budget), see
+    :mod:`onnxcompress.search`. Without calibration data only ``canonicalize`` runs.
     """
     progress = progress or NullProgress()
     provider = resolve_provider(provider)
@@ -121,7 +113,12 @@ def optimize(
         raise ModelSaveError(f"{output}: the output is the input file; choose another output path")
     if output is not None and not Path(output).parent.is_dir():
         raise ModelSaveError(f"{output}: output folder {Path(output).parent} does not exist")
-    pipeline = _as_pipeline(passes)
+    auto = passes is None and calibration is not None
+    pipeline = _as_pipeline("canonicalize" if auto else passes)
+    if search is not None and not auto:
+        raise OptionError("search options apply to the default pipeline only (no passes, with calibration data)")
+    if passes is None and calibration is None:
+        log.warning("no calibration data: the default pipeline only canonicalizes; give calibration data to compress")
     # fail early, naming the input, if onnxruntime cannot load the original at all
     make_session(original, provider, optimize=False, label=f"{in_path or 'input model'}")
     open_kw = dict(batch_size=batch_size, image_options=image_options, nonfinite=nonfinite)
@@ -146,17 +143,25 @@ def optimize(
     work.CopyFrom(original)
     ctx = PassContext(calibration=calib, provider=provider, seed=seed, progress=progress)
     result, steps = pipeline.run(work, ctx)
+    search_report = None
+    if auto:
+        searcher = Search(search or SearchOptions(), ctx,
+                          thresholds={None: thresholds} if isinstance(thresholds, Thresholds) else thresholds,
+                          threads=threads)
+        result, search_report = searcher.run(result)
+        steps = steps + searcher.chain(search_report)
+        thresholds = searcher.thresholds
     after = summarize(result, shapes)
 
     report = OptimizeReport(passes=steps, before=before, after=after, input_path=in_path,
-                            output_path=str(output) if output is not None else None)
+                            output_path=str(output) if output is not None else None, search=search_report)
     if val is not None:
         if thresholds is None:
             thresholds = Thresholds.exact() if pipeline.exact else Thresholds.approximate()
         report.validation = compare_models(original, result, val, provider=provider, thresholds=thresholds,
                                            progress=progress, threads=threads)
     if latency and sample is not None:
-        feeds = _latency_feeds(sample, original, latency_batch)
+        feeds = batch_of(sample, latency_batch, original)
         b, a = measure_latency([original, result], feeds, provider=provider, runs=latency_runs, threads=threads,
                                progress=progress, labels=["original model", "optimized model"])
         report.latency = LatencyResult(provider, next(iter(feeds.values())).shape[0], b, a)
@@ -230,7 +235,7 @@ def measure(
     """Median latencies (ms) of several models on the first batch of ``data``."""
     loaded = [_as_model(m)[0] for m in models]
     source = open_data(data, loaded[0], batch_size=max(batch, 1))
-    feeds = _latency_feeds(first_batch(source), loaded[0], batch)
+    feeds = batch_of(first_batch(source), batch, loaded[0])
     return measure_latency(loaded, feeds, provider=provider, runs=runs, threads=threads)
 
 

@@ -28,6 +28,7 @@ from .errors import Interrupted, OnnxCompressError, OptionError, ValidationFaile
 from .pipeline import describe_options
 from .registry import REGISTRY, build_pipeline, load_config
 from .report import ModelSummary, OptimizeReport
+from .search import SearchOptions, SearchReport
 from .validate import Thresholds, ValidationReport, parse_tolerances
 
 app = typer.Typer(
@@ -48,10 +49,13 @@ _state: dict[str, Any] = {"debug": False, "interrupted": None}
 
 
 class RichProgress:
-    """The library's Progress protocol on a rich progress bar (stderr)."""
+    """The library's Progress protocol on rich progress bars (stderr). Tasks opened while
+    another is running (a pass inside the search) share its live display as extra rows."""
 
     def __init__(self, enabled: bool) -> None:
         self.enabled = enabled
+        self._bar: Progress | None = None
+        self._depth = 0
 
     @contextmanager
     def task(self, description: str, total: int | None = None) -> Iterator[Any]:
@@ -60,15 +64,29 @@ class RichProgress:
 
             yield _NullTask()
             return
-        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                      console=err, transient=True) as bar:
-            tid = bar.add_task(description, total=total)
+        if self._bar is None:
+            self._bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TimeElapsedColumn(), console=err, transient=True)
+            self._bar.start()
+        bar = self._bar
+        tid = bar.add_task(description, total=total)
+        self._depth += 1
 
-            class _Task:
-                def advance(self, n: int = 1) -> None:
-                    bar.advance(tid, n)
+        class _Task:
+            def advance(self, n: int = 1) -> None:
+                bar.advance(tid, n)
 
+            def describe(self, text: str) -> None:
+                bar.update(tid, description=text)
+
+        try:
             yield _Task()
+        finally:
+            bar.remove_task(tid)
+            self._depth -= 1
+            if self._depth == 0:
+                bar.stop()
+                self._bar = None
 
 
 def _setup(debug: bool, quiet: bool, verbose: bool = False) -> RichProgress:
@@ -160,7 +178,30 @@ def _print_validation(v: ValidationReport) -> None:
     out.print(t)
 
 
+def _print_search(s: SearchReport) -> None:
+    budget = "; ".join(f"{k}: " + ", ".join(f"{m} ≥ {v:g}" for m, v in t.items() if m in ("cosine", "top1") and v is not None)
+                       for k, t in s.thresholds.items())
+    t = Table(title=f"search: {len(s.trials)} trials in {s.seconds:.0f} s; fitted on {s.fit_samples} calibration samples "
+                    f"(prune/lowrank refit on {s.refit_samples}), judged on {s.samples} held out and on all {s.checked_samples}; "
+                    f"budget {budget}; latency ratio = worst of batch {', '.join(map(str, s.batches))}",
+              title_justify="left")
+    for col in ("#", "stage", "setting", "MACs", "latency", "agreement", "budget used", "result", "seconds"):
+        t.add_column(col, justify="left" if col in ("stage", "setting", "result") else "right")
+    for tr in s.trials:
+        result = ("[bold green]chosen[/]" if tr.chosen else "accepted" if tr.accepted else tr.reason)
+        t.add_row(str(tr.index), tr.stage, tr.setting,
+                  f"{tr.macs_ratio:.3f}×" if tr.macs_ratio is not None else "—",
+                  f"{tr.latency_ratio:.3f}×" if tr.latency else "—",
+                  f"{1 - tr.drop:.4f}" if math.isfinite(tr.drop) else "—",
+                  f"{tr.usage:.0%}" if math.isfinite(tr.usage) else "—", result, f"{tr.seconds:.1f}")
+    out.print(t)
+    if s.stopped:
+        out.print(f"time budget reached before: {', '.join(s.stopped)}")
+
+
 def _print_report(r: OptimizeReport) -> None:
+    if r.search is not None:
+        _print_search(r.search)
     steps = Table(title="passes", title_justify="left")
     for col in ("pass", "changed", "seconds", "statistics"):
         steps.add_column(col)
@@ -245,7 +286,10 @@ ReportPath = Annotated[Optional[Path], typer.Option("--report", help="Write the 
 def optimize(
     input: Annotated[Path, typer.Argument(help="The ONNX model to optimize (never modified).")],
     output: Annotated[Path, typer.Argument(help="Where to write the optimized model.")],
-    passes: Annotated[Optional[str], typer.Option("--passes", "-p", help="Pipeline, e.g. 'prune:ratio=0.3,int8:method=kl'. See `onnxcompress passes`.")] = None,
+    passes: Annotated[Optional[str], typer.Option("--passes", "-p", help="Pipeline, e.g. 'prune:ratio=0.3,int8:method=kl'. See `onnxcompress passes`. Default with --calib: search prune, lowrank and int8 within --max-drop.")] = None,
+    max_drop: Annotated[float, typer.Option("--max-drop", help="Default pipeline: accuracy budget; top-1 agreement (class outputs) or mean cosine (others) with the original ≥ 1 − this, on the calibration data. --tol sets it per output.", rich_help_panel="Default pipeline")] = 0.01,
+    time_budget: Annotated[float, typer.Option("--time-budget", help="Default pipeline: seconds the search may take.", rich_help_panel="Default pipeline")] = 300.0,
+    plot: Annotated[Optional[Path], typer.Option("--plot", help="Default pipeline: plot every trial (budget metric against latency) to this PNG (needs matplotlib: onnxcompress[plot]).", rich_help_panel="Default pipeline")] = None,
     config: Annotated[Optional[Path], typer.Option("--config", "-c", help="Pipeline TOML file with [[passes]] tables.")] = None,
     calib: Annotated[Optional[Path], typer.Option("--calib", help="Calibration data: .npy, .npz, or a folder of arrays or images.")] = None,
     val: Annotated[Optional[Path], typer.Option("--val", help="Validation data (default: the calibration data, else seeded random inputs).")] = None,
@@ -273,11 +317,26 @@ def optimize(
     progress = _setup(debug, quiet, verbose)
     if passes and config:
         raise OptionError("give the pipeline with --passes or --config, not both")
-    pipeline = build_pipeline(load_config(config) if config else passes)
-    base = Thresholds.exact() if pipeline.exact else Thresholds.approximate()
+    auto = not passes and not config and calib is not None
+    if not auto and plot is not None:
+        raise OptionError("--plot shows the default pipeline's search: drop --passes/--config, give --calib")
+    if plot is not None:
+        from .plot import check_plotting
+
+        check_plotting(plot)
+    if auto:
+        search = SearchOptions(max_drop=max_drop, time_budget=time_budget)
+        search.check()
+        pipeline = None
+        thresholds = parse_tolerances(tol, Thresholds(cosine=1 - max_drop, top1=1 - max_drop)) if tol else None
+    else:
+        search = None
+        pipeline = build_pipeline(load_config(config) if config else passes)
+        base = Thresholds.exact() if pipeline.exact else Thresholds.approximate()
+        thresholds = parse_tolerances(tol, base)
     result, rep = api.optimize(
-        input, pipeline, calibration=calib, validation=False if no_validate else val, output=output, provider=provider,
-        thresholds=parse_tolerances(tol, base), batch_size=batch_size, calib_limit=calib_limit, val_limit=val_limit,
+        input, pipeline, calibration=calib, search=search, validation=False if no_validate else val, output=output, provider=provider,
+        thresholds=thresholds, batch_size=batch_size, calib_limit=calib_limit, val_limit=val_limit,
         image_options=_image_options(image_size, resize, mean, std, scale, channel_order, layout),
         nonfinite="skip" if skip_nonfinite else "error", latency=latency, latency_batch=latency_batch,
         latency_runs=latency_runs, threads=threads, input_shapes=_parse_shapes(shape), seed=seed,
@@ -285,6 +344,11 @@ def optimize(
     )
     _print_report(rep)
     _write_json(report, rep.to_dict())
+    if plot is not None and rep.search is not None:
+        from .plot import plot_search
+
+        plot_search(rep.search, plot, title=input.name)
+        out.print(f"wrote {plot}")
     if rep.validation is not None and not rep.validation.passed:
         raise ValidationFailed("validation failed: " + "; ".join(rep.validation.failures()))
 

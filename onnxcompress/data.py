@@ -682,3 +682,55 @@ def first_batch(source: DataSource) -> Batch:
     for batch in source:
         return batch
     raise DataError("the data source yielded no samples")
+
+
+def take_samples(source: Iterable[Batch], limit: int, skip: int = 0) -> list[Batch]:
+    """``limit`` samples of a data source after the first ``skip``, as batches (cut at the edges)."""
+    out: list[Batch] = []
+    got = 0
+    for batch in source:
+        n = next(iter(batch.values())).shape[0] if batch else 1
+        if skip >= n:
+            skip -= n
+            continue
+        if skip:
+            batch = {k: v[skip:] for k, v in batch.items()}
+            n -= skip
+            skip = 0
+        if got + n > limit:
+            batch = {k: v[: limit - got] for k, v in batch.items()}
+            n = limit - got
+        out.append(batch)
+        got += n
+        if got >= limit:
+            break
+    return out
+
+
+def batch_of(pool: Batch, size: int, model: onnx.ModelProto | None = None) -> Batch:
+    """``size`` samples from ``pool`` (repeated if it is smaller): the feeds of a latency
+    measurement. An input whose batch dimension ``model`` fixes gets that many instead."""
+    fixed = {s.name: s.static_batch for s in input_specs(model)} if model is not None else {}
+    out = {}
+    for k, v in pool.items():
+        want = fixed.get(k) or size
+        if v.shape[0] < want:
+            v = np.concatenate([v] * -(-want // v.shape[0]), axis=0)
+        out[k] = np.ascontiguousarray(v[:want])
+    return out
+
+
+class LimitedSource:
+    """Iterate a data source but stop after ``limit`` samples (0 = all)."""
+
+    def __init__(self, data: Iterable[Batch], limit: int) -> None:
+        self.data, self.limit = data, limit
+        total = getattr(data, "num_samples", None)
+        self.num_samples = min(total, limit) if (limit and total) else (limit or total)
+
+    def __iter__(self) -> Iterator[Batch]:
+        if not self.limit:
+            yield from self.data
+            return
+        yield from take_samples(self.data, self.limit)
+

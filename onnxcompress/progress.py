@@ -14,6 +14,9 @@ from typing import Protocol
 class ProgressTask(Protocol):
     def advance(self, n: int = 1) -> None: ...
 
+    def describe(self, text: str) -> None:
+        """Replace the task's description (e.g. the current trial and its figures)."""
+
 
 class Progress(Protocol):
     def task(self, description: str, total: int | None = None) -> AbstractContextManager[ProgressTask]: ...
@@ -21,6 +24,9 @@ class Progress(Protocol):
 
 class _NullTask:
     def advance(self, n: int = 1) -> None:
+        return None
+
+    def describe(self, text: str) -> None:
         return None
 
 

@@ -156,6 +156,7 @@ class OptimizeReport:
     input_path: str | None = None
     output_path: str | None = None
     written: bool = False
+    search: Any | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -167,4 +168,5 @@ class OptimizeReport:
             "after": self.after.to_dict(top=20),
             "latency": self.latency.to_dict() if self.latency else None,
             "validation": self.validation.to_dict() if self.validation else None,
+            "search": self.search.to_dict() if self.search else None,
         }

@@ -38,7 +38,7 @@ def assert_user_error(res, *fragments: str) -> None:
 def test_optimize_writes_model_and_report(cli, tmp_path: Path) -> None:
     out, rep = tmp_path / "out.onnx", tmp_path / "report.json"
     before = sha(MODEL)
-    res = cli("optimize", MODEL, out, "--calib", CALIB, "--report", rep, "--latency-runs", 5)
+    res = cli("optimize", MODEL, out, "--calib", CALIB, "--passes", "canonicalize", "--report", rep, "--latency-runs", 5)
     assert res.code == 0, res.err
     assert sha(MODEL) == before and out.exists()
     assert "MACs" in res.out and "latency ms" in res.out and f"wrote {out}" in res.out
@@ -67,10 +67,11 @@ def test_config_file(cli, tmp_path: Path) -> None:
 
 def test_validation_failure_exits_3_and_writes_nothing(cli, tmp_path: Path) -> None:
     out = tmp_path / "o.onnx"
-    res = cli("optimize", MODEL, out, "--calib", CALIB, "--tol", "rel_range=-1", "--no-latency")
+    res = cli("optimize", MODEL, out, "--calib", CALIB, "-p", "canonicalize", "--tol", "rel_range=-1", "--no-latency")
     assert res.code == 3 and not out.exists()
     assert "validation failed: output 'logits'" in res.err and "Traceback" not in res.err
-    kept = cli("optimize", MODEL, out, "--calib", CALIB, "--tol", "rel_range=-1", "--no-latency", "--keep-failed")
+    kept = cli("optimize", MODEL, out, "--calib", CALIB, "-p", "canonicalize", "--tol", "rel_range=-1", "--no-latency",
+               "--keep-failed")
     assert kept.code == 3 and out.exists()
 
 
@@ -202,7 +203,8 @@ def test_calibration_with_nan(cli, tmp_path: Path) -> None:
     np.save(tmp_path / "nan.npy", x)
     assert_user_error(cli("optimize", MODEL, tmp_path / "o.onnx", "--calib", tmp_path / "nan.npy"),
                       "NaN or Inf in sample 3", "nan.npy")
-    ok = cli("optimize", MODEL, tmp_path / "o.onnx", "--calib", tmp_path / "nan.npy", "--skip-nonfinite", "--no-latency")
+    ok = cli("optimize", MODEL, tmp_path / "o.onnx", "--calib", tmp_path / "nan.npy", "--skip-nonfinite", "--no-latency",
+             "-p", "canonicalize")
     assert ok.code == 0 and "validation on 4 samples" in ok.out
 
 

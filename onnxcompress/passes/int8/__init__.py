@@ -61,6 +61,7 @@ from typing import Any, Literal
 import numpy as np
 import onnx
 
+from ...data import LimitedSource, batch_of, take_samples
 from ...errors import OptionError
 from ...model import node_attr
 from ...pipeline import Pass, PassContext, PassResult
@@ -180,37 +181,6 @@ def _guard_sizes(opts: Int8Options, model: onnx.ModelProto) -> list[int]:
     return sorted(fixed) if fixed else sizes
 
 
-def _take(data: Any, limit: int) -> list[dict[str, np.ndarray]]:
-    """The first ``limit`` samples of a data source, as batches."""
-    out: list[dict[str, np.ndarray]] = []
-    got = 0
-    for batch in data:
-        n = next(iter(batch.values())).shape[0] if batch else 1
-        if got + n > limit:
-            batch = {k: v[: limit - got] for k, v in batch.items()}
-            n = limit - got
-        out.append(batch)
-        got += n
-        if got >= limit:
-            break
-    return out
-
-
-class _Limited:
-    """Iterate a data source but stop after ``limit`` samples (0 = all)."""
-
-    def __init__(self, data: Any, limit: int) -> None:
-        self.data, self.limit = data, limit
-        total = getattr(data, "num_samples", None)
-        self.num_samples = min(total, limit) if (limit and total) else (limit or total)
-
-    def __iter__(self):  # type: ignore[no-untyped-def]
-        if not self.limit:
-            yield from self.data
-            return
-        yield from _take(self.data, self.limit)
-
-
 def agreement(ref: list[list[np.ndarray]], new: list[list[np.ndarray]]) -> dict[str, float]:
     """Mean per-sample cosine of every output (and top-1 agreement of 2-D outputs)."""
     cos: dict[int, list[float]] = defaultdict(list)
@@ -288,12 +258,12 @@ class Int8(Pass):
             stats.update(decision="kept float", reason="no quantizable node")
             return PassResult(model, False, stats)
         t0 = time.perf_counter()
-        state.hists = collect_histograms(state.model, names, _Limited(ctx.calibration, opts.samples),
+        state.hists = collect_histograms(state.model, names, LimitedSource(ctx.calibration, opts.samples),
                                          provider=ctx.provider, seed=ctx.seed, progress=ctx.progress,
                                          channels=opts.max_drop > 0)
         stats["calibration"] = {"tensors": len(names), "seconds": round(time.perf_counter() - t0, 3)}
 
-        check = _take(ctx.calibration, max(opts.check_samples, 1))
+        check = take_samples(ctx.calibration, max(opts.check_samples, 1))
         from ...validate import make_session, run_session
 
         ref_sess = make_session(model, ctx.provider, label="int8: float model")
@@ -373,7 +343,7 @@ class Int8(Pass):
                 up = prepare.upgrade_opset(m)
                 from ...validate import make_session, run_session
 
-                batch = _take(ctx.calibration, 1)[0]
+                batch = take_samples(ctx.calibration, 1)[0]
                 a = run_session(make_session(m, ctx.provider), batch)
                 b = run_session(make_session(up, ctx.provider), batch)
                 for x, y in zip(a, b):
@@ -605,10 +575,7 @@ class Int8(Pass):
             return True
 
         pool = {k: np.concatenate([b[k] for b in check]) for k in check[0]}
-        feeds_by_batch = {}
-        for bsz in sizes:
-            feeds_by_batch[bsz] = {k: (np.concatenate([v] * (-(-bsz // len(v))))[:bsz] if len(v) < bsz else v[:bsz])
-                                   for k, v in pool.items()}
+        feeds_by_batch = {bsz: batch_of(pool, bsz) for bsz in sizes}
         trials: list[dict[str, Any]] = []
 
         def timed(cand: onnx.ModelProto, label: str) -> float:

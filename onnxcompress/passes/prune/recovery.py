@@ -296,6 +296,19 @@ def _levels(model: onnx.ModelProto, consumers: list[onnx.NodeProto]) -> list[lis
     return [levels[k] for k in sorted(levels)]
 
 
+def _truncated(model: onnx.ModelProto, outputs: list[str]) -> onnx.ModelProto:
+    """A copy of ``model`` whose only outputs are ``outputs``, without the nodes after them
+    (onnxruntime would otherwise run the whole network for every refit level)."""
+    from ..canonicalize import Canonicalize
+
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    del m.graph.output[:]
+    m.graph.output.extend(onnx.ValueInfoProto(name=n) for n in outputs)
+    Canonicalize._dead_code(m.graph)
+    return m
+
+
 @dataclass
 class _Acc:
     node: onnx.NodeProto
@@ -364,11 +377,10 @@ def sequential_refit(
         for level in levels:
             inits = {t.name: t for t in pruned.graph.initializer}
             names = list(dict.fromkeys([x for n in level for x in (n.input[0], n.output[0])]))
-            m1 = onnx.ModelProto()
-            m1.CopyFrom(pruned)
-            have1 = {o.name for o in m1.graph.output}
-            m1.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names if n not in have1)
-            sess = make_session(m1, provider, label="pruned model (refit)")
+            sess = make_session(_truncated(pruned, names), provider, label="pruned model (refit)")
+            level_out = [n.output[0] for n in level]
+            if refs is None:  # streaming: the original network up to this level only
+                orig_sess = make_session(_truncated(original, level_out), provider, label="original model (refit)")
             accs = {}
             for n in level:
                 w = numpy_helper.to_array(inits[n.input[1]])
@@ -381,7 +393,7 @@ def sequential_refit(
                 accs[n.output[0]] = _Acc(n, kind)
             for i, batch in enumerate(batches if batches is not None else data):
                 new_vals = dict(zip(names, _run_named(sess, names, batch)))
-                ref_vals = refs[i] if refs is not None else dict(zip(orig_out, _run_named(orig_sess, orig_out, batch)))
+                ref_vals = refs[i] if refs is not None else dict(zip(level_out, _run_named(orig_sess, level_out, batch)))
                 for out_name, acc in accs.items():
                     n = acc.node
                     x = np.asarray(new_vals[n.input[0]], np.float32)

@@ -1,0 +1,473 @@
+"""The default pipeline: the most compressed model that stays within an accuracy budget and
+is faster than its input.
+
+**Held-out judging.** The calibration samples are split: the passes calibrate and refit
+on the first ones, every trial is judged on the last ``holdout`` fraction (at least 4
+samples; with fewer than 8 samples in all, on all of them, as the report says). Judging
+on the samples a refit was fitted to is optimistic: on textline_cls a 0.7 prune budget
+agreed 128/128 on its fitting samples and 0.986 on the eval set.
+
+**Budget.** Per output, agreement with the input model on the held-out samples: mean
+per-sample cosine ≥ 1 − ``max_drop``; for class-score outputs ([N, C], 2 ≤ C ≤ 100000)
+top-1 agreement ≥ 1 − ``max_drop`` and mean cosine ≥ 1 − ``max_drop``/2 (a few dozen
+held-out samples rarely show a top-1 flip that a larger set would; the cosine of the
+class scores moves before they flip). The user's :class:`~onnxcompress.validate.Thresholds`
+per output replace these. A trial's *usage* is the largest fraction of its allowance any
+checked metric uses, max over outputs and metrics of (1 − value) / (1 − threshold); the
+budget holds when usage ≤ 1. Its *drop* (shown) is 1 − the worst checked metric.
+
+**Speed.** Every trial is timed against the canonicalized input in one process
+(:func:`~onnxcompress.validate.measure_latency`, interleaved ABBA rounds) at each search
+batch size; its latency ratio is the worst of them. A step is accepted only if it is at
+least ``min_gain`` faster than the model it starts from.
+
+**Order** canonicalize → prune → lowrank → int8, each stage starting from the best model
+of the stages before it:
+
+0. Reference outputs of the input on the held-out samples; the batch sizes to time
+   (1 and 8; batch 1 only when one batch-1 run of the input takes over 20 ms, i.e. large
+   inputs, which are deployed one at a time; a fixed batch dimension is used as is).
+1. *int8 probe*: int8 on the canonicalized model with the whole budget. When it is
+   accepted (within budget, faster), its usage u₈ is reserved: the structural stages
+   must keep usage ≤ 1 − 1.5·u₈ (the stages' errors roughly add).
+2. *prune*: Conv-MACs budgets ``prune_levels`` (0.85, 0.7, 0.55, 0.4) in turn. The prune
+   pass spends a budget by removing, across all channel groups, the channels whose
+   activation importance per MAC saved (measured on the calibration data) is smallest,
+   then refits the layers after them by least squares; so the least sensitive groups
+   are pruned hardest. The first level over the budget ends the stage, after one
+   bisection between it and the last level within budget. Prune and lowrank refit on
+   at most ``refit_elements`` input values' worth of samples (their time grows with it).
+3. *lowrank*: ``lowrank_levels`` (0.85, 0.7) of the K×K conv MACs, likewise.
+4. *int8* on the best structural model with ``max_drop`` scaled to what the budget has
+   left (its own accuracy control returns the most sensitive layers to float; its latency
+   guard keeps float where int8 does not pay); skipped when the probe did not pay.
+
+The answer is the fastest accepted trial. Time: a trial starts only when the time it is
+expected to take (the previous trial of its stage) fits in what is left of
+``time_budget`` after the time reserved for the final int8 step (the probe's).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx
+
+from .data import Batch, LimitedSource, batch_of, input_specs, take_samples
+from .errors import OnnxCompressError, OptionError
+from .pipeline import Pass, PassContext, PassReport, Pipeline
+from .report import count_macs
+from .validate import OutputStats, Thresholds, judge, make_session, measure_latency, run_session
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SearchOptions:
+    """Settings of the default pipeline's search (``optimize`` without ``--passes``)."""
+
+    max_drop: float = 0.01
+    time_budget: float = 300.0
+    samples: int = 256
+    batches: tuple[int, ...] = (1, 8)
+    large_input_ms: float = 20.0
+    min_gain: float = 0.03
+    prune_levels: tuple[float, ...] = (0.85, 0.7, 0.55, 0.4)
+    lowrank_levels: tuple[float, ...] = (0.85, 0.7)
+    int8: bool = True
+    int8_reserve: float = 1.5
+    refit_elements: float = 4e6
+    holdout: float = 0.25
+
+    def check(self) -> None:
+        if not 0 < self.max_drop < 1:
+            raise OptionError(f"max_drop must be in (0, 1), got {self.max_drop}")
+        if not self.time_budget > 0:
+            raise OptionError(f"time budget must be > 0 seconds, got {self.time_budget}")
+        if self.samples < 1:
+            raise OptionError(f"search samples must be ≥ 1, got {self.samples}")
+        if not 0 < self.holdout < 1:
+            raise OptionError(f"holdout must be in (0, 1), got {self.holdout}")
+        if not self.batches or min(self.batches) < 1:
+            raise OptionError(f"search batch sizes must be ≥ 1, got {list(self.batches)}")
+        for name, levels in (("prune", self.prune_levels), ("lowrank", self.lowrank_levels)):
+            if any(not 0 < v < 1 for v in levels):
+                raise OptionError(f"{name} levels must be in (0, 1), got {list(levels)}")
+
+
+@dataclass
+class Trial:
+    """One candidate model the search built, measured and judged."""
+
+    index: int
+    stage: str
+    setting: str
+    macs_ratio: float | None = None
+    latency: dict[int, float] = field(default_factory=dict)  # batch size → ratio to the input
+    metrics: dict[str, float] = field(default_factory=dict)  # output → the budget's metric
+    drop: float = math.nan
+    usage: float = math.nan
+    within_budget: bool = False
+    accepted: bool = False
+    chosen: bool = False
+    reason: str = ""
+    seconds: float = 0.0
+    base: int | None = None  # the trial this one started from (None: the input)
+    step: PassReport | None = None
+
+    @property
+    def latency_ratio(self) -> float:
+        return max(self.latency.values()) if self.latency else math.nan
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {k: v for k, v in dataclasses.asdict(self).items() if k != "step"}
+        d["latency"] = {str(k): round(v, 4) for k, v in self.latency.items()}
+        d["latency_ratio"] = round(self.latency_ratio, 4) if self.latency else None
+        d["pass_stats"] = self.step.stats if self.step is not None else None
+        return d
+
+
+@dataclass
+class SearchReport:
+    options: dict[str, Any]
+    thresholds: dict[str, dict[str, Any]]
+    samples: int
+    checked_samples: int
+    fit_samples: int
+    refit_samples: int
+    batches: list[int]
+    trials: list[Trial]
+    seconds: float
+    stopped: list[str] = field(default_factory=list)  # stages cut short by the time budget
+
+    @property
+    def chosen(self) -> Trial:
+        return next(t for t in self.trials if t.chosen)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"options": self.options, "thresholds": self.thresholds, "samples": self.samples,
+                "checked_samples": self.checked_samples, "fit_samples": self.fit_samples, "refit_samples": self.refit_samples,
+                "batches": self.batches, "seconds": round(self.seconds, 2), "stopped": self.stopped,
+                "chosen": self.chosen.index, "trials": [t.to_dict() for t in self.trials]}
+
+
+def default_thresholds(max_drop: float, outputs: Mapping[str, np.ndarray]) -> dict[str | None, Thresholds]:
+    """Mean cosine ≥ 1 − max_drop; class-score outputs: top-1 ≥ 1 − max_drop and mean
+    cosine ≥ 1 − max_drop / 2."""
+    result: dict[str | None, Thresholds] = {None: Thresholds(cosine=1 - max_drop)}
+    for name, arr in outputs.items():
+        classes = arr.ndim == 2 and 2 <= arr.shape[1] <= 100000
+        result[name] = (Thresholds(top1=1 - max_drop, cosine=1 - max_drop / 2) if classes
+                        else Thresholds(cosine=1 - max_drop))
+    return result
+
+
+def _checked(metrics: Mapping[str, Any], t: Thresholds) -> list[tuple[float, float]]:
+    """(value, threshold) of each agreement metric ``t`` checks on one output."""
+    out = []
+    if t.top1 is not None and "top1" in metrics:
+        out.append((float(metrics["top1"]), t.top1))
+    if t.cosine is not None:
+        out.append((float(metrics["cosine_mean"]), t.cosine))
+    return out
+
+
+def _usage(value: float, threshold: float) -> float:
+    allowance = 1.0 - threshold
+    return (1.0 - value) / allowance if allowance > 0 else (0.0 if value >= 1.0 else math.inf)
+
+
+def _tighten(t: Thresholds, reserve: float) -> Thresholds:
+    """Thresholds with only (1 − reserve) of each agreement allowance left."""
+    def f(v: float | None) -> float | None:
+        return None if v is None else 1.0 - (1.0 - v) * (1.0 - reserve)
+
+    return t.updated(cosine=f(t.cosine), top1=f(t.top1))
+
+
+class _Stopped(Exception):
+    """The time budget leaves no room for the next trial."""
+
+
+class Search:
+    """Runs the search; see the module docstring."""
+
+    def __init__(self, options: SearchOptions, ctx: PassContext,
+                 thresholds: Mapping[str | None, Thresholds] | None = None, threads: int | None = None) -> None:
+        if ctx.calibration is None:
+            raise OptionError("the default pipeline searches on calibration data: give --calib (or --passes)")
+        options.check()
+        self.opts = options
+        self.ctx = ctx
+        self.user_thresholds = dict(thresholds) if thresholds else None
+        self.threads = threads
+        self.trials: list[Trial] = []
+        self.models: dict[int, onnx.ModelProto] = {}
+        self.stopped: list[str] = []
+
+    # -- measuring
+
+    def _prepare(self, model: onnx.ModelProto) -> None:
+        self.base = model
+        calib = self.ctx.calibration
+        total = getattr(calib, "num_samples", None)
+        if total is None:
+            total = sum(next(iter(b.values())).shape[0] for b in calib)  # type: ignore[union-attr]
+        held = 0 if total < 8 else min(self.opts.samples // 2, max(4, round(self.opts.holdout * total)))
+        self.n_fit = total - held
+        # judged on: the held-out samples, and (so that no top-1 flip on the fitting samples
+        # slips through) on up to `samples` calibration samples in all
+        checked_fit = min(self.n_fit, self.opts.samples - held)
+        held_batches = take_samples(calib, held, skip=self.n_fit) if held else []  # type: ignore[arg-type]
+        fit_batches = take_samples(calib, checked_fit)  # type: ignore[arg-type]
+        self.samples: list[tuple[Batch, bool]] = [(b, False) for b in fit_batches] + [(b, True) for b in held_batches]
+        self.n_samples = held
+        self.n_checked = held + checked_fit
+        if held == 0:
+            log.warning("search: only %d calibration samples; trials are judged on the samples they were fitted to "
+                        "(optimistic); give at least 8", total)
+        sess = make_session(model, self.ctx.provider, threads=self.threads, label="input model")
+        self.names = [o.name for o in sess.get_outputs()]
+        self.ref = [run_session(sess, b, "input model") for b, _ in self.samples]
+        first = {n: np.asarray(o) for n, o in zip(self.names, self.ref[0])}
+        if self.user_thresholds is None:
+            self.thresholds = default_thresholds(self.opts.max_drop, first)
+        else:
+            unknown = [k for k in self.user_thresholds if k is not None and k not in self.names]
+            if unknown:
+                raise OptionError(f"tolerance for unknown output(s) {unknown}; outputs: {', '.join(self.names)}")
+            self.thresholds = dict(self.user_thresholds)
+        timing = held_batches or fit_batches
+        self.pool = {k: np.concatenate([b[k] for b in timing]) for k in timing[0]}
+        fixed = {s.static_batch for s in input_specs(model) if s.static_batch is not None}
+        if fixed:
+            self.batches = sorted(fixed)
+        else:
+            t1 = measure_latency([model], batch_of(self.pool, 1, model), provider=self.ctx.provider, runs=5,
+                                 min_seconds=0.2, threads=self.threads)[0]
+            self.batches = [1] if t1 > self.opts.large_input_ms else sorted(set(self.opts.batches))
+        self.feeds = {b: batch_of(self.pool, b, model) for b in self.batches}
+        self.shapes = {k: [1, *v.shape[1:]] for k, v in self.pool.items()}
+        # the passes fit on the first samples; prune and lowrank refit on at most
+        # refit_elements input values' worth of them (their run time grows with it)
+        per_sample = sum(int(np.prod(v.shape[1:])) for v in self.pool.values())
+        self.refit_samples = min(self.n_fit, max(8, math.ceil(self.opts.refit_elements / max(per_sample, 1))))
+        self.fit_ctx = dataclasses.replace(self.ctx, calibration=LimitedSource(calib, self.n_fit))  # type: ignore[arg-type]
+        self.structural_ctx = dataclasses.replace(
+            self.ctx, calibration=LimitedSource(calib, self.refit_samples))  # type: ignore[arg-type]
+        self.base_macs = count_macs(model, self.shapes)[0]
+
+    def _threshold(self, name: str) -> Thresholds:
+        return self.thresholds.get(name, self.thresholds[None])
+
+    def _judge(self, model: onnx.ModelProto, trial: Trial, reserve: float) -> None:
+        """Agreement on the held-out samples and on all checked samples; the worse counts."""
+        sess = make_session(model, self.ctx.provider, threads=self.threads, label=f"trial {trial.index}")
+        sets = {"held-out": [OutputStats(n) for n in self.names], "all": [OutputStats(n) for n in self.names]}
+        for (batch, held), ref in zip(self.samples, self.ref):
+            for i, new in enumerate(run_session(sess, batch, f"trial {trial.index}")):
+                a, b = np.asarray(ref[i]), np.asarray(new)
+                sets["all"][i].update(a, b)
+                if held:
+                    sets["held-out"][i].update(a, b)
+        failures: list[str] = []
+        values: list[float] = []
+        usage = 0.0
+        for label, stats in sets.items():
+            for s in stats:
+                if s.samples == 0:
+                    continue
+                m, t = s.metrics(), self._threshold(s.name)
+                checked = _checked(m, t)
+                worst = min((v for v, _ in checked), default=1.0)
+                trial.metrics[s.name] = round(min(trial.metrics.get(s.name, 1.0), worst), 6)
+                values += [v for v, _ in checked]
+                usage = max([usage] + [_usage(v, th) for v, th in checked])
+                failures += [f"{s.name} ({label}): {f}" for f in judge(s.name, m, _tighten(t, reserve))]
+        trial.drop = 1.0 - min(values, default=1.0)
+        trial.usage = usage
+        trial.within_budget = not failures
+        if failures:
+            trial.reason = ("over budget" + (f" (with {reserve:.0%} of it reserved for int8)" if reserve else "")
+                            + ": " + "; ".join(failures))
+
+    def _time(self, model: onnx.ModelProto, trial: Trial) -> None:
+        for b, feeds in self.feeds.items():
+            t_base, t_new = measure_latency([self.base, model], feeds, provider=self.ctx.provider, runs=10,
+                                            min_seconds=0.5, threads=self.threads,
+                                            labels=["input model", f"trial {trial.index}"])
+            trial.latency[b] = t_new / t_base
+
+    def _macs(self, model: onnx.ModelProto) -> float | None:
+        try:
+            return count_macs(model, self.shapes)[0] / max(self.base_macs, 1)
+        except Exception as exc:  # MACs are informative only
+            log.warning("search: could not count MACs: %s", exc)
+            return None
+
+    # -- trials
+
+    def _left(self) -> float:
+        return self.opts.time_budget - (time.perf_counter() - self.start)
+
+    def _trial(self, stage: str, setting: str, p: Pass | None, start: tuple[int | None, onnx.ModelProto],
+               current_ratio: float, reserve: float, expected: float) -> Trial:
+        if expected > self._left():
+            raise _Stopped(stage)
+        t0 = time.perf_counter()
+        trial = Trial(index=len(self.trials), stage=stage, setting=setting, base=start[0])
+        self.trials.append(trial)
+        self.task.describe(f"search: trial {trial.index} {stage} {setting}")
+        model = start[1]
+        if p is not None:
+            work = onnx.ModelProto()
+            work.CopyFrom(model)
+            try:
+                ctx = self.fit_ctx if stage == "int8" else self.structural_ctx
+                model, reports = Pipeline([p]).run(work, ctx)
+            except OnnxCompressError as exc:
+                trial.reason = f"failed: {exc}"
+                trial.seconds = time.perf_counter() - t0
+                log.warning("search: trial %d (%s %s) failed: %s", trial.index, stage, setting, exc)
+                return trial
+            trial.step = reports[0]
+            if not reports[0].modified:
+                trial.reason = "the pass changed nothing: " + str(reports[0].stats.get("summary") or
+                                                                 reports[0].stats.get("reason") or "")
+                trial.seconds = time.perf_counter() - t0
+                return trial
+        trial.macs_ratio = self._macs(model)
+        self._judge(model, trial, reserve)
+        if trial.within_budget:
+            self._time(model, trial)
+            if trial.latency_ratio > current_ratio * (1 - self.opts.min_gain):
+                trial.reason = (f"not faster: latency {trial.latency_ratio:.3f}× the input vs {current_ratio:.3f}× "
+                                f"(needs {self.opts.min_gain:.0%} less)")
+            else:
+                trial.accepted = True
+                self.models[trial.index] = model
+        trial.seconds = time.perf_counter() - t0
+        lat = f"{trial.latency_ratio:.3f}×" if trial.latency else "—"
+        macs = f"{trial.macs_ratio:.3f}×" if trial.macs_ratio is not None else "?"
+        self.task.describe(f"search: trial {trial.index} {stage} {setting}: MACs {macs} latency {lat} "
+                           f"budget used {trial.usage:.0%} {'✓' if trial.accepted else '✗'}")
+        self.task.advance(1)
+        log.info("search: trial %d %s %s: MACs %s, latency %s, drop %.4f, %s", trial.index, stage, setting, macs, lat,
+                 trial.drop, "accepted" if trial.accepted else trial.reason)
+        return trial
+
+    def _levels(self, stage: str, make: Any, levels: Sequence[float], best: Trial, reserve: float,
+                final_reserve: float) -> Trial:
+        """Try ``levels`` in order from ``best``; bisect once after the first over budget."""
+        start = (best.index, self.models[best.index])
+        expected = 0.0
+        last_ok: float | None = None
+        failed: float | None = None
+        for level in levels:
+            t = self._trial(stage, f"macs_ratio={level:g}", make(level), start, best.latency_ratio, reserve,
+                            expected + final_reserve)
+            expected = t.seconds
+            if t.step is None or not t.step.modified:
+                return best  # the pass cannot apply here (or failed): no point in other levels
+            if not t.within_budget:
+                failed = level
+                break
+            last_ok = level
+            if t.accepted and t.latency_ratio < best.latency_ratio:
+                best = t
+        if failed is not None:
+            mid = round(((last_ok if last_ok is not None else 1.0) + failed) / 2, 3)
+            if mid not in levels and mid < 0.97:
+                t = self._trial(stage, f"macs_ratio={mid:g}", make(mid), start, best.latency_ratio, reserve,
+                                expected + final_reserve)
+                if t.accepted and t.latency_ratio < best.latency_ratio:
+                    best = t
+        return best
+
+    def run(self, model: onnx.ModelProto) -> tuple[onnx.ModelProto, SearchReport]:
+        from .passes.int8 import Int8, Int8Options
+        from .passes.lowrank import LowRank, LowRankOptions
+        from .passes.prune import Prune, PruneOptions
+
+        self.start = time.perf_counter()
+        with self.ctx.progress.task("search", None) as self.task:
+            self._prepare(model)
+            batches = ",".join(str(b) for b in self.batches)
+            original = Trial(index=0, stage="input", setting="canonicalized", macs_ratio=1.0,
+                             latency={b: 1.0 for b in self.batches}, metrics={n: 1.0 for n in self.names}, drop=0.0, usage=0.0,
+                             within_budget=True, accepted=True, reason="the input, canonicalized (exact)")
+            self.trials.append(original)
+            self.models[original.index] = model
+            best = original
+
+            def int8_pass(max_drop: float) -> Pass:
+                return Int8(Int8Options(max_drop=round(max_drop, 5), guard_batches=batches))
+
+            # 1. probe int8 with the whole budget
+            probe: Trial | None = None
+            reserve = 0.0
+            int8_seconds = 0.0
+            if self.opts.int8:
+                try:
+                    probe = self._trial("int8", f"max_drop={self.opts.max_drop:g} (probe)", int8_pass(self.opts.max_drop),
+                                        (original.index, model), original.latency_ratio, 0.0, 0.0)
+                except _Stopped:
+                    self.stopped.append("int8")
+                if probe is not None:
+                    int8_seconds = probe.seconds
+                    if probe.accepted:
+                        reserve = min(1.0, self.opts.int8_reserve * probe.usage)
+                        best = probe if probe.latency_ratio < best.latency_ratio else best
+            final_reserve = int8_seconds if probe is not None and probe.accepted else 0.0
+            structural = original
+
+            # 2-3. prune, then lowrank, from the best structural model so far
+            stages = (("prune", lambda r: Prune(PruneOptions(macs_ratio=r)), self.opts.prune_levels),
+                      ("lowrank", lambda r: LowRank(LowRankOptions(macs_ratio=r)), self.opts.lowrank_levels))
+            for stage, make, levels in stages:
+                if reserve >= 1.0:
+                    break
+                try:
+                    structural = self._levels(stage, make, levels, structural, reserve, final_reserve)
+                except _Stopped:
+                    self.stopped.append(stage)
+            if structural.latency_ratio < best.latency_ratio:
+                best = structural
+
+            # 4. int8 on the structural result with what the budget has left
+            if probe is not None and probe.accepted and structural is not original:
+                left = self.opts.max_drop * (1.0 - structural.usage)
+                if left > 0.0005:
+                    try:
+                        t = self._trial("int8", f"max_drop={left:.4f}", int8_pass(left),
+                                        (structural.index, self.models[structural.index]), structural.latency_ratio,
+                                        0.0, 0.0)
+                        if t.accepted and t.latency_ratio < best.latency_ratio:
+                            best = t
+                    except _Stopped:
+                        self.stopped.append("int8")
+            best.chosen = True
+        report = SearchReport(
+            options=dataclasses.asdict(self.opts),
+            thresholds={str(k): dataclasses.asdict(self._threshold(k)) for k in self.names},
+            samples=self.n_samples, checked_samples=self.n_checked, fit_samples=self.n_fit,
+            refit_samples=self.refit_samples, batches=list(self.batches), trials=self.trials,
+            seconds=time.perf_counter() - self.start, stopped=self.stopped)
+        return self.models[best.index], report
+
+    def chain(self, report: SearchReport) -> list[PassReport]:
+        """The pass steps from the input to the chosen model, in order."""
+        steps: list[PassReport] = []
+        t: Trial | None = report.chosen
+        while t is not None:
+            if t.step is not None:
+                steps.append(t.step)
+            t = report.trials[t.base] if t.base is not None else None
+        return steps[::-1]

@@ -1,0 +1,163 @@
+"""The default pipeline's search: budget arithmetic, held-out judging, time budget, CLI."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper, numpy_helper
+
+import onnxcompress as oc
+from onnxcompress.search import SearchOptions, _tighten, _usage, default_thresholds
+from onnxcompress.validate import OutputStats, Thresholds
+
+from .builders import fvi, make_model, run
+from .conftest import FIXTURES, shared_path
+
+
+def wide_model(seed: int = 0) -> onnx.ModelProto:
+    """Conv 3→64 → Relu → Conv 64→64 → Relu → GAP → Gemm 64→10, where 40 of the first
+    conv's 64 filters are nearly silent: pruning them costs almost nothing and saves most
+    of the second conv's MACs."""
+    rng = np.random.default_rng(seed)
+    w1 = rng.standard_normal((64, 3, 3, 3)).astype(np.float32) * 0.3
+    w1[24:] *= 1e-3
+    w2 = rng.standard_normal((64, 64, 3, 3)).astype(np.float32) * 0.05
+    wf = rng.standard_normal((10, 64)).astype(np.float32)
+    inits = [numpy_helper.from_array(a, n) for a, n in ((w1, "w1"), (w2, "w2"), (wf, "wf"),
+                                                         (np.zeros(64, np.float32), "b1"),
+                                                         (rng.standard_normal(64).astype(np.float32) * 0.1, "b2"),
+                                                         (np.zeros(10, np.float32), "bf"))]
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c1"], ["r1"]),
+        helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], name="conv2", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c2"], ["r2"]),
+        helper.make_node("GlobalAveragePool", ["r2"], ["g"]),
+        helper.make_node("Flatten", ["g"], ["f"]),
+        helper.make_node("Gemm", ["f", "wf", "bf"], ["logits"], name="fc", transB=1),
+    ]
+    return make_model(nodes, [fvi("x", ["N", 3, 48, 48])], [fvi("logits", ["N", 10])], inits)
+
+
+def calib(n: int = 64, seed: int = 1) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((n, 3, 48, 48)).astype(np.float32)
+
+
+def test_default_thresholds_by_output_kind() -> None:
+    t = default_thresholds(0.01, {"scores": np.zeros((4, 10)), "map": np.zeros((4, 1, 8, 8))})
+    assert t["scores"].top1 == pytest.approx(0.99) and t["scores"].cosine == pytest.approx(0.995)
+    assert t["map"].top1 is None and t["map"].cosine == pytest.approx(0.99)
+
+
+def test_usage_and_reserve_arithmetic() -> None:
+    assert _usage(0.995, 0.99) == pytest.approx(0.5)
+    assert _usage(0.98, 0.99) == pytest.approx(2.0)
+    assert _usage(1.0, 1.0) == 0.0 and math.isinf(_usage(0.9, 1.0))
+    tight = _tighten(Thresholds(cosine=0.99, top1=0.98), 0.5)  # half of each allowance left
+    assert tight.cosine == pytest.approx(0.995) and tight.top1 == pytest.approx(0.99)
+
+
+def test_search_prunes_within_budget_and_judges_on_held_out_samples() -> None:
+    x = calib()
+    opts = SearchOptions(prune_levels=(0.6,), lowrank_levels=(), int8=False, time_budget=300)
+    model = wide_model()
+    result, rep = oc.optimize(model, calibration=[{"x": x}], search=opts, latency=False)
+    s = rep.search
+    assert s is not None and s.fit_samples == 48 and s.samples == 16 and s.checked_samples == 64
+    chosen = s.chosen
+    assert chosen.stage == "prune" and chosen.accepted and chosen.within_budget
+    assert chosen.macs_ratio is not None and chosen.macs_ratio < 0.75
+    assert chosen.latency_ratio < 0.97  # accepted only when at least min_gain faster
+    assert [p.name for p in rep.passes] == ["canonicalize", "prune"]
+    assert rep.validation is not None and rep.validation.passed
+    # the recorded agreement is the worse of the held-out samples (the last 16) and all 64, recomputed here
+    worst = 1.0
+    for part in (x[48:], x):
+        stats = OutputStats("logits")
+        stats.update(run(model, {"x": part})[0], run(result, {"x": part})[0])
+        worst = min(worst, stats.metrics()["top1"], stats.metrics()["cosine_mean"])
+    assert chosen.metrics["logits"] == pytest.approx(worst, abs=1e-6)
+
+
+def test_search_keeps_the_input_when_nothing_fits_the_budget() -> None:
+    strict = {None: Thresholds(cosine=1 - 1e-9)}
+    opts = SearchOptions(prune_levels=(0.6,), lowrank_levels=(), int8=False)
+    _, rep = oc.optimize(wide_model(), calibration=[{"x": calib()}], search=opts, thresholds=strict, latency=False)
+    s = rep.search
+    assert s.chosen.index == 0 and [p.name for p in rep.passes] == ["canonicalize"]
+    prune = [t for t in s.trials if t.stage == "prune"]
+    assert prune and not prune[0].within_budget and "over budget" in prune[0].reason
+
+
+def test_time_budget_stops_every_stage() -> None:
+    opts = SearchOptions(time_budget=1e-3)
+    _, rep = oc.optimize(wide_model(), calibration=[{"x": calib()}], search=opts, latency=False)
+    assert rep.search.chosen.index == 0 and len(rep.search.trials) == 1
+    assert rep.search.stopped == ["int8", "prune", "lowrank"]
+
+
+def test_few_samples_are_judged_on_all_of_them(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="onnxcompress.search")
+    opts = SearchOptions(prune_levels=(0.6,), lowrank_levels=(), int8=False)
+    _, rep = oc.optimize(wide_model(), calibration=[{"x": calib(6)}], search=opts, latency=False)
+    assert rep.search.samples == 0 and rep.search.fit_samples == rep.search.checked_samples == 6
+    assert "judged on the samples they were fitted to" in caplog.text
+
+
+def test_search_options_are_checked() -> None:
+    with pytest.raises(oc.OptionError, match="max_drop"):
+        oc.optimize(wide_model(), calibration=[{"x": calib(8)}], search=SearchOptions(max_drop=0))
+    with pytest.raises(oc.OptionError, match="default pipeline only"):
+        oc.optimize(wide_model(), "prune", calibration=[{"x": calib(8)}], search=SearchOptions())
+
+
+def test_cli_default_pipeline_report_and_plot(cli, tmp_path: Path) -> None:
+    model = FIXTURES / "resnet_block.onnx"
+    out, rep, png = tmp_path / "o.onnx", tmp_path / "r.json", tmp_path / "trials.png"
+    res = cli("optimize", model, out, "--calib", FIXTURES / "resnet_block_calib.npz", "--report", rep, "--plot", png,
+              "--time-budget", "120", "--latency-runs", 5)
+    assert res.code == 0, res.err
+    assert "search:" in res.out and "judged on 16 held out and on all 64" in res.out and f"wrote {png}" in res.out
+    r = json.loads(rep.read_text())
+    trials = r["search"]["trials"]
+    assert trials[0]["stage"] == "input" and {t["stage"] for t in trials} >= {"int8", "prune"}
+    assert sum(t["chosen"] for t in trials) == 1
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert r["validation"]["passed"]
+
+
+def test_cli_plot_needs_the_default_pipeline_and_matplotlib(cli, tmp_path: Path, monkeypatch) -> None:
+    from .test_cli import assert_user_error
+
+    model, data = FIXTURES / "resnet_block.onnx", FIXTURES / "resnet_block_calib.npz"
+    assert_user_error(cli("optimize", model, tmp_path / "o.onnx", "--calib", data, "-p", "prune", "--plot",
+                          tmp_path / "p.png"), "--plot shows the default pipeline's search")
+    assert_user_error(cli("optimize", model, tmp_path / "o.onnx", "--calib", data, "--plot", tmp_path / "p.txt"),
+                      "use a .png, .svg or .pdf")
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a))
+    assert_user_error(cli("optimize", model, tmp_path / "o.onnx", "--calib", data, "--plot", tmp_path / "p.png"),
+                      "--plot needs matplotlib")
+    assert_user_error(cli("optimize", model, tmp_path / "o.onnx", "--calib", data, "--max-drop", "1.5"),
+                      "max_drop must be in (0, 1)")
+    assert not (tmp_path / "o.onnx").exists()
+
+
+@pytest.mark.shared
+def test_textline_default_pipeline_holds_the_budget_on_the_eval_set() -> None:
+    """Searched on the calibration set only; the eval set (never seen) must agree ≥ 0.99."""
+    model = shared_path("models", "textline_cls.onnx")
+    ev = np.load(shared_path("data", "textline_cls_eval.npz"))["x"]
+    result, rep = oc.optimize(model, calibration=shared_path("data", "textline_cls_calib.npz"), latency=False)
+    assert rep.search.chosen.stage != "input" and rep.after.macs < rep.before.macs
+    ref = run(onnx.load(str(model)), {"x": ev})[0]
+    new = run(result, {"x": ev})[0]
+    assert (ref.argmax(1) == new.argmax(1)).mean() >= 0.99
