@@ -20,7 +20,9 @@ cosine ≥ 0.99 for the detectors), and the tool's own run time.
 
 ``--readme`` rewrites the block between ``<!-- results:begin -->`` and
 ``<!-- results:end -->``; ``--out`` receives results.json, results.md and the default
-pipeline's trial plots (<model>_search.png).
+pipeline's trial plots (<model>_search.png, drawn from results.json). ``--models``
+re-runs some models and keeps the others' rows from the existing results.json
+(``--models ""`` only redraws the table, plots and README block from it).
 """
 
 from __future__ import annotations
@@ -52,7 +54,6 @@ def worker(shared: Path, name: str, out_dir: Path) -> dict:
     import onnxcompress as oc
     from _common import eval_metrics, quantize_static_variant
     from onnxcompress.model import serialized_size
-    from onnxcompress.plot import plot_search
     from onnxcompress.report import count_macs
     from onnxcompress.validate import measure_latency
 
@@ -86,7 +87,6 @@ def worker(shared: Path, name: str, out_dir: Path) -> dict:
                 + (" → ".join(p.name for p in rep.passes[1:]) if len(rep.passes) > 1 else "the input, unchanged"),
         "search": s.to_dict()}
     models["default pipeline"] = m
-    plot_search(s, out_dir / f"{name}_search.png", title=f"{name}.onnx")
 
     for label, method, act in ORT_ROWS:
         models[label], seconds, note = quantize_static_variant(path, calib, bs, act, method)
@@ -192,11 +192,18 @@ def main() -> int:
     previous = {}
     if (args.out / "results.json").exists():  # keep the other models' rows when re-running some
         previous = {r["model"]: r for r in json.loads((args.out / "results.json").read_text())}
-    for name in args.models.split(","):
+    for name in [m for m in args.models.split(",") if m]:  # --models "": redraw from results.json only
         print(f"{name} ...", file=sys.stderr, flush=True)
         previous[name] = run_worker(args.shared, name, args.out)
     results = [previous[m] for m in MODELS if m in previous]
     (args.out / "results.json").write_text(json.dumps(results, indent=2, default=str))
+    sys.path.insert(0, str(ROOT))
+    from onnxcompress.plot import plot_search
+
+    for r in results:  # the trial plots, drawn from the JSON (so they always match it)
+        if "rows" in r:
+            plot_search(r["rows"]["default pipeline"]["search"], args.out / f"{r['model']}_search.png",
+                        title=f"{r['model']}.onnx")
     md = markdown(results)
     (args.out / "results.md").write_text(md + "\n")
     print(md)

@@ -1,5 +1,6 @@
-"""The search's trials as a picture: the budget metric (worst output) against the latency
-ratio, one marker per trial and stage, the budget as a line, the chosen trial ringed.
+"""The search's trials as a picture: the share of the accuracy budget each used against
+its latency ratio, one marker per trial and stage, the budget as a line, the chosen
+trial ringed.
 
 matplotlib is an optional extra (``onnxcompress[plot]``); it is imported only here.
 """
@@ -8,7 +9,9 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from .errors import OptionError
 from .search import SearchReport
@@ -30,42 +33,45 @@ def check_plotting(path: str | os.PathLike[str]) -> None:
         raise OptionError("--plot needs matplotlib: pip install 'onnxcompress[plot]'")
 
 
-def plot_search(report: SearchReport, path: str | os.PathLike[str], title: str = "") -> None:
-    """Write the trials of ``report`` to ``path``. Trials never timed (over budget before
-    timing, or failed) are drawn at the right edge, hollow."""
+def plot_search(report: SearchReport | Mapping[str, Any], path: str | os.PathLike[str], title: str = "") -> None:
+    """Write the trials of ``report`` (a :class:`SearchReport` or its ``to_dict()``) to
+    ``path``: the share of the accuracy budget each trial used (worst output and metric,
+    so 100% is the budget's edge) against its latency ratio. Trials never timed (over budget
+    before timing) are drawn hollow at the right edge; trials whose pass changed nothing
+    are not drawn."""
     check_plotting(path)
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    r = report.to_dict() if isinstance(report, SearchReport) else report
+    trials = [t for t in r["trials"] if t.get("usage") is not None and math.isfinite(t["usage"])]
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
-    timed = [t.latency_ratio for t in report.trials if t.latency]
+    timed = [t["latency_ratio"] for t in trials if t.get("latency_ratio")]
     untimed_x = max(timed + [1.0]) * 1.08
-    budget = min((v for t in report.thresholds.values() for k, v in t.items() if k in ("cosine", "top1") and v is not None),
-                 default=None)
     for stage, (marker, colour) in _MARKERS.items():
-        pts = [t for t in report.trials if t.stage == stage and t.metrics]
+        pts = [t for t in trials if t["stage"] == stage]
         for filled in (True, False):
-            sel = [t for t in pts if bool(t.latency) == filled]
+            sel = [t for t in pts if bool(t.get("latency_ratio")) == filled]
             if not sel:
                 continue
-            xs = [t.latency_ratio if t.latency else untimed_x for t in sel]
-            ys = [min(t.metrics.values()) for t in sel]
-            ax.scatter(xs, ys, marker=marker, s=46, label=stage if filled or not any(t.latency for t in pts) else None,
-                       facecolors=colour if filled else "none", edgecolors=colour)
+            xs = [t["latency_ratio"] if t.get("latency_ratio") else untimed_x for t in sel]
+            ys = [100 * t["usage"] for t in sel]
+            ax.scatter(xs, ys, marker=marker, s=46, label=stage if filled or not any(t.get("latency_ratio") for t in pts)
+                       else None, facecolors=colour if filled else "none", edgecolors=colour)
             for t, x, y in zip(sel, xs, ys):
-                ax.annotate(str(t.index), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
-    chosen = report.chosen
-    if chosen.metrics:
-        ax.scatter([chosen.latency_ratio], [min(chosen.metrics.values())], s=260, facecolors="none",
-                   edgecolors="red", linewidths=1.8, label=f"chosen (#{chosen.index})")
-    if budget is not None and math.isfinite(budget):
-        ax.axhline(budget, color="red", linestyle="--", linewidth=1, label=f"budget {budget:g}")
-    ax.set_xlabel(f"latency / input latency (worst of batch {', '.join(map(str, report.batches))}); "
-                  "hollow: not timed")
-    ax.set_ylabel("agreement with the input (worst output)")
-    ax.set_title(f"{title}  {len(report.trials)} trials, {report.seconds:.0f} s".strip())
+                ax.annotate(str(t["index"]), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    chosen = next(t for t in r["trials"] if t["index"] == r["chosen"])
+    if chosen.get("latency_ratio"):
+        ax.scatter([chosen["latency_ratio"]], [100 * chosen["usage"]], s=260, facecolors="none", edgecolors="red",
+                   linewidths=1.8, label=f"chosen (#{chosen['index']})")
+    ax.axhline(100, color="red", linestyle="--", linewidth=1, label="budget")
+    budget = "; ".join(f"{k}: " + ", ".join(f"{m} ≥ {v:g}" for m, v in t.items() if m in ("cosine", "top1") and v is not None)
+                       for k, t in r["thresholds"].items())
+    ax.set_xlabel(f"latency / input latency (worst of batch {', '.join(map(str, r['batches']))}); hollow: not timed")
+    ax.set_ylabel("accuracy budget used, % (worst output)")
+    ax.set_title(f"{title}  {len(r['trials'])} trials, {r['seconds']:.0f} s\n{budget}".strip(), fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="best")
     fig.tight_layout()

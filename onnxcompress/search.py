@@ -9,9 +9,12 @@ agreed 128/128 on its fitting samples and 0.986 on the eval set.
 
 **Budget.** Per output, agreement with the input model on the held-out samples: mean
 per-sample cosine ≥ 1 − ``max_drop``; for class-score outputs ([N, C], 2 ≤ C ≤ 100000)
-top-1 agreement ≥ 1 − ``max_drop`` and mean cosine ≥ 1 − ``max_drop``/2 (a few dozen
-held-out samples rarely show a top-1 flip that a larger set would; the cosine of the
-class scores moves before they flip). The user's :class:`~onnxcompress.validate.Thresholds`
+top-1 agreement ≥ 1 − ``max_drop`` and mean cosine ≥ 1 − ``max_drop``/10. A few dozen
+held-out samples rarely show the top-1 flips a larger set would (at a 1% flip rate, 16
+samples show none 85% of the time); the cosine of the class scores moves before they
+flip, but on the shared classifiers the eval sets' cosine deficit was 6–15× the held-out
+samples' (pruned textline_cls: held-out 0.9994, eval 0.9915; doc_orientation: 0.9973 and
+0.9895), hence a tenth of the budget. The user's :class:`~onnxcompress.validate.Thresholds`
 per output replace these. A trial's *usage* is the largest fraction of its allowance any
 checked metric uses, max over outputs and metrics of (1 − value) / (1 − threshold); the
 budget holds when usage ≤ 1. Its *drop* (shown) is 1 − the worst checked metric.
@@ -83,7 +86,7 @@ class SearchOptions:
     lowrank_levels: tuple[float, ...] = (0.85, 0.7)
     int8: bool = True
     int8_reserve: float = 1.5
-    refit_elements: float = 4e6
+    refit_elements: float = 1e7
     holdout: float = 0.25
 
     def check(self) -> None:
@@ -158,13 +161,17 @@ class SearchReport:
                 "chosen": self.chosen.index, "trials": [t.to_dict() for t in self.trials]}
 
 
+#: class-score outputs: the share of max_drop their mean cosine may lose (see the module docstring)
+CLASS_COSINE_SHARE = 0.1
+
+
 def default_thresholds(max_drop: float, outputs: Mapping[str, np.ndarray]) -> dict[str | None, Thresholds]:
     """Mean cosine ≥ 1 − max_drop; class-score outputs: top-1 ≥ 1 − max_drop and mean
-    cosine ≥ 1 − max_drop / 2."""
+    cosine ≥ 1 − max_drop · CLASS_COSINE_SHARE."""
     result: dict[str | None, Thresholds] = {None: Thresholds(cosine=1 - max_drop)}
     for name, arr in outputs.items():
         classes = arr.ndim == 2 and 2 <= arr.shape[1] <= 100000
-        result[name] = (Thresholds(top1=1 - max_drop, cosine=1 - max_drop / 2) if classes
+        result[name] = (Thresholds(top1=1 - max_drop, cosine=1 - max_drop * CLASS_COSINE_SHARE) if classes
                         else Thresholds(cosine=1 - max_drop))
     return result
 
