@@ -38,7 +38,7 @@ def plot_search(report: SearchReport | Mapping[str, Any], path: str | os.PathLik
     ``path``: the share of the accuracy budget each trial used (worst output and metric,
     so 100% is the budget's edge) against its latency ratio. Trials never timed (over budget
     before timing) are drawn hollow at the right edge; trials whose pass changed nothing
-    are not drawn."""
+    (or failed) are listed in a footnote."""
     check_plotting(path)
     import matplotlib
 
@@ -74,6 +74,12 @@ def plot_search(report: SearchReport | Mapping[str, Any], path: str | os.PathLik
     ax.set_title(f"{title}  {len(r['trials'])} trials, {r['seconds']:.0f} s\n{budget}".strip(), fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="best")
-    fig.tight_layout()
+    undrawn = [t for t in r["trials"] if t not in trials]
+    if undrawn:  # every trial is on the picture: those without a measurement as a footnote
+        note = "; ".join(f"#{t['index']} {t['stage']} {t['setting']}: {t['reason'][:60]}" for t in undrawn)
+        fig.text(0.01, 0.01, "not measured: " + note, fontsize=6, wrap=True)
+        fig.tight_layout(rect=(0, 0.06, 1, 1))
+    else:
+        fig.tight_layout()
     fig.savefig(str(path))
     plt.close(fig)

@@ -346,8 +346,10 @@ class Search:
                 return trial
             trial.step = reports[0]
             if not reports[0].modified:
-                trial.reason = "the pass changed nothing: " + str(reports[0].stats.get("summary") or
-                                                                 reports[0].stats.get("reason") or "")
+                st = reports[0].stats
+                why = st.get("summary") or st.get("reason") or (
+                    f"none of its {st['candidates']} candidate layers pays" if "candidates" in st else "nothing to change")
+                trial.reason = f"the pass changed nothing: {why}"
                 trial.seconds = time.perf_counter() - t0
                 return trial
         trial.macs_ratio = self._macs(model)

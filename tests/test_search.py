@@ -157,7 +157,13 @@ def test_textline_default_pipeline_holds_the_budget_on_the_eval_set() -> None:
     model = shared_path("models", "textline_cls.onnx")
     ev = np.load(shared_path("data", "textline_cls_eval.npz"))["x"]
     result, rep = oc.optimize(model, calibration=shared_path("data", "textline_cls_calib.npz"), latency=False)
-    assert rep.search.chosen.stage != "input" and rep.after.macs < rep.before.macs
+    s = rep.search
+    trials = "\n".join(f"{t.index} {t.stage} {t.setting} {t.latency} {t.usage:.3f} {t.reason}" for t in s.trials)
+    # timing decides which accepted trial wins (a loaded machine may reject all as "not faster");
+    # accuracy does not: some prune level is within budget, and the answer is the fastest accepted trial
+    assert any(t.stage == "prune" and t.within_budget for t in s.trials), trials
+    accepted = [t for t in s.trials if t.accepted]
+    assert s.chosen.latency_ratio == min(t.latency_ratio for t in accepted), trials
     ref = run(onnx.load(str(model)), {"x": ev})[0]
     new = run(result, {"x": ev})[0]
-    assert (ref.argmax(1) == new.argmax(1)).mean() >= 0.99
+    assert (ref.argmax(1) == new.argmax(1)).mean() >= 0.99, trials
