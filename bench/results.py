@@ -168,9 +168,11 @@ def markdown(results: list[dict]) -> str:
                          f"{_acc_text(name, d['accuracy'])} | {ok} | {secs} |")
         dp = rows["default pipeline"]
         got = dp.get(f"b{goal_b}", dp["b1"])
-        lines += ["", f"Default pipeline: {dp['note']}. Speed-up at batch {goal_b}: {1 / got:.2f}× "
+        versus = ("beaten ✓" if got < ort_best * 0.98 else "not beaten ✗" if got > ort_best * 1.02
+                  else f"{'ahead' if got < ort_best else 'behind'} by less than 2%, within timing noise")
+        lines += ["", f"Default pipeline: {dp['note']}. Speed-up at batch {goal_b}: {1 / got:.3f}× "
                       f"(goal ≥ {1 / goal:.1f}×: {'✓' if got <= goal else '✗'}); quantize_static's best: "
-                      f"{1 / ort_best:.2f}× ({'beaten ✓' if got < ort_best else 'not beaten ✗'}); "
+                      f"{1 / ort_best:.3f}× ({versus}); "
                       f"budget on the eval set: {'✓' if _within_budget(name, dp['accuracy']) else '✗'}.",
                   "", f"![{name} search trials](docs/results/{name}_search.png)", ""]
     return "\n".join(lines)
