@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 import onnx
 
-from .data import DataSource, batch_of, ImageOptions, RandomSource, first_batch, input_specs, open_data
+from .data import DataSource, ImageOptions, RandomSource, batch_of, first_batch, input_specs, open_data
 from .errors import DataError, ModelSaveError, OptionError
 from .model import load_model, same_file, save_model
 from .pipeline import Pass, PassContext, Pipeline

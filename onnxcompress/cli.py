@@ -28,7 +28,7 @@ from .errors import Interrupted, OnnxCompressError, OptionError, ValidationFaile
 from .pipeline import describe_options
 from .registry import REGISTRY, build_pipeline, load_config
 from .report import ModelSummary, OptimizeReport
-from .search import SearchOptions, SearchReport
+from .search import SearchOptions, SearchReport, describe_budget
 from .validate import Thresholds, ValidationReport, parse_tolerances
 
 app = typer.Typer(
@@ -179,8 +179,7 @@ def _print_validation(v: ValidationReport) -> None:
 
 
 def _print_search(s: SearchReport) -> None:
-    budget = "; ".join(f"{k}: " + ", ".join(f"{m} ≥ {v:g}" for m, v in t.items() if m in ("cosine", "top1") and v is not None)
-                       for k, t in s.thresholds.items())
+    budget = describe_budget(s.thresholds)
     t = Table(title=f"search: {len(s.trials)} trials in {s.seconds:.0f} s; fitted on {s.fit_samples} calibration samples "
                     f"(prune/lowrank refit on {s.refit_samples}), judged on {s.samples} held out and on all {s.checked_samples}; "
                     f"budget {budget}; latency ratio = worst of batch {', '.join(map(str, s.batches))}",
@@ -325,8 +324,7 @@ def optimize(
 
         check_plotting(plot)
     if auto:
-        search = SearchOptions(max_drop=max_drop, time_budget=time_budget)
-        search.check()
+        search = SearchOptions(max_drop=max_drop, time_budget=time_budget)  # checks its values
         pipeline = None
         thresholds = parse_tolerances(tol, Thresholds(cosine=1 - max_drop, top1=1 - max_drop)) if tol else None
     else:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import OptionError
-from .search import SearchReport
+from .search import SearchReport, describe_budget
 
 _MARKERS = {"input": ("s", "black"), "prune": ("o", "tab:blue"), "lowrank": ("^", "tab:orange"),
             "int8": ("D", "tab:green")}
@@ -67,8 +67,7 @@ def plot_search(report: SearchReport | Mapping[str, Any], path: str | os.PathLik
         ax.scatter([chosen["latency_ratio"]], [100 * chosen["usage"]], s=260, facecolors="none", edgecolors="red",
                    linewidths=1.8, label=f"chosen (#{chosen['index']})")
     ax.axhline(100, color="red", linestyle="--", linewidth=1, label="budget")
-    budget = "; ".join(f"{k}: " + ", ".join(f"{m} ≥ {v:g}" for m, v in t.items() if m in ("cosine", "top1") and v is not None)
-                       for k, t in r["thresholds"].items())
+    budget = describe_budget(r["thresholds"])
     ax.set_xlabel(f"latency / input latency (worst of batch {', '.join(map(str, r['batches']))}); hollow: not timed")
     ax.set_ylabel("accuracy budget used, % (worst output)")
     ax.set_title(f"{title}  {len(r['trials'])} trials, {r['seconds']:.0f} s\n{budget}".strip(), fontsize=9)

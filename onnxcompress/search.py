@@ -92,6 +92,9 @@ class SearchOptions:
     int8_starts: int = 2
     holdout: float = 0.25
 
+    def __post_init__(self) -> None:
+        self.check()
+
     def check(self) -> None:
         if not 0 < self.max_drop < 1:
             raise OptionError(f"max_drop must be in (0, 1), got {self.max_drop}")
@@ -118,7 +121,6 @@ class Trial:
     macs_ratio: float | None = None
     latency: dict[int, float] = field(default_factory=dict)  # batch size → ratio to the input
     metrics: dict[str, float] = field(default_factory=dict)  # output → the budget's metric
-    drop: float = math.nan
     usage: float = math.nan
     within_budget: bool = False
     accepted: bool = False
@@ -132,10 +134,16 @@ class Trial:
     def latency_ratio(self) -> float:
         return max(self.latency.values()) if self.latency else math.nan
 
+    @property
+    def drop(self) -> float:
+        """1 − the worst agreement metric its budget checks (NaN when it was not judged)."""
+        return 1.0 - min(self.metrics.values()) if self.metrics else math.nan
+
     def to_dict(self) -> dict[str, Any]:
         d = {k: v for k, v in dataclasses.asdict(self).items() if k != "step"}
         d["latency"] = {str(k): round(v, 4) for k, v in self.latency.items()}
         d["latency_ratio"] = round(self.latency_ratio, 4) if self.latency else None
+        d["drop"] = self.drop
         d["pass_stats"] = self.step.stats if self.step is not None else None
         return d
 
@@ -179,6 +187,12 @@ def default_thresholds(max_drop: float, outputs: Mapping[str, np.ndarray]) -> di
     return result
 
 
+def describe_budget(thresholds: Mapping[str, Mapping[str, Any]]) -> str:
+    """'output: cosine ≥ 0.99, top1 ≥ 0.99; ...' from ``SearchReport.thresholds``."""
+    return "; ".join(f"{name}: " + ", ".join(f"{m} ≥ {v:g}" for m, v in t.items() if m in ("cosine", "top1") and v is not None)
+                     for name, t in thresholds.items())
+
+
 def _checked(metrics: Mapping[str, Any], t: Thresholds) -> list[tuple[float, float]]:
     """(value, threshold) of each agreement metric ``t`` checks on one output."""
     out = []
@@ -213,7 +227,6 @@ class Search:
                  thresholds: Mapping[str | None, Thresholds] | None = None, threads: int | None = None) -> None:
         if ctx.calibration is None:
             raise OptionError("the default pipeline searches on calibration data: give --calib (or --passes)")
-        options.check()
         self.opts = options
         self.ctx = ctx
         self.user_thresholds = dict(thresholds) if thresholds else None
@@ -288,7 +301,6 @@ class Search:
                 if held:
                     sets["held-out"][i].update(a, b)
         failures: list[str] = []
-        values: list[float] = []
         usage = 0.0
         for label, stats in sets.items():
             for s in stats:
@@ -298,10 +310,8 @@ class Search:
                 checked = _checked(m, t)
                 worst = min((v for v, _ in checked), default=1.0)
                 trial.metrics[s.name] = round(min(trial.metrics.get(s.name, 1.0), worst), 6)
-                values += [v for v, _ in checked]
                 usage = max([usage] + [_usage(v, th) for v, th in checked])
                 failures += [f"{s.name} ({label}): {f}" for f in judge(s.name, m, _tighten(t, reserve))]
-        trial.drop = 1.0 - min(values, default=1.0)
         trial.usage = usage
         trial.within_budget = not failures
         if failures:
@@ -413,7 +423,7 @@ class Search:
             self._prepare(model)
             batches = ",".join(str(b) for b in self.batches)
             original = Trial(index=0, stage="input", setting="canonicalized", macs_ratio=1.0,
-                             latency={b: 1.0 for b in self.batches}, metrics={n: 1.0 for n in self.names}, drop=0.0, usage=0.0,
+                             latency={b: 1.0 for b in self.batches}, metrics={n: 1.0 for n in self.names}, usage=0.0,
                              within_budget=True, accepted=True, reason="the input, canonicalized (exact)")
             self.trials.append(original)
             self.models[original.index] = model
