@@ -81,3 +81,11 @@ def eval_metrics(name: str, ref: np.ndarray, y: np.ndarray, labels: np.ndarray |
         ma, mb = ref > 0.3, y > 0.3
         acc["iou"] = float((ma & mb).sum() / max((ma | mb).sum(), 1))
     return acc
+
+
+def run_batched(model: onnx.ModelProto, x: np.ndarray, batch: int) -> np.ndarray:
+    """The model's first output on ``x`` (fed to its first input) in batches of ``batch``."""
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    inp = sess.get_inputs()[0].name
+    return np.concatenate([sess.run(None, {inp: x[i : i + batch]})[0] for i in range(0, len(x), batch)])
+

@@ -47,11 +47,10 @@ GOALS = {  # accuracy goal, latency goal
 def worker(shared: Path, name: str) -> dict:
     import numpy as np
     import onnx
-    import onnxruntime as ort
 
     sys.path.insert(0, str(ROOT))
     import onnxcompress as oc
-    from _common import eval_metrics, quantize_static_variant
+    from _common import eval_metrics, quantize_static_variant, run_batched
     from onnxcompress.data import open_data
     from onnxcompress.pipeline import PassContext
     from onnxcompress.registry import build_pipeline
@@ -84,13 +83,9 @@ def worker(shared: Path, name: str) -> dict:
         out["variants"][label] = {"seconds": seconds, "note": note}
 
     # accuracy on the eval set
-    def run_all(m: onnx.ModelProto) -> np.ndarray:
-        sess = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
-        return np.concatenate([sess.run(None, {inp: x_eval[i : i + bs]})[0] for i in range(0, len(x_eval), bs)])
-
-    ref = run_all(fp32)
+    ref = run_batched(fp32, x_eval, bs)
     for label, m in models.items():
-        acc = eval_metrics(name, ref, run_all(m), ev["y"] if "y" in ev.files else None)
+        acc = eval_metrics(name, ref, run_batched(m, x_eval, bs), ev["y"] if "y" in ev.files else None)
         out["variants"].setdefault(label, {})["accuracy"] = acc
 
     # latency, all variants of this model in one call

@@ -48,11 +48,10 @@ ORT_ROWS = [("quantize_static MinMax, int8 act", "MinMax", "int8"), ("quantize_s
 def worker(shared: Path, name: str, out_dir: Path) -> dict:
     import numpy as np
     import onnx
-    import onnxruntime as ort
 
     sys.path.insert(0, str(ROOT))
     import onnxcompress as oc
-    from _common import eval_metrics, quantize_static_variant
+    from _common import eval_metrics, quantize_static_variant, run_batched
     from onnxcompress.model import serialized_size
     from onnxcompress.report import count_macs
     from onnxcompress.validate import measure_latency
@@ -92,14 +91,10 @@ def worker(shared: Path, name: str, out_dir: Path) -> dict:
         models[label], seconds, note = quantize_static_variant(path, calib, bs, act, method)
         rows[label] = {"seconds": seconds, "note": note}
 
-    def run_all(m: onnx.ModelProto) -> np.ndarray:
-        sess = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
-        return np.concatenate([sess.run(None, {inp: x_eval[i : i + bs]})[0] for i in range(0, len(x_eval), bs)])
-
-    ref = run_all(fp32)
+    ref = run_batched(fp32, x_eval, bs)
     shapes = {inp: [1, *x_eval.shape[1:]]}
     for label, m in models.items():
-        rows[label]["accuracy"] = eval_metrics(name, ref, run_all(m), labels)
+        rows[label]["accuracy"] = eval_metrics(name, ref, run_batched(m, x_eval, bs), labels)
         rows[label]["size"] = serialized_size(m)
         try:
             rows[label]["macs"] = count_macs(m, shapes)[0]
