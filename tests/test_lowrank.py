@@ -175,3 +175,30 @@ def test_sensitivity_budget_meets_macs_and_measures_every_layer() -> None:
     split = [layer for layer in st["layers"] if layer["decision"] == "split"]
     assert st["macs_ratio"] <= 0.9 and split
     assert all("sensitivity" in layer["reason"] for layer in split)
+
+
+def test_sensitivity_keeps_a_layer_whole_when_splitting_it_costs_most() -> None:
+    """Two parallel 3×3 convs of equal cost: 'flat' has a flat spectrum (any split hurts),
+    'lowrank' is rank 4 plus tiny noise (a split at rank 8 is nearly free). A budget one
+    split can meet must split 'lowrank' and leave 'flat' whole, saying why; the energy
+    allocation (no calibration data) splits both."""
+    rng = np.random.default_rng(7)
+    c, n = 32, 32
+    flat = rng.standard_normal((n, c, 3, 3)).astype(np.float32)
+    low = (rng.standard_normal((c * 3, 4)) @ rng.standard_normal((4, n * 3))).reshape(c, 3, n, 3).transpose(2, 0, 1, 3)
+    low = (low + 1e-3 * rng.standard_normal(low.shape)).astype(np.float32)
+    nodes = [helper.make_node("Conv", ["x", name], [f"y_{name}"], name=name, kernel_shape=[3, 3], pads=[1, 1, 1, 1])
+             for name in ("flat", "lowrank")]
+    g = helper.make_graph(nodes, "two", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, c, 16, 16])],
+                          [helper.make_tensor_value_info(f"y_{nm}", onnx.TensorProto.FLOAT, None) for nm in ("flat", "lowrank")],
+                          [numpy_helper.from_array(flat, "flat"), numpy_helper.from_array(low, "lowrank")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    m.ir_version = 8
+    data = [{"x": rng.standard_normal((1, c, 16, 16)).astype(np.float32)} for _ in range(8)]
+    _, rep = oc.optimize(m, "lowrank:macs_ratio=0.75:refit=none", calibration=data, validation=False, latency=False)
+    layers = {layer["node"].split("_lr_")[0]: layer for layer in rep.passes[-1].stats["layers"]}
+    assert rep.passes[-1].stats["macs_ratio"] <= 0.75
+    assert layers["lowrank"]["decision"] == "split"
+    assert layers["flat"]["decision"] == "kept" and "too sensitive" in layers["flat"]["reason"]
+    _, rep = oc.optimize(m, "lowrank:macs_ratio=0.75:refit=none", validation=False, latency=False)
+    assert {layer["decision"] for layer in rep.passes[-1].stats["layers"]} == {"split"}

@@ -12,9 +12,16 @@ way). The bias goes on the second conv, which keeps the original output name, so
 following BatchNormalization stays valid.
 
 Ranks: fixed ``rank``; ``energy`` (smallest r keeping that fraction of Σσ²); or a
-whole-model budget ``macs_ratio`` allocated greedily (Zhang et al. 2015): ranks are
-lowered step by step where the retained energy (log) drops least per MAC saved. Ranks
-are rounded up to multiples of ``round_to``. A layer is split only where the chain costs
+whole-model budget ``macs_ratio`` allocated greedily. Without calibration data (or with
+``sensitivity=false``) ranks are lowered step by step where the retained energy (log)
+drops least per MAC saved (Zhang et al. 2015). With data, each layer is split alone at
+four ranks and the std-scaled output error e_l(r) measured; starting from the unsplit
+model, the move with the least Δe per MAC saved (split layer l at its largest useful
+rank, or lower its rank by ``round_to``) is taken until the budget holds, so layers whose
+split costs more than the budget needs stay whole. ``whiten``: with Σ = L·Lᵀ the second
+moment of the layer's (C·Kh) input column patches, the SVD of Lᵀ·M gives
+M_r = L⁻ᵀ·SVD_r(Lᵀ·M), the minimiser of E‖(M − M_r)ᵀx‖² (cross-column terms ignored).
+Ranks are rounded up to multiples of ``round_to``. A layer is split only where the chain costs
 ``r·(C·Kh·H_out·W_in + N·Kw·H_out·W_out)`` MACs, at least ``min_saving`` less than the
 original ``N·C·Kh·Kw·H_out·W_out``; with ``measure=true`` only where onnxruntime runs the
 chain faster than the original conv. With calibration data the second factor and bias are
@@ -54,12 +61,16 @@ class LowRankOptions:
         "help": "auto = least-squares refit of the second factor when calibration data is given"})
     ridge: float = field(default=1e-4, metadata={"help": "refit ridge, relative to the mean diagonal"})
     positions: int = field(default=256, metadata={"help": "sampled output positions per image for the refit"})
-    sensitivity: bool = field(default=False, metadata={
-        "help": "with macs_ratio and calibration data: allocate ranks by the measured output error of splitting "
-                "each layer alone (a few ranks per layer) instead of by weight energy"})
+    sensitivity: bool = field(default=True, metadata={
+        "help": "with macs_ratio and calibration data: allocate ranks, and which layers to split at all, by the "
+                "measured output error of splitting each layer alone (a few ranks per layer) instead of by "
+                "weight energy"})
     sensitivity_samples: int = field(default=8, metadata={"help": "calibration samples used to measure sensitivity"})
     data_energy: bool = field(default=False, metadata={
         "help": "with calibration data, weigh each singular component by the input energy it sees"})
+    whiten: bool = field(default=False, metadata={
+        "help": "with calibration data, choose each layer's subspace by the SVD of Lᵀ·M (Σ = L·Lᵀ the second "
+                "moment of the layer's input patches) instead of M: the rank-r optimum of the output error"})
     refit_scope: Literal["split", "all"] = field(default="split", metadata={
         "help": "refit only the split layers, or every layer after them too (slower, corrects accumulated error)"})
 
@@ -207,8 +218,8 @@ class LowRank(Pass):
                 continue
             u, s, vt = svd_factors(w)
             cands.append(Candidate(idx, node, w, u, s, vt, (y_shape[2], y_shape[3]), x_shape[3], macs))
-        if opts.data_energy and ctx.calibration is not None and cands:
-            _data_energy(model, cands, ctx)
+        if (opts.data_energy or opts.whiten) and ctx.calibration is not None and cands:
+            _data_energy(model, cands, ctx, whiten=opts.whiten)
         by_sensitivity = bool(opts.sensitivity and opts.macs_ratio and ctx.calibration is not None)
         self._choose_ranks(cands, opts, total_macs, budget=not by_sensitivity)
         if by_sensitivity:
@@ -322,7 +333,8 @@ class LowRank(Pass):
                 c.reason += f"; measured {t_split:.3f} ms vs {t_orig:.3f} ms"
 
 
-def _data_energy(model: onnx.ModelProto, cands: list[Candidate], ctx: PassContext, positions: int = 512) -> None:
+def _data_energy(model: onnx.ModelProto, cands: list[Candidate], ctx: PassContext, positions: int = 512,
+                 whiten: bool = False) -> None:
     """Weigh component k of each candidate by σ_k²·E[(u_kᵀ x)²], x the (C·Kh) column patch
     of the layer's input at sampled output positions (second moment from calibration data)."""
     from .prune.recovery import _conv_geometry, _run_named
@@ -360,31 +372,62 @@ def _data_energy(model: onnx.ModelProto, cands: list[Candidate], ctx: PassContex
     for i, c in enumerate(cands):
         if i in moments:
             sigma = moments[i] / max(counts[i], 1)
-            c.weights = c.s**2 * np.einsum("ik,ij,jk->k", c.u, sigma, c.u)
+            if whiten:
+                _whiten(c, sigma)
+            else:
+                c.weights = c.s**2 * np.einsum("ik,ij,jk->k", c.u, sigma, c.u)
 
 
-def _lower_ranks(active: list[Candidate], opts: LowRankOptions, total_macs: int, loss) -> None:
+def _whiten(c: Candidate, sigma: np.ndarray, eps: float = 1e-3) -> None:
+    """Replace the candidate's SVD of M by the data-aware one: with Σ + εI = L·Lᵀ,
+    ‖Lᵀ(M − M_r)‖_F (the expected output error when patches have second moment Σ,
+    ignoring cross-column terms) is minimised by M_r = L⁻ᵀ·SVD_r(Lᵀ·M). At full rank
+    L⁻ᵀ·Lᵀ·M = M, so the chain stays exact."""
+    n, cin, kh, kw = c.w.shape
+    m = c.w.transpose(1, 2, 0, 3).reshape(cin * kh, n * kw).astype(np.float64)
+    reg = sigma + eps * max(float(np.trace(sigma)) / len(sigma), 1e-12) * np.eye(len(sigma))
+    l = np.linalg.cholesky(reg)
+    u, s, vt = np.linalg.svd(l.T @ m, full_matrices=False)
+    c.u = np.linalg.solve(l.T, u)
+    c.s, c.vt = s, vt
+    c.weights = None
+
+
+def _lower_ranks(active: list[Candidate], opts: LowRankOptions, total_macs: int, loss,
+                 start_unsplit: bool = False) -> set[int]:
     """Lower ranks by ``round_to`` where ``loss(c, rank, rank − round_to)`` per MAC saved is
-    smallest, until the model's MACs meet ``opts.macs_ratio`` (or no rank can go lower)."""
+    smallest, until the model's MACs meet ``opts.macs_ratio`` (or no rank can go lower).
+
+    ``start_unsplit``: every layer starts whole, and splitting it at its largest useful
+    rank is one more move, priced ``loss(c, None, rank)`` per MAC saved — a layer whose
+    split costs more than the budget needs stays whole. Returns the ids of those layers."""
     target = opts.macs_ratio * total_macs
+    whole = {id(c) for c in active} if start_unsplit else set()
 
     def current() -> int:
-        return total_macs - sum(c.original_macs - c.chain_macs(c.rank) for c in active)
+        return total_macs - sum(c.original_macs - c.chain_macs(c.rank) for c in active if id(c) not in whole)
 
     while current() > target:
         best, best_cost = None, math.inf
         for c in active:
-            if c.rank <= opts.round_to:
+            if id(c) in whole:
+                cost = loss(c, None, c.rank) / max(c.original_macs - c.chain_macs(c.rank), 1)
+            elif c.rank <= opts.round_to:
                 continue
-            r2 = c.rank - opts.round_to
-            cost = loss(c, c.rank, r2) / max(c.chain_macs(c.rank) - c.chain_macs(r2), 1)
+            else:
+                r2 = c.rank - opts.round_to
+                cost = loss(c, c.rank, r2) / max(c.chain_macs(c.rank) - c.chain_macs(r2), 1)
             if cost < best_cost:
                 best, best_cost = c, cost
         if best is None:
             log.warning("lowrank: MACs budget %.2f not reachable; stopping at %.3f", opts.macs_ratio,
                         current() / total_macs)
             break
-        best.rank -= opts.round_to
+        if id(best) in whole:
+            whole.discard(id(best))
+        else:
+            best.rank -= opts.round_to
+    return whole
 
 
 def _output_error(ref: list[np.ndarray], new: list[np.ndarray], scale: list[np.ndarray]) -> float:
@@ -453,9 +496,17 @@ def _sensitivity_budget(model: onnx.ModelProto, cands: list[Candidate], opts: Lo
 
     for c in active:
         c.rank = int(curves[id(c)][0][-1])
-    _lower_ranks(active, opts, total_macs, lambda c, r_from, r_to: err(c, r_to) - err(c, r_from))
+    whole = _lower_ranks(active, opts, total_macs,
+                         lambda c, r_from, r_to: err(c, r_to) - (0.0 if r_from is None else err(c, r_from)),
+                         start_unsplit=True)
     for c in active:
-        c.reason = f"rank {c.rank} (sensitivity {err(c, c.rank):.2e}): chain {c.chain_macs(c.rank):,} MACs vs {c.original_macs:,}"
+        if id(c) in whole:
+            c.decision = "kept"
+            c.reason = (f"too sensitive for the budget (split at rank {c.rank}: sensitivity "
+                        f"{err(c, c.rank):.2e} for {c.original_macs - c.chain_macs(c.rank):,} MACs)")
+        else:
+            c.reason = (f"rank {c.rank} (sensitivity {err(c, c.rank):.2e}): chain {c.chain_macs(c.rank):,} MACs "
+                        f"vs {c.original_macs:,}")
 
 
 def _single_conv_model(node: onnx.NodeProto, w: np.ndarray, x_shape: list[int]) -> onnx.ModelProto:
