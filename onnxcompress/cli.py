@@ -276,7 +276,7 @@ Scale = Annotated[float, typer.Option(help="Images: pixel multiplier before mean
 ChannelOrder = Annotated[str, typer.Option("--channel-order", help="Images: rgb or bgr.", rich_help_panel="Image data")]
 Layout = Annotated[str, typer.Option(help="Images: nchw or nhwc.", rich_help_panel="Image data")]
 SkipNonfinite = Annotated[bool, typer.Option("--skip-nonfinite", help="Skip samples with NaN/Inf instead of refusing them.")]
-Tol = Annotated[Optional[str], typer.Option("--tol", help="Thresholds: '[OUTPUT:]key=value,...;...' with keys rel_range, max_abs, mean_abs, cosine, top1, allow_nonfinite.")]
+Tol = Annotated[Optional[str], typer.Option("--tol", help="Thresholds: '[OUTPUT:]key=value,...;...' with keys rel_range, max_abs, mean_abs, cosine, top1, feature_cosine (each column of an [N, rows, F] table), allow_nonfinite.")]
 Threads = Annotated[Optional[int], typer.Option(help="onnxruntime intra-op threads (default: onnxruntime's choice).")]
 ReportPath = Annotated[Optional[Path], typer.Option("--report", help="Write the report as JSON here.")]
 
@@ -286,7 +286,7 @@ def optimize(
     input: Annotated[Path, typer.Argument(help="The ONNX model to optimize (never modified).")],
     output: Annotated[Path, typer.Argument(help="Where to write the optimized model.")],
     passes: Annotated[Optional[str], typer.Option("--passes", "-p", help="Pipeline, e.g. 'prune:ratio=0.3,int8:method=kl'. See `onnxcompress passes`. Default with --calib: search prune, lowrank and int8 within --max-drop.")] = None,
-    max_drop: Annotated[float, typer.Option("--max-drop", help="Default pipeline: accuracy budget on held-out calibration samples: class outputs top-1 agreement ≥ 1 − this (and mean cosine ≥ 1 − this/10), other outputs mean cosine ≥ 1 − this. --tol replaces it per output.", rich_help_panel="Default pipeline")] = 0.01,
+    max_drop: Annotated[float, typer.Option("--max-drop", help="Default pipeline: accuracy budget on held-out calibration samples: class outputs top-1 agreement ≥ 1 − this (and mean cosine ≥ 1 − this/10), other outputs mean cosine ≥ 1 − this (for [N, rows, F≤64] tables such as detections, of each column too). --tol replaces it per output.", rich_help_panel="Default pipeline")] = 0.01,
     time_budget: Annotated[float, typer.Option("--time-budget", help="Default pipeline: seconds the search may take.", rich_help_panel="Default pipeline")] = 300.0,
     plot: Annotated[Optional[Path], typer.Option("--plot", help="Default pipeline: plot every trial (agreement against latency) to this .png/.svg/.pdf (needs matplotlib: the 'plot' extra).", rich_help_panel="Default pipeline")] = None,
     config: Annotated[Optional[Path], typer.Option("--config", "-c", help="Pipeline TOML file with [[passes]] tables.")] = None,

@@ -14,7 +14,11 @@ held-out samples rarely show the top-1 flips a larger set would (at a 1% flip ra
 samples show none 85% of the time); the cosine of the class scores moves before they
 flip, but on the shared classifiers the eval sets' cosine deficit was 6–15× the held-out
 samples' (pruned textline_cls: held-out 0.9994, eval 0.9915; doc_orientation: 0.9973 and
-0.9895), hence a tenth of the budget. The user's :class:`~onnxcompress.validate.Thresholds`
+0.9895), hence a tenth of the budget. Feature tables ([N, rows, F], 2 ≤ F ≤ 64, e.g.
+detections: box coordinates, objectness, class scores as columns) also need mean cosine
+≥ 1 − ``max_drop`` for each column alone: one cosine over the table is dominated by the
+largest column (captcha_det's box sizes), and a pruned-lowrank-int8 chain that kept it at
+0.9925 had objectness cosine 0.80 and lost 54% of the detections. The user's :class:`~onnxcompress.validate.Thresholds`
 per output replace these. A trial's *usage* is the largest fraction of its allowance any
 checked metric uses, max over outputs and metrics of (1 − value) / (1 − threshold); the
 budget holds when usage ≤ 1. Its *drop* (shown) is 1 − the worst checked metric.
@@ -69,7 +73,7 @@ from .data import Batch, LimitedSource, batch_of, input_specs, take_samples
 from .errors import OnnxCompressError, OptionError
 from .pipeline import Pass, PassContext, PassReport, Pipeline
 from .report import count_macs
-from .validate import OutputStats, Thresholds, judge, make_session, measure_latency, run_session
+from .validate import OutputStats, Thresholds, is_feature_table, judge, make_session, measure_latency, run_session
 
 log = logging.getLogger(__name__)
 
@@ -172,24 +176,31 @@ class SearchReport:
                 "chosen": self.chosen.index, "trials": [t.to_dict() for t in self.trials]}
 
 
+#: the Thresholds fields a trial's budget usage is computed from
+AGREEMENT = ("cosine", "top1", "feature_cosine")
+
 #: class-score outputs: the share of max_drop their mean cosine may lose (see the module docstring)
 CLASS_COSINE_SHARE = 0.1
 
 
 def default_thresholds(max_drop: float, outputs: Mapping[str, np.ndarray]) -> dict[str | None, Thresholds]:
     """Mean cosine ≥ 1 − max_drop; class-score outputs: top-1 ≥ 1 − max_drop and mean
-    cosine ≥ 1 − max_drop · CLASS_COSINE_SHARE."""
+    cosine ≥ 1 − max_drop · CLASS_COSINE_SHARE; feature tables: also each column's mean
+    cosine ≥ 1 − max_drop."""
     result: dict[str | None, Thresholds] = {None: Thresholds(cosine=1 - max_drop)}
     for name, arr in outputs.items():
-        classes = arr.ndim == 2 and 2 <= arr.shape[1] <= 100000
-        result[name] = (Thresholds(top1=1 - max_drop, cosine=1 - max_drop * CLASS_COSINE_SHARE) if classes
-                        else Thresholds(cosine=1 - max_drop))
+        if arr.ndim == 2 and 2 <= arr.shape[1] <= 100000:
+            result[name] = Thresholds(top1=1 - max_drop, cosine=1 - max_drop * CLASS_COSINE_SHARE)
+        elif is_feature_table(arr.shape):
+            result[name] = Thresholds(cosine=1 - max_drop, feature_cosine=1 - max_drop)
+        else:
+            result[name] = Thresholds(cosine=1 - max_drop)
     return result
 
 
 def describe_budget(thresholds: Mapping[str, Mapping[str, Any]]) -> str:
     """'output: cosine ≥ 0.99, top1 ≥ 0.99; ...' from ``SearchReport.thresholds``."""
-    return "; ".join(f"{name}: " + ", ".join(f"{m} ≥ {v:g}" for m, v in t.items() if m in ("cosine", "top1") and v is not None)
+    return "; ".join(f"{name}: " + ", ".join(f"{m} ≥ {v:g}" for m, v in t.items() if m in AGREEMENT and v is not None)
                      for name, t in thresholds.items())
 
 
@@ -200,6 +211,8 @@ def _checked(metrics: Mapping[str, Any], t: Thresholds) -> list[tuple[float, flo
         out.append((float(metrics["top1"]), t.top1))
     if t.cosine is not None:
         out.append((float(metrics["cosine_mean"]), t.cosine))
+    if t.feature_cosine is not None and "feature_cosine_min" in metrics:
+        out.append((float(metrics["feature_cosine_min"]), t.feature_cosine))
     return out
 
 
@@ -213,7 +226,7 @@ def _tighten(t: Thresholds, reserve: float) -> Thresholds:
     def f(v: float | None) -> float | None:
         return None if v is None else 1.0 - (1.0 - v) * (1.0 - reserve)
 
-    return t.updated(cosine=f(t.cosine), top1=f(t.top1))
+    return t.updated(cosine=f(t.cosine), top1=f(t.top1), feature_cosine=f(t.feature_cosine))
 
 
 class _Stopped(Exception):

@@ -114,6 +114,7 @@ class Thresholds:
     mean_abs: float | None = None
     cosine: float | None = None
     top1: float | None = None
+    feature_cosine: float | None = None
     allow_nonfinite: bool = False
 
     @classmethod
@@ -134,7 +135,7 @@ def parse_tolerances(spec: str | None, base: Thresholds) -> dict[str | None, Thr
     """Parse ``"[output:]key=value[,key=value][;output:key=value...]"``.
 
     A group without an output name applies to every output; ``None`` is that default.
-    Keys: rel_range, max_abs, mean_abs, cosine, top1 (``none`` disables), allow_nonfinite.
+    Keys: rel_range, max_abs, mean_abs, cosine, top1, feature_cosine (``none`` disables), allow_nonfinite.
     """
     result: dict[str | None, Thresholds] = {None: base}
     if not spec:
@@ -170,6 +171,17 @@ def parse_tolerances(spec: str | None, base: Thresholds) -> dict[str | None, Thr
     return result
 
 
+#: largest trailing axis of a "feature table" ([N, rows, F], e.g. detections: box, scores)
+FEATURE_TABLE_MAX = 64
+
+
+def is_feature_table(shape: tuple[int, ...] | list[int]) -> bool:
+    """[N, rows, F] with 2 ≤ F ≤ FEATURE_TABLE_MAX and more rows than features: each of
+    the F columns is its own quantity (box coordinates, objectness, class scores) on its
+    own scale, so one cosine over the table is dominated by the largest column."""
+    return len(shape) == 3 and 2 <= shape[2] <= FEATURE_TABLE_MAX and shape[1] > shape[2]
+
+
 @dataclass
 class OutputStats:
     """Running comparison statistics of one output."""
@@ -190,6 +202,7 @@ class OutputStats:
     top1_agree: int = 0
     top1_total: int = 0
     classes: bool = False
+    feature_cos_sum: np.ndarray | None = None
 
     def update(self, ref: np.ndarray, new: np.ndarray) -> None:
         if ref.shape != new.shape:
@@ -229,6 +242,14 @@ class OutputStats:
         self.cos_sum += float(cos.sum())
         self.cos_min = min(self.cos_min, float(cos.min())) if cos.size else self.cos_min
         self.samples += n
+        if is_feature_table(a.shape):
+            # per sample and feature j: cosine over the rows (boxes) of column j
+            ca, cb = np.where(both, a, 0.0), np.where(both, b, 0.0)
+            na_f, nb_f = np.linalg.norm(ca, axis=1), np.linalg.norm(cb, axis=1)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                fcos = np.where((na_f == 0) & (nb_f == 0), 1.0, (ca * cb).sum(axis=1) / np.maximum(na_f * nb_f, 1e-300))
+            fcos = np.clip(fcos, -1.0, 1.0).sum(axis=0)
+            self.feature_cos_sum = fcos if self.feature_cos_sum is None else self.feature_cos_sum + fcos
         if a.ndim == 2 and 2 <= a.shape[1] <= 100000:
             self.classes = True
             self.top1_agree += int((np.argmax(np.where(fa, a, -np.inf), axis=1) == np.argmax(np.where(fb, b, -np.inf), axis=1)).sum())
@@ -250,6 +271,10 @@ class OutputStats:
         }
         if self.classes:
             m["top1"] = self.top1_agree / self.top1_total if self.top1_total else 1.0
+        if self.feature_cos_sum is not None and self.samples:
+            per = self.feature_cos_sum / self.samples
+            m["feature_cosine"] = [round(float(v), 6) for v in per]
+            m["feature_cosine_min"] = float(per.min())
         return m
 
 
@@ -300,6 +325,9 @@ def judge(name: str, m: Mapping[str, Any], t: Thresholds) -> list[str]:
         fails.append(f"mean abs error {m['mean_abs']:.3g} > {t.mean_abs:g}")
     if t.cosine is not None and m["cosine_mean"] < t.cosine:
         fails.append(f"mean cosine {m['cosine_mean']:.5f} < {t.cosine:g}")
+    if t.feature_cosine is not None and "feature_cosine_min" in m and m["feature_cosine_min"] < t.feature_cosine:
+        j = int(np.argmin(m["feature_cosine"]))
+        fails.append(f"mean cosine of feature {j} (last axis) {m['feature_cosine_min']:.5f} < {t.feature_cosine:g}")
     if t.top1 is not None and "top1" in m and m["top1"] < t.top1:
         fails.append(f"top-1 agreement {m['top1']:.4f} < {t.top1:g}")
     return fails

@@ -52,7 +52,9 @@ def calib(n: int = 64, seed: int = 1) -> np.ndarray:
 def test_default_thresholds_by_output_kind() -> None:
     t = default_thresholds(0.01, {"scores": np.zeros((4, 10)), "map": np.zeros((4, 1, 8, 8))})
     assert t["scores"].top1 == pytest.approx(0.99) and t["scores"].cosine == pytest.approx(0.999)
-    assert t["map"].top1 is None and t["map"].cosine == pytest.approx(0.99)
+    assert t["map"].top1 is None and t["map"].cosine == pytest.approx(0.99) and t["map"].feature_cosine is None
+    det = default_thresholds(0.01, {"det": np.zeros((1, 3549, 6))})["det"]
+    assert det.cosine == pytest.approx(0.99) and det.feature_cosine == pytest.approx(0.99) and det.top1 is None
 
 
 def test_usage_and_reserve_arithmetic() -> None:

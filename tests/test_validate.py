@@ -9,7 +9,7 @@ import pytest
 
 from onnxcompress.data import RandomSource, input_specs
 from onnxcompress.errors import OptionError, ProviderError, RuntimeModelError
-from onnxcompress.validate import OutputStats, Thresholds, compare_models, parse_tolerances, resolve_provider
+from onnxcompress.validate import OutputStats, Thresholds, compare_models, judge, parse_tolerances, resolve_provider
 
 from .builders import linear_model
 
@@ -64,6 +64,26 @@ def test_output_stats_cosine_per_sample() -> None:
     s.update(a, b)
     m = s.metrics()
     assert m["cosine_mean"] == pytest.approx(0.5) and m["cosine_min"] == pytest.approx(0.0) and m["top1"] == 0.5
+
+
+def test_feature_table_cosine_per_column() -> None:
+    """[N, rows, F]: a small column ruined hides in the overall cosine, not in its own."""
+    rng = np.random.default_rng(0)
+    a = np.concatenate([100 * rng.random((3, 50, 4)), rng.random((3, 50, 2))], axis=2)
+    b = a.copy()
+    b[..., 4] = rng.random((3, 50))  # column 4 replaced by noise
+    s = OutputStats("det")
+    s.update(a, b)
+    m = s.metrics()
+    assert m["cosine_mean"] > 0.999
+    assert m["feature_cosine"][0] == pytest.approx(1.0) and m["feature_cosine"][5] == pytest.approx(1.0)
+    assert m["feature_cosine_min"] == pytest.approx(m["feature_cosine"][4]) and m["feature_cosine_min"] < 0.9
+    fails = judge("det", m, Thresholds(cosine=0.99, feature_cosine=0.99))
+    assert len(fails) == 1 and "feature 4" in fails[0]
+    assert judge("det", m, Thresholds(cosine=0.99)) == []
+    flat = OutputStats("map")
+    flat.update(a.reshape(3, 1, 50, 6), b.reshape(3, 1, 50, 6))  # not a feature table: no per-column metric
+    assert "feature_cosine_min" not in flat.metrics()
 
 
 def test_parse_tolerances() -> None:
