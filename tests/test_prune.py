@@ -253,3 +253,32 @@ def test_every_channel_mapping_removal_equals_masking() -> None:
     sizes = {t.name: numpy_helper.to_array(t) for t in pruned.graph.initializer}
     slice_node = next(n for n in pruned.graph.node if n.op_type == "Slice")
     assert sizes[slice_node.input[2]][0] - sizes[slice_node.input[1]][0] < 12  # the channel slice shrank
+
+
+def test_sensitivity_weighs_every_group_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With macs_ratio and data every prunable group gets a measured weight; a second
+    budget on the same model and samples reuses them (no new sensitivity sessions)."""
+    import onnxcompress.validate as validate
+
+    labels: list[str] = []
+    real = validate.make_session
+
+    def counting(model, provider="cpu", label="model", **kw):
+        labels.append(label)
+        return real(model, provider, label=label, **kw)
+
+    monkeypatch.setattr(validate, "make_session", counting)
+    calib = FIXTURES / "mobilenet_se_calib.npz"
+    _, rep = oc.optimize(FIXTURES / "mobilenet_se.onnx", "prune:macs_ratio=0.8", calibration=calib,
+                         validation=False, latency=False)
+    st = rep.passes[-1].stats
+    assert len(st["sensitivity"]) == st["prunable_groups"] > 1
+    assert all(v > 0 for v in st["sensitivity"].values())
+    assert st["conv_macs_ratio_estimate"] <= 0.8
+    first = sum(lb.startswith("prune sensitivity") for lb in labels)
+    assert first >= st["prunable_groups"]
+    labels.clear()
+    _, rep = oc.optimize(FIXTURES / "mobilenet_se.onnx", "prune:macs_ratio=0.7", calibration=calib,
+                         validation=False, latency=False)
+    assert sum(lb.startswith("prune sensitivity") for lb in labels) == 0
+    assert rep.passes[-1].stats["sensitivity"] == st["sensitivity"]

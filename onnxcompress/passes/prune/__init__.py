@@ -11,9 +11,16 @@
      ``Σ_consumers E|x_c| · ‖W[:, c]‖₂`` measured on calibration data.
 
 3. ``ratio`` of each group's classes (or, with ``global=true``, of all classes ranked
-   together on group-normalized scores) are removed, within ``max_ratio`` and
-   ``min_channels``, and kept counts rounded to a multiple of ``round_to``
-   (onnxruntime's CPU kernels only speed up at multiples of 8, or 16 with AVX-512).
+   together on group-normalized scores; or, with ``macs_ratio``, the classes with the
+   least score per MAC saved until the Conv MACs meet the budget) are removed, within
+   ``max_ratio`` and ``min_channels``, and kept counts rounded to a multiple of ``round_to``
+   (onnxruntime's CPU kernels only speed up at multiples of 8, or 16 with AVX-512). With
+   ``macs_ratio``, calibration data and ``sensitivity`` (default), group g's normalized
+   scores are multiplied by w_g = (e_g / ΔMACs_g) / median over groups, e_g the
+   std-scaled output MSE of removing g's least important ``max_ratio`` alone
+   (bias-compensated, no refit) and ΔMACs_g the Conv MACs that saves: importance stands
+   for a channel's rank within its group, measured damage for the group's share of the
+   budget.
 4. Recovery (``recovery.py``) refits the consumers on calibration data (least squares)
    or folds the removed channels' mean contribution into their biases.
 5. ``apply.py`` removes the classes from every coupled tensor at once.
@@ -23,6 +30,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -92,6 +100,10 @@ class PruneOptions:
                 "across all groups (ratio is then ignored)"})
     cost_power: float = field(default=0.0, metadata={
         "help": "with macs_ratio: rank by importance / (MACs saved)^cost_power (0 = importance only)"})
+    sensitivity: bool = field(default=True, metadata={
+        "help": "with macs_ratio and calibration data: weigh each group's channels by the measured output error "
+                "per MAC saved of pruning that group alone (max_ratio of it, bias-compensated)"})
+    sensitivity_samples: int = field(default=8, metadata={"help": "calibration samples used to measure sensitivity"})
 
     def check(self) -> None:
         if not 0 <= self.ratio < 1:
@@ -290,8 +302,8 @@ class MacModel:
         return cost
 
 
-def choose_by_macs(an: Analysis, groups: list[Group], scores: dict[int, np.ndarray], opts: PruneOptions, round_to: int
-                   ) -> tuple[dict[int, np.ndarray], float, float]:
+def choose_by_macs(an: Analysis, groups: list[Group], scores: dict[int, np.ndarray], opts: PruneOptions, round_to: int,
+                   weights: dict[int, float] | None = None) -> tuple[dict[int, np.ndarray], float, float]:
     """Remove the classes with the least importance per MAC saved until the Conv MACs
     are at most ``opts.macs_ratio`` of the original; returns (removed, before, after)."""
     mm = MacModel(an)
@@ -310,6 +322,8 @@ def choose_by_macs(an: Analysis, groups: list[Group], scores: dict[int, np.ndarr
     mean_cost = max(float(np.mean(np.concatenate(list(costs.values())))), 1e-12) if costs else 1.0
     for g in groups:
         s = scores[g.id] / max(float(scores[g.id].mean()), 1e-12)
+        if weights is not None:
+            s = s * weights[g.id]
         cost = np.maximum(costs[g.id] / mean_cost, 1e-6)  # MACs saved, relative to the average class
         prio = s / cost ** opts.cost_power
         entries.extend((float(prio[i]), g.id, i) for i in range(g.size))
@@ -353,6 +367,84 @@ def choose_by_macs(an: Analysis, groups: list[Group], scores: dict[int, np.ndarr
             lo = mid + 1
     best = removal(lo)
     return best, total, macs_of(best)
+
+
+def _group_sensitivity(an: Analysis, groups: list[Group], scores: dict[int, np.ndarray], opts: PruneOptions,
+                       round_to: int, cstats: CalibrationStats | None, ctx: PassContext) -> dict[int, float]:
+    """Each group's output error per MAC saved when its least important ``max_ratio`` of
+    channels go alone (bias-compensated, no refit): std-scaled output MSE on the first
+    ``sensitivity_samples`` calibration samples, divided by the Conv MACs saved; returned
+    relative to the median over groups (a group that saves nothing gets the largest)."""
+    import copy
+    import dataclasses
+
+    from ...validate import make_session
+    from ..lowrank import _feature_scale, _output_error
+
+    feeds: list[dict[str, np.ndarray]] = []
+    n = 0
+    for batch in ctx.calibration or []:
+        feeds.append(batch)
+        n += next(iter(batch.values())).shape[0] if batch else 1
+        if n >= opts.sensitivity_samples:
+            break
+    key = _sensitivity_key(an.model, feeds, opts, round_to)
+    if key in _SENSITIVITY_MEMO:
+        return dict(_SENSITIVITY_MEMO[key])
+    base = make_session(an.model, ctx.provider, label="prune sensitivity (original)")
+    ref = [base.run(None, f) for f in feeds]
+    scale = _feature_scale([np.concatenate([r[k] for r in ref]) for k in range(len(ref[0]))])
+    mm = MacModel(an)
+    none = np.zeros(len(an.parent), dtype=bool)
+    total = mm.macs(none)
+    raw: dict[int, float] = {}
+    with ctx.progress.task("prune sensitivity", len(groups)) as task:
+        for g in groups:
+            kept = _kept_count(g.size, int(np.floor(opts.max_ratio * g.size)), opts, round_to)
+            if kept >= g.size:
+                raw[g.id] = math.inf
+                task.advance()
+                continue
+            order = np.argsort(scores[g.id], kind="stable")
+            classes = g.classes[order[: g.size - kept]]
+            gone = removed_atoms(an, classes)
+            saved = total - mm.macs(gone)
+            trial = dataclasses.replace(an, model=copy.deepcopy(an.model))
+            rec = bias_compensation(trial, gone, cstats)
+            try:
+                m = apply_removal(trial, classes, overrides=rec.arrays)
+                sess = make_session(m, ctx.provider, label="prune sensitivity")
+                outs = [sess.run(None, f) for f in feeds]
+                err = float(np.mean([_output_error(a, b, scale) for a, b in zip(ref, outs)]))
+            except Exception as exc:  # noqa: BLE001 - a group that cannot be pruned alone is left last
+                log.debug("prune sensitivity: %s: %s", an.describe(g), exc)
+                err = math.inf
+            raw[g.id] = err / saved if saved > 0 else math.inf
+            task.advance()
+    finite = [v for v in raw.values() if math.isfinite(v)]
+    med = float(np.median(finite)) if finite else 1.0
+    top = max(finite) / max(med, 1e-30) if finite else 1.0
+    weights = {gid: (v / max(med, 1e-30) if math.isfinite(v) else top * 10) for gid, v in raw.items()}
+    _SENSITIVITY_MEMO.clear()  # one entry: the search prunes one model at several budgets
+    _SENSITIVITY_MEMO[key] = weights
+    return dict(weights)
+
+
+#: the last model's group sensitivities, keyed by (model, samples, options) digest
+_SENSITIVITY_MEMO: dict[str, dict[int, float]] = {}
+
+
+def _sensitivity_key(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], opts: PruneOptions,
+                     round_to: int) -> str:
+    import hashlib
+
+    h = hashlib.sha1(model.SerializeToString())
+    for f in feeds:
+        for k in sorted(f):
+            h.update(k.encode())
+            h.update(np.ascontiguousarray(f[k]).tobytes())
+    h.update(repr((opts.max_ratio, opts.min_channels, opts.criterion, opts.sensitivity_samples, round_to)).encode())
+    return h.hexdigest()
 
 
 def _resolve_conflicts(an: Analysis, removed: dict[int, np.ndarray]) -> list[str]:
@@ -418,7 +510,11 @@ class Prune(Pass):
             scores[g.id], how = group_scores(an, g, criterion, cstats)
             used[how] += 1
         if opts.macs_ratio > 0:
-            removed, before, after = choose_by_macs(an, groups, scores, opts, round_to)
+            weights = None
+            if opts.sensitivity and ctx.calibration is not None and groups:
+                weights = _group_sensitivity(an, groups, scores, opts, round_to, cstats, ctx)
+                stats_out["sensitivity"] = {f"#{g.id} {an.describe(g)}": round(float(weights[g.id]), 4) for g in groups}
+            removed, before, after = choose_by_macs(an, groups, scores, opts, round_to, weights)
             stats_out["conv_macs_ratio_estimate"] = round(after / max(before, 1.0), 4)
         else:
             removed = choose(an, groups, scores, opts, round_to)
