@@ -39,9 +39,10 @@ of the stages before it:
    must keep usage ≤ 1 − 1.5·u₈ (the stages' errors roughly add).
 2. *prune*: Conv-MACs budgets ``prune_levels`` (0.85, 0.7, 0.55, 0.4) in turn. The prune
    pass spends a budget by removing, across all channel groups, the channels whose
-   activation importance, weighed by their group's measured output error per MAC
-   (computed once per model and reused across levels), is smallest per MAC saved, then
-   refits the layers after them by least squares. The first level over the budget ends the stage, after one
+   activation importance per MAC saved (measured on the calibration data) is smallest,
+   then refits the layers after them by least squares (activation importance stands in
+   for sensitivity; prune's ``sensitivity`` option, which weighs groups by measured
+   output error, is latency-blind and off). The first level over the budget ends the stage, after one
    bisection between it and the last level within budget. Prune and lowrank refit on
    at most ``refit_elements`` input values' worth of samples (their time grows with it).
 3. *lowrank*: ``lowrank_levels`` (0.85, 0.7) of the K×K conv MACs, likewise.

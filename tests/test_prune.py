@@ -256,7 +256,7 @@ def test_every_channel_mapping_removal_equals_masking() -> None:
 
 
 def test_sensitivity_weighs_every_group_once(monkeypatch: pytest.MonkeyPatch) -> None:
-    """With macs_ratio and data every prunable group gets a measured weight; a second
+    """sensitivity=true with macs_ratio and data: every prunable group gets a measured weight; a second
     budget on the same model and samples reuses them (no new sensitivity sessions)."""
     import onnxcompress.validate as validate
 
@@ -269,7 +269,7 @@ def test_sensitivity_weighs_every_group_once(monkeypatch: pytest.MonkeyPatch) ->
 
     monkeypatch.setattr(validate, "make_session", counting)
     calib = FIXTURES / "mobilenet_se_calib.npz"
-    _, rep = oc.optimize(FIXTURES / "mobilenet_se.onnx", "prune:macs_ratio=0.8", calibration=calib,
+    _, rep = oc.optimize(FIXTURES / "mobilenet_se.onnx", "prune:macs_ratio=0.8:sensitivity=true", calibration=calib,
                          validation=False, latency=False)
     st = rep.passes[-1].stats
     assert len(st["sensitivity"]) == st["prunable_groups"] > 1
@@ -278,7 +278,7 @@ def test_sensitivity_weighs_every_group_once(monkeypatch: pytest.MonkeyPatch) ->
     first = sum(lb.startswith("prune sensitivity") for lb in labels)
     assert first >= st["prunable_groups"]
     labels.clear()
-    _, rep = oc.optimize(FIXTURES / "mobilenet_se.onnx", "prune:macs_ratio=0.7", calibration=calib,
+    _, rep = oc.optimize(FIXTURES / "mobilenet_se.onnx", "prune:macs_ratio=0.7:sensitivity=true", calibration=calib,
                          validation=False, latency=False)
     assert sum(lb.startswith("prune sensitivity") for lb in labels) == 0
     assert rep.passes[-1].stats["sensitivity"] == st["sensitivity"]

@@ -15,7 +15,7 @@
    least score per MAC saved until the Conv MACs meet the budget) are removed, within
    ``max_ratio`` and ``min_channels``, and kept counts rounded to a multiple of ``round_to``
    (onnxruntime's CPU kernels only speed up at multiples of 8, or 16 with AVX-512). With
-   ``macs_ratio``, calibration data and ``sensitivity`` (default), group g's normalized
+   ``macs_ratio``, calibration data and ``sensitivity=true`` (off by default), group g's normalized
    scores are multiplied by w_g = (e_g / ΔMACs_g) / median over groups, e_g the
    std-scaled output MSE of removing g's least important ``max_ratio`` alone
    (bias-compensated, no refit) and ΔMACs_g the Conv MACs that saves: importance stands
@@ -100,9 +100,10 @@ class PruneOptions:
                 "across all groups (ratio is then ignored)"})
     cost_power: float = field(default=0.0, metadata={
         "help": "with macs_ratio: rank by importance / (MACs saved)^cost_power (0 = importance only)"})
-    sensitivity: bool = field(default=True, metadata={
+    sensitivity: bool = field(default=False, metadata={
         "help": "with macs_ratio and calibration data: weigh each group's channels by the measured output error "
-                "per MAC saved of pruning that group alone (max_ratio of it, bias-compensated)"})
+                "per MAC saved of pruning that group alone (max_ratio of it, bias-compensated); latency-blind "
+                "(textline_cls at 0.85 MACs ran 1.5x slower at batch 8), so off by default"})
     sensitivity_samples: int = field(default=8, metadata={"help": "calibration samples used to measure sensitivity"})
 
     def check(self) -> None:
