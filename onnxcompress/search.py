@@ -226,7 +226,7 @@ def _tighten(t: Thresholds, reserve: float) -> Thresholds:
     def f(v: float | None) -> float | None:
         return None if v is None else 1.0 - (1.0 - v) * (1.0 - reserve)
 
-    return t.updated(cosine=f(t.cosine), top1=f(t.top1), feature_cosine=f(t.feature_cosine))
+    return t.updated(**{k: f(getattr(t, k)) for k in AGREEMENT})
 
 
 class _Stopped(Exception):

@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import math
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -171,6 +171,59 @@ def parse_tolerances(spec: str | None, base: Thresholds) -> dict[str | None, Thr
     return result
 
 
+class OutputDamage:
+    """How much a rewrite disturbs a model's outputs: the first whole batches of ``data``
+    holding at least ``samples`` samples, the reference model's outputs on them, and per
+    output feature (last axis, when ≤ 1024 wide) their std. :meth:`of` is the mean over
+    batches and outputs of the MSE of a candidate's outputs, each feature divided by its
+    std — the sensitivity measure of lowrank's and prune's budget allocation. The
+    reference runs once, on :meth:`reference` or the first :meth:`of`."""
+
+    def __init__(self, model: onnx.ModelProto, data: Iterable[Mapping[str, np.ndarray]], samples: int,
+                 provider: str = "cpu", label: str = "sensitivity") -> None:
+        self.feeds: list[Mapping[str, np.ndarray]] = []
+        n = 0
+        for batch in data:
+            self.feeds.append(batch)
+            n += next(iter(batch.values())).shape[0] if batch else 1
+            if n >= samples:
+                break
+        self.model, self.provider, self.label = model, provider, label
+        self._ref: list[list[np.ndarray]] | None = None
+        self._scales: list[np.ndarray] = []
+
+    @staticmethod
+    def _scale(o: np.ndarray) -> np.ndarray:
+        sd = o.reshape(-1, o.shape[-1]).std(axis=0) if o.ndim >= 2 and o.shape[-1] <= 1024 else np.array(o.std())
+        return np.maximum(sd, 1e-6 * max(float(np.abs(o).max()), 1e-12))
+
+    def reference(self) -> list[list[np.ndarray]]:
+        """The reference model's outputs per batch (run once)."""
+        if self._ref is None:
+            sess = make_session(self.model, self.provider, label=f"{self.label} (original)")
+            self._ref = [sess.run(None, dict(f)) for f in self.feeds]
+            self._scales = [self._scale(np.concatenate([r[k] for r in self._ref])) for k in range(len(self._ref[0]))]
+        return self._ref
+
+    def of(self, model: onnx.ModelProto) -> float:
+        refs = self.reference()
+        sess = make_session(model, self.provider, label=self.label)
+        errs = []
+        for f, ref in zip(self.feeds, refs):
+            new = sess.run(None, dict(f))
+            errs.append(sum(float(np.mean(((b - a) / sc) ** 2)) for a, b, sc in zip(ref, new, self._scales))
+                        / max(len(ref), 1))
+        return float(np.mean(errs))
+
+
+def _cosine(a: np.ndarray, b: np.ndarray, axis: int) -> np.ndarray:
+    """Cosine of ``a`` and ``b`` along ``axis``, in [−1, 1]; 1 where both are zero."""
+    na, nb = np.linalg.norm(a, axis=axis), np.linalg.norm(b, axis=axis)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        cos = np.where((na == 0) & (nb == 0), 1.0, (a * b).sum(axis=axis) / np.maximum(na * nb, 1e-300))
+    return np.clip(cos, -1.0, 1.0)
+
+
 #: largest trailing axis of a "feature table" ([N, rows, F], e.g. detections: box, scores)
 FEATURE_TABLE_MAX = 64
 
@@ -232,23 +285,14 @@ class OutputStats:
             rel = diff / np.maximum(np.abs(np.where(both, a, 1.0)), 1e-6 * span)
             self.max_rel = max(self.max_rel, float(rel.max()))
         n = a.shape[0] if a.ndim else 1
-        fa2 = np.where(both, a, 0.0).reshape(n, -1)
-        fb2 = np.where(both, b, 0.0).reshape(n, -1)
-        na, nb = np.linalg.norm(fa2, axis=1), np.linalg.norm(fb2, axis=1)
-        dot = (fa2 * fb2).sum(axis=1)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            cos = np.where((na == 0) & (nb == 0), 1.0, dot / np.maximum(na * nb, 1e-300))
-        cos = np.clip(cos, -1.0, 1.0)
+        ca, cb = np.where(both, a, 0.0), np.where(both, b, 0.0)
+        cos = _cosine(ca.reshape(n, -1), cb.reshape(n, -1), axis=1)
         self.cos_sum += float(cos.sum())
         self.cos_min = min(self.cos_min, float(cos.min())) if cos.size else self.cos_min
         self.samples += n
         if is_feature_table(a.shape):
             # per sample and feature j: cosine over the rows (boxes) of column j
-            ca, cb = np.where(both, a, 0.0), np.where(both, b, 0.0)
-            na_f, nb_f = np.linalg.norm(ca, axis=1), np.linalg.norm(cb, axis=1)
-            with np.errstate(invalid="ignore", divide="ignore"):
-                fcos = np.where((na_f == 0) & (nb_f == 0), 1.0, (ca * cb).sum(axis=1) / np.maximum(na_f * nb_f, 1e-300))
-            fcos = np.clip(fcos, -1.0, 1.0).sum(axis=0)
+            fcos = _cosine(ca, cb, axis=1).sum(axis=0)
             self.feature_cos_sum = fcos if self.feature_cos_sum is None else self.feature_cos_sum + fcos
         if a.ndim == 2 and 2 <= a.shape[1] <= 100000:
             self.classes = True

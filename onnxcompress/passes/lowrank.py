@@ -430,25 +430,6 @@ def _lower_ranks(active: list[Candidate], opts: LowRankOptions, total_macs: int,
     return whole
 
 
-def _output_error(ref: list[np.ndarray], new: list[np.ndarray], scale: list[np.ndarray]) -> float:
-    """Mean squared error of all outputs, each output feature divided by its std."""
-    total = 0.0
-    for a, b, sc in zip(ref, new, scale):
-        total += float(np.mean(((b - a) / sc) ** 2))
-    return total / max(len(ref), 1)
-
-
-def _feature_scale(outs: list[np.ndarray]) -> list[np.ndarray]:
-    scales = []
-    for o in outs:
-        if o.ndim >= 2 and o.shape[-1] <= 1024:
-            sd = o.reshape(-1, o.shape[-1]).std(axis=0)
-        else:
-            sd = np.array(o.std())
-        scales.append(np.maximum(sd, 1e-6 * max(float(np.abs(o).max()), 1e-12)))
-    return scales
-
-
 def _sensitivity_budget(model: onnx.ModelProto, cands: list[Candidate], opts: LowRankOptions, total_macs: int,
                         ctx: PassContext) -> None:
     """Allocate ranks to meet the MACs budget using measured output errors.
@@ -457,21 +438,12 @@ def _sensitivity_budget(model: onnx.ModelProto, cands: list[Candidate], opts: Lo
     3/4, 1/2 and 1/4 of it, and measure the std-scaled output error on a few calibration
     samples; errors between measured ranks are interpolated. Then ranks are lowered
     greedily where the error grows least per MAC saved, until the budget holds."""
-    from ..validate import make_session
+    from ..validate import OutputDamage
 
     active = [c for c in cands if c.decision == "split"]
     if not active or ctx.calibration is None:
         return
-    feeds: list[dict[str, np.ndarray]] = []
-    n = 0
-    for batch in ctx.calibration:
-        feeds.append(batch)
-        n += next(iter(batch.values())).shape[0] if batch else 1
-        if n >= opts.sensitivity_samples:
-            break
-    base_sess = make_session(model, ctx.provider, label="lowrank sensitivity (original)")
-    ref = [base_sess.run(None, f) for f in feeds]
-    scale = _feature_scale([np.concatenate([r[k] for r in ref]) for k in range(len(ref[0]))])
+    damage = OutputDamage(model, ctx.calibration, opts.sensitivity_samples, ctx.provider, label="lowrank sensitivity")
     curves: dict[int, tuple[np.ndarray, np.ndarray]] = {}
     with ctx.progress.task("lowrank sensitivity", len(active)) as task:
         for c in active:
@@ -484,9 +456,7 @@ def _sensitivity_budget(model: onnx.ModelProto, cands: list[Candidate], opts: Lo
                 node = next(nd for nd in m.graph.node if nd.output and nd.output[0] == c.node.output[0])
                 cc = Candidate(0, node, c.w, c.u, c.s, c.vt, c.out_hw, c.in_w, c.original_macs, r)
                 _split_node(m, cc, r)
-                sess = make_session(m, ctx.provider, label="lowrank sensitivity")
-                outs = [sess.run(None, f) for f in feeds]
-                errs.append(np.mean([_output_error(a, b, scale) for a, b in zip(ref, outs)]))
+                errs.append(damage.of(m))
             curves[id(c)] = (np.array(ranks, dtype=float), np.array(errs))
             task.advance()
 

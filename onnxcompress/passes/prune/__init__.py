@@ -33,6 +33,7 @@ import logging
 import math
 import re
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -379,22 +380,14 @@ def _group_sensitivity(an: Analysis, groups: list[Group], scores: dict[int, np.n
     import copy
     import dataclasses
 
-    from ...validate import make_session
-    from ..lowrank import _feature_scale, _output_error
+    from ...validate import OutputDamage
 
-    feeds: list[dict[str, np.ndarray]] = []
-    n = 0
-    for batch in ctx.calibration or []:
-        feeds.append(batch)
-        n += next(iter(batch.values())).shape[0] if batch else 1
-        if n >= opts.sensitivity_samples:
-            break
-    key = _sensitivity_key(an.model, feeds, opts, round_to)
+    damage = OutputDamage(an.model, ctx.calibration or [], opts.sensitivity_samples, ctx.provider,
+                          label="prune sensitivity")
+    key = _sensitivity_key(an.model, damage.feeds, opts, round_to)
     if key in _SENSITIVITY_MEMO:
         return dict(_SENSITIVITY_MEMO[key])
-    base = make_session(an.model, ctx.provider, label="prune sensitivity (original)")
-    ref = [base.run(None, f) for f in feeds]
-    scale = _feature_scale([np.concatenate([r[k] for r in ref]) for k in range(len(ref[0]))])
+    damage.reference()  # outside the per-group try: a reference that fails is an error, not a weight
     mm = MacModel(an)
     none = np.zeros(len(an.parent), dtype=bool)
     total = mm.macs(none)
@@ -413,10 +406,7 @@ def _group_sensitivity(an: Analysis, groups: list[Group], scores: dict[int, np.n
             trial = dataclasses.replace(an, model=copy.deepcopy(an.model))
             rec = bias_compensation(trial, gone, cstats)
             try:
-                m = apply_removal(trial, classes, overrides=rec.arrays)
-                sess = make_session(m, ctx.provider, label="prune sensitivity")
-                outs = [sess.run(None, f) for f in feeds]
-                err = float(np.mean([_output_error(a, b, scale) for a, b in zip(ref, outs)]))
+                err = damage.of(apply_removal(trial, classes, overrides=rec.arrays))
             except Exception as exc:  # noqa: BLE001 - a group that cannot be pruned alone is left last
                 log.debug("prune sensitivity: %s: %s", an.describe(g), exc)
                 err = math.inf
@@ -435,7 +425,7 @@ def _group_sensitivity(an: Analysis, groups: list[Group], scores: dict[int, np.n
 _SENSITIVITY_MEMO: dict[str, dict[int, float]] = {}
 
 
-def _sensitivity_key(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], opts: PruneOptions,
+def _sensitivity_key(model: onnx.ModelProto, feeds: list[Mapping[str, np.ndarray]], opts: PruneOptions,
                      round_to: int) -> str:
     import hashlib
 
