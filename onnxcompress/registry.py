@@ -26,7 +26,7 @@ from .passes import Canonicalize
 from .passes.int8 import Int8
 from .passes.lowrank import LowRank
 from .passes.prune import Prune
-from .pipeline import Pass, Pipeline
+from .pipeline import Pass, Pipeline, option_key
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -55,13 +55,63 @@ def make_pass(name: str, options: Mapping[str, Any] | None = None) -> Pass:
     return get_pass_class(name).from_mapping(options or {})
 
 
+def _split_outside_quotes(spec: str) -> list[str]:
+    """Split at ``,`` and ``;`` that are not inside single or double quotes."""
+    tokens, cur, quote = [], [], ""
+    for ch in spec:
+        if quote:
+            cur.append(ch)
+            if ch == quote:
+                quote = ""
+        elif ch in "\"'":
+            quote = ch
+            cur.append(ch)
+        elif ch in ",;":
+            tokens.append("".join(cur))
+            cur = []
+        else:
+            cur.append(ch)
+    if quote:
+        raise OptionError(f"pipeline '{spec}': unbalanced {quote}")
+    tokens.append("".join(cur))
+    return tokens
+
+
+def _unquote(value: str) -> str:
+    v = value.strip()
+    return v[1:-1] if len(v) >= 2 and v[0] == v[-1] and v[0] in "\"'" else v
+
+
+def _takes_text(pass_name: str, key: str) -> bool:
+    """Whether option ``key`` of pass ``pass_name`` is a string (a list-valued option
+    such as ``exclude`` or ``guard_batches``); False for unknown passes and options."""
+    import dataclasses
+    import typing
+
+    cls = REGISTRY.get(pass_name)
+    if cls is None:
+        return False
+    hints = typing.get_type_hints(cls.Options)
+    return any(option_key(f) == key and hints.get(f.name) is str for f in dataclasses.fields(cls.Options))
+
+
 def parse_spec(spec: str) -> list[tuple[str, dict[str, str]]]:
-    """Split an inline pipeline string into ``[(pass name, {option: raw value})]``."""
+    """Split an inline pipeline string into ``[(pass name, {option: raw value})]``.
+
+    Passes are separated by ``,`` or ``;``. A value may be quoted (``'a=0.5;b=0.3'``) to
+    hold either. A bare token that is not a pass name, right after a string-valued
+    option, continues that option's list: ``int8:exclude=Sigmoid,Mul`` or
+    ``int8:guard_batches=1,8``."""
     steps: list[tuple[str, dict[str, str]]] = []
-    for token in (t.strip() for t in spec.replace(";", ",").split(",")):
+    last_key: str | None = None
+    for token in (t.strip() for t in _split_outside_quotes(spec)):
         if not token:
             continue
         head, sep, rest = token.partition(":")
+        if (not sep and "=" not in token and token not in REGISTRY and steps and last_key is not None
+                and _takes_text(steps[-1][0], last_key)):
+            steps[-1][1][last_key] += "," + _unquote(token)
+            continue
         if "=" in head:  # an option of the previous pass
             if not steps:
                 raise OptionError(f"pipeline '{spec}': option '{token}' comes before any pass name")
@@ -69,13 +119,15 @@ def parse_spec(spec: str) -> list[tuple[str, dict[str, str]]]:
         else:
             steps.append((head.strip(), {}))
             parts = rest.split(":") if sep else []
+            last_key = None
         for part in parts:
             if not part.strip():
                 continue
             key, eq, value = part.partition("=")
             if not eq or not key.strip():
                 raise OptionError(f"pipeline '{spec}': '{part}' is not option=value (pass '{steps[-1][0]}')")
-            steps[-1][1][key.strip()] = value.strip()
+            last_key = key.strip()
+            steps[-1][1][last_key] = _unquote(value)
     if not steps:
         raise OptionError(f"pipeline '{spec}' names no pass")
     return steps

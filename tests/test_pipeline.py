@@ -78,6 +78,21 @@ def test_parse_spec() -> None:
         parse_spec(" , ")
 
 
+def test_parse_spec_list_values() -> None:
+    # list-valued (string) options keep their commas; a quoted value keeps , and ;
+    assert parse_spec("canonicalize,int8:exclude=Sigmoid,Mul,max_drop=0.01,lowrank") == [
+        ("canonicalize", {}), ("int8", {"exclude": "Sigmoid,Mul", "max_drop": "0.01"}), ("lowrank", {})]
+    assert parse_spec("int8:guard_batches=1,8") == [("int8", {"guard_batches": "1,8"})]
+    assert parse_spec("prune:overrides='Conv_1=0.5;Conv_2=0.3',ratio=0.2;int8") == [
+        ("prune", {"overrides": "Conv_1=0.5;Conv_2=0.3", "ratio": "0.2"}), ("int8", {})]
+    # after a non-string option a bare token is still a pass name (and an unknown one fails)
+    assert parse_spec("prune:ratio=0.3,int9") == [("prune", {"ratio": "0.3"}), ("int9", {})]
+    with pytest.raises(OptionError, match="unbalanced"):
+        parse_spec("prune:overrides='a=0.5")
+    p = build_pipeline("int8:exclude=Sigmoid,Mul,guard_batches=1,8")
+    assert p.passes[-1].options.exclude == "Sigmoid,Mul" and p.passes[-1].options.guard_batches == "1,8"
+
+
 def test_unknown_pass_lists_valid_ones() -> None:
     with pytest.raises(OptionError, match="unknown pass 'prun'; valid passes: " + ", ".join(sorted(REGISTRY))):
         build_pipeline("prun:ratio=0.3")
