@@ -99,8 +99,8 @@ def parse_spec(spec: str) -> list[tuple[str, dict[str, str]]]:
     """Split an inline pipeline string into ``[(pass name, {option: raw value})]``.
 
     Passes are separated by ``,`` or ``;``. A value may be quoted (``'a=0.5;b=0.3'``) to
-    hold either. A bare token that is not a pass name, right after a string-valued
-    option, continues that option's list: ``int8:exclude=Sigmoid,Mul`` or
+    hold either. A token that is not a pass name, right after a string-valued option,
+    continues that option's list: ``int8:exclude=Sigmoid,Mul:max_drop=0`` or
     ``int8:guard_batches=1,8``."""
     steps: list[tuple[str, dict[str, str]]] = []
     last_key: str | None = None
@@ -108,11 +108,11 @@ def parse_spec(spec: str) -> list[tuple[str, dict[str, str]]]:
         if not token:
             continue
         head, sep, rest = token.partition(":")
-        if (not sep and "=" not in token and token not in REGISTRY and steps and last_key is not None
-                and _takes_text(steps[-1][0], last_key)):
-            steps[-1][1][last_key] += "," + _unquote(token)
-            continue
-        if "=" in head:  # an option of the previous pass
+        if ("=" not in head and head.strip() not in REGISTRY and steps and last_key is not None
+                and _takes_text(steps[-1][0], last_key)):  # the list goes on (then maybe :opt=value)
+            steps[-1][1][last_key] += "," + _unquote(head)
+            parts = rest.split(":") if sep else []
+        elif "=" in head:  # an option of the previous pass
             if not steps:
                 raise OptionError(f"pipeline '{spec}': option '{token}' comes before any pass name")
             parts = [token]

@@ -83,6 +83,7 @@ def test_parse_spec_list_values() -> None:
     assert parse_spec("canonicalize,int8:exclude=Sigmoid,Mul,max_drop=0.01,lowrank") == [
         ("canonicalize", {}), ("int8", {"exclude": "Sigmoid,Mul", "max_drop": "0.01"}), ("lowrank", {})]
     assert parse_spec("int8:guard_batches=1,8") == [("int8", {"guard_batches": "1,8"})]
+    assert parse_spec("int8:exclude=Sigmoid,Mul:max_drop=0") == [("int8", {"exclude": "Sigmoid,Mul", "max_drop": "0"})]
     assert parse_spec("prune:overrides='Conv_1=0.5;Conv_2=0.3',ratio=0.2;int8") == [
         ("prune", {"overrides": "Conv_1=0.5;Conv_2=0.3", "ratio": "0.2"}), ("int8", {})]
     # after a non-string option a bare token is still a pass name (and an unknown one fails)
