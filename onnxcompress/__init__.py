@@ -16,7 +16,7 @@ from .api import inspect_model, measure, optimize, save, validate_models
 from .data import DataSource, ImageOptions, InputSpec, open_data
 from .errors import OnnxCompressError, OptionError
 from .model import load_model, save_model
-from .passes import Canonicalize
+from .passes import Canonicalize, Fuse
 from .pipeline import Pass, PassContext, PassReport, PassResult, Pipeline
 from .registry import REGISTRY, build_pipeline
 from .report import ModelSummary, OptimizeReport
@@ -29,6 +29,7 @@ __all__ = [
     "REGISTRY",
     "Canonicalize",
     "DataSource",
+    "Fuse",
     "ImageOptions",
     "InputSpec",
     "ModelSummary",

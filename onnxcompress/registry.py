@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import OptionError
-from .passes import Canonicalize
+from .passes import Canonicalize, Fuse
 from .passes.int8 import Int8
 from .passes.lowrank import LowRank
 from .passes.prune import Prune
@@ -35,6 +35,7 @@ else:  # pragma: no cover
 
 REGISTRY: dict[str, type[Pass]] = {
     "canonicalize": Canonicalize,
+    "fuse": Fuse,
     "prune": Prune,
     "lowrank": LowRank,
     "int8": Int8,

@@ -23,18 +23,19 @@ per output replace these. A trial's *usage* is the largest fraction of its allow
 checked metric uses, max over outputs and metrics of (1 − value) / (1 − threshold); the
 budget holds when usage ≤ 1. Its *drop* (shown) is 1 − the worst checked metric.
 
-**Speed.** Every trial is timed against the canonicalized input in one process
+**Speed.** Every trial is timed against the search's input (the model canonicalized and
+fused, see :mod:`onnxcompress.passes.fuse`) in one process
 (:func:`~onnxcompress.validate.measure_latency`, interleaved ABBA rounds) at each search
 batch size; its latency ratio is the worst of them. A step is accepted only if it is at
 least ``min_gain`` faster than the model it starts from.
 
-**Order** canonicalize → prune → lowrank → int8, each stage starting from the best model
-of the stages before it:
+**Order** canonicalize → fuse → prune → lowrank → int8, each stage starting from the best
+model of the stages before it:
 
 0. Reference outputs of the input on the held-out samples; the batch sizes to time
    (1 and 8; batch 1 only when one batch-1 run of the input takes over 20 ms, i.e. large
    inputs, which are deployed one at a time; a fixed batch dimension is used as is).
-1. *int8 probe*: int8 on the canonicalized model with the whole budget. When it is
+1. *int8 probe*: int8 on the search's input with the whole budget. When it is
    accepted (within budget, faster), its usage u₈ is reserved: the structural stages
    must keep usage ≤ 1 − 1.5·u₈ (the stages' errors roughly add).
 2. *prune*: Conv-MACs budgets ``prune_levels`` (0.85, 0.7, 0.55, 0.4) in turn. The prune
@@ -435,9 +436,9 @@ class Search:
         with self.ctx.progress.task("search", None) as self.task:
             self._prepare(model)
             batches = ",".join(str(b) for b in self.batches)
-            original = Trial(index=0, stage="input", setting="canonicalized", macs_ratio=1.0,
+            original = Trial(index=0, stage="input", setting="canonicalized, fused", macs_ratio=1.0,
                              latency={b: 1.0 for b in self.batches}, metrics={n: 1.0 for n in self.names}, usage=0.0,
-                             within_budget=True, accepted=True, reason="the input, canonicalized (exact)")
+                             within_budget=True, accepted=True, reason="the input, canonicalized and fused")
             self.trials.append(original)
             self.models[original.index] = model
             best = original

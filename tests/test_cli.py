@@ -216,7 +216,7 @@ def test_empty_calibration_folder(cli, tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("args", "fragments"),
     [
-        (["--passes", "quantize:bits=4"], ["unknown pass 'quantize'; valid passes: canonicalize, int8, lowrank, prune"]),
+        (["--passes", "quantize:bits=4"], ["unknown pass 'quantize'; valid passes: canonicalize, fuse, int8, lowrank, prune"]),
         (["--passes", "canonicalize:foo=1"], ["unknown option 'foo'; valid options: constants, dead_code"]),
         (["--passes", "canonicalize:dedupe=perhaps"], ["option 'dedupe': 'perhaps' is not a boolean"]),
         (["--provider", "cuda"], ["execution provider 'cuda'"]),

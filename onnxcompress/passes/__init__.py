@@ -3,5 +3,6 @@
 from __future__ import annotations
 
 from .canonicalize import Canonicalize
+from .fuse import Fuse
 
-__all__ = ["Canonicalize"]
+__all__ = ["Canonicalize", "Fuse"]

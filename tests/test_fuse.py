@@ -1,0 +1,73 @@
+"""fuse: spelled-out hard-swish chains fused; the same function up to rounding."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper, numpy_helper
+
+from onnxcompress.model import load_model
+from onnxcompress.passes.fuse import Fuse
+from onnxcompress.pipeline import PassContext
+from onnxcompress.registry import build_pipeline
+
+from .builders import fvi, make_model, run, tensor
+from .conftest import shared_path
+
+
+
+def _hardswish_model(form: str, opset: int) -> onnx.ModelProto:
+    """x → Conv → hard-swish spelled out (``form``) → Conv: paddle2onnx's Div form, Mul by
+    1/6, or the /6 on the Clip."""
+    rng = np.random.default_rng(7)
+    c = {n: numpy_helper.from_array(np.array(v, np.float32), n) for n, v in
+         (("three", 3.0), ("zero", 0.0), ("six", 6.0), ("sixth", 1 / 6))}
+    clip = (helper.make_node("Clip", ["a", "zero", "six"], ["c"]) if opset >= 11
+            else helper.make_node("Clip", ["a"], ["c"], min=0.0, max=6.0))
+    head = [helper.make_node("Conv", ["x", "w1"], ["h"], pads=[1, 1, 1, 1]),
+            helper.make_node("Add", ["h", "three"], ["a"]), clip]
+    tail = {"div": [helper.make_node("Mul", ["h", "c"], ["m"]), helper.make_node("Div", ["m", "six"], ["y"])],
+            "mul_sixth": [helper.make_node("Mul", ["c", "h"], ["m"]), helper.make_node("Mul", ["m", "sixth"], ["y"])],
+            "clip_div": [helper.make_node("Div", ["c", "six"], ["d"]), helper.make_node("Mul", ["h", "d"], ["y"])]}[form]
+    nodes = head + tail + [helper.make_node("Conv", ["y", "w2"], ["out"])]
+    inits = [tensor(rng, "w1", (8, 3, 3, 3), 1.5), tensor(rng, "w2", (4, 8, 1, 1), 0.5), *c.values()]
+    return make_model(nodes, [fvi("x", [2, 3, 16, 16])], [fvi("out", [2, 4, 16, 16])], inits, opset=opset)
+
+
+@pytest.mark.parametrize("form", ["div", "mul_sixth", "clip_div"])
+@pytest.mark.parametrize("opset", [10, 13, 14])
+def test_hardswish_fused(form: str, opset: int) -> None:
+    m = _hardswish_model(form, opset)
+    x = np.random.default_rng(8).standard_normal((2, 3, 16, 16)).astype(np.float32) * 2
+    ref = run(m, {"x": x})[0]
+    res = Fuse().run(m, PassContext())
+    ops = Counter(n.op_type for n in res.model.graph.node)
+    assert res.stats["hardswish_fused"] == 1 and ops["Div"] == ops["Clip"] == ops["Add"] == 0
+    assert ops["HardSwish" if opset >= 14 else "HardSigmoid"] == 1
+    onnx.checker.check_model(res.model)
+    np.testing.assert_allclose(run(res.model, {"x": x})[0], ref, rtol=1e-5, atol=1e-6 * float(np.abs(ref).max()))
+
+
+def test_hardswish_left_alone_when_an_inner_tensor_is_read_elsewhere() -> None:
+    m = _hardswish_model("div", 13)
+    m.graph.output.append(fvi("c", [2, 8, 16, 16]))  # the relu6 is also a graph output
+    res = Fuse().run(m, PassContext())
+    assert res.stats["hardswish_fused"] == 0 and any(n.op_type == "Div" for n in res.model.graph.node)
+
+
+@pytest.mark.shared
+@pytest.mark.parametrize("name,fused", [("textline_cls", 18), ("text_det", 24), ("doc_orientation", 0)])
+def test_hardswish_on_real_exports_within_onnxruntimes_own_rounding(name: str, fused: int) -> None:
+    """Fusing changes rounding only: the output moves less than onnxruntime's own graph
+    optimizations move the original (text_det: 1.2e-4 vs 1.1e-4 of the output range)."""
+    orig = load_model(shared_path("models", f"{name}.onnx"))
+    data = {orig.graph.input[0].name: np.load(shared_path("data", f"{name}_eval.npz"))["x"][:2]}
+    m, _ = build_pipeline("canonicalize").run(orig)
+    res = Fuse().run(m, PassContext())
+    assert res.stats["hardswish_fused"] == fused
+    ref, ort_opt, fused_out = run(orig, data)[0], run(orig, data, optimize=True)[0], run(res.model, data)[0]
+    scale = float(np.abs(ref).max())
+    assert np.abs(fused_out - ref).max() <= max(2 * np.abs(ort_opt - ref).max(), 1e-6 * scale)
