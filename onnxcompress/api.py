@@ -157,7 +157,7 @@ def optimize(
                             output_path=str(output) if output is not None else None, search=search_report)
     if val is not None:
         if thresholds is None:
-            thresholds = Thresholds.exact() if pipeline.exact else Thresholds.approximate()
+            thresholds = Thresholds.exact(pipeline.rel_range) if pipeline.exact else Thresholds.approximate()
         report.validation = compare_models(original, result, val, provider=provider, thresholds=thresholds,
                                            progress=progress, threads=threads)
     if latency and sample is not None:

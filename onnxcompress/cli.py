@@ -330,7 +330,7 @@ def optimize(
     else:
         search = None
         pipeline = build_pipeline(load_config(config) if config else passes)
-        base = Thresholds.exact() if pipeline.exact else Thresholds.approximate()
+        base = Thresholds.exact(pipeline.rel_range) if pipeline.exact else Thresholds.approximate()
         thresholds = parse_tolerances(tol, base)
     result, rep = api.optimize(
         input, pipeline, calibration=calib, search=search, validation=False if no_validate else val, output=output, provider=provider,

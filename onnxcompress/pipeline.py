@@ -84,6 +84,9 @@ class Pass(abc.ABC):
     Options: ClassVar[type] = NoOptions
     #: True when the rewrite computes the same function (validated with tight tolerances).
     exact: ClassVar[bool] = True
+    #: For exact passes: the largest output change, relative to the output's range, that
+    #: validation allows (float rounding).
+    rel_range: ClassVar[float] = 1e-4
 
     def __init__(self, options: Any | None = None) -> None:
         if options is None:
@@ -241,6 +244,11 @@ class Pipeline:
     def exact(self) -> bool:
         """True when every pass computes the same function as its input."""
         return all(p.exact for p in self.passes)
+
+    @property
+    def rel_range(self) -> float:
+        """The rounding tolerance of the exact passes (the largest of theirs)."""
+        return max((p.rel_range for p in self.passes if p.exact), default=1e-4)
 
     def run(self, model: onnx.ModelProto, ctx: PassContext | None = None) -> tuple[onnx.ModelProto, list[PassReport]]:
         ctx = ctx or PassContext()

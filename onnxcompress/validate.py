@@ -118,8 +118,8 @@ class Thresholds:
     allow_nonfinite: bool = False
 
     @classmethod
-    def exact(cls) -> "Thresholds":
-        return cls(rel_range=1e-4)
+    def exact(cls, rel_range: float = 1e-4) -> "Thresholds":
+        return cls(rel_range=rel_range)
 
     @classmethod
     def approximate(cls) -> "Thresholds":

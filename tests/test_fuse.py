@@ -71,3 +71,10 @@ def test_hardswish_on_real_exports_within_onnxruntimes_own_rounding(name: str, f
     ref, ort_opt, fused_out = run(orig, data)[0], run(orig, data, optimize=True)[0], run(res.model, data)[0]
     scale = float(np.abs(ref).max())
     assert np.abs(fused_out - ref).max() <= max(2 * np.abs(ort_opt - ref).max(), 1e-6 * scale)
+
+
+def test_fuse_is_validated_with_a_rounding_tolerance() -> None:
+    assert build_pipeline("canonicalize").rel_range == 1e-4
+    fused = build_pipeline("canonicalize,fuse")
+    assert fused.exact and fused.rel_range == 1e-2
+    assert not build_pipeline("canonicalize,fuse,prune").exact

@@ -76,7 +76,7 @@ def test_search_prunes_within_budget_and_judges_on_held_out_samples() -> None:
     assert chosen.stage == "prune" and chosen.accepted and chosen.within_budget
     assert chosen.macs_ratio is not None and chosen.macs_ratio < 0.75
     assert chosen.latency_ratio < 0.97  # accepted only when at least min_gain faster
-    assert [p.name for p in rep.passes] == ["canonicalize", "prune"]
+    assert [p.name for p in rep.passes] == ["canonicalize", "fuse", "prune"]
     assert rep.validation is not None and rep.validation.passed
     # the recorded agreement is the worse of the held-out samples (the last 16) and all 64, recomputed here
     worst = 1.0
@@ -92,7 +92,7 @@ def test_search_keeps_the_input_when_nothing_fits_the_budget() -> None:
     opts = SearchOptions(prune_levels=(0.6,), lowrank_levels=(), int8=False)
     _, rep = oc.optimize(wide_model(), calibration=[{"x": calib()}], search=opts, thresholds=strict, latency=False)
     s = rep.search
-    assert s.chosen.index == 0 and [p.name for p in rep.passes] == ["canonicalize"]
+    assert s.chosen.index == 0 and [p.name for p in rep.passes] == ["canonicalize", "fuse"]
     prune = [t for t in s.trials if t.stage == "prune"]
     assert prune and not prune[0].within_budget and "over budget" in prune[0].reason
 
