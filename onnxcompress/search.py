@@ -43,7 +43,7 @@ model of the stages before it:
    activation importance per MAC saved (measured on the calibration data) is smallest,
    then refits the layers after them by least squares (activation importance stands in
    for sensitivity; prune's ``sensitivity`` option, which weighs groups by measured
-   output error, is latency-blind and off). The first level over the budget ends the stage, after one
+   output error, is off). The first level over the budget ends the stage, after one
    bisection between it and the last level within budget. Prune and lowrank refit on
    at most ``refit_elements`` input values' worth of samples (their time grows with it).
 3. *lowrank*: ``lowrank_levels`` (0.85, 0.7) of the K×K conv MACs, likewise.

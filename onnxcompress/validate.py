@@ -448,6 +448,11 @@ def measure_latency(
     hits every model alike. Warm-up lasts at least
     ``warmup`` rounds and 0.2 s; timing lasts at least ``runs`` rounds and ``min_seconds``
     (at most ``max_runs`` rounds).
+
+    Compare two models per call: every ratio the passes, the search and the benchmarks
+    quote comes from a pair. With more models in one call the ratios are not reliable:
+    four identical copies of textline_cls (batch 8) came out 0.81–1.16× of one another,
+    two copies 0.97–1.01× (2 cores, shared machine).
     """
     import time
 

@@ -103,8 +103,8 @@ class PruneOptions:
         "help": "with macs_ratio: rank by importance / (MACs saved)^cost_power (0 = importance only)"})
     sensitivity: bool = field(default=False, metadata={
         "help": "with macs_ratio and calibration data: weigh each group's channels by the measured output error "
-                "per MAC saved of pruning that group alone (max_ratio of it, bias-compensated); latency-blind "
-                "(textline_cls at 0.85 MACs ran 1.5x slower at batch 8), so off by default"})
+                "per MAC saved of pruning that group alone (max_ratio of it, bias-compensated); off by default "
+                "(in a full results run the search then kept textline_cls unpruned)"})
     sensitivity_samples: int = field(default=8, metadata={"help": "calibration samples used to measure sensitivity"})
 
     def check(self) -> None:
