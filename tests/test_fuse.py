@@ -78,3 +78,19 @@ def test_fuse_is_validated_with_a_rounding_tolerance() -> None:
     fused = build_pipeline("canonicalize,fuse")
     assert fused.exact and fused.rel_range == 1e-2
     assert not build_pipeline("canonicalize,fuse,prune").exact
+
+
+def test_affine_after_conv_folded() -> None:
+    """PP-LCNetV3's learnable affine block: Conv → Mul(scalar) → Add(scalar) → Relu."""
+    rng = np.random.default_rng(9)
+    nodes = [helper.make_node("Conv", ["x", "w"], ["h"], pads=[1, 1, 1, 1]),
+             helper.make_node("Mul", ["h", "s"], ["hs"]), helper.make_node("Add", ["t", "hs"], ["ht"]),
+             helper.make_node("Relu", ["ht"], ["y"])]
+    inits = [tensor(rng, "w", (8, 3, 3, 3)), numpy_helper.from_array(np.array([1.7], np.float32), "s"),
+             numpy_helper.from_array(np.array([-0.4], np.float32), "t")]
+    m = make_model(nodes, [fvi("x", [2, 3, 8, 8])], [fvi("y", [2, 8, 8, 8])], inits)
+    x = rng.standard_normal((2, 3, 8, 8)).astype(np.float32)
+    ref = run(m, {"x": x})[0]
+    res = Fuse().run(m, PassContext())
+    assert res.stats["affine_folded"] == 2 and [n.op_type for n in res.model.graph.node] == ["Conv", "Relu"]
+    np.testing.assert_allclose(run(res.model, {"x": x})[0], ref, rtol=1e-5, atol=1e-6 * float(np.abs(ref).max()))
