@@ -43,9 +43,11 @@ an accuracy control and a latency guard.
    uint8 depthwise kernel runs ~5× slower than its fp32 one on an AVX-512 CPU),
    squeeze-excite branches, pooling/resize/data movement (uint8 NCHW MaxPool ~10×
    slower), and quantized regions without a Conv/Gemm/MatMul. If int8 is still not
-   faster, regions go back to float one at a time (smallest first) while that helps. If no
-   variant is faster than the input, the input is returned unchanged and the report
-   says so. Every timing the decision used is in the report.
+   faster, regions go back to float one at a time (smallest first) while that helps. The
+   chosen variant is then timed once more and the worse of its two ratios counts (the
+   best of several noisy timings is optimistic). If no variant is faster than the input,
+   the input is returned unchanged and the report says so. Every timing the decision
+   used is in the report.
 """
 
 from __future__ import annotations
@@ -629,6 +631,10 @@ class Int8(Pass):
                 r = timed(q2, f"region of {len(reg)} nodes float")
                 if r < best_ratio * (1.0 - opts.guard_margin) and accurate(q2, f"region of {len(reg)} nodes float"):
                     best_ratio, best, drop = r, (q2, p2), drop | reg
+        if best_ratio < 1.0 - opts.guard_margin:
+            # the best of several noisy timings is optimistic (textline_cls: chosen at 0.957×,
+            # then 1.21× at batch 8 in the benchmark): time the choice again, keep the worse
+            best_ratio = max(best_ratio, timed(best[0], "the chosen variant, timed again"))
         stats["latency"] = {"batches": sizes, "provider": ctx.provider, "trials": trials,
                             "ratio": round(best_ratio, 3), "rejected_for_accuracy": rejected}
         if best_ratio >= 1.0 - opts.guard_margin:
