@@ -26,7 +26,7 @@ from .passes import Canonicalize, Fuse
 from .passes.int8 import Int8
 from .passes.lowrank import LowRank
 from .passes.prune import Prune
-from .pipeline import Pass, Pipeline, option_key
+from .pipeline import Pass, Pipeline, describe_options
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -86,14 +86,8 @@ def _unquote(value: str) -> str:
 def _takes_text(pass_name: str, key: str) -> bool:
     """Whether option ``key`` of pass ``pass_name`` is a string (a list-valued option
     such as ``exclude`` or ``guard_batches``); False for unknown passes and options."""
-    import dataclasses
-    import typing
-
     cls = REGISTRY.get(pass_name)
-    if cls is None:
-        return False
-    hints = typing.get_type_hints(cls.Options)
-    return any(option_key(f) == key and hints.get(f.name) is str for f in dataclasses.fields(cls.Options))
+    return cls is not None and any(o.name == key and o.type_name == "str" for o in describe_options(cls.Options))
 
 
 def parse_spec(spec: str) -> list[tuple[str, dict[str, str]]]:

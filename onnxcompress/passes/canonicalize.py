@@ -79,6 +79,14 @@ def rename_uses(graph: onnx.GraphProto, old: str, new: str) -> None:
                         o.name = new
 
 
+def drop_stale_value_info(graph: onnx.GraphProto) -> None:
+    """Remove ``value_info`` entries of tensors no node or input of ``graph`` defines any more."""
+    live = _defined_in(graph)
+    kept = [vi for vi in graph.value_info if vi.name in live]
+    del graph.value_info[:]
+    graph.value_info.extend(kept)
+
+
 def used_names(graph: onnx.GraphProto) -> set[str]:
     """Names read by nodes of ``graph`` or of its subgraphs (outer captures included)."""
     names: set[str] = set()
@@ -208,10 +216,7 @@ class Canonicalize(Pass):
                 changed = True
                 break
         if removed:
-            live = {vi.name for vi in g.value_info} & _defined_in(g)
-            kept = [vi for vi in g.value_info if vi.name in live]
-            del g.value_info[:]
-            g.value_info.extend(kept)
+            drop_stale_value_info(g)
         return removed
 
     #: ops never folded: random, or with side effects / huge outputs

@@ -42,7 +42,8 @@ import onnx
 from onnx import helper, numpy_helper
 
 from ..pipeline import Pass, PassContext, PassResult
-from .canonicalize import _defined_in
+from .canonicalize import drop_stale_value_info
+from .int8.qdq import clip_bounds
 
 log = logging.getLogger(__name__)
 
@@ -108,22 +109,17 @@ def fuse_hardswish(model: onnx.ModelProto) -> int:
                     return n.input[a]
         return None
 
-    def relu6_of_x_plus_3(name: str) -> str | None:
-        """x if ``name`` is Clip(Add(x, 3), 0, 6) (read once), else None."""
+    def relu6_of_x_plus_3(name: str) -> tuple[str, list[onnx.NodeProto]] | None:
+        """(x, [Clip, Add]) if ``name`` is Clip(Add(x, 3), 0, 6), each read once, else None."""
         clip = producer.get(name)
-        if not std(clip, "Clip") or readers.get(name) != 1:
+        if not std(clip, "Clip") or readers.get(name) != 1 or clip_bounds(clip, inits) != (0.0, 6.0):
             return None
-        if len(clip.input) >= 3 and clip.input[1] and clip.input[2]:
-            lo, hi = scalar(clip.input[1]), scalar(clip.input[2])
-        else:
-            attrs = {a.name: a.f for a in clip.attribute}
-            lo, hi = attrs.get("min"), attrs.get("max")
         add = producer.get(clip.input[0])
-        if lo != 0.0 or hi != 6.0 or not std(add, "Add") or readers.get(clip.input[0]) != 1:
+        if not std(add, "Add") or readers.get(clip.input[0]) != 1:
             return None
         for a, b in ((0, 1), (1, 0)):
             if scalar(add.input[b]) == 3.0 and add.input[a] not in inits:
-                return add.input[a]
+                return add.input[a], [clip, add]
         return None
 
     replace: dict[int, list[onnx.NodeProto]] = {}
@@ -132,29 +128,25 @@ def fuse_hardswish(model: onnx.ModelProto) -> int:
     for last in g.node:
         # form 1: (x · relu6(x+3)) / 6        form 2: x · (relu6(x+3) / 6)
         inner = sixth(last)
-        chain: list[onnx.NodeProto] = [last]
-        x = None
+        found: tuple[str, list[onnx.NodeProto]] | None = None
         if inner is not None and std(producer.get(inner), "Mul") and readers.get(inner) == 1:
             mul = producer[inner]
             for a, b in ((0, 1), (1, 0)):
-                if relu6_of_x_plus_3(mul.input[b]) == mul.input[a]:
-                    x = mul.input[a]
-                    chain += [mul]
+                r6 = relu6_of_x_plus_3(mul.input[b])
+                if r6 is not None and r6[0] == mul.input[a]:
+                    found = (r6[0], [last, mul, *r6[1]])
                     break
         elif std(last, "Mul"):
             for a, b in ((0, 1), (1, 0)):
                 div = producer.get(last.input[b])
-                if div is not None and readers.get(last.input[b]) == 1:
-                    r = sixth(div)
-                    if r is not None and relu6_of_x_plus_3(r) == last.input[a]:
-                        x = last.input[a]
-                        chain += [div]
-                        break
-        if x is None:
+                r = sixth(div) if div is not None and readers.get(last.input[b]) == 1 else None
+                r6 = relu6_of_x_plus_3(r) if r is not None else None
+                if r6 is not None and r6[0] == last.input[a]:
+                    found = (r6[0], [last, div, *r6[1]])
+                    break
+        if found is None:
             continue
-        clip = producer[[i for i in chain[-1].input if producer.get(i) is not None
-                         and producer[i].op_type == "Clip"][0]]
-        chain += [clip, producer[clip.input[0]]]
+        x, chain = found
         if any(id(n) in drop for n in chain):
             continue
         y = last.output[0]
@@ -180,9 +172,5 @@ def fuse_hardswish(model: onnx.ModelProto) -> int:
             nodes.append(n)
     del g.node[:]
     g.node.extend(nodes)
-    live = _defined_in(g)
-    kept = [vi for vi in g.value_info if vi.name in live]
-    del g.value_info[:]
-    g.value_info.extend(kept)
+    drop_stale_value_info(g)
     return len(replace)
-

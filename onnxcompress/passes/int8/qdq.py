@@ -121,7 +121,7 @@ def data_inputs(node: onnx.NodeProto, inits: Mapping[str, TensorProto]) -> list[
     return [node.input[0]] if node.input else []
 
 
-def _clip_bounds(node: onnx.NodeProto, inits: Mapping[str, TensorProto]) -> tuple[float, float] | None:
+def clip_bounds(node: onnx.NodeProto, inits: Mapping[str, TensorProto]) -> tuple[float, float] | None:
     """(min, max) of a Clip (attributes before opset 11, constant inputs after), else None."""
     lo, hi = node_attr(node, "min", None), node_attr(node, "max", None)
     vals: list[float | None] = [lo, hi]
@@ -139,7 +139,7 @@ def fused_bounds(node: onnx.NodeProto, inits: Mapping[str, TensorProto]) -> tupl
     """The output bounds a fused Relu/Clip imposes on its quantized range."""
     if node.op_type == "Relu":
         return 0.0, np.inf
-    b = _clip_bounds(node, inits)
+    b = clip_bounds(node, inits)
     return b if b is not None else (-np.inf, np.inf)
 
 
@@ -247,7 +247,7 @@ def plan(model: onnx.ModelProto, allowed: Iterable[str] | None = None,
         if len(readers[n.input[0]]) != 1 or n.input[0] in outputs or len(src.output) != 1:
             continue
         if n.op_type == "Clip":
-            b = _clip_bounds(n, inits)
+            b = clip_bounds(n, inits)
             if b is None or b[0] != 0.0:
                 continue
         p.nodes.add(n.name)
