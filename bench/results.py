@@ -14,9 +14,14 @@ Columns: file size, MACs per sample, onnxruntime CPU latency at batch 1 and 8 as
 to the original (each variant timed against the original in one ``measure_latency`` call:
 interleaved ABBA rounds, medians), accuracy (classifiers: top-1 against the labels and
 agreement with the original; captcha_det: mean cosine and recall of the original's
-detections; text_det: mean cosine and IoU of the p > 0.3 text masks), whether the
-default budget holds on the eval set (top-1 agreement ≥ 0.99 for the classifiers, mean
-cosine ≥ 0.99 for the detectors), and the tool's own run time.
+detections and the worst column's mean cosine — objectness, box coordinates and class
+scores are separate columns of its [N, rows, 6] table; text_det: mean cosine and IoU of
+the p > 0.3 text masks), whether the default pipeline's default budget holds on the eval
+set (judged by the library's ``default_thresholds(0.01)`` and ``judge``, as the search
+judges its trials: classifiers top-1 agreement ≥ 0.99 — the search's extra class-score
+cosine ≥ 0.999 is a proxy for flips its few held-out samples cannot show, so it is left
+out on the eval set; captcha_det mean cosine ≥ 0.99 over the table and for each column;
+text_det mean cosine ≥ 0.99), and the tool's own run time.
 
 ``--readme`` rewrites the block between ``<!-- results:begin -->`` and
 ``<!-- results:end -->``; ``--out`` receives results.json, results.md and the default
@@ -54,7 +59,8 @@ def worker(shared: Path, name: str, out_dir: Path) -> dict:
     from _common import eval_metrics, quantize_static_variant, run_batched
     from onnxcompress.model import serialized_size
     from onnxcompress.report import count_macs
-    from onnxcompress.validate import measure_latency
+    from onnxcompress.search import default_thresholds
+    from onnxcompress.validate import OutputStats, judge, measure_latency
 
     path = shared / "models" / f"{name}.onnx"
     calib_path = shared / "data" / f"{name}_calib.npz"
@@ -94,9 +100,20 @@ def worker(shared: Path, name: str, out_dir: Path) -> dict:
         rows[label] = {"seconds": seconds, "note": note}
 
     ref = run_batched(fp32, x_eval, bs)
+    out = fp32.graph.output[0].name
+    budget = default_thresholds(0.01, {out: ref[:1]})[out]
+    if budget.top1 is not None:  # class scores: the held-out cosine proxy is not the budget
+        budget = budget.updated(cosine=None)
     shapes = {inp: [1, *x_eval.shape[1:]]}
     for label, m in models.items():
-        rows[label]["accuracy"] = eval_metrics(name, ref, run_batched(m, x_eval, bs), labels)
+        y = run_batched(m, x_eval, bs)
+        acc = rows[label]["accuracy"] = eval_metrics(name, ref, y, labels)
+        stats = OutputStats(out)
+        stats.update(ref, y)
+        metrics = stats.metrics()
+        if "feature_cosine_min" in metrics:
+            acc["column_cosine_min"] = metrics["feature_cosine_min"]
+        acc["budget_failures"] = judge(out, metrics, budget)
         rows[label]["size"] = serialized_size(m)
         try:
             rows[label]["macs"] = count_macs(m, shapes)[0]
@@ -125,14 +142,14 @@ def run_worker(shared: Path, name: str, out_dir: Path) -> dict:
 
 
 def _within_budget(name: str, acc: dict) -> bool:
-    return acc["agreement"] >= 0.99 if name in CLASSIFIERS else acc["cosine"] >= 0.99
+    return not acc["budget_failures"]
 
 
 def _acc_text(name: str, acc: dict) -> str:
     if name in CLASSIFIERS:
         return f"top-1 {acc['top1']:.3f}, agreement {acc['agreement']:.3f}"
     if name == "captcha_det":
-        return f"cos {acc['cosine']:.4f}, recall {acc['recall']:.3f}"
+        return f"cos {acc['cosine']:.4f} (worst column {acc['column_cosine_min']:.4f}), recall {acc['recall']:.3f}"
     return f"cos {acc['cosine']:.4f}, IoU {acc['iou']:.3f}"
 
 

@@ -8,9 +8,9 @@ on the samples a refit was fitted to is optimistic: on textline_cls a 0.7 prune 
 agreed 128/128 on its fitting samples and 0.986 on the eval set.
 
 **Budget.** Per output, agreement with the input model on the held-out samples: mean
-per-sample cosine ≥ 1 − ``max_drop``; for class-score outputs ([N, C], 2 ≤ C ≤ 100000)
-top-1 agreement ≥ 1 − ``max_drop`` and mean cosine ≥ 1 − ``max_drop``/10. A few dozen
-held-out samples rarely show the top-1 flips a larger set would (at a 1% flip rate, 16
+per-sample cosine ≥ 1 − ``max_drop``; for class-score outputs ([N, C], 2 ≤ C ≤ 100000,
+or [N, C, 1, 1]) top-1 agreement ≥ 1 − ``max_drop`` and mean cosine ≥ 1 − ``max_drop``/10.
+A few dozen held-out samples rarely show the top-1 flips a larger set would (at a 1% flip rate, 16
 samples show none 85% of the time); the cosine of the class scores moves before they
 flip, but on the shared classifiers the eval sets' cosine deficit was 6–15× the held-out
 samples' (pruned textline_cls: held-out 0.9994, eval 0.9915; doc_orientation: 0.9973 and
@@ -74,7 +74,7 @@ from .data import Batch, LimitedSource, batch_of, input_specs, take_samples
 from .errors import OnnxCompressError, OptionError
 from .pipeline import Pass, PassContext, PassReport, Pipeline
 from .report import count_macs
-from .validate import OutputStats, Thresholds, is_feature_table, judge, make_session, measure_latency, run_session
+from .validate import OutputStats, Thresholds, is_class_scores, is_feature_table, judge, make_session, measure_latency, run_session
 
 log = logging.getLogger(__name__)
 
@@ -190,7 +190,7 @@ def default_thresholds(max_drop: float, outputs: Mapping[str, np.ndarray]) -> di
     cosine ≥ 1 − max_drop."""
     result: dict[str | None, Thresholds] = {None: Thresholds(cosine=1 - max_drop)}
     for name, arr in outputs.items():
-        if arr.ndim == 2 and 2 <= arr.shape[1] <= 100000:
+        if is_class_scores(arr.shape):
             result[name] = Thresholds(top1=1 - max_drop, cosine=1 - max_drop * CLASS_COSINE_SHARE)
         elif is_feature_table(arr.shape):
             result[name] = Thresholds(cosine=1 - max_drop, feature_cosine=1 - max_drop)

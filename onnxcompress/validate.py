@@ -228,6 +228,16 @@ def _cosine(a: np.ndarray, b: np.ndarray, axis: int) -> np.ndarray:
 FEATURE_TABLE_MAX = 64
 
 
+#: most classes a class-score output may have
+CLASSES_MAX = 100000
+
+
+def is_class_scores(shape: tuple[int, ...] | list[int]) -> bool:
+    """[N, C] with 2 ≤ C ≤ CLASSES_MAX, or [N, C, 1, …, 1] (a classifier ending in a 1×1
+    conv and softmax, e.g. SqueezeNet): one score per class, top-1 is meaningful."""
+    return len(shape) >= 2 and 2 <= shape[1] <= CLASSES_MAX and all(d == 1 for d in shape[2:])
+
+
 def is_feature_table(shape: tuple[int, ...] | list[int]) -> bool:
     """[N, rows, F] with 2 ≤ F ≤ FEATURE_TABLE_MAX and more rows than features: each of
     the F columns is its own quantity (box coordinates, objectness, class scores) on its
@@ -294,9 +304,10 @@ class OutputStats:
             # per sample and feature j: cosine over the rows (boxes) of column j
             fcos = _cosine(ca, cb, axis=1).sum(axis=0)
             self.feature_cos_sum = fcos if self.feature_cos_sum is None else self.feature_cos_sum + fcos
-        if a.ndim == 2 and 2 <= a.shape[1] <= 100000:
+        if is_class_scores(a.shape):
             self.classes = True
-            self.top1_agree += int((np.argmax(np.where(fa, a, -np.inf), axis=1) == np.argmax(np.where(fb, b, -np.inf), axis=1)).sum())
+            sa, sb = np.where(fa, a, -np.inf).reshape(n, -1), np.where(fb, b, -np.inf).reshape(n, -1)
+            self.top1_agree += int((np.argmax(sa, axis=1) == np.argmax(sb, axis=1)).sum())
             self.top1_total += n
 
     def metrics(self) -> dict[str, Any]:

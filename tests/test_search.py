@@ -53,6 +53,8 @@ def test_default_thresholds_by_output_kind() -> None:
     t = default_thresholds(0.01, {"scores": np.zeros((4, 10)), "map": np.zeros((4, 1, 8, 8))})
     assert t["scores"].top1 == pytest.approx(0.99) and t["scores"].cosine == pytest.approx(0.999)
     assert t["map"].top1 is None and t["map"].cosine == pytest.approx(0.99) and t["map"].feature_cosine is None
+    squeeze = default_thresholds(0.01, {"prob": np.zeros((4, 1000, 1, 1))})["prob"]  # SqueezeNet's softmax
+    assert squeeze.top1 == pytest.approx(0.99) and squeeze.cosine == pytest.approx(0.999)
     det = default_thresholds(0.01, {"det": np.zeros((1, 3549, 6))})["det"]
     assert det.cosine == pytest.approx(0.99) and det.feature_cosine == pytest.approx(0.99) and det.top1 is None
 

@@ -64,6 +64,12 @@ def test_output_stats_cosine_per_sample() -> None:
     s.update(a, b)
     m = s.metrics()
     assert m["cosine_mean"] == pytest.approx(0.5) and m["cosine_min"] == pytest.approx(0.0) and m["top1"] == 0.5
+    s4 = OutputStats("prob")  # [N, C, 1, 1]: a classifier ending in a 1x1 conv (SqueezeNet)
+    s4.update(a.reshape(2, 2, 1, 1), b.reshape(2, 2, 1, 1))
+    assert s4.metrics()["top1"] == 0.5
+    maps = OutputStats("map")  # [N, C, H, W] is not class scores
+    maps.update(np.ones((2, 2, 3, 3)), np.ones((2, 2, 3, 3)))
+    assert "top1" not in maps.metrics()
 
 
 def test_feature_table_cosine_per_column() -> None:

@@ -28,8 +28,9 @@ an accuracy control and a latency guard.
    0–255 input turns tiny weight errors into a large mean shift) and is dropped there.
    Correcting each layer's total error (upstream included) at once over-corrects (0.77).
 5. **Accuracy control** (``max_drop``): agreement with the float model on held-out
-   calibration samples, ``1 − min over outputs of the mean per-sample cosine`` (and
-   ``1 −`` top-1 agreement for 2-D outputs). If it exceeds ``max_drop`` the other range
+   calibration samples, ``1 − min over outputs of the mean per-sample cosine`` (of the
+   whole output and, for feature tables, of each column alone, as the default
+   pipeline's budget judges them) and ``1 −`` top-1 agreement for class scores. If it exceeds ``max_drop`` the other range
    methods are tried on the same histograms, then the Q/DQ pairs that bury the most
    signal (mean over channels of min(1, (s²/12)/E[x_c²]), from per-channel mean squares
    kept during calibration) are taken out — their producers and readers go float — a
@@ -67,6 +68,7 @@ from ...data import LimitedSource, batch_of, take_samples
 from ...errors import OptionError
 from ...model import node_attr
 from ...pipeline import Pass, PassContext, PassResult
+from ...validate import is_class_scores, is_feature_table
 from . import prepare, qdq
 from .calibration import StreamingHistogram, collect_histograms, tensor_range
 
@@ -183,9 +185,18 @@ def _guard_sizes(opts: Int8Options, model: onnx.ModelProto) -> list[int]:
     return sorted(fixed) if fixed else sizes
 
 
+def _cosines(a2: np.ndarray, b2: np.ndarray) -> np.ndarray:
+    """Cosine of each row of ``a2`` with the same row of ``b2`` (two zero rows: 1; one: 0)."""
+    na, nb = np.linalg.norm(a2, axis=1), np.linalg.norm(b2, axis=1)
+    return np.where((na > 0) & (nb > 0), (a2 * b2).sum(1) / np.maximum(na * nb, 1e-300),
+                    np.where((na == 0) & (nb == 0), 1.0, 0.0))
+
+
 def agreement(ref: list[list[np.ndarray]], new: list[list[np.ndarray]]) -> dict[str, float]:
-    """Mean per-sample cosine of every output (and top-1 agreement of 2-D outputs)."""
-    cos: dict[int, list[float]] = defaultdict(list)
+    """Mean per-sample cosine of every output, and of each column of a feature table
+    ([N, rows, F]: box coordinates, objectness, class scores; one cosine over the table
+    hides its small columns), and top-1 agreement of class-score outputs; the worst of each."""
+    cos: dict[tuple[int, int], list[float]] = defaultdict(list)
     top1: dict[int, list[float]] = defaultdict(list)
     for a_list, b_list in zip(ref, new):
         for k, (a, b) in enumerate(zip(a_list, b_list)):
@@ -193,12 +204,12 @@ def agreement(ref: list[list[np.ndarray]], new: list[list[np.ndarray]]) -> dict[
                 continue
             a2 = a.reshape(a.shape[0], -1).astype(np.float64) if a.ndim else a.reshape(1, -1).astype(np.float64)
             b2 = b.reshape(a2.shape).astype(np.float64)
-            na, nb = np.linalg.norm(a2, axis=1), np.linalg.norm(b2, axis=1)
-            c = np.where((na > 0) & (nb > 0), (a2 * b2).sum(1) / np.maximum(na * nb, 1e-300),
-                         np.where((na == 0) & (nb == 0), 1.0, 0.0))
-            cos[k].extend(c.tolist())
-            if a.ndim == 2 and a.shape[1] > 1:
-                top1[k].extend((a.argmax(1) == b.argmax(1)).astype(float).tolist())
+            cos[(k, -1)].extend(_cosines(a2, b2).tolist())
+            if is_feature_table(a.shape):
+                for j in range(a.shape[2]):
+                    cos[(k, j)].extend(_cosines(a2.reshape(a.shape)[:, :, j], b2.reshape(a.shape)[:, :, j]).tolist())
+            if is_class_scores(a.shape):
+                top1[k].extend((a2.argmax(1) == b2.argmax(1)).astype(float).tolist())
     worst = min((float(np.mean(v)) for v in cos.values()), default=1.0)
     agree = min((float(np.mean(v)) for v in top1.values()), default=1.0)
     return {"cosine": worst, "top1": agree, "drop": max(1.0 - worst, 1.0 - agree)}
