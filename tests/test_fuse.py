@@ -94,3 +94,47 @@ def test_affine_after_conv_folded() -> None:
     res = Fuse().run(m, PassContext())
     assert res.stats["affine_folded"] == 2 and [n.op_type for n in res.model.graph.node] == ["Conv", "Relu"]
     np.testing.assert_allclose(run(res.model, {"x": x})[0], ref, rtol=1e-5, atol=1e-6 * float(np.abs(ref).max()))
+
+
+def _affine_then_convs(consumer: str) -> onnx.ModelProto:
+    """x → Conv → HardSwish → Mul(scalar) → Add(per channel) → ``consumer``: 'pointwise'
+    (1×1 Conv), 'grouped' (unpadded 3×3, 2 groups) plus a second 1×1 reader, 'padded'
+    (3×3 with pads) or 'other_reader' (1×1 Conv and a GlobalAveragePool)."""
+    rng = np.random.default_rng(11)
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["h0"], pads=[1, 1, 1, 1]),
+             helper.make_node("HardSwish", ["h0"], ["h"]),
+             helper.make_node("Mul", ["s", "h"], ["hs"]), helper.make_node("Add", ["hs", "t"], ["y"])]
+    inits = [tensor(rng, "w1", (8, 3, 3, 3)), numpy_helper.from_array(np.array(1.7, np.float32), "s"),
+             numpy_helper.from_array(rng.standard_normal((1, 8, 1, 1)).astype(np.float32), "t"),
+             tensor(rng, "w2", (4, 8, 1, 1)), tensor(rng, "b2", (4,)), tensor(rng, "w3", (6, 4, 3, 3))]
+    outs = [fvi("out", None)]
+    if consumer == "pointwise":
+        nodes.append(helper.make_node("Conv", ["y", "w2", "b2"], ["out"]))
+    elif consumer == "grouped":
+        nodes += [helper.make_node("Conv", ["y", "w3"], ["out"], group=2, pads=[0, 0, 0, 0]),
+                  helper.make_node("Conv", ["y", "w2", "b2"], ["out2"])]
+        outs.append(fvi("out2", None))
+    elif consumer == "padded":
+        nodes.append(helper.make_node("Conv", ["y", "w3"], ["out"], group=2, pads=[1, 1, 1, 1]))
+    else:
+        nodes += [helper.make_node("Conv", ["y", "w2", "b2"], ["out"]), helper.make_node("GlobalAveragePool", ["y"], ["out2"])]
+        outs.append(fvi("out2", None))
+    return make_model(nodes, [fvi("x", [2, 3, 10, 10])], outs, inits, opset=14)
+
+
+@pytest.mark.parametrize("consumer,folded", [("pointwise", 2), ("grouped", 2), ("padded", 0), ("other_reader", 0)])
+def test_affine_before_unpadded_convs_folded_into_them(consumer: str, folded: int) -> None:
+    """A scale/shift after an activation goes into the Convs after it, W'[o,c] = a_c·W[o,c],
+    b'_o = b_o + Σ W[o,c,…]·b_c, only where no Conv pads its input (padding would turn
+    the shift's zeros into b) and nothing else reads it."""
+    m = _affine_then_convs(consumer)
+    rng = np.random.default_rng(12)
+    xs = [rng.standard_normal((2, 3, 10, 10)).astype(np.float32) for _ in range(3)]
+    refs = [run(m, {"x": x}) for x in xs]
+    res = Fuse().run(m, PassContext())
+    assert res.stats["affine_folded_forward"] == folded
+    left = Counter(n.op_type for n in res.model.graph.node)
+    assert (left["Mul"], left["Add"]) == ((0, 0) if folded else (1, 1))
+    for x, ref in zip(xs, refs):
+        for got, want in zip(run(res.model, {"x": x}), ref):
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(np.abs(want).max()))

@@ -186,6 +186,106 @@ def fold_affine(model: onnx.ModelProto) -> int:
     return folded
 
 
+def _unpadded(conv: onnx.NodeProto) -> bool:
+    """True when ``conv`` pads nothing (explicit zero pads, VALID, or no padding attribute)."""
+    auto = node_attr(conv, "auto_pad", b"NOTSET")
+    auto = auto.decode() if isinstance(auto, bytes) else str(auto)
+    if auto not in ("NOTSET", "VALID"):
+        return False
+    return all(int(p) == 0 for p in node_attr(conv, "pads", []) or [])
+
+
+def fold_affine_forward(model: onnx.ModelProto) -> int:
+    """Fold ``y = a·h + b`` (a chain of constant Mul/Add, each constant a scalar or varying
+    only along axis 1) into the Convs that read ``y``, when every reader of ``y`` is an
+    unpadded Conv with constant weights reading it as its input:
+    ``W'[o, c, …] = W[o, c, …]·a[c]``, ``bias'[o] = bias[o] + Σ_{c,…} W[o, c, …]·b[c]``
+    (c the input channel of o's group). Exact only without padding: a padded Conv pads y
+    with zeros, which are not a·0 + b. Returns the number of Mul/Add removed."""
+    g = model.graph
+    removed = 0
+    changed = True
+    while changed:
+        changed = False
+        inits = {t.name: t for t in g.initializer}
+        readers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
+        for n in g.node:
+            for i in n.input:
+                readers[i].append(n)
+        producer = {o: n for n in g.node for o in n.output}
+        outputs = {o.name for o in g.output}
+        for last in g.node:
+            if last.op_type not in ("Mul", "Add") or len(last.input) != 2:
+                continue
+            y = last.output[0]
+            convs = readers.get(y, [])
+            if not convs or y in outputs or any(
+                    c.op_type != "Conv" or list(c.input).count(y) != 1 or c.input[0] != y or len(c.input) < 2
+                    or c.input[1] not in inits or (len(c.input) > 2 and c.input[2] and c.input[2] not in inits)
+                    or not _unpadded(c) for c in convs):
+                continue
+            ws = [numpy_helper.to_array(inits[c.input[1]]) for c in convs]
+            if any(w.dtype != np.float32 or w.ndim < 3 for w in ws):
+                continue
+            channels = {w.shape[1] * int(node_attr(c, "group", 1)) for w, c in zip(ws, convs)}
+            if len(channels) != 1:
+                continue
+            cin, rank = channels.pop(), ws[0].ndim
+            # walk back through the chain: steps from h to y, each reading only its predecessor
+            chain: list[tuple[onnx.NodeProto, np.ndarray]] = []
+            node = last
+            while node is not None and node.op_type in ("Mul", "Add") and len(node.input) == 2:
+                const = [i for i in node.input if i in inits]
+                data = [i for i in node.input if i not in inits]
+                if len(const) != 1 or len(data) != 1:
+                    break
+                vec = _channel_vector(numpy_helper.to_array(inits[const[0]]), rank, cin)
+                arr = numpy_helper.to_array(inits[const[0]])
+                if vec is None or arr.dtype != np.float32:
+                    break
+                chain.append((node, vec))
+                prev = producer.get(data[0])
+                if (prev is None or len(readers.get(data[0], [])) != 1 or data[0] in outputs):
+                    break
+                node = prev
+            if not chain:
+                continue
+            h = next(i for i in chain[-1][0].input if i not in inits)
+            a, b = np.ones(cin), np.zeros(cin)
+            for n, vec in reversed(chain):  # from h forward
+                if n.op_type == "Mul":
+                    a, b = a * vec, b * vec
+                else:
+                    b = b + vec
+            for k, (conv, w) in enumerate(zip(convs, ws)):
+                group = int(node_attr(conv, "group", 1))
+                per_o = np.repeat(np.arange(group), w.shape[0] // group)  # group of each output channel
+                a_o = a.reshape(group, -1)[per_o]  # [O, C/G]
+                b_o = b.reshape(group, -1)[per_o]
+                wd = w.astype(np.float64)
+                w2 = wd * a_o.reshape(*a_o.shape, *([1] * (rank - 2)))
+                bias = (numpy_helper.to_array(inits[conv.input[2]]).astype(np.float64)
+                        if len(conv.input) > 2 and conv.input[2] else np.zeros(w.shape[0]))
+                bias2 = bias + (wd.sum(axis=tuple(range(2, rank))) * b_o).sum(axis=1)
+                tag = f"affine_in{removed}_{k}"  # unique even for unnamed Convs
+                wname, bname = f"{conv.name}_W_{tag}", f"{conv.name}_B_{tag}"
+                g.initializer.extend([numpy_helper.from_array(w2.astype(np.float32), wname),
+                                      numpy_helper.from_array(bias2.astype(np.float32), bname)])
+                conv.input[0], conv.input[1] = h, wname
+                if len(conv.input) > 2:
+                    conv.input[2] = bname
+                else:
+                    conv.input.append(bname)
+            for n, _ in chain:
+                g.node.remove(n)
+            removed += len(chain)
+            changed = True
+            break
+    if removed:
+        _drop_unused_initializers(model)
+    return removed
+
+
 def div_to_mul(model: onnx.ModelProto) -> int:
     """Rewrite ``Div(x, c)`` with a constant float ``c`` (no zeros) as ``Mul(x, 1/c)``."""
     g = model.graph
