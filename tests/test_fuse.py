@@ -138,3 +138,24 @@ def test_affine_before_unpadded_convs_folded_into_them(consumer: str, folded: in
     for x, ref in zip(xs, refs):
         for got, want in zip(run(res.model, {"x": x}), ref):
             np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(np.abs(want).max()))
+
+
+def test_convtranspose_bias_add_and_batchnorm_folded() -> None:
+    """DB-head style: ConvTranspose (2 groups) → Add(per channel) → Mul(per channel) →
+    BatchNormalization → Relu becomes ConvTranspose → Relu."""
+    rng = np.random.default_rng(13)
+    pos = lambda name, n: numpy_helper.from_array(rng.uniform(0.5, 1.5, n).astype(np.float32), name)  # noqa: E731
+    nodes = [helper.make_node("ConvTranspose", ["x", "w"], ["t"], group=2, strides=[2, 2]),
+             helper.make_node("Add", ["t", "b"], ["tb"]), helper.make_node("Mul", ["tb", "s"], ["ts"]),
+             helper.make_node("BatchNormalization", ["ts", "g", "beta", "mean", "var"], ["n"]),
+             helper.make_node("Relu", ["n"], ["y"])]
+    inits = [tensor(rng, "w", (4, 3, 2, 2)), tensor(rng, "b", (1, 6, 1, 1)), pos("s", (1, 6, 1, 1)), pos("g", 6),
+             tensor(rng, "beta", (6,)), tensor(rng, "mean", (6,)), pos("var", 6)]
+    m = make_model(nodes, [fvi("x", [2, 4, 5, 5])], [fvi("y", None)], inits)
+    xs = [rng.standard_normal((2, 4, 5, 5)).astype(np.float32) for _ in range(3)]
+    refs = [run(m, {"x": x})[0] for x in xs]
+    res = Fuse().run(m, PassContext())
+    assert res.stats["affine_folded"] == 2 and res.stats["batchnorm_folded"] == 1
+    assert [n.op_type for n in res.model.graph.node] == ["ConvTranspose", "Relu"]
+    for x, ref in zip(xs, refs):
+        np.testing.assert_allclose(run(res.model, {"x": x})[0], ref, rtol=1e-5, atol=1e-5 * float(np.abs(ref).max()))

@@ -136,7 +136,9 @@ def _channel_vector(c: np.ndarray, out_rank: int, channels: int) -> np.ndarray |
 
 
 def fold_affine(model: onnx.ModelProto) -> int:
-    """Fold constant per-channel Mul/Add that follow a Conv into it; the number folded."""
+    """Fold constant per-channel Mul/Add that follow a Conv or ConvTranspose into it; the
+    number folded. (ConvTranspose's weights are [C_in, C_out/group, …]: output channel
+    g·C_out/group + j is column j of group g's rows.)"""
     g = model.graph
     folded = 0
     changed = True
@@ -149,7 +151,7 @@ def fold_affine(model: onnx.ModelProto) -> int:
                 readers[i].append(n)
         outputs = {o.name for o in g.output}
         for conv in g.node:
-            if conv.op_type != "Conv" or len(conv.input) < 2 or conv.input[1] not in inits:
+            if conv.op_type not in ("Conv", "ConvTranspose") or len(conv.input) < 2 or conv.input[1] not in inits:
                 continue
             y = conv.output[0]
             nxt = readers.get(y, [])
@@ -166,13 +168,19 @@ def fold_affine(model: onnx.ModelProto) -> int:
             w = numpy_helper.to_array(inits[conv.input[1]])
             if w.dtype != np.float32:
                 continue
-            c = _channel_vector(numpy_helper.to_array(inits[other]), w.ndim, w.shape[0])
+            group = int(node_attr(conv, "group", 1))
+            cout = w.shape[0] if conv.op_type == "Conv" else w.shape[1] * group
+            c = _channel_vector(numpy_helper.to_array(inits[other]), w.ndim, cout)
             if c is None:
                 continue
             b = (numpy_helper.to_array(inits[conv.input[2]]).astype(np.float64)
-                 if len(conv.input) > 2 and conv.input[2] else np.zeros(w.shape[0]))
+                 if len(conv.input) > 2 and conv.input[2] else np.zeros(cout))
             if op.op_type == "Mul":
-                w2 = (w.astype(np.float64) * c.reshape(-1, *([1] * (w.ndim - 1)))).astype(np.float32)
+                if conv.op_type == "Conv":
+                    w2 = (w.astype(np.float64) * c.reshape(-1, *([1] * (w.ndim - 1)))).astype(np.float32)
+                else:
+                    gw = w.astype(np.float64).reshape(group, w.shape[0] // group, *w.shape[1:])
+                    w2 = (gw * c.reshape(group, 1, -1, *([1] * (w.ndim - 2)))).reshape(w.shape).astype(np.float32)
                 b2 = b * c
             else:
                 w2 = w
