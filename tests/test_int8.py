@@ -122,14 +122,15 @@ def test_fixture_quantizes_fuses_and_agrees(name: str) -> None:
     assert acc["top1"] >= 0.9, acc  # random weights: near-tied classes flip at cosine 0.9999
 
 
-def test_agreement_sees_a_damaged_table_column_and_4d_class_scores() -> None:
+def test_agreement_reports_a_damaged_table_column_and_sees_4d_class_scores() -> None:
     rng = np.random.default_rng(3)
     table = rng.standard_normal((2, 500, 6)) * np.array([300, 300, 50, 50, 1, 1])  # boxes dwarf the scores
     hurt = table.copy()
     hurt[:, :, 4] = rng.standard_normal((2, 500))  # objectness replaced by noise
     acc = agreement([[table]], [[hurt]])
-    whole = agreement([[table.reshape(2, -1, 1)]], [[hurt.reshape(2, -1, 1)]])  # not a table: one cosine
-    assert whole["cosine"] > 0.999 and acc["cosine"] < 0.2, (whole, acc)
+    assert acc["cosine"] > 0.999 and acc["column_cosine"] < 0.2, acc  # reported beside the drop
+    assert acc["drop"] == pytest.approx(1 - acc["cosine"])
+    assert "column_cosine" not in agreement([[table.reshape(2, -1, 1)]], [[hurt.reshape(2, -1, 1)]])  # not a table
     scores = rng.standard_normal((8, 10, 1, 1))
     flipped = scores.copy()
     flipped[0, :, 0, 0] = -flipped[0, :, 0, 0]

@@ -28,9 +28,9 @@ an accuracy control and a latency guard.
    0–255 input turns tiny weight errors into a large mean shift) and is dropped there.
    Correcting each layer's total error (upstream included) at once over-corrects (0.77).
 5. **Accuracy control** (``max_drop``): agreement with the float model on held-out
-   calibration samples, ``1 − min over outputs of the mean per-sample cosine`` (of the
-   whole output and, for feature tables, of each column alone, as the default
-   pipeline's budget judges them) and ``1 −`` top-1 agreement for class scores. If it exceeds ``max_drop`` the other range
+   calibration samples, ``1 − min over outputs of the mean per-sample cosine`` and
+   ``1 −`` top-1 agreement for class scores (a feature table's worst column cosine is
+   reported beside it, see :func:`agreement`). If it exceeds ``max_drop`` the other range
    methods are tried on the same histograms, then the Q/DQ pairs that bury the most
    signal (mean over channels of min(1, (s²/12)/E[x_c²]), from per-channel mean squares
    kept during calibration) are taken out — their producers and readers go float — a
@@ -193,10 +193,15 @@ def _cosines(a2: np.ndarray, b2: np.ndarray) -> np.ndarray:
 
 
 def agreement(ref: list[list[np.ndarray]], new: list[list[np.ndarray]]) -> dict[str, float]:
-    """Mean per-sample cosine of every output, and of each column of a feature table
-    ([N, rows, F]: box coordinates, objectness, class scores; one cosine over the table
-    hides its small columns), and top-1 agreement of class-score outputs; the worst of each."""
-    cos: dict[tuple[int, int], list[float]] = defaultdict(list)
+    """Mean per-sample cosine of every output and top-1 agreement of class-score outputs
+    (the worst of each: ``drop`` = 1 − the lower), and, for information, the worst mean
+    cosine of a feature table's single column (``column_cosine``; [N, rows, F]: box
+    coordinates, objectness, class scores — one cosine over the table hides its small
+    columns). The column cosine is reported, not controlled: on captcha_det, floating
+    layers until its objectness column held 0.993 on the check samples left it at 0.983
+    on the eval set, at 0.67× instead of 0.50× the latency."""
+    cos: dict[int, list[float]] = defaultdict(list)
+    cols: dict[tuple[int, int], list[float]] = defaultdict(list)
     top1: dict[int, list[float]] = defaultdict(list)
     for a_list, b_list in zip(ref, new):
         for k, (a, b) in enumerate(zip(a_list, b_list)):
@@ -204,15 +209,18 @@ def agreement(ref: list[list[np.ndarray]], new: list[list[np.ndarray]]) -> dict[
                 continue
             a2 = a.reshape(a.shape[0], -1).astype(np.float64) if a.ndim else a.reshape(1, -1).astype(np.float64)
             b2 = b.reshape(a2.shape).astype(np.float64)
-            cos[(k, -1)].extend(_cosines(a2, b2).tolist())
+            cos[k].extend(_cosines(a2, b2).tolist())
             if is_feature_table(a.shape):
                 for j in range(a.shape[2]):
-                    cos[(k, j)].extend(_cosines(a2.reshape(a.shape)[:, :, j], b2.reshape(a.shape)[:, :, j]).tolist())
+                    cols[(k, j)].extend(_cosines(a2.reshape(a.shape)[:, :, j], b2.reshape(a.shape)[:, :, j]).tolist())
             if is_class_scores(a.shape):
                 top1[k].extend((a2.argmax(1) == b2.argmax(1)).astype(float).tolist())
     worst = min((float(np.mean(v)) for v in cos.values()), default=1.0)
     agree = min((float(np.mean(v)) for v in top1.values()), default=1.0)
-    return {"cosine": worst, "top1": agree, "drop": max(1.0 - worst, 1.0 - agree)}
+    out = {"cosine": worst, "top1": agree, "drop": max(1.0 - worst, 1.0 - agree)}
+    if cols:
+        out["column_cosine"] = min(float(np.mean(v)) for v in cols.values())
+    return out
 
 
 # ----------------------------------------------------------------------------- the pass
@@ -338,6 +346,8 @@ class Int8(Pass):
         stats["decision"] = "quantized"
         lat = stats.get("latency", {}).get("ratio")
         stats["summary"] = (f"{len(p.nodes)} nodes int8 ({method} ranges), agreement drop {acc['drop']:.4f}"
+                            + (f" (worst table column cosine {acc['column_cosine']:.4f})" if "column_cosine" in acc
+                               else "")
                             + (f", {lat:.3f}× fp32 latency" if lat is not None else ""))
         stats["seconds"] = round(time.perf_counter() - t_start, 3)
         return PassResult(q, True, stats)
