@@ -131,8 +131,13 @@ def test_affine_before_unpadded_convs_folded_into_them(consumer: str, folded: in
     rng = np.random.default_rng(12)
     xs = [rng.standard_normal((2, 3, 10, 10)).astype(np.float32) for _ in range(3)]
     refs = [run(m, {"x": x}) for x in xs]
+    m = onnx.shape_inference.infer_shapes(m)
     res = Fuse().run(m, PassContext())
     assert res.stats["affine_folded_forward"] == folded
+    defined = {o for n in res.model.graph.node for o in n.output}
+    assert all(vi.name in defined for vi in res.model.graph.value_info)  # no stale shapes of removed tensors
+    if folded:
+        assert {"hs", "y"}.isdisjoint(vi.name for vi in res.model.graph.value_info)
     left = Counter(n.op_type for n in res.model.graph.node)
     assert (left["Mul"], left["Add"]) == ((0, 0) if folded else (1, 1))
     for x, ref in zip(xs, refs):

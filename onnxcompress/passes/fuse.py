@@ -82,6 +82,8 @@ class Fuse(Pass):
         folded = fold_affine(model) if opts.affine else 0
         bn += fold_batchnorm(model) if opts.affine else 0
         forward = fold_affine_forward(model) if opts.affine else 0
+        if folded or forward or bn:
+            drop_stale_value_info(model.graph)  # the folded Mul/Add/BatchNormalization outputs
         if fused or folded or forward or bn:
             log.info("fuse: %d hard-swish chains fused, %d Mul/Add and %d BatchNormalization folded into the "
                      "Conv before them, %d Mul/Add into the Convs after them", fused, folded, bn, forward)
