@@ -3,7 +3,7 @@ an accuracy control and a latency guard.
 
 1. **Prepare** (prepare.py, exact float rewrites): opset ≥ 13 for per-channel weights
    (validated upgrade, or per-tensor weights), BatchNormalization and constant
-   per-channel Mul/Add folded into the Conv before them (or the unpadded Convs after them), ``x / c`` → ``x · (1/c)``, HardSigmoid and
+   per-channel Mul/Add folded into the Conv before them, ``x / c`` → ``x · (1/c)``, HardSigmoid and
    HardSwish as Mul/Add/Clip.
 2. **Place** (qdq.py): which nodes onnxruntime can run as integer kernels, which
    tensors get one Q → DQ pair, which share a scale.
@@ -389,7 +389,6 @@ class Int8(Pass):
                             opset, why)
         stats["batchnorm_folded"] = prepare.fold_batchnorm(m)
         stats["affine_folded"] = prepare.fold_affine(m)
-        stats["affine_folded_forward"] = prepare.fold_affine_forward(m)
         stats["div_to_mul"] = prepare.div_to_mul(m)
         if opts.decompose:
             stats["hard_activations_decomposed"] = prepare.decompose_hard_activations(m)

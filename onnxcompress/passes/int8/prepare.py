@@ -74,8 +74,9 @@ def _absorb(g: onnx.GraphProto, conv: onnx.NodeProto, w: np.ndarray, b: np.ndarr
     g.node.remove(follower)
 
 
-def fold_batchnorm(model: onnx.ModelProto) -> int:
-    """Fold every BatchNormalization that reads a Conv's sole output; the number folded."""
+def fold_batchnorm(model: onnx.ModelProto, producers: tuple[str, ...] = ("Conv", "ConvTranspose")) -> int:
+    """Fold every BatchNormalization that reads the sole output of a node of ``producers``
+    (Conv, ConvTranspose); the number folded."""
     g = model.graph
     inits = {t.name: t for t in g.initializer}
     readers: dict[str, int] = defaultdict(int)
@@ -89,7 +90,7 @@ def fold_batchnorm(model: onnx.ModelProto) -> int:
         if bn.op_type != "BatchNormalization" or len(bn.output) != 1 or any(x not in inits for x in bn.input[1:5]):
             continue
         conv = producer.get(bn.input[0])
-        if conv is None or conv.op_type not in ("Conv", "ConvTranspose") or len(conv.input) < 2:
+        if conv is None or conv.op_type not in producers or len(conv.input) < 2:
             continue
         if readers[bn.input[0]] != 1 or bn.input[0] in outputs or conv.input[1] not in inits:
             continue
