@@ -136,6 +136,15 @@ def _channel_vector(c: np.ndarray, out_rank: int, channels: int) -> np.ndarray |
     return c.reshape(-1).astype(np.float64)
 
 
+def _graph_index(g: onnx.GraphProto) -> tuple[dict[str, onnx.TensorProto], dict[str, list[onnx.NodeProto]], set[str]]:
+    """(initializers by name, tensor → the nodes reading it, graph output names)."""
+    readers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
+    for n in g.node:
+        for i in n.input:
+            readers[i].append(n)
+    return {t.name: t for t in g.initializer}, readers, {o.name for o in g.output}
+
+
 def fold_affine(model: onnx.ModelProto) -> int:
     """Fold constant per-channel Mul/Add that follow a Conv or ConvTranspose into it; the
     number folded. (ConvTranspose's weights are [C_in, C_out/group, …]: output channel
@@ -145,12 +154,7 @@ def fold_affine(model: onnx.ModelProto) -> int:
     changed = True
     while changed:
         changed = False
-        inits = {t.name: t for t in g.initializer}
-        readers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
-        for n in g.node:
-            for i in n.input:
-                readers[i].append(n)
-        outputs = {o.name for o in g.output}
+        inits, readers, outputs = _graph_index(g)
         for conv in g.node:
             if conv.op_type not in ("Conv", "ConvTranspose") or len(conv.input) < 2 or conv.input[1] not in inits:
                 continue
@@ -216,13 +220,8 @@ def fold_affine_forward(model: onnx.ModelProto) -> int:
     changed = True
     while changed:
         changed = False
-        inits = {t.name: t for t in g.initializer}
-        readers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
-        for n in g.node:
-            for i in n.input:
-                readers[i].append(n)
+        inits, readers, outputs = _graph_index(g)
         producer = {o: n for n in g.node for o in n.output}
-        outputs = {o.name for o in g.output}
         for last in g.node:
             if last.op_type not in ("Mul", "Add") or len(last.input) != 2:
                 continue
