@@ -60,8 +60,8 @@ class FuseOptions:
     hardswish: bool = field(default=True, metadata={
         "help": "x·clip(x+3,0,6)/6 spelled as Add/Clip/Mul/Div → HardSwish (opset >= 14) or x·HardSigmoid(x)"})
     affine: bool = field(default=True, metadata={
-        "help": "fold a constant scale/shift (per channel or scalar) into the Conv before it, or into the "
-                "unpadded Convs after it"})
+        "help": "fold a constant scale/shift (per channel or scalar) into the Conv/ConvTranspose before it "
+                "(and a BatchNormalization into a ConvTranspose), or into the unpadded Convs after it"})
 
 
 class Fuse(Pass):
