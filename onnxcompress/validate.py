@@ -216,7 +216,7 @@ class OutputDamage:
         return float(np.mean(errs))
 
 
-def _cosine(a: np.ndarray, b: np.ndarray, axis: int) -> np.ndarray:
+def cosine(a: np.ndarray, b: np.ndarray, axis: int) -> np.ndarray:
     """Cosine of ``a`` and ``b`` along ``axis``, in [−1, 1]; 1 where both are zero."""
     na, nb = np.linalg.norm(a, axis=axis), np.linalg.norm(b, axis=axis)
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -296,13 +296,13 @@ class OutputStats:
             self.max_rel = max(self.max_rel, float(rel.max()))
         n = a.shape[0] if a.ndim else 1
         ca, cb = np.where(both, a, 0.0), np.where(both, b, 0.0)
-        cos = _cosine(ca.reshape(n, -1), cb.reshape(n, -1), axis=1)
+        cos = cosine(ca.reshape(n, -1), cb.reshape(n, -1), axis=1)
         self.cos_sum += float(cos.sum())
         self.cos_min = min(self.cos_min, float(cos.min())) if cos.size else self.cos_min
         self.samples += n
         if is_feature_table(a.shape):
             # per sample and feature j: cosine over the rows (boxes) of column j
-            fcos = _cosine(ca, cb, axis=1).sum(axis=0)
+            fcos = cosine(ca, cb, axis=1).sum(axis=0)
             self.feature_cos_sum = fcos if self.feature_cos_sum is None else self.feature_cos_sum + fcos
         if is_class_scores(a.shape):
             self.classes = True

@@ -68,7 +68,7 @@ from ...data import LimitedSource, batch_of, take_samples
 from ...errors import OptionError
 from ...model import node_attr
 from ...pipeline import Pass, PassContext, PassResult
-from ...validate import is_class_scores, is_feature_table
+from ...validate import cosine, is_class_scores, is_feature_table
 from . import prepare, qdq
 from .calibration import StreamingHistogram, collect_histograms, tensor_range
 
@@ -185,13 +185,6 @@ def _guard_sizes(opts: Int8Options, model: onnx.ModelProto) -> list[int]:
     return sorted(fixed) if fixed else sizes
 
 
-def _cosines(a2: np.ndarray, b2: np.ndarray) -> np.ndarray:
-    """Cosine of each row of ``a2`` with the same row of ``b2`` (two zero rows: 1; one: 0)."""
-    na, nb = np.linalg.norm(a2, axis=1), np.linalg.norm(b2, axis=1)
-    return np.where((na > 0) & (nb > 0), (a2 * b2).sum(1) / np.maximum(na * nb, 1e-300),
-                    np.where((na == 0) & (nb == 0), 1.0, 0.0))
-
-
 def agreement(ref: list[list[np.ndarray]], new: list[list[np.ndarray]]) -> dict[str, float]:
     """Mean per-sample cosine of every output and top-1 agreement of class-score outputs
     (the worst of each: ``drop`` = 1 − the lower), and, for information, the worst mean
@@ -209,10 +202,11 @@ def agreement(ref: list[list[np.ndarray]], new: list[list[np.ndarray]]) -> dict[
                 continue
             a2 = a.reshape(a.shape[0], -1).astype(np.float64) if a.ndim else a.reshape(1, -1).astype(np.float64)
             b2 = b.reshape(a2.shape).astype(np.float64)
-            cos[k].extend(_cosines(a2, b2).tolist())
-            if is_feature_table(a.shape):
+            cos[k].extend(cosine(a2, b2, axis=1).tolist())
+            if is_feature_table(a.shape):  # per sample and column: cosine over the rows
+                per_column = cosine(a2.reshape(a.shape), b2.reshape(a.shape), axis=1)  # [N, F]
                 for j in range(a.shape[2]):
-                    cols[(k, j)].extend(_cosines(a2.reshape(a.shape)[:, :, j], b2.reshape(a.shape)[:, :, j]).tolist())
+                    cols[(k, j)].extend(per_column[:, j].tolist())
             if is_class_scores(a.shape):
                 top1[k].extend((a2.argmax(1) == b2.argmax(1)).astype(float).tolist())
     worst = min((float(np.mean(v)) for v in cos.values()), default=1.0)

@@ -247,8 +247,8 @@ def fold_affine_forward(model: onnx.ModelProto) -> int:
                 data = [i for i in node.input if i not in inits]
                 if len(const) != 1 or len(data) != 1:
                     break
-                vec = _channel_vector(numpy_helper.to_array(inits[const[0]]), rank, cin)
                 arr = numpy_helper.to_array(inits[const[0]])
+                vec = _channel_vector(arr, rank, cin)
                 if vec is None or arr.dtype != np.float32:
                     break
                 chain.append((node, vec))
