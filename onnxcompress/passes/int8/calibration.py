@@ -46,6 +46,16 @@ from typing import Literal
 import numpy as np
 
 KL_EPS = 1e-10
+_CHUNK = 1 << 16  #: values per histogram step (fits in L2 with its index buffer)
+_LANES = 4  #: interleaved histogram copies per update
+
+
+@functools.lru_cache(maxsize=8)
+def _lane_offsets(width: int) -> np.ndarray:
+    """``(k mod _LANES)·width`` for k < _CHUNK: value k of a chunk counts in copy k mod _LANES."""
+    off = (np.arange(_CHUNK) % _LANES * width).astype(np.intp)
+    off.setflags(write=False)
+    return off
 
 
 @dataclass
@@ -111,8 +121,7 @@ class StreamingHistogram:
             # cosine, swing between 0.967 and 0.996 from seed to seed)
             idx = (rng or np.random.default_rng(0)).integers(0, xs.size, cap)
             xs = xs[idx]
-        a = np.abs(xs)  # a new array: scaled in place below
-        self.count += a.size
+        self.count += xs.size
         peak = max(abs(lo), abs(hi))
         if self.hist is None:
             # a power of two: with power-of-two merges the final range (2^⌈log2 max⌉) and
@@ -130,9 +139,28 @@ class StreamingHistogram:
             self.hist = merged
             self.range *= factor
             self.merges += 1
-        np.multiply(a, np.float32(self.bins / self.range), out=a)
-        np.minimum(a, np.float32(self.bins - 1), out=a)
-        self.hist += np.bincount(a.astype(np.intp), minlength=self.bins)
+        # bin = ⌊|x|·bins/R⌋ in chunks that stay in cache, through reused buffers. bins/R is
+        # a power of two, so the product is exact; |x| = R lands in an extra bin folded
+        # into the last one. Neighbouring values count into _LANES interleaved copies of
+        # the histogram: a run of equal bins (the zeros of a ReLU map) would otherwise
+        # wait on one counter per value.
+        scale = np.float32(self.bins / self.range)
+        width = self.bins + 1
+        lanes = _lane_offsets(width)
+        n = min(xs.size, _CHUNK)
+        buf, idx = np.empty(n, dtype=np.float32), np.empty(n, dtype=np.intp)
+        counts = np.zeros(_LANES * width, dtype=np.int64)
+        for i in range(0, xs.size, _CHUNK):
+            part = xs[i : i + _CHUNK]
+            a, k = buf[: part.size], idx[: part.size]
+            np.abs(part, out=a)
+            np.multiply(a, scale, out=a)
+            np.copyto(k, a, casting="unsafe")  # truncation = floor for |x| ≥ 0
+            np.add(k, lanes[: part.size], out=k)
+            counts += np.bincount(k, minlength=_LANES * width)
+        counts = counts.reshape(_LANES, width).sum(axis=0)
+        counts[self.bins - 1] += counts[self.bins]
+        self.hist += counts[: self.bins]
 
     @property
     def bin_width(self) -> float:
@@ -144,15 +172,33 @@ class StreamingHistogram:
 
 
 @functools.lru_cache(maxsize=64)
-def _chunk_edges(nb: int, q: int, b0: int, block: int) -> tuple[np.ndarray, np.ndarray]:
-    """Candidates i in [b0, b0 + block) and their chunk edges ⌈j·i/q⌉, j = 0 … q (cached:
-    the same for every tensor)."""
+def _chunk_edges(nb: int, q: int, b0: int, block: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Candidates i in [b0, b0 + block), their chunk edges ⌈j·i/q⌉, j = 0 … q, and the flat
+    index ``start·(W+1) + width`` of chunks 0 … q−2 into a (bins+1) × (W+1) chunk table,
+    W = ⌈bins/q⌉ (cached: the same for every tensor)."""
     cand = np.arange(b0, min(b0 + block, nb + 1), dtype=np.int64)
     j = np.arange(q + 1, dtype=np.int64)
     edges = (j[None, :] * cand[:, None] + q - 1) // q  # chunk j = bins [edges_j, edges_{j+1})
-    cand.setflags(write=False)
-    edges.setflags(write=False)
-    return cand, edges
+    width = -(-nb // q) + 1
+    flat = edges[:, :-2] * width + np.diff(edges[:, :-1], axis=1)
+    for a in (cand, edges, flat):
+        a.setflags(write=False)
+    return cand, edges, flat
+
+
+def _chunk_table(cs: np.ndarray, cs_nz: np.ndarray, q: int) -> np.ndarray:
+    """``F[s, w] = S·log(S/n)`` for the chunk of bins [s, s+w): S its count, n its non-zero
+    bins (0 where S = 0). Every chunk of every candidate is one of these (widths are
+    ⌊i/q⌋ or ⌈i/q⌉ ≤ ⌈bins/q⌉), so each logarithm is taken once per tensor, not once per
+    candidate and chunk."""
+    nb = len(cs) - 1
+    w = np.arange(-(-nb // q) + 1)
+    s = np.arange(nb + 1)
+    end = np.minimum(s[:, None] + w[None, :], nb)
+    mass = cs[end] - cs[s][:, None]
+    cnt = cs_nz[end] - cs_nz[s][:, None]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(mass > 0, mass * np.log(mass / np.where(cnt > 0, cnt, 1.0)), 0.0)
 
 
 def kl_divergences(hist: np.ndarray, num_quantized: int = 128, block: int = 512) -> np.ndarray:
@@ -161,8 +207,9 @@ def kl_divergences(hist: np.ndarray, num_quantized: int = 128, block: int = 512)
     Computed per chunk, not per bin: P always sums to the total count T (clipped counts
     move into bin i−1), and Q is constant over the non-zero bins of a chunk, so
     ``KL = Σ_k P_k log P_k − Σ_j S_j log Q_j`` with ``S_j`` the P-mass of chunk j — prefix
-    sums of h·log h, of h and of the non-zero indicator give every term; candidates are
-    processed in blocks of ``block`` rows (arrays of block × q)."""
+    sums of h·log h, of h and of the non-zero indicator give every term, and the chunks'
+    ``S log(S/n)`` come from a table over (start, width) (:func:`_chunk_table`);
+    candidates are processed in blocks of ``block`` rows (arrays of block × q)."""
     h = np.asarray(hist, dtype=np.float64)
     nb = len(h)
     q = num_quantized
@@ -171,24 +218,23 @@ def kl_divergences(hist: np.ndarray, num_quantized: int = 128, block: int = 512)
     hlogh = np.where(h > 0, h * np.log(np.where(h > 0, h, 1.0)), 0.0)
     cs_hlogh = np.concatenate([[0.0], np.cumsum(hlogh)])
     cs_nz = np.concatenate([[0], np.cumsum(h > 0)]).astype(np.float64)
+    table = _chunk_table(cs, cs_nz, q).ravel()
     out = np.empty(nb - q + 1)
     for b0 in range(q, nb + 1, block):
-        cand, edges = _chunk_edges(nb, q, b0, block)
+        cand, edges, flat = _chunk_edges(nb, q, b0, block)
         outliers = total - cs[cand]  # counts above bin i-1
         last = h[cand - 1] + outliers  # P's last bin
         plogp = (cs_hlogh[cand - 1] + np.where(last > 0, last * np.log(np.where(last > 0, last, 1.0)), 0.0)) / total
         plogp -= np.log(total)
-        qsum = np.diff(cs[edges], axis=1)  # chunk counts without the clipped outliers  [M, q]
-        cnt = np.diff(cs_nz[edges], axis=1)
         zq = cs[cand]
         log_zq = np.log(np.where(zq > 0, zq, 1.0))
-        # chunks 0 … q−2: P-mass = qsum, Q = qsum / (cnt · zq) on its non-zero bins
-        body_q, body_n = qsum[:, :-1], cnt[:, :-1]
-        with np.errstate(divide="ignore", invalid="ignore"):
-            body = np.where(body_q > 0, body_q * np.log(body_q / np.where(body_n > 0, body_n, 1.0)), 0.0).sum(axis=1)
-        body_mass = cs[edges[:, -2]]  # Σ qsum over chunks 0 … q−2
+        # chunks 0 … q−2: P-mass S, Q = S / (n · zq) on its n non-zero bins
+        body = table[flat].sum(axis=1)
+        body_mass = cs[edges[:, -2]]  # Σ S over chunks 0 … q−2
         # the last chunk also carries the clipped outliers (in its last bin)
-        q_last, n_last = qsum[:, -1], cnt[:, -1] + ((h[cand - 1] == 0) & (outliers > 0))
+        e0, e1 = edges[:, -2], edges[:, -1]
+        q_last = cs[e1] - cs[e0]  # its count without the clipped outliers
+        n_last = cs_nz[e1] - cs_nz[e0] + ((h[cand - 1] == 0) & (outliers > 0))
         m_last = q_last + outliers
         with np.errstate(divide="ignore", invalid="ignore"):
             lq = np.where((q_last > 0) & (n_last > 0), np.log(q_last / np.where(n_last > 0, n_last, 1.0)) - log_zq,
