@@ -263,3 +263,30 @@ def test_bias_correction_never_lowers_agreement() -> None:
     before = base.stats["accuracy"]["steps"][0]["drop"]
     final = min(s["drop"] for s in steps)
     assert final <= before
+
+
+def test_accuracy_control_floats_prefixes_first_within_max_float() -> None:
+    m = _canon(FIXTURES / "mobilenet_se.onnx")
+    opts = dict(guard=False, max_drop=1e-6, bias_correction=False, head_correction=False)
+    res = Int8(Int8Options(max_float=0.5, **opts)).run(copy.deepcopy(m), _ctx(m, "mobilenet_se"))
+    acc = res.stats["accuracy"]
+    steps = acc["steps"]
+    assert not acc["met"]
+    quantized = steps[0]
+    prefixes = [s for s in steps if "float_prefix" in s]
+    assert prefixes, steps
+    sizes = [s["float_nodes"] for s in prefixes]
+    assert sizes == sorted(sizes) and sizes[0] > 0
+    # every prefix tried stays within max_float of the quantized nodes
+    res0 = Int8(Int8Options(max_float=0.0, **opts)).run(copy.deepcopy(m), _ctx(m, "mobilenet_se"))
+    assert not any("float_prefix" in s or "float_tensors" in s for s in res0.stats["accuracy"]["steps"])
+    assert max(sizes) <= 0.5 * res0.stats["quantized_nodes"]
+    assert res.stats["float_reasons"]["excluded"] <= 0.5 * res0.stats["quantized_nodes"]
+    # a step is kept only when it improves on the best so far, and the result is the best kept
+    best = quantized["drop"]
+    for s in steps[1:]:
+        if s.get("kept"):
+            assert s["drop"] < best
+            best = s["drop"]
+    assert best < quantized["drop"]
+    assert float(res.stats["summary"].split("agreement drop ")[1].split()[0].rstrip(",")) == pytest.approx(best, abs=1e-4)

@@ -96,7 +96,7 @@ class Int8Options:
         "help": "comma-separated op types, node names or regexes of nodes kept float"})
     max_drop: float = field(default=0.005, metadata={
         "help": "largest allowed drop of agreement with the float model on calibration samples (0 = off)"})
-    max_float: float = field(default=0.3, metadata={
+    max_float: float = field(default=0.5, metadata={
         "help": "accuracy control returns at most this fraction of the quantized nodes to float"})
     float_steps: int = field(default=12, metadata={
         "help": "accuracy control: most chunks of Q/DQ pairs tried in float (each costs one evaluation)"})
@@ -122,6 +122,16 @@ class Int8Options:
 
 
 # ----------------------------------------------------------------------------- helpers
+
+PREFIX_LEVELS = 16  #: the accuracy control tries floating the first 1/16, 2/16, … of the nodes
+
+
+def nodes_of_names(names, p: qdq.Plan) -> set[str]:  # type: ignore[no-untyped-def]
+    """``names`` with the activations fused into them and the nodes they are fused into,
+    restricted to the plan's quantized nodes (a fused pair goes float together)."""
+    out = set(names)
+    out |= {f for f, src in p.fused.items() if src in out} | {p.fused[f] for f in out if f in p.fused}
+    return out & p.nodes
 
 def _excluded(model: onnx.ModelProto, spec: str) -> set[str]:
     names: set[str] = set()
@@ -504,12 +514,20 @@ class Int8(Pass):
     def _return_to_float(self, state: _State, opts: Int8Options, method: str, q: onnx.ModelProto, p: qdq.Plan,
                          acc: dict[str, float], floated: set[str], steps: list[dict[str, Any]],
                          evaluate):  # type: ignore[no-untyped-def]
-        """Take the Q/DQ pairs that bury the most signal out, in growing steps (``floated`` is updated).
+        """Return quantized nodes to float until agreement holds (``floated`` is updated).
 
-        A tensor's damage is the mean over its channels of min(1, (s²/12) / E[x_c²]):
-        per-tensor scales wipe out the small channels of a tensor whose channels differ
-        widely (they reach depthwise convs intact). Taking a pair out means its producer
-        and every reader go float."""
+        1. Prefixes: the first 1/16, 2/16, … of the quantized nodes in graph order, within
+           ``max_float``, until one holds ``max_drop``. Rounding error made early is
+           amplified by every layer after it: on text_det, floating the first 35% of the
+           nodes lifts eval cosine from 0.963 to 0.987 (IoU 0.908 to 0.957) at 0.77× fp32
+           latency, where no choice of single tensors came close.
+        2. Then, from the best prefix, the Q/DQ pairs that bury the most signal, a chunk at
+           a time. A tensor's damage is the mean over its channels of
+           min(1, (s²/12) / E[x_c²]): per-tensor scales wipe out the small channels of a
+           tensor whose channels differ widely (they reach depthwise convs intact). Taking
+           a pair out means its producer and every reader go float.
+        A step is kept only if agreement improves (moving float boundaries can also make
+        it worse)."""
         ranges = self._ranges(state, opts, method, p)
         params = qdq.tensor_params(p, ranges, opts.activations, state.bounds)
         scores = {}
@@ -526,15 +544,27 @@ class Int8(Pass):
                 if t in state.producer:
                     out.add(state.producer[t].name)
                 out.update(r.name for r in state.readers.get(t, []))
-            out |= {f for f, src in p.fused.items() if src in out} | {p.fused[f] for f in out if f in p.fused}
-            return out & p.nodes
+            return nodes_of_names(out, p)
 
         budget = int(opts.max_float * max(sum(1 for n in p.nodes if n not in p.fused), 1))
-        chunk = max(1, len(ranked) // 32)
         best: tuple[onnx.ModelProto, qdq.Plan, dict[str, float], set[str]] = (q, p, acc, set())
-        # greedy, a chunk of tensors at a time in ranked order: a chunk stays float only if
-        # agreement improves (moving float boundaries can also make it worse)
+        # 1. prefixes in graph order
+        order = [n.name for n in state.model.graph.node if n.name in p.nodes and n.name not in p.fused]
+        for j in range(1, PREFIX_LEVELS + 1):
+            trial = nodes_of_names(order[: len(order) * j // PREFIX_LEVELS], p)
+            if len(trial) > budget or best[2]["drop"] <= opts.max_drop:
+                break
+            q2, p2 = self._build(state, opts, method, floated | trial)
+            acc2 = evaluate(q2)
+            steps.append({"method": method, "float_prefix": f"{j}/{PREFIX_LEVELS}", "float_nodes": len(trial),
+                          **_round(acc2), "kept": acc2["drop"] < best[2]["drop"] - 1e-5})
+            if acc2["drop"] < best[2]["drop"] - 1e-5:
+                best = (q2, p2, acc2, trial)
+        # 2. greedy, a chunk of tensors at a time in ranked order
+        chunk = max(1, len(ranked) // 32)
         for i in range(0, min(len(ranked), chunk * opts.float_steps), chunk):
+            if best[2]["drop"] <= opts.max_drop:
+                break
             trial = best[3] | nodes_of(ranked[i : i + chunk])
             if len(trial) > budget:
                 break
@@ -544,8 +574,6 @@ class Int8(Pass):
                           "kept": acc2["drop"] < best[2]["drop"] - 1e-5})
             if acc2["drop"] < best[2]["drop"] - 1e-5:
                 best = (q2, p2, acc2, trial)
-            if best[2]["drop"] <= opts.max_drop:
-                break
         floated |= best[3]
         return best[0], best[1], best[2]
 
