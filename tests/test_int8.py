@@ -290,3 +290,41 @@ def test_accuracy_control_floats_prefixes_first_within_max_float() -> None:
             best = s["drop"]
     assert best < quantized["drop"]
     assert float(res.stats["summary"].split("agreement drop ")[1].split()[0].rstrip(",")) == pytest.approx(best, abs=1e-4)
+
+
+def test_float_hard_activations_are_put_back_whole() -> None:
+    """decompose → recompose is the identity where no part is quantized, and leaves the
+    quantized ones decomposed."""
+    rng = np.random.default_rng(5)
+    nodes = [helper.make_node("HardSwish", ["x"], ["h"], name="hs"),
+             helper.make_node("HardSigmoid", ["h"], ["y"], name="hsig", alpha=0.3, beta=0.4)]
+    m = make_model(nodes, [fvi("x", [2, 3, 5, 5])], [fvi("y", [2, 3, 5, 5])], opset=14)
+    x = (rng.standard_normal((2, 3, 5, 5)) * 4).astype(np.float32)
+    ref = run(m, {"x": x})[0]
+    d = copy.deepcopy(m)
+    acts: list[prepare.HardActivation] = []
+    assert prepare.decompose_hard_activations(d, acts) == 2
+    assert [a.node.op_type for a in acts] == ["HardSwish", "HardSigmoid"]
+    assert all(p in {n.name for n in d.graph.node} for a in acts for p in a.parts)
+    half = copy.deepcopy(d)
+    assert prepare.recompose_hard_activations(d, acts, set()) == 2
+    assert [n.op_type for n in d.graph.node] == ["HardSwish", "HardSigmoid"]
+    assert not d.graph.initializer  # the decomposition's constants went with it
+    np.testing.assert_allclose(run(d, {"x": x})[0], ref, rtol=1e-6, atol=1e-6)
+    # one part of the HardSwish "quantized": it stays decomposed, the HardSigmoid does not
+    assert prepare.recompose_hard_activations(half, acts, {acts[0].parts[2]}) == 1
+    assert sorted(n.op_type for n in half.graph.node) == ["Add", "Clip", "HardSigmoid", "Mul", "Mul"]
+    np.testing.assert_allclose(run(half, {"x": x})[0], ref, rtol=1e-6, atol=1e-6)
+
+
+def test_int8_keeps_excluded_hard_swish_as_one_node() -> None:
+    m = _canon(FIXTURES / "mobilenet_se.onnx")
+    if not any(n.op_type in ("HardSwish", "HardSigmoid") for n in m.graph.node):
+        pytest.skip("fixture has no hard activation")
+    hard = [n.name for n in m.graph.node if n.op_type in ("HardSwish", "HardSigmoid")]
+    spec = ",".join(f"{h}_.*" for h in hard)
+    res = Int8(Int8Options(guard=False, max_drop=0, exclude=spec)).run(copy.deepcopy(m), _ctx(m, "mobilenet_se"))
+    names = {n.name for n in res.model.graph.node}
+    assert set(hard) <= names
+    assert not any(n.endswith(("_mul_alpha", "_add_beta", "_clip", "_mul_x")) for n in names)
+    assert "QLinearConv" in qdq.fused_ops(res.model)

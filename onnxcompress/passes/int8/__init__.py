@@ -242,6 +242,7 @@ class _State:
     base_ranges: dict[str, dict[str, tuple[float, float]]] = field(default_factory=dict)  # per method
     producer: dict[str, onnx.NodeProto] = field(default_factory=dict)  # tensor → the node writing it
     readers: dict[str, list[onnx.NodeProto]] = field(default_factory=dict)  # tensor → nodes reading it
+    hard: list[prepare.HardActivation] = field(default_factory=list)  # decomposed, put back where float
 
     def __post_init__(self) -> None:
         readers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
@@ -394,8 +395,9 @@ class Int8(Pass):
         stats["batchnorm_folded"] = prepare.fold_batchnorm(m)
         stats["affine_folded"] = prepare.fold_affine(m)
         stats["div_to_mul"] = prepare.div_to_mul(m)
+        hard: list[prepare.HardActivation] = []
         if opts.decompose:
-            stats["hard_activations_decomposed"] = prepare.decompose_hard_activations(m)
+            stats["hard_activations_decomposed"] = prepare.decompose_hard_activations(m, hard)
         prepare.name_nodes(m)
         m = onnx.shape_inference.infer_shapes(m)
         inits = {t.name: t for t in m.graph.initializer}
@@ -404,7 +406,7 @@ class Int8(Pass):
         for n in m.graph.node:
             if n.op_type in qdq.FUSED_ACTIVATIONS and n.output:
                 bounds[n.output[0]] = qdq.fused_bounds(n, inits)
-        return _State(m, inits, allowed, {}, bounds, per_channel)
+        return _State(m, inits, allowed, {}, bounds, per_channel, hard=hard)
 
     def _ranges(self, state: _State, opts: Int8Options, method: str, p: qdq.Plan | None = None,
                 ) -> dict[str, tuple[float, float]]:
@@ -435,6 +437,7 @@ class Int8(Pass):
         params = qdq.tensor_params(p, ranges, opts.activations, state.bounds)
         q = qdq.insert_qdq(state.model, p, params, act_type=opts.activations, per_channel=state.per_channel,
                            bias=opts.bias, bias_shift=state.bias_shift)
+        prepare.recompose_hard_activations(q, state.hard, p.nodes)
         return q, p
 
     def _correct_bias(self, state: _State, p: qdq.Plan, q: onnx.ModelProto, check: list[dict[str, np.ndarray]],
