@@ -228,13 +228,18 @@ def test_textline_opset11_quantizes_and_loads() -> None:
     assert "QLinearConv" in qdq.fused_ops(res.model)
 
 
-def test_hard_activation_decomposition_is_exact() -> None:
-    rng = np.random.default_rng(4)
+def _hard_activations(seed: int) -> tuple[onnx.ModelProto, np.ndarray, np.ndarray]:
+    """HardSwish → HardSigmoid(0.3, 0.4), an input and its output."""
+    rng = np.random.default_rng(seed)
     nodes = [helper.make_node("HardSwish", ["x"], ["h"], name="hs"),
              helper.make_node("HardSigmoid", ["h"], ["y"], name="hsig", alpha=0.3, beta=0.4)]
     m = make_model(nodes, [fvi("x", [2, 3, 5, 5])], [fvi("y", [2, 3, 5, 5])], opset=14)
     x = (rng.standard_normal((2, 3, 5, 5)) * 4).astype(np.float32)
-    ref = run(m, {"x": x})[0]
+    return m, x, run(m, {"x": x})[0]
+
+
+def test_hard_activation_decomposition_is_exact() -> None:
+    m, x, ref = _hard_activations(4)
     d = copy.deepcopy(m)
     assert prepare.decompose_hard_activations(d) == 2
     assert {n.op_type for n in d.graph.node} == {"Mul", "Add", "Clip"}
@@ -295,12 +300,7 @@ def test_accuracy_control_floats_prefixes_first_within_max_float() -> None:
 def test_float_hard_activations_are_put_back_whole() -> None:
     """decompose → recompose is the identity where no part is quantized, and leaves the
     quantized ones decomposed."""
-    rng = np.random.default_rng(5)
-    nodes = [helper.make_node("HardSwish", ["x"], ["h"], name="hs"),
-             helper.make_node("HardSigmoid", ["h"], ["y"], name="hsig", alpha=0.3, beta=0.4)]
-    m = make_model(nodes, [fvi("x", [2, 3, 5, 5])], [fvi("y", [2, 3, 5, 5])], opset=14)
-    x = (rng.standard_normal((2, 3, 5, 5)) * 4).astype(np.float32)
-    ref = run(m, {"x": x})[0]
+    m, x, ref = _hard_activations(5)
     d = copy.deepcopy(m)
     acts: list[prepare.HardActivation] = []
     assert prepare.decompose_hard_activations(d, acts) == 2
