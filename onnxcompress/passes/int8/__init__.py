@@ -126,12 +126,13 @@ class Int8Options:
 PREFIX_LEVELS = 16  #: the accuracy control tries floating the first 1/16, 2/16, … of the nodes
 
 
-def nodes_of_names(names, p: qdq.Plan) -> set[str]:  # type: ignore[no-untyped-def]
+def nodes_of_names(names: Iterable[str], p: qdq.Plan) -> set[str]:
     """``names`` with the activations fused into them and the nodes they are fused into,
     restricted to the plan's quantized nodes (a fused pair goes float together)."""
     out = set(names)
     out |= {f for f, src in p.fused.items() if src in out} | {p.fused[f] for f in out if f in p.fused}
     return out & p.nodes
+
 
 def _excluded(model: onnx.ModelProto, spec: str) -> set[str]:
     names: set[str] = set()
