@@ -4,7 +4,7 @@ an accuracy control and a latency guard.
 1. **Prepare** (prepare.py, exact float rewrites): opset ≥ 13 for per-channel weights
    (validated upgrade, or per-tensor weights), BatchNormalization and constant
    per-channel Mul/Add folded into the Conv before them, ``x / c`` → ``x · (1/c)``, HardSigmoid and
-   HardSwish as Mul/Add/Clip.
+   HardSwish as Mul/Add/Clip (put back as one node wherever no part ends up quantized).
 2. **Place** (qdq.py): which nodes onnxruntime can run as integer kernels, which
    tensors get one Q → DQ pair, which share a scale.
 3. **Calibrate** (calibration.py): one onnxruntime session exposing the tensors that may
@@ -31,8 +31,11 @@ an accuracy control and a latency guard.
    calibration samples, ``1 − min over outputs of the mean per-sample cosine`` and
    ``1 −`` top-1 agreement for class scores (a feature table's worst column cosine is
    reported beside it, see :func:`agreement`). If it exceeds ``max_drop`` the other range
-   methods are tried on the same histograms, then the Q/DQ pairs that bury the most
-   signal (mean over channels of min(1, (s²/12)/E[x_c²]), from per-channel mean squares
+   methods are tried on the same histograms; then the first 1/16, 2/16, … of the
+   quantized nodes in graph order go float (error made early is amplified by every later
+   layer: on text_det the first ~35% float lifts eval IoU from 0.91 to 0.96), each prefix
+   kept only if agreement improves; then, from the best prefix, the Q/DQ pairs that bury
+   the most signal (mean over channels of min(1, (s²/12)/E[x_c²]), from per-channel mean squares
    kept during calibration) are taken out — their producers and readers go float — a
    chunk (1/32 of them) at a time, greedily: a chunk stays float only if agreement
    improves (moving a float boundary can make it worse: on text_det, floating the top
