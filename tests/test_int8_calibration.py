@@ -168,3 +168,49 @@ def test_memory_budget_splits_batches_without_changing_results() -> None:
     for n in names:
         np.testing.assert_array_equal(whole[n].hist, split[n].hist)
         assert whole[n].min == split[n].min and whole[n].max == split[n].max
+
+
+def test_binning_beside_the_session_gives_the_same_histograms() -> None:
+    """Overlapped (a worker bins sub-batch k while onnxruntime runs k+1) and serial
+    calibration agree exactly, with sampling (the worker draws from the one generator in
+    batch order) and without, chunked updates included (a chunk-sized range growth)."""
+    from onnxcompress.data import open_data
+    from onnxcompress.model import load_model
+    from onnxcompress.passes.int8 import calibration
+    from onnxcompress.registry import build_pipeline
+
+    from .conftest import FIXTURES
+
+    m, _ = build_pipeline("canonicalize").run(load_model(FIXTURES / "mobilenet_se.onnx"))
+    names = calibration.activation_tensors(m)
+    data = open_data(FIXTURES / "mobilenet_se_calib.npz", m, batch_size=4)
+    for cap in (None, 500):
+        serial = calibration.collect_histograms(m, names, data, cap=cap, overlap_limit=0, channels=True)
+        overlap = calibration.collect_histograms(m, names, data, cap=cap, overlap_limit=2**40, channels=True)
+        for n in names:
+            np.testing.assert_array_equal(serial[n].hist, overlap[n].hist)
+            np.testing.assert_array_equal(serial[n].channel_sq, overlap[n].channel_sq)
+            assert (serial[n].min, serial[n].max, serial[n].count) == (overlap[n].min, overlap[n].max,
+                                                                        overlap[n].count)
+
+
+def test_chunked_update_equals_one_histogram_of_everything(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Chunks of 1,000 values whose range grows chunk by chunk give the histogram of the
+    whole batch binned at its final range."""
+    from onnxcompress.passes.int8 import calibration
+
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal(10_000).astype(np.float32) * np.repeat(2.0 ** np.arange(10), 1000).astype(np.float32)
+    monkeypatch.setattr(calibration, "_CHUNK", 1000)
+    calibration._lane_offsets.cache_clear()
+    try:
+        h = calibration.StreamingHistogram()
+        h.update(x)
+    finally:
+        calibration._lane_offsets.cache_clear()
+    assert h.merges >= 5  # the range grew inside the batch
+    r = 2.0 ** np.ceil(np.log2(np.abs(x).max()))
+    expect = np.bincount(np.minimum(np.floor(np.abs(x).astype(np.float64) * 2048 / r), 2047).astype(int),
+                         minlength=2048)
+    assert h.range == r
+    np.testing.assert_array_equal(h.hist, expect)
