@@ -553,13 +553,16 @@ class Int8(Pass):
                 out.update(r.name for r in state.readers.get(t, []))
             return nodes_of_names(out, p)
 
-        budget = int(opts.max_float * max(sum(1 for n in p.nodes if n not in p.fused), 1))
+        def cost(nodes: set[str]) -> int:  # fused activations ride along: not counted
+            return sum(1 for n in nodes if n not in p.fused)
+
+        budget = int(opts.max_float * max(cost(p.nodes), 1))
         best: tuple[onnx.ModelProto, qdq.Plan, dict[str, float], set[str]] = (q, p, acc, set())
         # 1. prefixes in graph order
         order = [n.name for n in state.model.graph.node if n.name in p.nodes and n.name not in p.fused]
         for j in range(1, PREFIX_LEVELS + 1):
             trial = nodes_of_names(order[: len(order) * j // PREFIX_LEVELS], p)
-            if len(trial) > budget or best[2]["drop"] <= opts.max_drop:
+            if cost(trial) > budget or best[2]["drop"] <= opts.max_drop:
                 break
             q2, p2 = self._build(state, opts, method, floated | trial)
             acc2 = evaluate(q2)
@@ -573,7 +576,7 @@ class Int8(Pass):
             if best[2]["drop"] <= opts.max_drop:
                 break
             trial = best[3] | nodes_of(ranked[i : i + chunk])
-            if len(trial) > budget:
+            if cost(trial) > budget:
                 break
             q2, p2 = self._build(state, opts, method, floated | trial)
             acc2 = evaluate(q2)
