@@ -9,8 +9,9 @@ dimension is fixed at 1):
 
 * onnxcompress: what the int8 pass does — canonicalize and prepare (BN/affine folding),
   then one session exposing every tensor its widest QDQ placement could quantize, 2048-bin
-  streaming histograms (exact min/max, ≤ 65,536 sampled values per tensor per batch) and
-  per-channel mean squares, KL thresholds;
+  streaming histograms of every value (exact min/max; binned by a worker thread beside
+  the session where a sub-batch's activations fit in 256 MB) and per-channel mean
+  squares, KL thresholds;
 * onnxruntime: ``create_calibrator(..., CalibrationMethod.Entropy)`` at its defaults
   (what quantize_static runs: every tensor of the op types it quantizes),
   ``collect_data`` + ``compute_data``.
