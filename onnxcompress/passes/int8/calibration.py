@@ -190,6 +190,12 @@ class StreamingHistogram:
         return self.min >= 0.0
 
 
+def _table_width(nb: int, q: int) -> int:
+    """Columns of the chunk table: widths 0 … ⌈nb/q⌉ (every chunk of every candidate is
+    ⌊i/q⌋ or ⌈i/q⌉ ≤ ⌈nb/q⌉ bins wide)."""
+    return -(-nb // q) + 1
+
+
 @functools.lru_cache(maxsize=64)
 def _chunk_edges(nb: int, q: int, b0: int, block: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Candidates i in [b0, b0 + block), their chunk edges ⌈j·i/q⌉, j = 0 … q, and the flat
@@ -198,7 +204,7 @@ def _chunk_edges(nb: int, q: int, b0: int, block: int) -> tuple[np.ndarray, np.n
     cand = np.arange(b0, min(b0 + block, nb + 1), dtype=np.int64)
     j = np.arange(q + 1, dtype=np.int64)
     edges = (j[None, :] * cand[:, None] + q - 1) // q  # chunk j = bins [edges_j, edges_{j+1})
-    width = -(-nb // q) + 1
+    width = _table_width(nb, q)
     flat = edges[:, :-2] * width + np.diff(edges[:, :-1], axis=1)
     for a in (cand, edges, flat):
         a.setflags(write=False)
@@ -211,7 +217,7 @@ def _chunk_table(cs: np.ndarray, cs_nz: np.ndarray, q: int) -> np.ndarray:
     ⌊i/q⌋ or ⌈i/q⌉ ≤ ⌈bins/q⌉), so each logarithm is taken once per tensor, not once per
     candidate and chunk."""
     nb = len(cs) - 1
-    w = np.arange(-(-nb // q) + 1)
+    w = np.arange(_table_width(nb, q))
     s = np.arange(nb + 1)
     end = np.minimum(s[:, None] + w[None, :], nb)
     mass = cs[end] - cs[s][:, None]
@@ -466,7 +472,7 @@ def collect_histograms(model, names: list[str], data, *, provider: str = "cpu", 
                         if pending is not None:
                             pending.result()  # the previous sub-batch is binned (its errors raise here)
                         pending = pool.submit(absorb, pairs)
-                    del pairs  # the worker holds the only reference now
+                    del pairs  # this sub-batch's activations: binned, or held by the worker alone
                 task.advance(n)
             if pending is not None:
                 pending.result()

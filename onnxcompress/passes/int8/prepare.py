@@ -26,10 +26,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import logging
 from collections import defaultdict
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
@@ -398,10 +397,7 @@ def recompose_hard_activations(model: onnx.ModelProto, acts: list[HardActivation
     kept = [n for n in kept if n is not None and not (n.op_type == "DequantizeLinear" and n.output[0] not in read)]
     del g.node[:]
     g.node.extend(kept)
-    read = {x for n in kept for x in n.input}
-    unused = [t for t in g.initializer if t.name.startswith("hard_act_const_") and t.name not in read]
-    for t in unused:
-        g.initializer.remove(t)
+    _drop_unused_initializers(model)
     return sum(1 for v in replace.values() if v is not None)
 
 
