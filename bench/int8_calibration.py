@@ -79,7 +79,7 @@ def worker(side: str, shared: Path, name: str, samples: int) -> dict:
         ctx = PassContext(calibration=open_data(shared / "data" / f"{name}_calib.npz", model, limit=1))
         state = p._prepare(model, ctx, p.options, {})
         widest = qdq.plan(state.model, state.allowed)
-        names = sorted(widest.tensors | widest.inner)
+        names = qdq.calibrated_tensors(widest.tensors, state.derived)
         base = _rss_mb()
         t0 = time.perf_counter()
         hists = collect_histograms(state.model, names, ({input_name: b} for b in _batches(shared, name, samples)),

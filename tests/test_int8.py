@@ -328,3 +328,108 @@ def test_int8_keeps_excluded_hard_swish_as_one_node() -> None:
     assert set(hard) <= names
     assert not any(n.endswith(("_mul_alpha", "_add_beta", "_clip", "_mul_x")) for n in names)
     assert "QLinearConv" in qdq.fused_ops(res.model)
+
+
+def _derived_model() -> onnx.ModelProto:
+    """x → Conv → Sigmoid; Conv → Mul(0.25) → MaxPool; Concat(sigmoid, pooled)."""
+    rng = np.random.default_rng(11)
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+             helper.make_node("Sigmoid", ["c1"], ["s"], name="sig"),
+             helper.make_node("Conv", ["x", "w2"], ["c2"], name="conv2", pads=[1, 1, 1, 1]),
+             helper.make_node("Mul", ["c2", "quarter"], ["m"], name="scale"),
+             helper.make_node("MaxPool", ["m"], ["p"], name="pool", kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+             helper.make_node("Concat", ["s", "p"], ["cat"], name="cat", axis=1),
+             helper.make_node("Conv", ["cat", "w3"], ["y"], name="conv3")]
+    inits = [tensor(rng, "w1", (4, 3, 3, 3)), tensor(rng, "w2", (4, 3, 3, 3)), tensor(rng, "w3", (2, 8, 1, 1)),
+             numpy_helper.from_array(np.array(0.25, np.float32), "quarter")]
+    m = make_model(nodes, [fvi("x", ["N", 3, 8, 8])], [fvi("y", ["N", 2, 8, 8])], inits)
+    return onnx.shape_inference.infer_shapes(m)
+
+
+def test_derived_ranges_follow_their_sources_and_are_not_binned() -> None:
+    m = _derived_model()
+    d = qdq.derived_tensors(m)
+    assert {t: (v.kind, v.sources) for t, v in d.items()} == {
+        "m": ("scale", ("c2",)), "p": ("same", ("m",)), "cat": ("hull", ("s", "p"))}
+    assert d["m"].k == 0.25
+    widest = qdq.plan(m)
+    assert {"s", "m", "p", "cat"} <= widest.tensors
+    assert qdq.calibrated_tensors(widest.tensors, d) == ["c1", "c2", "s", "x", "y"]  # the rest follows
+    ranges = {"x": (0.0, 1.0), "c1": (-2.0, 3.0), "c2": (-4.0, 8.0), "s": (0.1, 0.9)}
+    seen = {"x": (0.0, 1.0), "c1": (-2.5, 3.5), "c2": (-4.0, 9.0), "s": (0.05, 0.95)}
+    qdq.resolve_ranges(ranges, d, seen)
+    assert ranges["m"] == (-1.0, 2.0) and ranges["p"] == (-1.0, 2.0)
+    assert ranges["cat"] == (-1.0, 2.0)
+    kept = {"c2": (-4.0, 8.0), "m": (-3.0, 3.0)}  # a tensor with its own range keeps it
+    qdq.resolve_ranges(kept, d, seen)
+    assert kept["m"] == (-3.0, 3.0) and kept["p"] == (-1.0, 2.25)  # cut to m's seen values (c2's ÷ 4)
+    # quantization ranges include 0; a source is cut to the values seen before mapping
+    neg = {"c2": (-20.0, 0.0)}
+    qdq.resolve_ranges(neg, d, {"c2": (-24.0, -1.6)})
+    assert neg["m"] == (-5.0, -0.4)
+
+
+@pytest.mark.parametrize("floated", [set(), {"pool"}, {"cat"}, {"sig"}, {"scale", "pool"}])
+def test_int8_with_derived_ranges_agrees_in_every_placement(floated: set[str]) -> None:
+    """Whatever is float, every planned tensor gets a range from the binned ones, and
+    the quantized model agrees with the float one (cosine > 0.999 on seeded inputs)."""
+    m = _derived_model()
+    rng = np.random.default_rng(5)
+    calib = rng.uniform(0, 1, (32, 3, 8, 8)).astype(np.float32)
+    ctx = PassContext(calibration=open_data([{"x": calib[i : i + 8]} for i in range(0, 32, 8)], m))
+    p = Int8(Int8Options(guard=False, max_drop=0, exclude=",".join(sorted(floated))))
+    res = p.run(copy.deepcopy(m), ctx)
+    assert res.stats["calibration"]["tensors"] == 5  # x, c1, c2, s, y: the rest is derived
+    ops = qdq.fused_ops(res.model)
+    assert ops.get("QLinearConv", 0) == 3
+    x = rng.uniform(0, 1, (4, 3, 8, 8)).astype(np.float32)
+    a, b = run(m, {"x": x})[0], run(res.model, {"x": x})[0]
+    cos = float(np.sum(a * b) / np.linalg.norm(a) / np.linalg.norm(b))
+    assert cos > 0.999, cos
+
+
+def test_a_fused_activation_goes_float_with_its_producer() -> None:
+    m = conv_bn_affine_model()
+    x = np.random.default_rng(2).standard_normal((2, 3, 10, 10)).astype(np.float32)
+    ctx = PassContext(calibration=open_data([{"x": x}], m))
+    p = Int8(Int8Options(guard=False, max_drop=0))
+    state = p._prepare(m, ctx, p.options, {})
+    state.widest = qdq.plan(state.model, state.allowed)
+    relu = next(n.name for n in state.model.graph.node if n.op_type == "Relu")
+    assert relu in state.widest.fused  # fused into conv1: its input is never binned
+    from onnxcompress.passes.int8.calibration import collect_histograms
+    names = qdq.calibrated_tensors(state.widest.tensors, state.derived)
+    assert not set(names) & state.widest.inner
+    state.hists = collect_histograms(state.model, names, iter([{"x": np.ones((2, 3, 10, 10), np.float32)}]))
+    _, plan = p._build(state, p.options, "minmax", {relu})
+    assert relu not in plan.nodes and state.widest.fused[relu] not in plan.nodes
+
+
+def test_derivation_never_adds_a_tensor_to_bin() -> None:
+    """HardSwish's x + 3, clip(·, 0, 6) and · 1/6 follow from x (binned anyway); a fused
+    Relu's output keeps its own histogram instead of following the hidden Conv output."""
+    rng = np.random.default_rng(4)
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c1"], name="conv1"),
+             helper.make_node("Relu", ["c1"], ["r"], name="relu"),
+             helper.make_node("Conv", ["r", "w2"], ["h"], name="conv2"),
+             helper.make_node("Add", ["h", "three"], ["a"], name="add3"),
+             helper.make_node("Clip", ["a", "zero", "six"], ["c"], name="clip"),
+             helper.make_node("Mul", ["h", "c"], ["m"], name="mulx"),
+             helper.make_node("Mul", ["m", "sixth"], ["hs"], name="div6"),
+             helper.make_node("Conv", ["hs", "w3"], ["y"], name="conv3")]
+    consts = [numpy_helper.from_array(np.array(v, np.float32), k)
+              for k, v in (("three", 3.0), ("zero", 0.0), ("six", 6.0), ("sixth", 1 / 6))]
+    m = make_model(nodes, [fvi("x", ["N", 3, 6, 6])], [fvi("y", ["N", 2, 6, 6])],
+                   [tensor(rng, "w1", (4, 3, 1, 1)), tensor(rng, "w2", (4, 4, 1, 1)), tensor(rng, "w3", (2, 4, 1, 1)),
+                    *consts])
+    m = onnx.shape_inference.infer_shapes(m)
+    d = qdq.derived_tensors(m)
+    assert d["a"].kind == "shift" and d["a"].k == 3.0 and d["c"].bounds == (0.0, 6.0)
+    assert d["r"].kind == "clamp" and d["hs"].kind == "scale"
+    widest = qdq.plan(m)
+    assert "relu" in widest.fused and "clip" in widest.fused
+    assert qdq.calibrated_tensors(widest.tensors, d) == ["h", "m", "r", "x", "y"]
+    ranges = {"h": (-5.0, 4.0), "m": (-0.4, 20.0), "r": (0.0, 2.0), "x": (0.0, 1.0), "y": (-1.0, 1.0)}
+    qdq.resolve_ranges(ranges, d, {t: r for t, r in ranges.items()})
+    assert ranges["c"] == (0.0, 6.0) and ranges["a"] == (-2.0, 7.0)
+    np.testing.assert_allclose(ranges["hs"], (-0.4 / 6, 20.0 / 6))

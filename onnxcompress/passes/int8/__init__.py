@@ -13,7 +13,9 @@ an accuracy control and a latency guard.
    ``kl_guard`` swaps in the MSE threshold where KL's error is far from the best),
    ``minmax``, ``percentile`` or ``mse``. Tensors that no quantized node reads (the
    edge back to float, graph outputs), and graph inputs (raw data: pixels), get their
-   min/max: clipping there reaches the output directly.
+   min/max: clipping there reaches the output directly. A tensor whose range follows
+   from a binned one (scalar Mul/Add, Clip/Relu, data movement, Concat:
+   :func:`qdq.derived_tensors`) is not binned itself.
 4. **Head correction** (``head_correction``, on): the last quantized Conv/Gemm before
    each output gets its bias shifted by minus its total mean error per channel on the
    check samples (upstream error included — nothing downstream absorbs it). On
@@ -247,6 +249,8 @@ class _State:
     producer: dict[str, onnx.NodeProto] = field(default_factory=dict)  # tensor → the node writing it
     readers: dict[str, list[onnx.NodeProto]] = field(default_factory=dict)  # tensor → nodes reading it
     hard: list[prepare.HardActivation] = field(default_factory=list)  # decomposed, put back where float
+    widest: qdq.Plan | None = None  # the placement with every allowed node quantized
+    derived: dict[str, qdq.Derived] = field(default_factory=dict)  # ranges that follow from others'
 
     def __post_init__(self) -> None:
         readers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
@@ -281,9 +285,11 @@ class Int8(Pass):
         t_start = time.perf_counter()
         state = self._prepare(model, ctx, opts, stats)
 
-        # calibrate every tensor the widest placement could quantize
-        widest = qdq.plan(state.model, state.allowed)
-        names = sorted(widest.tensors | widest.inner)
+        # calibrate every tensor the widest placement could quantize, through the sources of
+        # those whose range is derived (an output hidden by a fused Relu/Clip never needs a
+        # range: fused pairs go float together, see _build)
+        widest = state.widest = qdq.plan(state.model, state.allowed)
+        names = qdq.calibrated_tensors(widest.tensors, state.derived)
         if not widest.nodes:
             stats.update(decision="kept float", reason="no quantizable node")
             return PassResult(model, False, stats)
@@ -410,7 +416,7 @@ class Int8(Pass):
         for n in m.graph.node:
             if n.op_type in qdq.FUSED_ACTIVATIONS and n.output:
                 bounds[n.output[0]] = qdq.fused_bounds(n, inits)
-        return _State(m, inits, allowed, {}, bounds, per_channel, hard=hard)
+        return _State(m, inits, allowed, {}, bounds, per_channel, hard=hard, derived=qdq.derived_tensors(m))
 
     def _ranges(self, state: _State, opts: Int8Options, method: str, p: qdq.Plan | None = None,
                 ) -> dict[str, tuple[float, float]]:
@@ -421,22 +427,32 @@ class Int8(Pass):
                                 kl_guard=opts.kl_guard)
                 for t, h in state.hists.items()}
         out = dict(state.base_ranges[method])
+        seen = {t: (h.min, h.max) for t, h in state.hists.items() if h.hist is not None}
+        qdq.resolve_ranges(out, state.derived, seen)
         if p is not None:
             read = set()
             for n in state.model.graph.node:
                 if n.name in p.nodes and n.name not in p.fused:
                     read.update(qdq.data_inputs(n, state.inits) if n.op_type not in qdq.PASSTHROUGH else n.input[:1])
             edge = (p.tensors - read) | {i.name for i in state.model.graph.input}
-            for t in edge & p.tensors:
-                if t in state.hists:
-                    out[t] = tensor_range(state.hists[t], "minmax", symmetric=sym)
+            if edge & p.tensors:
+                mm = {t: tensor_range(h, "minmax", symmetric=sym) for t, h in state.hists.items()}
+                qdq.resolve_ranges(mm, state.derived, seen)
+                out.update({t: mm[t] for t in edge & p.tensors if t in mm})
         return out
 
     def _build(self, state: _State, opts: Int8Options, method: str, floated: set[str],
                drop: set[str] | None = None) -> tuple[onnx.ModelProto, qdq.Plan]:
-        allowed = state.allowed - floated - (drop or set())
+        out = floated | (drop or set())
+        if state.widest is not None:  # a fused activation and its producer go float together
+            out = out | nodes_of_names(out, state.widest)
+        allowed = state.allowed - out
         ranges = self._ranges(state, opts, method)
         p = qdq.plan(state.model, allowed, ranges, opts.concat_spread)
+        if state.hists:  # calibration covers the widest placement's tensors
+            missing = sorted(t for t in p.tensors if t not in ranges)
+            if missing:
+                raise RuntimeError(f"int8: no calibrated range for {missing[:3]} (internal error)")
         ranges = self._ranges(state, opts, method, p)
         params = qdq.tensor_params(p, ranges, opts.activations, state.bounds)
         q = qdq.insert_qdq(state.model, p, params, act_type=opts.activations, per_channel=state.per_channel,
@@ -539,8 +555,10 @@ class Int8(Pass):
         params = qdq.tensor_params(p, ranges, opts.activations, state.bounds)
         scores = {}
         for t in p.tensors:
-            h = state.hists.get(t)
-            v = h.noise_to_signal(params[t][0]) if h is not None else None
+            d = state.derived.get(t)
+            src, k = (d.sources[0], d.k) if t not in state.hists and d is not None and d.kind == "scale" else (t, 1.0)
+            h = state.hists.get(src)  # y = k·x: y's step s buries x's signal as x's step s/k would
+            v = h.noise_to_signal(params[t][0] / k) if h is not None else None
             if v is not None:
                 scores[t] = v
         ranked = sorted(scores, key=lambda t: -scores[t])

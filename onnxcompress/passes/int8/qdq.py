@@ -34,6 +34,7 @@ any graph output keep their names (for a graph input the readers are renamed ins
 from __future__ import annotations
 
 import logging
+import math
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -322,6 +323,138 @@ def plan(model: onnx.ModelProto, allowed: Iterable[str] | None = None,
                 continue  # a standalone Relu/Clip simply runs in float
             p.declined[n.name] = "not quantizable here"
     return p
+
+
+@dataclass(frozen=True)
+class Derived:
+    """How a tensor's range follows from its sources' ranges without a histogram of its
+    own: ``scale`` (y = k·x, k > 0: k times x's range), ``shift`` (y = x + b),
+    ``clamp`` (Clip, Relu), ``same`` (data movement: every output value is an input value,
+    or between two of them), ``hull`` (Concat: the hull of its inputs'). Each maps its
+    source's range onto every value the output can take when the source is quantized to
+    that range. The source's range is first cut to the values seen there (quantization
+    ranges are padded to include 0: x + 3 of an all-negative x would otherwise reach 3).
+
+    Sigmoid is not derived, though it could be (σ of the ends): on captcha_det that
+    binned 30% fewer values but, against each sigmoid output's own KL range, lost eval
+    cosine 0.9985 → 0.9976 and detection recall 0.919 → 0.885."""
+
+    kind: Literal["scale", "shift", "clamp", "same", "hull"]
+    sources: tuple[str, ...]
+    k: float = 1.0  #: scale: the factor; shift: the constant added
+    bounds: tuple[float, float] = (-math.inf, math.inf)  #: clamp: Clip's / Relu's bounds
+
+    def apply(self, ranges: list[tuple[float, float]]) -> tuple[float, float]:
+        lo, hi = ranges[0]
+        if self.kind == "scale":
+            return lo * self.k, hi * self.k
+        if self.kind == "shift":
+            return lo + self.k, hi + self.k
+        if self.kind == "clamp":
+            a, b = self.bounds
+            return min(max(lo, a), b), min(max(hi, a), b)
+        return min(r[0] for r in ranges), max(r[1] for r in ranges)
+
+
+def derived_tensors(model: onnx.ModelProto) -> dict[str, Derived]:
+    """Tensors whose range is derived from other activations' (see :class:`Derived`):
+    outputs of a positive scalar Mul (HardSwish's ``· 1/6``), a scalar Add/Sub (its
+    ``+ 3``), Clip/Relu (its ``clip(·, 0, 6)``), of data movement (MaxPool,
+    Slice, Reshape, nearest/linear Resize, …) and of Concat, where every source is a
+    float activation. A quantized data-movement node or Concat shares its
+    input's scale anyway: the derived range is what its output gets when the node is
+    float and a quantized node reads it."""
+    g = model.graph
+    inits = {t.name: t for t in g.initializer}
+    types = _float_types(model)
+    out: dict[str, Derived] = {}
+
+    def act(x: str) -> bool:
+        return bool(x) and x not in inits and types.get(x) == TensorProto.FLOAT
+
+    for n in (g.node[i] for i in topological_order(g)):
+        if len(n.output) != 1 or not act(n.output[0]):
+            continue
+        d: Derived | None = None
+        if n.op_type in ("Mul", "Add", "Sub") and len(n.input) == 2:
+            consts = [x for x in n.input if x in inits]
+            if len(consts) == 1 and inits[consts[0]].data_type == TensorProto.FLOAT:
+                c = numpy_helper.to_array(inits[consts[0]]).reshape(-1)
+                x = n.input[1] if n.input[0] == consts[0] else n.input[0]
+                if c.size == 1 and np.isfinite(c[0]) and act(x):
+                    k = float(c[0])
+                    if n.op_type == "Mul" and k > 0:
+                        d = Derived("scale", (x,), k)
+                    elif n.op_type == "Add":
+                        d = Derived("shift", (x,), k)
+                    elif n.op_type == "Sub" and x == n.input[0]:
+                        d = Derived("shift", (x,), -k)
+        elif n.op_type in FUSED_ACTIVATIONS and n.input and act(n.input[0]):
+            b = (0.0, math.inf) if n.op_type == "Relu" else clip_bounds(n, inits)
+            if b is not None:
+                d = Derived("clamp", (n.input[0],), bounds=b)
+        elif n.op_type in PASSTHROUGH and n.input and act(n.input[0]):
+            mode = node_attr(n, "mode", "nearest")
+            if n.op_type != "Resize" or (mode.decode() if isinstance(mode, bytes) else mode) != "cubic":
+                d = Derived("same", (n.input[0],))
+        elif n.op_type == "Concat":
+            ins = tuple(x for x in n.input if x)
+            if ins and all(act(x) for x in ins):
+                d = Derived("hull", ins)
+        if d is not None:
+            out[n.output[0]] = d
+    return out
+
+
+def calibrated_tensors(tensors: Iterable[str], derived: Mapping[str, Derived]) -> list[str]:
+    """The tensors calibration must bin so that every one of ``tensors`` has a range.
+
+    A derived tensor is left out where every tensor its range comes from (through other
+    derived ones) is binned anyway; otherwise it is binned itself. Deriving must not add
+    a tensor to bin, nor change what a range is computed from where that saves nothing: a
+    fused ReLU's output keeps its own (one-sided) histogram rather than following the
+    Conv output before it."""
+    wanted = set(tensors)
+    binned = {t for t in wanted if t not in derived}
+
+    def leaves(t: str) -> set[str]:
+        out: set[str] = set()
+        stack = [t]
+        while stack:
+            x = stack.pop()
+            if x in binned or x not in derived:
+                out.add(x)
+            else:
+                stack.extend(derived[x].sources)
+        return out
+
+    for t in derived:  # topological order
+        if t in wanted and not leaves(t) <= binned:
+            binned.add(t)
+    return sorted(binned)
+
+
+def resolve_ranges(ranges: dict[str, tuple[float, float]], derived: Mapping[str, Derived],
+                   seen: Mapping[str, tuple[float, float]]) -> None:
+    """Add to ``ranges``, in place, the range of every derived tensor whose sources have
+    one (``derived`` in topological order, as :func:`derived_tensors` returns it); a
+    tensor that has a range already keeps it. ``seen``: the (min, max) observed of the
+    binned tensors; a source's range is cut to it before it is mapped."""
+    seen = dict(seen)
+    for t, d in derived.items():
+        if all(x in seen for x in d.sources) and t not in seen:
+            seen[t] = d.apply([seen[x] for x in d.sources])
+        if t in ranges or not all(x in ranges for x in d.sources):
+            continue
+        cut = []
+        for x in d.sources:
+            lo, hi = ranges[x]
+            if x in seen:
+                lo, hi = max(lo, seen[x][0]), min(hi, seen[x][1])
+                if lo > hi:  # a range that misses every seen value: keep it as it is
+                    lo, hi = ranges[x]
+            cut.append((lo, hi))
+        ranges[t] = d.apply(cut)
 
 
 # ----------------------------------------------------------------------------- parameters
