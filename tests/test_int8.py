@@ -122,7 +122,7 @@ def test_fixture_quantizes_fuses_and_agrees(name: str) -> None:
     assert acc["top1"] >= 0.9, acc  # random weights: near-tied classes flip at cosine 0.9999
 
 
-def test_agreement_reports_a_damaged_table_column_and_sees_4d_class_scores() -> None:
+def test_agreement_sees_a_damaged_table_column_and_4d_class_scores() -> None:
     rng = np.random.default_rng(3)
     table = rng.standard_normal((2, 500, 6)) * np.array([300, 300, 50, 50, 1, 1])  # boxes dwarf the scores
     hurt = table.copy()
@@ -130,6 +130,8 @@ def test_agreement_reports_a_damaged_table_column_and_sees_4d_class_scores() -> 
     acc = agreement([[table]], [[hurt]])
     assert acc["cosine"] > 0.999 and acc["column_cosine"] < 0.2, acc  # reported beside the drop
     assert acc["drop"] == pytest.approx(1 - acc["cosine"])
+    held = agreement([[table]], [[hurt]], columns=True)  # the pass's default: the column counts
+    assert held["drop"] == pytest.approx(1 - acc["column_cosine"]) and held["drop"] > 0.8
     assert "column_cosine" not in agreement([[table.reshape(2, -1, 1)]], [[hurt.reshape(2, -1, 1)]])  # not a table
     scores = rng.standard_normal((8, 10, 1, 1))
     flipped = scores.copy()

@@ -171,3 +171,55 @@ def test_textline_default_pipeline_holds_the_budget_on_the_eval_set() -> None:
     ref = run(onnx.load(str(model)), {"x": ev})[0]
     new = run(result, {"x": ev})[0]
     assert (ref.argmax(1) == new.argmax(1)).mean() >= 0.99, trials
+
+
+def test_int8_over_budget_held_out_is_retried_with_a_tighter_max_drop(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stand-in int8 pass whose output error is 1.5× the max_drop it is given (its own
+    control "held" on the fitting samples): judged held out it is over budget, so the
+    search runs it once more with max_drop × 0.8 / usage, which fits."""
+    import copy
+
+    import onnxcompress.passes.int8 as int8_mod
+    from onnxcompress.pipeline import Pass, PassResult
+
+    seen: list[float] = []
+    direction = np.random.default_rng(7).standard_normal(10).astype(np.float32)
+
+    class FakeInt8(Pass):
+        name = "int8"
+        summary = "test stand-in"
+        Options = int8_mod.Int8Options
+        exact = False
+
+        def run(self, model: onnx.ModelProto, ctx) -> PassResult:  # type: ignore[no-untyped-def]
+            seen.append(self.options.max_drop)
+            target = 1.5 * self.options.max_drop
+            x = np.concatenate([b["x"] for b in ctx.calibration])
+            y = run(model, {"x": x})[0]
+
+            def drop(s: float) -> float:
+                z = y + s * direction
+                return 1 - float(np.mean((y * z).sum(1) / np.linalg.norm(y, axis=1) / np.linalg.norm(z, axis=1)))
+
+            lo, hi = 0.0, 1.0
+            while drop(hi) < target:
+                hi *= 2
+            for _ in range(50):
+                mid = (lo + hi) / 2
+                lo, hi = (mid, hi) if drop(mid) < target else (lo, mid)
+            out = copy.deepcopy(model)
+            bias = next(t for t in out.graph.initializer if t.name == "bf")
+            bias.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(bias) + lo * direction, "bf"))
+            return PassResult(out, True, {})
+
+    monkeypatch.setattr(int8_mod, "Int8", FakeInt8)
+    opts = SearchOptions(prune_levels=(), lowrank_levels=(), time_budget=300)
+    thresholds = {None: Thresholds(cosine=0.99)}
+    _, rep = oc.optimize(wide_model(), calibration=[{"x": calib()}], search=opts, thresholds=thresholds,
+                         latency=False)
+    probes = [t for t in rep.search.trials if t.stage == "int8"]
+    assert len(probes) == 2 and seen[0] == pytest.approx(0.01)
+    first, retry = probes
+    assert not first.within_budget and 1.0 < first.usage < 4.0
+    assert seen[1] == pytest.approx(0.01 * 0.8 / first.usage, rel=5e-3) and "retry" in retry.setting
+    assert retry.within_budget, retry.reason
