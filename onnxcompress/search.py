@@ -27,7 +27,11 @@ budget holds when usage ≤ 1. Its *drop* (shown) is 1 − the worst checked met
 fused, see :mod:`onnxcompress.passes.fuse`) in one process
 (:func:`~onnxcompress.validate.measure_latency`, interleaved ABBA rounds) at each search
 batch size; its latency ratio is the worst of them. A step is accepted only if it is at
-least ``min_gain`` faster than the model it starts from.
+least ``min_gain`` faster than the model it starts from. Those two ratios come from
+separate timings: a trial short of the margin by less than half of it is timed once more
+against its start model in one call, and that direct ratio decides (on text_det, lowrank
+at 0.7 of the MACs measured 0.871× against the 0.896× of the step before, 2.8%, where
+three other runs had cleared 3%).
 
 **Order** canonicalize → fuse → prune → lowrank → int8, each stage starting from the best
 model of the stages before it:
@@ -344,6 +348,16 @@ class Search:
                                             labels=["input model", f"trial {trial.index}"])
             trial.latency[b] = t_new / t_base
 
+    def _time_against(self, start: onnx.ModelProto, model: onnx.ModelProto, trial: Trial) -> float:
+        """Latency of ``model`` over ``start``, timed together (the worst batch size)."""
+        worst = 0.0
+        for feeds in self.feeds.values():
+            t_start, t_new = measure_latency([start, model], feeds, provider=self.ctx.provider, runs=10,
+                                             min_seconds=0.5, threads=self.threads,
+                                             labels=["start model", f"trial {trial.index}"])
+            worst = max(worst, t_new / t_start)
+        return worst
+
     def _macs(self, model: onnx.ModelProto) -> float | None:
         try:
             return count_macs(model, self.shapes)[0] / max(self.base_macs, 1)
@@ -388,9 +402,21 @@ class Search:
         self._judge(model, trial, reserve)
         if trial.within_budget:
             self._time(model, trial)
-            if trial.latency_ratio > current_ratio * (1 - self.opts.min_gain):
+            gain_needed = current_ratio * (1 - self.opts.min_gain)
+            direct: float | None = None
+            if gain_needed < trial.latency_ratio <= current_ratio * (1 - self.opts.min_gain / 2) and start[0]:
+                # borderline: the two ratios come from separate timings; time the trial
+                # against the model it starts from, in one call, and let that decide
+                direct = self._time_against(start[1], model, trial)
+            if direct is not None and direct <= 1 - self.opts.min_gain:
+                trial.accepted = True
+                self.models[trial.index] = model
+                trial.reason = (f"borderline ({trial.latency_ratio:.3f}× vs {current_ratio:.3f}× the input), "
+                                f"accepted timed against #{start[0]}: {direct:.3f}×")
+            elif trial.latency_ratio > gain_needed:
                 trial.reason = (f"not faster: latency {trial.latency_ratio:.3f}× the input vs {current_ratio:.3f}× "
-                                f"(needs {self.opts.min_gain:.0%} less)")
+                                f"(needs {self.opts.min_gain:.0%} less)"
+                                + (f"; timed against #{start[0]}: {direct:.3f}×" if direct is not None else ""))
             else:
                 trial.accepted = True
                 self.models[trial.index] = model

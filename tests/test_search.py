@@ -223,3 +223,29 @@ def test_int8_over_budget_held_out_is_retried_with_a_tighter_max_drop(monkeypatc
     assert not first.within_budget and 1.0 < first.usage < 4.0
     assert seen[1] == pytest.approx(0.01 * 0.8 / first.usage, rel=5e-3) and "retry" in retry.setting
     assert retry.within_budget, retry.reason
+
+
+def test_a_borderline_step_is_timed_against_its_start(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Trial ratios come from separate timings against the input: a step short of
+    min_gain by less than half of it is timed against the model it starts from, and
+    that direct ratio decides (here 0.96: accepted; at 0.99 it would not be)."""
+    import onnxcompress.search as search_mod
+
+    against_input = {1: 0.80, 2: 0.78}  # trial 2 vs trial 1: 2.5% faster, short of 3%
+    direct: list[str] = []
+
+    def fake(models, feeds, labels=None, **kw):  # type: ignore[no-untyped-def]
+        if len(models) == 1:
+            return [0.001]
+        if labels[0] == "start model":
+            direct.append(labels[1])
+            return [1.0, 0.96]
+        return [1.0, against_input[int(labels[1].split()[-1])]]
+
+    monkeypatch.setattr(search_mod, "measure_latency", fake)
+    opts = SearchOptions(prune_levels=(0.6,), lowrank_levels=(0.85,), int8=False, time_budget=300)
+    _, rep = oc.optimize(wide_model(), calibration=[{"x": calib()}], search=opts, latency=False)
+    trials = {t.index: t for t in rep.search.trials}
+    assert trials[1].stage == "prune" and trials[1].accepted
+    assert trials[2].stage == "lowrank" and trials[2].within_budget, trials[2].reason
+    assert set(direct) == {"trial 2"} and trials[2].accepted and "timed against #1: 0.960" in trials[2].reason
