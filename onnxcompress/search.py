@@ -44,7 +44,9 @@ model of the stages before it:
    must keep usage ≤ 1 − 1.5·u₈ (the stages' errors roughly add). int8's own accuracy
    control judges on the fitting samples; where the held-out ones put it over budget by
    u < ``int8_retry`` (4)×, it runs once more with its ``max_drop`` cut to 0.8/u of it
-   (captcha_det: objectness column 0.9916 on the fitting samples, 0.9877 held out).
+   (captcha_det: objectness column 0.9916 on the fitting samples, 0.9877 held out) —
+   unless its control did not hold even the first ``max_drop`` (then a tighter one
+   returns the same model: text_det).
 2. *prune*: Conv-MACs budgets ``prune_levels`` (0.85, 0.7, 0.55, 0.4) in turn. The prune
    pass spends a budget by removing, across all channel groups, the channels whose
    activation importance per MAC saved (measured on the calibration data) is smallest,
@@ -485,6 +487,8 @@ class Search:
                                 (start.index, self.models[start.index]), start.latency_ratio, 0.0, expected)
                 if t.step is None or t.within_budget or not 1.0 < t.usage < self.opts.int8_retry:
                     return t
+                if t.step.stats.get("accuracy", {}).get("met") is False:
+                    return t  # its control could not hold even this max_drop: a tighter one changes nothing
                 tighter = max_drop * 0.8 / t.usage
                 t2 = self._trial("int8", f"max_drop={tighter:.4g}{label} (retry: #{t.index} over budget held out)",
                                  int8_pass(tighter), (start.index, self.models[start.index]), start.latency_ratio,
