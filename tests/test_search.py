@@ -117,6 +117,8 @@ def test_few_samples_are_judged_on_all_of_them(caplog: pytest.LogCaptureFixture)
 def test_search_options_are_checked() -> None:
     with pytest.raises(oc.OptionError, match="max_drop"):
         oc.optimize(wide_model(), calibration=[{"x": calib(8)}], search=SearchOptions(max_drop=0))
+    with pytest.raises(oc.OptionError, match="int8_max_float"):
+        SearchOptions(int8_max_float=1.5)
     with pytest.raises(oc.OptionError, match="default pipeline only"):
         oc.optimize(wide_model(), "prune", calibration=[{"x": calib(8)}], search=SearchOptions())
 
