@@ -349,22 +349,15 @@ class Search:
             trial.reason = ("over budget" + (f" (with {reserve:.0%} of it reserved for int8)" if reserve else "")
                             + ": " + "; ".join(failures))
 
-    def _time(self, model: onnx.ModelProto, trial: Trial) -> None:
+    def _ratios(self, ref: onnx.ModelProto, model: onnx.ModelProto, ref_label: str, trial: Trial) -> dict[int, float]:
+        """Latency of ``model`` over ``ref``, timed together in one process, per batch size."""
+        out = {}
         for b, feeds in self.feeds.items():
-            t_base, t_new = measure_latency([self.base, model], feeds, provider=self.ctx.provider, runs=10,
-                                            min_seconds=0.5, threads=self.threads,
-                                            labels=["input model", f"trial {trial.index}"])
-            trial.latency[b] = t_new / t_base
-
-    def _time_against(self, start: onnx.ModelProto, model: onnx.ModelProto, trial: Trial) -> float:
-        """Latency of ``model`` over ``start``, timed together (the worst batch size)."""
-        worst = 0.0
-        for feeds in self.feeds.values():
-            t_start, t_new = measure_latency([start, model], feeds, provider=self.ctx.provider, runs=10,
-                                             min_seconds=0.5, threads=self.threads,
-                                             labels=["start model", f"trial {trial.index}"])
-            worst = max(worst, t_new / t_start)
-        return worst
+            t_ref, t_new = measure_latency([ref, model], feeds, provider=self.ctx.provider, runs=10,
+                                           min_seconds=0.5, threads=self.threads,
+                                           labels=[ref_label, f"trial {trial.index}"])
+            out[b] = t_new / t_ref
+        return out
 
     def _macs(self, model: onnx.ModelProto) -> float | None:
         try:
@@ -409,25 +402,24 @@ class Search:
         trial.macs_ratio = self._macs(model)
         self._judge(model, trial, reserve)
         if trial.within_budget:
-            self._time(model, trial)
+            trial.latency = self._ratios(self.base, model, "input model", trial)
             gain_needed = current_ratio * (1 - self.opts.min_gain)
             direct: float | None = None
             if gain_needed < trial.latency_ratio <= current_ratio * (1 - self.opts.min_gain / 2) and start[0]:
                 # borderline: the two ratios come from separate timings; time the trial
                 # against the model it starts from, in one call, and let that decide
-                direct = self._time_against(start[1], model, trial)
-            if direct is not None and direct <= 1 - self.opts.min_gain:
-                trial.accepted = True
+                direct = max(self._ratios(start[1], model, "start model", trial).values())
+            trial.accepted = (trial.latency_ratio <= gain_needed if direct is None
+                              else direct <= 1 - self.opts.min_gain)
+            if trial.accepted:
                 self.models[trial.index] = model
+            if direct is not None:
                 trial.reason = (f"borderline ({trial.latency_ratio:.3f}× vs {current_ratio:.3f}× the input), "
-                                f"accepted timed against #{start[0]}: {direct:.3f}×")
-            elif trial.latency_ratio > gain_needed:
+                                f"{'accepted' if trial.accepted else 'not faster'} timed against "
+                                f"#{start[0]}: {direct:.3f}×")
+            elif not trial.accepted:
                 trial.reason = (f"not faster: latency {trial.latency_ratio:.3f}× the input vs {current_ratio:.3f}× "
-                                f"(needs {self.opts.min_gain:.0%} less)"
-                                + (f"; timed against #{start[0]}: {direct:.3f}×" if direct is not None else ""))
-            else:
-                trial.accepted = True
-                self.models[trial.index] = model
+                                f"(needs {self.opts.min_gain:.0%} less)")
         trial.seconds = time.perf_counter() - t0
         lat = f"{trial.latency_ratio:.3f}×" if trial.latency else "—"
         macs = f"{trial.macs_ratio:.3f}×" if trial.macs_ratio is not None else "?"

@@ -394,8 +394,7 @@ def derived_tensors(model: onnx.ModelProto) -> dict[str, Derived]:
             if b is not None:
                 d = Derived("clamp", (n.input[0],), bounds=b)
         elif n.op_type in PASSTHROUGH and n.input and act(n.input[0]):
-            mode = node_attr(n, "mode", "nearest")
-            if n.op_type != "Resize" or (mode.decode() if isinstance(mode, bytes) else mode) != "cubic":
+            if n.op_type != "Resize" or node_attr(n, "mode", "nearest") != "cubic":
                 d = Derived("same", (n.input[0],))
         elif n.op_type == "Concat":
             ins = tuple(x for x in n.input if x)
