@@ -59,15 +59,15 @@ def test_hardswish_left_alone_when_an_inner_tensor_is_read_elsewhere() -> None:
 
 
 @pytest.mark.shared
-@pytest.mark.parametrize("name,fused", [("textline_cls", 18), ("text_det", 24), ("doc_orientation", 0)])
-def test_hardswish_on_real_exports_within_onnxruntimes_own_rounding(name: str, fused: int) -> None:
+@pytest.mark.parametrize("name,fused,gated", [("textline_cls", 18, 0), ("text_det", 24, 8), ("doc_orientation", 0, 0)])
+def test_hardswish_on_real_exports_within_onnxruntimes_own_rounding(name: str, fused: int, gated: int) -> None:
     """Fusing changes rounding only: the output moves less than onnxruntime's own graph
     optimizations move the original (text_det: 1.2e-4 vs 1.1e-4 of the output range)."""
     orig = load_model(shared_path("models", f"{name}.onnx"))
     data = {orig.graph.input[0].name: np.load(shared_path("data", f"{name}_eval.npz"))["x"][:2]}
     m, _ = build_pipeline("canonicalize").run(orig)
     res = Fuse().run(m, PassContext())
-    assert res.stats["hardswish_fused"] == fused
+    assert res.stats["hardswish_fused"] == fused and res.stats["gate_residual_folded"] == gated
     ref, ort_opt, fused_out = run(orig, data)[0], run(orig, data, optimize=True)[0], run(res.model, data)[0]
     scale = float(np.abs(ref).max())
     assert np.abs(fused_out - ref).max() <= max(2 * np.abs(ort_opt - ref).max(), 1e-6 * scale)
@@ -164,3 +164,43 @@ def test_convtranspose_bias_add_and_batchnorm_folded() -> None:
     assert [n.op_type for n in res.model.graph.node] == ["ConvTranspose", "Relu"]
     for x, ref in zip(xs, refs):
         np.testing.assert_allclose(run(res.model, {"x": x})[0], ref, rtol=1e-5, atol=1e-5 * float(np.abs(ref).max()))
+
+
+def _gated_residual_model(gate_shape: str, extra_reader: bool = False) -> onnx.ModelProto:
+    """x → Conv → h; y = h + h·g → Conv, with g a squeeze-excite gate ([N, C, 1, 1]) or a
+    full-size one (``gate_shape`` "full")."""
+    rng = np.random.default_rng(17)
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["h"], pads=[1, 1, 1, 1])]
+    if gate_shape == "se":
+        nodes += [helper.make_node("GlobalAveragePool", ["h"], ["p"]), helper.make_node("Conv", ["p", "w2"], ["z"])]
+    else:
+        nodes += [helper.make_node("Conv", ["h", "w2"], ["z"])]
+    nodes += [helper.make_node("HardSigmoid", ["z"], ["g"], alpha=0.2, beta=0.5),
+              helper.make_node("Mul", ["h", "g"], ["m"]), helper.make_node("Add", ["m", "h"], ["y"]),
+              helper.make_node("Conv", ["y", "w3"], ["out"])]
+    outputs = [fvi("out", None)] + ([fvi("m", None)] if extra_reader else [])
+    inits = [tensor(rng, "w1", (8, 3, 3, 3)), tensor(rng, "w2", (8, 8, 1, 1)), tensor(rng, "w3", (4, 8, 1, 1))]
+    return onnx.shape_inference.infer_shapes(make_model(nodes, [fvi("x", [2, 3, 12, 12])], outputs, inits))
+
+
+def test_gated_residual_folded_into_one_mul() -> None:
+    m = _gated_residual_model("se")
+    xs = [np.random.default_rng(s).standard_normal((2, 3, 12, 12)).astype(np.float32) for s in range(3)]
+    refs = [run(m, {"x": x})[0] for x in xs]
+    res = Fuse().run(m, PassContext())
+    assert res.modified and res.stats["gate_residual_folded"] == 1
+    ops = Counter(n.op_type for n in res.model.graph.node)
+    assert ops["Mul"] == 1 and ops["Add"] == 1  # the Add now runs on the [2, 8, 1, 1] gate
+    gate_add = next(n for n in res.model.graph.node if n.op_type == "Add")
+    assert "g" in gate_add.input
+    onnx.checker.check_model(res.model)
+    for x, ref in zip(xs, refs):
+        np.testing.assert_allclose(run(res.model, {"x": x})[0], ref, rtol=1e-5, atol=1e-6 * float(np.abs(ref).max()))
+
+
+@pytest.mark.parametrize("gate_shape,extra_reader", [("full", False), ("se", True)])
+def test_gated_residual_left_alone(gate_shape: str, extra_reader: bool) -> None:
+    """A full-size gate saves nothing; a Mul read elsewhere must stay."""
+    res = Fuse().run(_gated_residual_model(gate_shape, extra_reader), PassContext())
+    assert res.stats["gate_residual_folded"] == 0
+    assert [n.op_type for n in res.model.graph.node][-3:] == ["Mul", "Add", "Conv"]
