@@ -435,3 +435,44 @@ def test_derivation_never_adds_a_tensor_to_bin() -> None:
     qdq.resolve_ranges(ranges, d, {t: r for t, r in ranges.items()})
     assert ranges["c"] == (0.0, 6.0) and ranges["a"] == (-2.0, 7.0)
     np.testing.assert_allclose(ranges["hs"], (-0.4 / 6, 20.0 / 6))
+
+
+def _spread_concat_model() -> onnx.ModelProto:
+    """x → two Convs whose outputs differ ~8× in range → Concat → Conv: the Concat mixes
+    ranges by more than concat_spread (4) and less than guard_concat_spread (16)."""
+    rng = np.random.default_rng(21)
+    w2 = numpy_helper.from_array((rng.standard_normal((4, 4, 1, 1)) * 8).astype(np.float32), "w2")
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["a"], name="conv_a"),
+             helper.make_node("Conv", ["x", "w2"], ["b"], name="conv_b"),
+             helper.make_node("Concat", ["a", "b"], ["cat"], name="cat", axis=1),
+             helper.make_node("Conv", ["cat", "w3"], ["y"], name="head", pads=[1, 1, 1, 1])]
+    m = make_model(nodes, [fvi("x", [None, 4, 8, 8])], [fvi("y", None)],
+                   [tensor(rng, "w1", (4, 4, 1, 1), 1.0), w2, tensor(rng, "w3", (4, 8, 3, 3), 0.3)])
+    return onnx.shape_inference.infer_shapes(m)
+
+
+@pytest.mark.parametrize("spread,head_ms,kept", [(16.0, 0.5, True), (16.0, 1.0, False), (0.0, 0.5, False)])
+def test_guard_quantizes_a_mixed_concat_only_when_it_pays(monkeypatch: pytest.MonkeyPatch, spread: float,
+                                                           head_ms: float, kept: bool) -> None:
+    """Scripted timings: the int8 model takes 1.0 with the Concat float, ``head_ms`` with it
+    quantized; the variant is kept only when enabled and faster by the guard margin."""
+    import onnxcompress.validate as validate
+    from onnxcompress.data import IterableSource, input_specs
+
+    def timing(models, feeds, **kw):  # type: ignore[no-untyped-def]
+        g = models[1].graph
+        head = next(n for n in g.node if n.name == "head")
+        quantized_cat = any(n.op_type == "DequantizeLinear" and n.output[0] == head.input[0] for n in g.node)
+        return [2.0, head_ms if quantized_cat else 1.0]
+
+    monkeypatch.setattr(validate, "measure_latency", timing)
+    m = _spread_concat_model()
+    rng = np.random.default_rng(22)
+    data = [{"x": rng.standard_normal((4, 4, 8, 8)).astype(np.float32)} for _ in range(4)]
+    ctx = PassContext(calibration=IterableSource(data, input_specs(m)))
+    res = Int8(Int8Options(max_drop=0, guard_concat_spread=spread, guard_batches="1")).run(copy.deepcopy(m), ctx)
+    assert res.modified
+    variants = [t["variant"] for t in res.stats["latency"]["trials"]]
+    assert ("Concats spread up to 16x quantized" in variants) == (spread > 0)
+    assert ("Concat" in res.stats["quantized_ops"]) == kept
+    assert res.stats["latency"]["ratio"] == (0.25 if kept else 0.5)
