@@ -204,3 +204,22 @@ def test_gated_residual_left_alone(gate_shape: str, extra_reader: bool) -> None:
     res = Fuse().run(_gated_residual_model(gate_shape, extra_reader), PassContext())
     assert res.stats["gate_residual_folded"] == 0
     assert [n.op_type for n in res.model.graph.node][-3:] == ["Mul", "Add", "Conv"]
+
+
+def test_gated_residual_constant_takes_the_gate_element_type() -> None:
+    """A float16 graph gets a float16 1 (strict type checking would refuse a float32 one)."""
+    f16 = onnx.TensorProto.FLOAT16
+    nodes = [helper.make_node("Mul", ["x", "g"], ["m"]), helper.make_node("Add", ["x", "m"], ["y"])]
+    m = make_model(nodes, [helper.make_tensor_value_info("x", f16, [1, 4, 6, 6]),
+                           helper.make_tensor_value_info("g", f16, [1, 4, 1, 1])],
+                   [helper.make_tensor_value_info("y", f16, [1, 4, 6, 6])])
+    res = Fuse().run(onnx.shape_inference.infer_shapes(m), PassContext())
+    assert res.stats["gate_residual_folded"] == 1
+    one = next(t for t in res.model.graph.initializer if t.name.startswith("gate_residual_one"))
+    assert one.data_type == f16
+    onnx.shape_inference.infer_shapes(res.model, check_type=True, strict_mode=True)
+    x = np.random.default_rng(5).standard_normal((1, 4, 6, 6)).astype(np.float16)
+    gate = np.random.default_rng(6).random((1, 4, 1, 1)).astype(np.float16)
+    from onnx.reference import ReferenceEvaluator
+    got = ReferenceEvaluator(res.model).run(None, {"x": x, "g": gate})[0]
+    np.testing.assert_allclose(got.astype(np.float32), (x + x * gate).astype(np.float32), rtol=2e-3, atol=2e-3)

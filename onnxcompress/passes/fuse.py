@@ -125,6 +125,9 @@ def fold_gate_residual(model: onnx.ModelProto) -> int:
         readers[o.name] = readers.get(o.name, 0) + 1
     shapes = {v.name: v.type.tensor_type.shape for v in [*g.value_info, *g.input, *g.output]
               if v.type.HasField("tensor_type") and v.type.tensor_type.HasField("shape")}
+    dtypes = {v.name: v.type.tensor_type.elem_type for v in [*g.value_info, *g.input, *g.output]
+              if v.type.HasField("tensor_type")}
+    floats = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16)
 
     def per_channel(name: str) -> bool:
         sh = shapes.get(name)
@@ -145,7 +148,7 @@ def fold_gate_residual(model: onnx.ModelProto) -> int:
 
     replace: dict[int, list[onnx.NodeProto]] = {}
     drop: set[int] = set()
-    one: str | None = None
+    ones: dict[int, str] = {}  # the constant 1 per element type (the gate's)
     for add in g.node:
         if not std(add, "Add") or len(add.input) != 2:
             continue
@@ -155,11 +158,13 @@ def fold_gate_residual(model: onnx.ModelProto) -> int:
             if not std(mul, "Mul") or readers.get(m) != 1 or id(mul) in drop or x not in mul.input:
                 continue
             gate = mul.input[1] if mul.input[0] == x else mul.input[0]
-            if gate == x or not per_channel(gate) or per_channel(x):
+            if gate == x or not per_channel(gate) or per_channel(x) or dtypes.get(gate) not in floats:
                 continue
-            if one is None:
-                one = fresh("gate_residual_one")
-                g.initializer.append(numpy_helper.from_array(np.array(1.0, np.float32), one))
+            et = dtypes[gate]
+            if et not in ones:
+                ones[et] = fresh("gate_residual_one")
+                g.initializer.append(helper.make_tensor(ones[et], et, [], [1.0]))
+            one = ones[et]
             g1 = fresh(f"{gate}_plus_one")
             name = add.name or add.output[0]
             replace[id(add)] = [helper.make_node("Add", [gate, one], [g1], name=f"{name}_gate_plus_one"),
