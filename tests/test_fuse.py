@@ -59,8 +59,10 @@ def test_hardswish_left_alone_when_an_inner_tensor_is_read_elsewhere() -> None:
 
 
 @pytest.mark.shared
-@pytest.mark.parametrize("name,fused,gated", [("textline_cls", 18, 0), ("text_det", 24, 8), ("doc_orientation", 0, 0)])
-def test_hardswish_on_real_exports_within_onnxruntimes_own_rounding(name: str, fused: int, gated: int) -> None:
+@pytest.mark.parametrize("name,fused,depthwise,gated", [("textline_cls", 18, 0, 0), ("text_det", 24, 28, 8),
+                                                       ("doc_orientation", 0, 0, 0)])
+def test_hardswish_on_real_exports_within_onnxruntimes_own_rounding(name: str, fused: int, depthwise: int,
+                                                                     gated: int) -> None:
     """Fusing changes rounding only: the output moves less than onnxruntime's own graph
     optimizations move the original (text_det: 1.2e-4 vs 1.1e-4 of the output range)."""
     orig = load_model(shared_path("models", f"{name}.onnx"))
@@ -68,6 +70,7 @@ def test_hardswish_on_real_exports_within_onnxruntimes_own_rounding(name: str, f
     m, _ = build_pipeline("canonicalize").run(orig)
     res = Fuse().run(m, PassContext())
     assert res.stats["hardswish_fused"] == fused and res.stats["gate_residual_folded"] == gated
+    assert res.stats["affine_depthwise"] == depthwise
     ref, ort_opt, fused_out = run(orig, data)[0], run(orig, data, optimize=True)[0], run(res.model, data)[0]
     scale = float(np.abs(ref).max())
     assert np.abs(fused_out - ref).max() <= max(2 * np.abs(ort_opt - ref).max(), 1e-6 * scale)
@@ -126,7 +129,8 @@ def _affine_then_convs(consumer: str) -> onnx.ModelProto:
 def test_affine_before_unpadded_convs_folded_into_them(consumer: str, folded: int) -> None:
     """A scale/shift after an activation goes into the Convs after it, W'[o,c] = a_c·W[o,c],
     b'_o = b_o + Σ W[o,c,…]·b_c, only where no Conv pads its input (padding would turn
-    the shift's zeros into b) and nothing else reads it."""
+    the shift's zeros into b) and nothing else reads it; elsewhere it becomes a depthwise
+    1×1 Conv (HardSwish follows a Conv here)."""
     m = _affine_then_convs(consumer)
     rng = np.random.default_rng(12)
     xs = [rng.standard_normal((2, 3, 10, 10)).astype(np.float32) for _ in range(3)]
@@ -134,12 +138,13 @@ def test_affine_before_unpadded_convs_folded_into_them(consumer: str, folded: in
     m = onnx.shape_inference.infer_shapes(m)
     res = Fuse().run(m, PassContext())
     assert res.stats["affine_folded_forward"] == folded
+    assert res.stats["affine_depthwise"] == (0 if folded else 2)
     defined = {o for n in res.model.graph.node for o in n.output}
     assert all(vi.name in defined for vi in res.model.graph.value_info)  # no stale shapes of removed tensors
     if folded:
         assert {"hs", "y"}.isdisjoint(vi.name for vi in res.model.graph.value_info)
     left = Counter(n.op_type for n in res.model.graph.node)
-    assert (left["Mul"], left["Add"]) == ((0, 0) if folded else (1, 1))
+    assert (left["Mul"], left["Add"]) == (0, 0)
     for x, ref in zip(xs, refs):
         for got, want in zip(run(res.model, {"x": x}), ref):
             np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(np.abs(want).max()))
@@ -223,3 +228,42 @@ def test_gated_residual_constant_takes_the_gate_element_type() -> None:
     from onnx.reference import ReferenceEvaluator
     got = ReferenceEvaluator(res.model).run(None, {"x": x, "g": gate})[0]
     np.testing.assert_allclose(got.astype(np.float32), (x + x * gate).astype(np.float32), rtol=2e-3, atol=2e-3)
+
+
+def _affine_after_activation(producer: str, const_shape: tuple[int, ...], spatial: int = 8) -> onnx.ModelProto:
+    """x → Conv → Relu (or Resize, ``producer``) → ·a + b → padded 3×3 depthwise Conv: the
+    scale/shift cannot be folded into a Conv on either side."""
+    rng = np.random.default_rng(31)
+    first = ([helper.make_node("Conv", ["x", "w1"], ["c"]), helper.make_node("Relu", ["c"], ["h"])]
+             if producer == "relu" else [helper.make_node("Resize", ["x", "", "scales"], ["h"], mode="nearest")])
+    a = numpy_helper.from_array(rng.uniform(0.5, 2.0, const_shape).astype(np.float32), "a")
+    b = numpy_helper.from_array(rng.standard_normal(const_shape).astype(np.float32), "b")
+    nodes = [*first, helper.make_node("Mul", ["h", "a"], ["m"]), helper.make_node("Add", ["m", "b"], ["y"]),
+             helper.make_node("Conv", ["y", "w2"], ["out"], group=4, pads=[1, 1, 1, 1])]
+    inits = [tensor(rng, "w1", (4, 4, 1, 1)), tensor(rng, "w2", (4, 1, 3, 3)), a, b,
+             numpy_helper.from_array(np.array([1, 1, 1, 1], np.float32), "scales")]
+    m = make_model(nodes, [fvi("x", [2, 4, spatial, spatial])], [fvi("out", None)], inits)
+    return onnx.shape_inference.infer_shapes(m)
+
+
+@pytest.mark.parametrize("const_shape", [(1,), (1, 4, 1, 1), (4, 1, 1)])
+def test_affine_after_activation_becomes_depthwise_conv(const_shape: tuple[int, ...]) -> None:
+    m = _affine_after_activation("relu", const_shape)
+    xs = [np.random.default_rng(s).standard_normal((2, 4, 8, 8)).astype(np.float32) for s in range(3)]
+    refs = [run(m, {"x": x})[0] for x in xs]
+    res = Fuse().run(m, PassContext())
+    assert res.stats["affine_depthwise"] == 2 and res.stats["affine_folded_forward"] == 0
+    assert [n.op_type for n in res.model.graph.node] == ["Conv", "Relu", "Conv", "Conv"]
+    dw = res.model.graph.node[2]
+    assert dw.input[0] == "h" and dict((a.name, helper.get_attribute_value(a)) for a in dw.attribute)["group"] == 4
+    onnx.checker.check_model(res.model)
+    for x, ref in zip(xs, refs):
+        np.testing.assert_allclose(run(res.model, {"x": x})[0], ref, rtol=1e-5, atol=1e-6 * float(np.abs(ref).max()))
+
+
+@pytest.mark.parametrize("producer,spatial", [("resize", 8), ("relu", 1)])
+def test_affine_left_alone_off_a_conv_or_on_a_per_channel_tensor(producer: str, spatial: int) -> None:
+    """Not after a Conv's activation (no blocked layout to keep), or on [N, C, 1, 1] (no gain)."""
+    res = Fuse().run(_affine_after_activation(producer, (1,), spatial), PassContext())
+    assert res.stats["affine_depthwise"] == 0
+    assert [n.op_type for n in res.model.graph.node][-3:] == ["Mul", "Add", "Conv"]

@@ -295,6 +295,104 @@ def fold_affine_forward(model: onnx.ModelProto) -> int:
     return removed
 
 
+ACTIVATIONS_AFTER_CONV = frozenset({"Relu", "Clip", "Sigmoid", "HardSigmoid", "HardSwish", "LeakyRelu", "Tanh"})
+
+
+def _after_conv(name: str, producer: dict[str, onnx.NodeProto]) -> bool:
+    """``name`` is a Conv's output or an activation of one (hard-swish as x·HardSigmoid(x)
+    included): onnxruntime keeps such a tensor in its blocked layout."""
+    n = producer.get(name)
+    if n is None:
+        return False
+    if n.op_type == "Conv":
+        return True
+    if n.op_type in ACTIVATIONS_AFTER_CONV:
+        src = producer.get(n.input[0])
+        return src is not None and src.op_type == "Conv"
+    if n.op_type == "Mul" and len(n.input) == 2:  # x·HardSigmoid(x)
+        for a, b in ((0, 1), (1, 0)):
+            hs = producer.get(n.input[b])
+            if hs is not None and hs.op_type == "HardSigmoid" and hs.input[0] == n.input[a]:
+                src = producer.get(n.input[a])
+                return src is not None and src.op_type == "Conv"
+    return False
+
+
+def affine_to_depthwise(model: onnx.ModelProto) -> int:
+    """Rewrite ``y = a·h + b`` (a chain of constant Mul/Add, each constant a scalar or
+    varying only along axis 1) after a Conv's activation as one depthwise 1×1 Conv:
+    ``W[c, 0, 0, 0] = a[c]``, ``bias[c] = b[c]``, ``group = C`` — the same products and
+    sums, for any reader (padded ones included, which :func:`fold_affine_forward` must
+    leave alone). h must be 4-D with a known channel count. Returns the number of
+    Mul/Add replaced."""
+    g = model.graph
+    inits, readers, outputs = _graph_index(g)
+    producer = {o: n for n in g.node for o in n.output}
+    shapes = {v.name: v.type.tensor_type.shape for v in [*g.value_info, *g.input]
+              if v.type.HasField("tensor_type") and v.type.tensor_type.HasField("shape")}
+
+    def step(n: onnx.NodeProto | None) -> tuple[str, np.ndarray] | None:
+        """(data input, constant) if n is a Mul/Add of one activation and one float32 constant."""
+        if n is None or n.op_type not in ("Mul", "Add") or len(n.input) != 2:
+            return None
+        const = [i for i in n.input if i in inits]
+        data = [i for i in n.input if i not in inits]
+        if len(const) != 1 or len(data) != 1:
+            return None
+        arr = numpy_helper.to_array(inits[const[0]])
+        return (data[0], arr) if arr.dtype == np.float32 else None
+
+    replaced = 0
+    replace: dict[int, onnx.NodeProto] = {}
+    drop: set[int] = set()
+    for last in g.node:
+        if step(last) is None or id(last) in drop:
+            continue
+        y = last.output[0]
+        nxt = readers.get(y, [])
+        if len(nxt) == 1 and y not in outputs and step(nxt[0]) is not None:
+            continue  # not the end of its chain
+        chain: list[tuple[onnx.NodeProto, np.ndarray]] = []
+        node: onnx.NodeProto | None = last
+        while (st := step(node)) is not None:
+            chain.append((node, st[1]))
+            prev = producer.get(st[0])
+            if step(prev) is None or len(readers.get(st[0], [])) != 1 or st[0] in outputs:
+                break
+            node = prev
+        h = step(chain[-1][0])[0]  # type: ignore[index]
+        sh = shapes.get(h)
+        if (sh is None or len(sh.dim) != 4 or not sh.dim[1].HasField("dim_value") or sh.dim[1].dim_value < 1
+                or all(d.HasField("dim_value") and d.dim_value == 1 for d in sh.dim[2:])  # [N, C, 1, 1]: no gain
+                or not _after_conv(h, producer)):
+            continue
+        cin = sh.dim[1].dim_value
+        a, b = np.ones(cin), np.zeros(cin)
+        vecs = [_channel_vector(arr, 4, cin) for _, arr in chain]
+        if any(v is None for v in vecs):
+            continue
+        for (n, _), vec in zip(reversed(chain), reversed(vecs)):  # from h forward
+            if n.op_type == "Mul":
+                a, b = a * vec, b * vec
+            else:
+                b = b + vec
+        tag = f"{last.name or y}_depthwise"
+        wname, bname = f"{tag}_W", f"{tag}_B"
+        g.initializer.extend([numpy_helper.from_array(a.reshape(cin, 1, 1, 1).astype(np.float32), wname),
+                              numpy_helper.from_array(b.astype(np.float32), bname)])
+        replace[id(last)] = helper.make_node("Conv", [h, wname, bname], [y], name=tag, group=cin,
+                                             kernel_shape=[1, 1])
+        drop.update(id(n) for n, _ in chain[1:])
+        replaced += len(chain)
+    if not replace:
+        return 0
+    nodes = [replace.get(id(n), n) for n in g.node if id(n) not in drop]
+    del g.node[:]
+    g.node.extend(nodes)
+    _drop_unused_initializers(model)
+    return replaced
+
+
 def div_to_mul(model: onnx.ModelProto) -> int:
     """Rewrite ``Div(x, c)`` with a constant float ``c`` (no zeros) as ``Mul(x, 1/c)``."""
     g = model.graph
