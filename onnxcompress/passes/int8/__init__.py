@@ -137,7 +137,8 @@ class Int8Options:
         "help": "keep a Concat float when its inputs' range widths differ by more than this factor"})
     guard_concat_spread: float = field(default=16.0, metadata={
         "help": "the latency guard first tries quantizing the Concats (and their readers) whose inputs' range "
-                "widths differ by up to this factor; kept if faster and within max_drop (0 = off)"})
+                "widths differ by up to this factor; kept if faster by guard_margin and its drop stays within "
+                "max(max_drop, the drop before the guard) (0 = off)"})
 
 
 # ----------------------------------------------------------------------------- helpers
