@@ -60,6 +60,7 @@ above. Only where the Mul's output has no other reader and is not a graph output
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -127,12 +128,14 @@ class Fuse(Pass):
         return PassResult(model, changed, stats)
 
 
-def fold_gate_residual(model: onnx.ModelProto) -> int:
-    """Rewrite ``Add(x, Mul(x, g))`` (either operand order) as ``Mul(x, Add(g, 1))`` where
-    g has one value per channel: its inferred shape is known, of rank ≥ 3, and 1 on every
-    axis after the channel axis; the number rewritten. The Mul must be read by that Add
-    alone and not be a graph output."""
-    g = model.graph
+def _std(n: onnx.NodeProto | None, op: str) -> bool:
+    """``n`` is a standard-domain ``op`` node."""
+    return n is not None and n.op_type == op and n.domain in ("", "ai.onnx")
+
+
+def _index(g: onnx.GraphProto) -> tuple[dict[str, onnx.NodeProto], dict[str, int]]:
+    """(tensor → its producer, tensor → how many nodes read it; a graph output counts as a
+    reader, so it is never an inner tensor)."""
     producer = {o: n for n in g.node for o in n.output if o}
     readers: dict[str, int] = {}
     for n in g.node:
@@ -140,6 +143,43 @@ def fold_gate_residual(model: onnx.ModelProto) -> int:
             readers[x] = readers.get(x, 0) + 1
     for o in g.output:
         readers[o.name] = readers.get(o.name, 0) + 1
+    return producer, readers
+
+
+def _namer(g: onnx.GraphProto) -> Callable[[str], str]:
+    """A function returning a tensor name not yet used in ``g`` (``base`` plus underscores)."""
+    taken = {o for n in g.node for o in n.output} | {i.name for i in g.input} | {t.name for t in g.initializer}
+
+    def fresh(base: str) -> str:
+        while base in taken:
+            base += "_"
+        taken.add(base)
+        return base
+
+    return fresh
+
+
+def _splice(g: onnx.GraphProto, replace: dict[int, list[onnx.NodeProto]], drop: set[int]) -> None:
+    """Put ``replace[id(n)]`` where node n was, leave out the nodes in ``drop``, and forget
+    the shapes of tensors no node produces any more."""
+    nodes: list[onnx.NodeProto] = []
+    for n in g.node:
+        if id(n) in replace:
+            nodes.extend(replace[id(n)])
+        elif id(n) not in drop:
+            nodes.append(n)
+    del g.node[:]
+    g.node.extend(nodes)
+    drop_stale_value_info(g)
+
+
+def fold_gate_residual(model: onnx.ModelProto) -> int:
+    """Rewrite ``Add(x, Mul(x, g))`` (either operand order) as ``Mul(x, Add(g, 1))`` where
+    g has one value per channel: its inferred shape is known, of rank ≥ 3, and 1 on every
+    axis after the channel axis; the number rewritten. The Mul must be read by that Add
+    alone and not be a graph output."""
+    g = model.graph
+    producer, readers = _index(g)
     shapes = {v.name: v.type.tensor_type.shape for v in [*g.value_info, *g.input, *g.output]
               if v.type.HasField("tensor_type") and v.type.tensor_type.HasField("shape")}
     dtypes = {v.name: v.type.tensor_type.elem_type for v in [*g.value_info, *g.input, *g.output]
@@ -152,27 +192,17 @@ def fold_gate_residual(model: onnx.ModelProto) -> int:
             return False
         return all(d.HasField("dim_value") and d.dim_value == 1 for d in sh.dim[2:])
 
-    def std(n: onnx.NodeProto | None, op: str) -> bool:
-        return n is not None and n.op_type == op and n.domain in ("", "ai.onnx")
-
-    taken = {o for n in g.node for o in n.output} | {i.name for i in g.input} | {t.name for t in g.initializer}
-
-    def fresh(base: str) -> str:
-        while base in taken:
-            base += "_"
-        taken.add(base)
-        return base
-
+    fresh = _namer(g)
     replace: dict[int, list[onnx.NodeProto]] = {}
     drop: set[int] = set()
     ones: dict[int, str] = {}  # the constant 1 per element type (the gate's)
     for add in g.node:
-        if not std(add, "Add") or len(add.input) != 2:
+        if not _std(add, "Add") or len(add.input) != 2:
             continue
         for a, b in ((0, 1), (1, 0)):
             x, m = add.input[a], add.input[b]
             mul = producer.get(m)
-            if not std(mul, "Mul") or readers.get(m) != 1 or id(mul) in drop or x not in mul.input:
+            if not _std(mul, "Mul") or readers.get(m) != 1 or id(mul) in drop or x not in mul.input:
                 continue
             gate = mul.input[1] if mul.input[0] == x else mul.input[0]
             if gate == x or not per_channel(gate) or per_channel(x) or dtypes.get(gate) not in floats:
@@ -188,17 +218,8 @@ def fold_gate_residual(model: onnx.ModelProto) -> int:
                                 helper.make_node("Mul", [x, g1], list(add.output), name=f"{name}_gated")]
             drop.add(id(mul))
             break
-    if not replace:
-        return 0
-    nodes: list[onnx.NodeProto] = []
-    for n in g.node:
-        if id(n) in replace:
-            nodes.extend(replace[id(n)])
-        elif id(n) not in drop:
-            nodes.append(n)
-    del g.node[:]
-    g.node.extend(nodes)
-    drop_stale_value_info(g)
+    if replace:
+        _splice(g, replace, drop)
     return len(replace)
 
 
@@ -208,13 +229,7 @@ def fuse_hardswish(model: onnx.ModelProto) -> int:
     g = model.graph
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
     inits = {t.name: t for t in g.initializer}
-    producer = {o: n for n in g.node for o in n.output if o}
-    readers: dict[str, int] = {}
-    for n in g.node:
-        for x in n.input:
-            readers[x] = readers.get(x, 0) + 1
-    for o in g.output:
-        readers[o.name] = readers.get(o.name, 0) + 1  # a graph output is never an inner tensor
+    producer, readers = _index(g)
 
     def scalar(name: str) -> float | None:
         t = inits.get(name)
@@ -222,14 +237,11 @@ def fuse_hardswish(model: onnx.ModelProto) -> int:
             return None
         return float(numpy_helper.to_array(t).ravel()[0])
 
-    def std(n: onnx.NodeProto | None, op: str) -> bool:
-        return n is not None and n.op_type == op and n.domain in ("", "ai.onnx")
-
     def sixth(n: onnx.NodeProto) -> str | None:
         """The input of ``n`` if n is ·/6 (Div by 6 or Mul by 1/6), else None."""
-        if std(n, "Div") and scalar(n.input[1]) == 6.0:
+        if _std(n, "Div") and scalar(n.input[1]) == 6.0:
             return n.input[0]
-        if std(n, "Mul"):
+        if _std(n, "Mul"):
             for a, b in ((0, 1), (1, 0)):
                 v = scalar(n.input[b])
                 if v is not None and abs(v - 1 / 6) <= 1e-7:
@@ -239,10 +251,10 @@ def fuse_hardswish(model: onnx.ModelProto) -> int:
     def relu6_of_x_plus_3(name: str) -> tuple[str, list[onnx.NodeProto]] | None:
         """(x, [Clip, Add]) if ``name`` is Clip(Add(x, 3), 0, 6), each read once, else None."""
         clip = producer.get(name)
-        if not std(clip, "Clip") or readers.get(name) != 1 or clip_bounds(clip, inits) != (0.0, 6.0):
+        if not _std(clip, "Clip") or readers.get(name) != 1 or clip_bounds(clip, inits) != (0.0, 6.0):
             return None
         add = producer.get(clip.input[0])
-        if not std(add, "Add") or readers.get(clip.input[0]) != 1:
+        if not _std(add, "Add") or readers.get(clip.input[0]) != 1:
             return None
         for a, b in ((0, 1), (1, 0)):
             if scalar(add.input[b]) == 3.0 and add.input[a] not in inits:
@@ -251,19 +263,19 @@ def fuse_hardswish(model: onnx.ModelProto) -> int:
 
     replace: dict[int, list[onnx.NodeProto]] = {}
     drop: set[int] = set()
-    taken = {o for n in g.node for o in n.output} | {i.name for i in g.input} | set(inits)
+    fresh = _namer(g)
     for last in g.node:
         # form 1: (x · relu6(x+3)) / 6        form 2: x · (relu6(x+3) / 6)
         inner = sixth(last)
         found: tuple[str, list[onnx.NodeProto]] | None = None
-        if inner is not None and std(producer.get(inner), "Mul") and readers.get(inner) == 1:
+        if inner is not None and _std(producer.get(inner), "Mul") and readers.get(inner) == 1:
             mul = producer[inner]
             for a, b in ((0, 1), (1, 0)):
                 r6 = relu6_of_x_plus_3(mul.input[b])
                 if r6 is not None and r6[0] == mul.input[a]:
                     found = (r6[0], [last, mul, *r6[1]])
                     break
-        elif std(last, "Mul"):
+        elif _std(last, "Mul"):
             for a, b in ((0, 1), (1, 0)):
                 div = producer.get(last.input[b])
                 r = sixth(div) if div is not None and readers.get(last.input[b]) == 1 else None
@@ -280,24 +292,12 @@ def fuse_hardswish(model: onnx.ModelProto) -> int:
         if opset >= 14:
             new = [helper.make_node("HardSwish", [x], [y], name=f"{last.name or y}_hardswish")]
         else:
-            hs = f"{y}_hardsigmoid"
-            while hs in taken:
-                hs += "_"
-            taken.add(hs)
+            hs = fresh(f"{y}_hardsigmoid")
             new = [helper.make_node("HardSigmoid", [x], [hs], name=f"{last.name or y}_hardsigmoid",
                                     alpha=1.0 / 6.0, beta=0.5),
                    helper.make_node("Mul", [x, hs], [y], name=f"{last.name or y}_hardswish")]
         replace[id(last)] = new
         drop.update(id(n) for n in chain)
-    if not replace:
-        return 0
-    nodes: list[onnx.NodeProto] = []
-    for n in g.node:
-        if id(n) in replace:
-            nodes.extend(replace[id(n)])
-        elif id(n) not in drop:
-            nodes.append(n)
-    del g.node[:]
-    g.node.extend(nodes)
-    drop_stale_value_info(g)
+    if replace:
+        _splice(g, replace, drop)
     return len(replace)

@@ -137,6 +137,30 @@ def _channel_vector(c: np.ndarray, out_rank: int, channels: int) -> np.ndarray |
     return c.reshape(-1).astype(np.float64)
 
 
+def _constant_operand(n: onnx.NodeProto | None, inits: dict[str, onnx.TensorProto]) -> tuple[str, np.ndarray] | None:
+    """(data input, float32 constant) if ``n`` is a Mul/Add of one tensor and one constant."""
+    if n is None or n.op_type not in ("Mul", "Add") or len(n.input) != 2:
+        return None
+    const = [i for i in n.input if i in inits]
+    data = [i for i in n.input if i not in inits]
+    if len(const) != 1 or len(data) != 1:
+        return None
+    arr = numpy_helper.to_array(inits[const[0]])
+    return (data[0], arr) if arr.dtype == np.float32 else None
+
+
+def _compose(chain: list[tuple[onnx.NodeProto, np.ndarray]], channels: int) -> tuple[np.ndarray, np.ndarray]:
+    """(a, b) with ``y = a·h + b`` for a chain of Mul/Add given from y back to h, each with
+    its per-channel constant."""
+    a, b = np.ones(channels), np.zeros(channels)
+    for n, vec in reversed(chain):  # from h forward
+        if n.op_type == "Mul":
+            a, b = a * vec, b * vec
+        else:
+            b = b + vec
+    return a, b
+
+
 def _graph_index(g: onnx.GraphProto) -> tuple[dict[str, onnx.TensorProto], dict[str, list[onnx.NodeProto]], set[str]]:
     """(initializers by name, tensor → the nodes reading it, graph output names)."""
     readers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
@@ -243,29 +267,19 @@ def fold_affine_forward(model: onnx.ModelProto) -> int:
             # walk back through the chain: steps from h to y, each reading only its predecessor
             chain: list[tuple[onnx.NodeProto, np.ndarray]] = []
             node = last
-            while node is not None and node.op_type in ("Mul", "Add") and len(node.input) == 2:
-                const = [i for i in node.input if i in inits]
-                data = [i for i in node.input if i not in inits]
-                if len(const) != 1 or len(data) != 1:
-                    break
-                arr = numpy_helper.to_array(inits[const[0]])
-                vec = _channel_vector(arr, rank, cin)
-                if vec is None or arr.dtype != np.float32:
+            while (op := _constant_operand(node, inits)) is not None:
+                vec = _channel_vector(op[1], rank, cin)
+                if vec is None:
                     break
                 chain.append((node, vec))
-                prev = producer.get(data[0])
-                if (prev is None or len(readers.get(data[0], [])) != 1 or data[0] in outputs):
+                prev = producer.get(op[0])
+                if (prev is None or len(readers.get(op[0], [])) != 1 or op[0] in outputs):
                     break
                 node = prev
             if not chain:
                 continue
             h = next(i for i in chain[-1][0].input if i not in inits)
-            a, b = np.ones(cin), np.zeros(cin)
-            for n, vec in reversed(chain):  # from h forward
-                if n.op_type == "Mul":
-                    a, b = a * vec, b * vec
-                else:
-                    b = b + vec
+            a, b = _compose(chain, cin)
             for k, (conv, w) in enumerate(zip(convs, ws)):
                 group = int(node_attr(conv, "group", 1))
                 per_o = np.repeat(np.arange(group), w.shape[0] // group)  # group of each output channel
@@ -331,51 +345,35 @@ def affine_to_depthwise(model: onnx.ModelProto) -> int:
     shapes = {v.name: v.type.tensor_type.shape for v in [*g.value_info, *g.input]
               if v.type.HasField("tensor_type") and v.type.tensor_type.HasField("shape")}
 
-    def step(n: onnx.NodeProto | None) -> tuple[str, np.ndarray] | None:
-        """(data input, constant) if n is a Mul/Add of one activation and one float32 constant."""
-        if n is None or n.op_type not in ("Mul", "Add") or len(n.input) != 2:
-            return None
-        const = [i for i in n.input if i in inits]
-        data = [i for i in n.input if i not in inits]
-        if len(const) != 1 or len(data) != 1:
-            return None
-        arr = numpy_helper.to_array(inits[const[0]])
-        return (data[0], arr) if arr.dtype == np.float32 else None
-
     replaced = 0
     replace: dict[int, onnx.NodeProto] = {}
     drop: set[int] = set()
     for last in g.node:
-        if step(last) is None or id(last) in drop:
+        if _constant_operand(last, inits) is None:
             continue
         y = last.output[0]
         nxt = readers.get(y, [])
-        if len(nxt) == 1 and y not in outputs and step(nxt[0]) is not None:
+        if len(nxt) == 1 and y not in outputs and _constant_operand(nxt[0], inits) is not None:
             continue  # not the end of its chain
-        chain: list[tuple[onnx.NodeProto, np.ndarray]] = []
+        chain: list[tuple[onnx.NodeProto, np.ndarray]] = []  # from y back to h
         node: onnx.NodeProto | None = last
-        while (st := step(node)) is not None:
-            chain.append((node, st[1]))
-            prev = producer.get(st[0])
-            if step(prev) is None or len(readers.get(st[0], [])) != 1 or st[0] in outputs:
+        while (op := _constant_operand(node, inits)) is not None:
+            chain.append((node, op[1]))
+            h = op[0]
+            prev = producer.get(h)
+            if _constant_operand(prev, inits) is None or len(readers.get(h, [])) != 1 or h in outputs:
                 break
             node = prev
-        h = step(chain[-1][0])[0]  # type: ignore[index]
         sh = shapes.get(h)
         if (sh is None or len(sh.dim) != 4 or not sh.dim[1].HasField("dim_value") or sh.dim[1].dim_value < 1
                 or all(d.HasField("dim_value") and d.dim_value == 1 for d in sh.dim[2:])  # [N, C, 1, 1]: no gain
                 or not _after_conv(h, producer)):
             continue
         cin = sh.dim[1].dim_value
-        a, b = np.ones(cin), np.zeros(cin)
-        vecs = [_channel_vector(arr, 4, cin) for _, arr in chain]
-        if any(v is None for v in vecs):
+        per_channel = [(n, v) for n, arr in chain if (v := _channel_vector(arr, 4, cin)) is not None]
+        if len(per_channel) != len(chain):
             continue
-        for (n, _), vec in zip(reversed(chain), reversed(vecs)):  # from h forward
-            if n.op_type == "Mul":
-                a, b = a * vec, b * vec
-            else:
-                b = b + vec
+        a, b = _compose(per_channel, cin)
         tag = f"{last.name or y}_depthwise"
         wname, bname = f"{tag}_W", f"{tag}_B"
         g.initializer.extend([numpy_helper.from_array(a.reshape(cin, 1, 1, 1).astype(np.float32), wname),
