@@ -352,14 +352,15 @@ def test_derived_ranges_follow_their_sources_and_are_not_binned() -> None:
     m = _derived_model()
     d = qdq.derived_tensors(m)
     assert {t: (v.kind, v.sources) for t, v in d.items()} == {
-        "m": ("scale", ("c2",)), "p": ("same", ("m",)), "cat": ("hull", ("s", "p"))}
+        "s": ("sigmoid", ("c1",)), "m": ("scale", ("c2",)), "p": ("same", ("m",)), "cat": ("hull", ("s", "p"))}
     assert d["m"].k == 0.25
     widest = qdq.plan(m)
     assert {"s", "m", "p", "cat"} <= widest.tensors
-    assert qdq.calibrated_tensors(widest.tensors, d) == ["c1", "c2", "s", "x", "y"]  # the rest follows
-    ranges = {"x": (0.0, 1.0), "c1": (-2.0, 3.0), "c2": (-4.0, 8.0), "s": (0.1, 0.9)}
-    seen = {"x": (0.0, 1.0), "c1": (-2.5, 3.5), "c2": (-4.0, 9.0), "s": (0.05, 0.95)}
+    assert qdq.calibrated_tensors(widest.tensors, d) == ["c1", "c2", "x", "y"]  # the rest follows
+    ranges = {"x": (0.0, 1.0), "c1": (-2.0, 3.0), "c2": (-4.0, 8.0)}
+    seen = {"x": (0.0, 1.0), "c1": (-2.5, 3.5), "c2": (-4.0, 9.0)}
     qdq.resolve_ranges(ranges, d, seen)
+    np.testing.assert_allclose(ranges["s"], (1 / (1 + np.exp(2.5)), 1 / (1 + np.exp(-3.5))), rtol=1e-12)  # of c1's seen
     assert ranges["m"] == (-1.0, 2.0) and ranges["p"] == (-1.0, 2.0)
     assert ranges["cat"] == (-1.0, 2.0)
     kept = {"c2": (-4.0, 8.0), "m": (-3.0, 3.0)}  # a tensor with its own range keeps it
@@ -381,7 +382,7 @@ def test_int8_with_derived_ranges_agrees_in_every_placement(floated: set[str]) -
     ctx = PassContext(calibration=open_data([{"x": calib[i : i + 8]} for i in range(0, 32, 8)], m))
     p = Int8(Int8Options(guard=False, max_drop=0, exclude=",".join(sorted(floated))))
     res = p.run(copy.deepcopy(m), ctx)
-    assert res.stats["calibration"]["tensors"] == 5  # x, c1, c2, s, y: the rest is derived
+    assert res.stats["calibration"]["tensors"] == 4  # x, c1, c2, y: the rest is derived
     ops = qdq.fused_ops(res.model)
     assert ops.get("QLinearConv", 0) == 3
     x = rng.uniform(0, 1, (4, 3, 8, 8)).astype(np.float32)
