@@ -14,7 +14,7 @@ an accuracy control and a latency guard.
    ``minmax``, ``percentile`` or ``mse``. Tensors that no quantized node reads (the
    edge back to float, graph outputs), and graph inputs (raw data: pixels), get their
    min/max: clipping there reaches the output directly. A tensor whose range follows
-   from a binned one (scalar Mul/Add, Clip/Relu, data movement, Concat:
+   from a binned one (scalar Mul/Add, Clip/Relu, Sigmoid, data movement, Concat:
    :func:`qdq.derived_tensors`) is not binned itself.
 4. **Head correction** (``head_correction``, on): the last quantized Conv/Gemm before
    each output gets its bias shifted by minus its total mean error per channel on the

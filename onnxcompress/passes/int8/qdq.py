@@ -372,7 +372,7 @@ def _sigmoid(v: float) -> float:
 def derived_tensors(model: onnx.ModelProto) -> dict[str, Derived]:
     """Tensors whose range is derived from other activations' (see :class:`Derived`):
     outputs of a positive scalar Mul (HardSwish's ``· 1/6``), a scalar Add/Sub (its
-    ``+ 3``), Clip/Relu (its ``clip(·, 0, 6)``), of data movement (MaxPool,
+    ``+ 3``), Clip/Relu (its ``clip(·, 0, 6)``), Sigmoid, of data movement (MaxPool,
     Slice, Reshape, nearest/linear Resize, …) and of Concat, where every source is a
     float activation. A quantized data-movement node or Concat shares its
     input's scale anyway: the derived range is what its output gets when the node is
