@@ -59,18 +59,20 @@ def test_hardswish_left_alone_when_an_inner_tensor_is_read_elsewhere() -> None:
 
 
 @pytest.mark.shared
-@pytest.mark.parametrize("name,fused,depthwise,gated", [("textline_cls", 18, 0, 0), ("text_det", 24, 28, 8),
-                                                       ("doc_orientation", 0, 0, 0)])
+@pytest.mark.parametrize("name,fused,depthwise,gated,focus", [
+    ("textline_cls", 18, 0, 0, 0), ("text_det", 24, 28, 8, 0), ("doc_orientation", 0, 0, 0, 0),
+    ("captcha_det", 0, 0, 0, 1)])
 def test_hardswish_on_real_exports_within_onnxruntimes_own_rounding(name: str, fused: int, depthwise: int,
-                                                                     gated: int) -> None:
+                                                                     gated: int, focus: int) -> None:
     """Fusing changes rounding only: the output moves less than onnxruntime's own graph
     optimizations move the original (text_det: 1.2e-4 vs 1.1e-4 of the output range)."""
     orig = load_model(shared_path("models", f"{name}.onnx"))
-    data = {orig.graph.input[0].name: np.load(shared_path("data", f"{name}_eval.npz"))["x"][:2]}
+    batch = orig.graph.input[0].type.tensor_type.shape.dim[0].dim_value or 2  # captcha_det's is fixed at 1
+    data = {orig.graph.input[0].name: np.load(shared_path("data", f"{name}_eval.npz"))["x"][:batch]}
     m, _ = build_pipeline("canonicalize").run(orig)
     res = Fuse().run(m, PassContext())
     assert res.stats["hardswish_fused"] == fused and res.stats["gate_residual_folded"] == gated
-    assert res.stats["affine_depthwise"] == depthwise
+    assert res.stats["affine_depthwise"] == depthwise and res.stats["space_to_depth"] == focus
     ref, ort_opt, fused_out = run(orig, data)[0], run(orig, data, optimize=True)[0], run(res.model, data)[0]
     scale = float(np.abs(ref).max())
     assert np.abs(fused_out - ref).max() <= max(2 * np.abs(ort_opt - ref).max(), 1e-6 * scale)
@@ -267,3 +269,68 @@ def test_affine_left_alone_off_a_conv_or_on_a_per_channel_tensor(producer: str, 
     res = Fuse().run(_affine_after_activation(producer, (1,), spatial), PassContext())
     assert res.stats["affine_depthwise"] == 0
     assert [n.op_type for n in res.model.graph.node][-3:] == ["Mul", "Add", "Conv"]
+
+
+FOCUS = [(0, 0), (1, 0), (0, 1), (1, 1)]  # YOLOX's Concat order: top-left, bottom-left, top-right, bottom-right
+
+
+def _focus_model(offsets: list[tuple[int, int]] = FOCUS, one_slice: bool = False, cols_first: bool = False,
+                 stride: int = 1, extra_reader: bool = False) -> onnx.ModelProto:
+    """x [N, 3, 16, 12] → x[:, :, a::2, b::2] for each (a, b) in ``offsets`` (two Slices, or
+    one over both axes for the first branch with ``one_slice``) → Concat → Conv 3×3."""
+    rng = np.random.default_rng(23)
+    big = np.iinfo(np.int64).max
+    inits = [tensor(rng, "w", (6, 12, 3, 3)), tensor(rng, "bias", (6,))]
+
+    def const(name: str, vals: list[int]) -> str:
+        if name not in {t.name for t in inits}:
+            inits.append(numpy_helper.from_array(np.array(vals, np.int64), name))
+        return name
+
+    nodes, parts = [], []
+    for k, (a, b) in enumerate(offsets):
+        if one_slice and k == 0:
+            nodes.append(helper.make_node("Slice", ["x", const(f"s{a}{b}", [a, b]), const("ee", [big, big]),
+                                                    const("a23", [2, 3]), const("t22", [2, 2])], [f"p{k}"]))
+        else:
+            first, second = ((3, b), (2, a)) if cols_first else ((2, a), (3, b))
+            nodes.append(helper.make_node("Slice", ["x", const(f"s{first[1]}", [first[1]]), const("e", [big]),
+                                                    const(f"ax{first[0]}", [first[0]]), const("t2", [2])], [f"h{k}"]))
+            nodes.append(helper.make_node("Slice", [f"h{k}", const(f"s{second[1]}", [second[1]]), const("e", [big]),
+                                                    const(f"ax{second[0]}", [second[0]]), const("t2", [2])], [f"p{k}"]))
+        parts.append(f"p{k}")
+    nodes += [helper.make_node("Concat", parts, ["cat"], axis=1),
+              helper.make_node("Conv", ["cat", "w", "bias"], ["y"], pads=[1, 1, 1, 1], strides=[stride, stride])]
+    outputs = [fvi("y", ["N", 6, 8 // stride, 6 // stride])]
+    if extra_reader:
+        nodes.append(helper.make_node("Relu", ["cat"], ["r"]))
+        outputs.append(fvi("r", ["N", 12, 8, 6]))
+    return make_model(nodes, [fvi("x", ["N", 3, 16, 12])], outputs, inits)
+
+
+@pytest.mark.parametrize("one_slice,cols_first,stride,order", [
+    (False, False, 1, FOCUS), (True, False, 1, FOCUS), (False, True, 2, FOCUS), (False, False, 1, FOCUS[::-1])])
+def test_focus_becomes_space_to_depth(one_slice: bool, cols_first: bool, stride: int,
+                                      order: list[tuple[int, int]]) -> None:
+    m = _focus_model(order, one_slice, cols_first, stride)
+    xs = [np.random.default_rng(s).standard_normal((2, 3, 16, 12)).astype(np.float32) for s in range(3)]
+    refs = [run(m, {"x": x})[0] for x in xs]
+    res = Fuse().run(m, PassContext())
+    assert res.modified and res.stats["space_to_depth"] == 1
+    ops = Counter(n.op_type for n in res.model.graph.node)
+    assert ops == Counter({"SpaceToDepth": 1, "Conv": 1})
+    assert {t.name for t in res.model.graph.initializer} == {"bias", "w_space_to_depth"}  # Slice constants gone
+    onnx.checker.check_model(res.model)
+    onnx.shape_inference.infer_shapes(res.model, strict_mode=True)
+    for x, ref in zip(xs, refs):
+        np.testing.assert_allclose(run(res.model, {"x": x})[0], ref, rtol=1e-5, atol=1e-6 * float(np.abs(ref).max()))
+
+
+@pytest.mark.parametrize("offsets,extra_reader", [
+    (FOCUS[:3] + [(0, 0)], False),  # one sub-grid twice, one missing
+    (FOCUS, True),  # the Concat is read by a Relu too
+])
+def test_focus_left_alone(offsets: list[tuple[int, int]], extra_reader: bool) -> None:
+    res = Fuse().run(_focus_model(offsets, extra_reader=extra_reader), PassContext())
+    assert res.stats["space_to_depth"] == 0
+    assert Counter(n.op_type for n in res.model.graph.node)["Slice"] == 8

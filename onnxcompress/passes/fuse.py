@@ -55,6 +55,16 @@ is gone and the + 1 runs on the N·C gate values. A full-size Add costs onnxrunt
 blocked layout like any elementwise op on both sides of a broadcast Mul; text_det (8 such
 blocks) ran 0.97× as long at batch 1 (three timings: 0.964–0.977) on top of the fusions
 above. Only where the Mul's output has no other reader and is not a graph output.
+
+Focus layers (``space_to_depth``): YOLOv5 (before v6) and YOLOX start with
+``Concat(x[..., ::2, ::2], x[..., 1::2, ::2], x[..., ::2, 1::2], x[..., 1::2, 1::2])``
+and a Conv, exported as eight Slices and a Concat. ``SpaceToDepth(x, 2)`` makes the same
+four sub-grids, as channel (2a + b)·C + c for the sub-grid starting at row a, column
+b; the Conv's weight input channels are reordered to match (exact: the same products
+and sums in another order). onnxruntime's Slices copy one strided element at a time:
+captcha_det ran 0.96–0.97× as long in fp32 (two timings), and fully int8 2.02× faster
+than the original instead of 1.94× (its quantized input now goes into SpaceToDepth in
+float, 0.4 ms, instead of eight Slices, 0.65 ms, and a Concat).
 """
 
 from __future__ import annotations
@@ -67,6 +77,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from ..model import node_attr
 from ..pipeline import Pass, PassContext, PassResult
 from .canonicalize import drop_stale_value_info
 from .int8.qdq import clip_bounds
@@ -86,12 +97,16 @@ class FuseOptions:
                 "a depthwise 1x1 Conv, which onnxruntime runs in its blocked layout"})
     gate_residual: bool = field(default=True, metadata={
         "help": "x + x·g with a per-channel gate g ([N, C, 1, 1]) → x·(g + 1): one full-size Add fewer"})
+    space_to_depth: bool = field(default=True, metadata={
+        "help": "a Focus layer (four stride-2 Slices of x, Concat, Conv) → SpaceToDepth(x) and the Conv with its "
+                "input channels reordered"})
 
 
 class Fuse(Pass):
     name = "fuse"
-    summary = ("fuse spelled-out hard-swish (Add/Clip/Mul/Div) into one operator and fold constant Mul/Add into the "
-               "Convs around them, so onnxruntime keeps its fast layout (exact up to rounding)")
+    summary = ("fuse spelled-out hard-swish (Add/Clip/Mul/Div) into one operator, fold constant Mul/Add into the "
+               "Convs around them, and make Focus layers one SpaceToDepth, so onnxruntime keeps its fast layout "
+               "(exact up to rounding)")
     Options = FuseOptions
     exact = True  # the same function; rounding differs (see the module doc)
     rel_range = 1e-2
@@ -118,13 +133,16 @@ class Fuse(Pass):
         if depthwise:
             drop_stale_value_info(model.graph)
         gated = fold_gate_residual(model) if opts.gate_residual else 0
-        changed = bool(fused or folded or forward or bn or depthwise or gated)
+        focus = fuse_space_to_depth(model) if opts.space_to_depth else 0
+        changed = bool(fused or folded or forward or bn or depthwise or gated or focus)
         if changed:
             log.info("fuse: %d hard-swish chains fused, %d Mul/Add and %d BatchNormalization folded into the "
                      "Conv before them, %d Mul/Add into the Convs after them, %d Mul/Add made depthwise 1×1 "
-                     "Convs, %d gated residuals x + x·g → x·(g + 1)", fused, folded, bn, forward, depthwise, gated)
+                     "Convs, %d gated residuals x + x·g → x·(g + 1), %d Focus layers → SpaceToDepth", fused, folded, bn,
+                     forward, depthwise, gated, focus)
         stats = {"hardswish_fused": fused, "affine_folded": folded, "batchnorm_folded": bn,
-                 "affine_folded_forward": forward, "affine_depthwise": depthwise, "gate_residual_folded": gated}
+                 "affine_folded_forward": forward, "affine_depthwise": depthwise, "gate_residual_folded": gated,
+                 "space_to_depth": focus}
         return PassResult(model, changed, stats)
 
 
@@ -220,6 +238,105 @@ def fold_gate_residual(model: onnx.ModelProto) -> int:
             break
     if replace:
         _splice(g, replace, drop)
+    return len(replace)
+
+_OPEN_END = 2**31 - 1  #: a Slice end at least this large runs to the end of the axis
+
+
+def _focus_branch(t: str, producer: dict[str, onnx.NodeProto], readers: dict[str, int],
+                  inits: dict[str, onnx.TensorProto]) -> tuple[str, tuple[int, int], list[onnx.NodeProto]] | None:
+    """``t`` = ``x[:, :, a::2, b::2]`` through one or two Slices of a 4-D ``x``, each
+    inner tensor read once: (x, (a, b), the Slices), or None."""
+    spec: dict[int, int] = {}
+    nodes: list[onnx.NodeProto] = []
+    x = t
+    while len(nodes) < 2:
+        n = producer.get(x)
+        if not _std(n, "Slice") or len(n.input) != 5 or readers.get(x) != 1:
+            break
+        vals = []
+        for name in n.input[1:]:
+            if name not in inits:
+                return None
+            vals.append(numpy_helper.to_array(inits[name]).reshape(-1).tolist())
+        starts, ends, axes, steps = vals
+        if not len(starts) == len(ends) == len(axes) == len(steps):
+            return None
+        for st, en, ax, sp in zip(starts, ends, axes, steps):
+            if ax not in (2, 3) or ax in spec or sp != 2 or st not in (0, 1) or en < _OPEN_END:
+                return None
+            spec[ax] = st
+        nodes.append(n)
+        x = n.input[0]
+    if set(spec) != {2, 3}:
+        return None
+    return x, (spec[2], spec[3]), nodes
+
+
+def fuse_space_to_depth(model: onnx.ModelProto) -> int:
+    """Rewrite a Focus layer (YOLOv5 before v6, YOLOX): ``Concat(x[..., a::2, b::2] for
+    the four (a, b) ∈ {0, 1}², axis=1)`` read only by Convs (group 1, constant weights)
+    becomes ``SpaceToDepth(x, blocksize=2)``, whose channel (2a + b)·C + c is the same
+    values as the Concat's channel g(a, b)·C + c (g: the branch's place in the Concat);
+    each Convs' weight input channels are reordered to match. The same products and
+    sums, in another order. The number of Focus layers rewritten.
+
+    Both need even H and W (the Concat's inputs differ in size otherwise). The slices must
+    run to the end of their axes (end ≥ 2³¹ − 1) and each inner tensor have one reader."""
+    g = model.graph
+    producer, readers = _index(g)
+    inits = {t.name: t for t in g.initializer}
+    users: dict[str, list[onnx.NodeProto]] = {}
+    for n in g.node:
+        for x in n.input:
+            users.setdefault(x, []).append(n)
+    outputs = {o.name for o in g.output}
+    fresh = _namer(g)
+    replace: dict[int, list[onnx.NodeProto]] = {}
+    drop: set[int] = set()
+    released: set[str] = set()  # initializers the rewrite stops reading (dropped if nothing else does)
+    for cat in g.node:
+        if not _std(cat, "Concat") or len(cat.input) != 4 or int(node_attr(cat, "axis", 0)) != 1:
+            continue
+        y = cat.output[0]
+        branches = [_focus_branch(t, producer, readers, inits) for t in cat.input]
+        if any(b is None for b in branches) or len({b[0] for b in branches}) != 1:  # type: ignore[index]
+            continue
+        place = {b[1]: k for k, b in enumerate(branches)}  # type: ignore[index]
+        if len(place) != 4 or y in outputs:
+            continue
+        convs = users.get(y, [])
+        ok = bool(convs)
+        for c in convs:
+            w = inits.get(c.input[1]) if len(c.input) > 1 else None
+            if (not _std(c, "Conv") or c.input[0] != y or y in c.input[1:] or int(node_attr(c, "group", 1)) != 1
+                    or w is None or len(w.dims) != 4 or w.dims[1] % 4):
+                ok = False
+        if not ok:
+            continue
+        x = branches[0][0]  # type: ignore[index]
+        s2d = fresh(f"{y}_space_to_depth")
+        for c in convs:
+            w = numpy_helper.to_array(inits[c.input[1]])
+            ch = w.shape[1] // 4
+            new = np.empty_like(w)
+            for (a, b), k in place.items():
+                new[:, (2 * a + b) * ch:(2 * a + b + 1) * ch] = w[:, k * ch:(k + 1) * ch]
+            name = fresh(f"{c.input[1]}_space_to_depth")
+            g.initializer.append(numpy_helper.from_array(new, name))
+            released.add(c.input[1])
+            c.input[0], c.input[1] = s2d, name
+        replace[id(cat)] = [helper.make_node("SpaceToDepth", [x], [s2d], name=f"{cat.name or y}_space_to_depth",
+                                             blocksize=2)]
+        slices = [n for b in branches for n in b[2]]  # type: ignore[index]
+        drop.update(id(n) for n in slices)
+        released.update(i for n in slices for i in n.input[1:])
+    if replace:
+        _splice(g, replace, drop)
+        used = {i for n in g.node for i in n.input} | {i.name for i in g.input} | outputs
+        keep = [t for t in g.initializer if t.name in used or t.name not in released]
+        del g.initializer[:]
+        g.initializer.extend(keep)
     return len(replace)
 
 
