@@ -275,9 +275,11 @@ FOCUS = [(0, 0), (1, 0), (0, 1), (1, 1)]  # YOLOX's Concat order: top-left, bott
 
 
 def _focus_model(offsets: list[tuple[int, int]] = FOCUS, one_slice: bool = False, cols_first: bool = False,
-                 stride: int = 1, extra_reader: bool = False) -> onnx.ModelProto:
+                 stride: int = 1, extra_reader: bool = False, negative_axes: bool = False) -> onnx.ModelProto:
     """x [N, 3, 16, 12] → x[:, :, a::2, b::2] for each (a, b) in ``offsets`` (two Slices, or
-    one over both axes for the first branch with ``one_slice``) → Concat → Conv 3×3."""
+    one over both axes for the first branch with ``one_slice``; axes −2, −1 with
+    ``negative_axes``) → Concat → Conv 3×3."""
+    neg = 4 if negative_axes else 0
     rng = np.random.default_rng(23)
     big = np.iinfo(np.int64).max
     inits = [tensor(rng, "w", (6, 12, 3, 3)), tensor(rng, "bias", (6,))]
@@ -291,9 +293,9 @@ def _focus_model(offsets: list[tuple[int, int]] = FOCUS, one_slice: bool = False
     for k, (a, b) in enumerate(offsets):
         if one_slice and k == 0:
             nodes.append(helper.make_node("Slice", ["x", const(f"s{a}{b}", [a, b]), const("ee", [big, big]),
-                                                    const("a23", [2, 3]), const("t22", [2, 2])], [f"p{k}"]))
+                                                    const("a23", [2 - neg, 3 - neg]), const("t22", [2, 2])], [f"p{k}"]))
         else:
-            first, second = ((3, b), (2, a)) if cols_first else ((2, a), (3, b))
+            first, second = ((3 - neg, b), (2 - neg, a)) if cols_first else ((2 - neg, a), (3 - neg, b))
             nodes.append(helper.make_node("Slice", ["x", const(f"s{first[1]}", [first[1]]), const("e", [big]),
                                                     const(f"ax{first[0]}", [first[0]]), const("t2", [2])], [f"h{k}"]))
             nodes.append(helper.make_node("Slice", [f"h{k}", const(f"s{second[1]}", [second[1]]), const("e", [big]),
@@ -308,11 +310,12 @@ def _focus_model(offsets: list[tuple[int, int]] = FOCUS, one_slice: bool = False
     return make_model(nodes, [fvi("x", ["N", 3, 16, 12])], outputs, inits)
 
 
-@pytest.mark.parametrize("one_slice,cols_first,stride,order", [
-    (False, False, 1, FOCUS), (True, False, 1, FOCUS), (False, True, 2, FOCUS), (False, False, 1, FOCUS[::-1])])
+@pytest.mark.parametrize("one_slice,cols_first,stride,order,negative_axes", [
+    (False, False, 1, FOCUS, False), (True, False, 1, FOCUS, False), (False, True, 2, FOCUS, False),
+    (False, False, 1, FOCUS[::-1], False), (True, True, 1, FOCUS, True)])
 def test_focus_becomes_space_to_depth(one_slice: bool, cols_first: bool, stride: int,
-                                      order: list[tuple[int, int]]) -> None:
-    m = _focus_model(order, one_slice, cols_first, stride)
+                                      order: list[tuple[int, int]], negative_axes: bool) -> None:
+    m = _focus_model(order, one_slice, cols_first, stride, negative_axes=negative_axes)
     xs = [np.random.default_rng(s).standard_normal((2, 3, 16, 12)).astype(np.float32) for s in range(3)]
     refs = [run(m, {"x": x})[0] for x in xs]
     res = Fuse().run(m, PassContext())

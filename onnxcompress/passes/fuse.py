@@ -263,6 +263,7 @@ def _focus_branch(t: str, producer: dict[str, onnx.NodeProto], readers: dict[str
         if not len(starts) == len(ends) == len(axes) == len(steps):
             return None
         for st, en, ax, sp in zip(starts, ends, axes, steps):
+            ax = ax + 4 if ax < 0 else ax  # 4-D: the Convs reading the Concat must have 4-D weights
             if ax not in (2, 3) or ax in spec or sp != 2 or st not in (0, 1) or en < _OPEN_END:
                 return None
             spec[ax] = st
