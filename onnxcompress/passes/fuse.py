@@ -80,6 +80,7 @@ from onnx import helper, numpy_helper
 from ..model import node_attr
 from ..pipeline import Pass, PassContext, PassResult
 from .canonicalize import drop_stale_value_info
+from .int8.prepare import _graph_index
 from .int8.qdq import clip_bounds
 
 log = logging.getLogger(__name__)
@@ -240,6 +241,7 @@ def fold_gate_residual(model: onnx.ModelProto) -> int:
         _splice(g, replace, drop)
     return len(replace)
 
+
 _OPEN_END = 2**31 - 1  #: a Slice end at least this large runs to the end of the axis
 
 
@@ -286,12 +288,7 @@ def fuse_space_to_depth(model: onnx.ModelProto) -> int:
     run to the end of their axes (end ≥ 2³¹ − 1) and each inner tensor have one reader."""
     g = model.graph
     producer, readers = _index(g)
-    inits = {t.name: t for t in g.initializer}
-    users: dict[str, list[onnx.NodeProto]] = {}
-    for n in g.node:
-        for x in n.input:
-            users.setdefault(x, []).append(n)
-    outputs = {o.name for o in g.output}
+    inits, users, outputs = _graph_index(g)
     fresh = _namer(g)
     replace: dict[int, list[onnx.NodeProto]] = {}
     drop: set[int] = set()
