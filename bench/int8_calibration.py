@@ -83,7 +83,7 @@ def worker(side: str, shared: Path, name: str, samples: int) -> dict:
         base = _rss_mb()
         t0 = time.perf_counter()
         hists = collect_histograms(state.model, names, ({input_name: b} for b in _batches(shared, name, samples)),
-                                   channels=True)
+                                   channels=True, functions=qdq.pushed_forward(state.derived, names))
         ranges = {n: tensor_range(h, "kl", kl_guard=p.options.kl_guard) for n, h in hists.items()}
         seconds = time.perf_counter() - t0
         return {"side": side, "model": name, "samples": samples, "tensors": len(ranges), "seconds": seconds,

@@ -77,10 +77,15 @@ def make_session(
     optimize: bool = True,
     threads: int | None = None,
     label: str = "model",
+    spin: bool = True,
 ) -> ort.InferenceSession:
-    """An onnxruntime session for an in-memory model (spilled to a temp file if > 2 GB)."""
+    """An onnxruntime session for an in-memory model (spilled to a temp file if > 2 GB).
+    ``spin=False``: idle intra-op threads sleep instead of spinning (for a session that
+    shares the cores with other work)."""
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
+    if not spin:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if not optimize:
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     if threads:

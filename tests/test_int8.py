@@ -409,8 +409,9 @@ def test_a_fused_activation_goes_float_with_its_producer() -> None:
 
 
 def test_derivation_never_adds_a_tensor_to_bin() -> None:
-    """HardSwish's x + 3, clip(·, 0, 6) and · 1/6 follow from x (binned anyway); a fused
-    Relu's output keeps its own histogram instead of following the hidden Conv output."""
+    """HardSwish's x + 3, clip(·, 0, 6) and · 1/6 follow from x (binned anyway), and so
+    does x · clip(x + 3, 0, 6), through x's histogram pushed forward; a fused Relu's output
+    keeps its own histogram instead of following the hidden Conv output."""
     rng = np.random.default_rng(4)
     nodes = [helper.make_node("Conv", ["x", "w1"], ["c1"], name="conv1"),
              helper.make_node("Relu", ["c1"], ["r"], name="relu"),
@@ -431,7 +432,16 @@ def test_derivation_never_adds_a_tensor_to_bin() -> None:
     assert d["r"].kind == "clamp" and d["hs"].kind == "scale"
     widest = qdq.plan(m)
     assert "relu" in widest.fused and "clip" in widest.fused
-    assert qdq.calibrated_tensors(widest.tensors, d) == ["h", "m", "r", "x", "y"]
+    assert d["m"].kind == "product" and d["m"].sources == ("h",)
+    names = qdq.calibrated_tensors(widest.tensors, d)
+    assert names == ["h", "r", "x", "y"]
+    pushed = qdq.pushed_forward(d, names)
+    assert list(pushed) == ["m"] and pushed["m"][0] == "h"
+    v = np.linspace(-5, 5, 41)
+    np.testing.assert_allclose(pushed["m"][1](v), v * np.clip(v + 3, 0, 6))
+    assert qdq.pushed_forward(d, names + ["m"]) == {}  # binned itself: not pushed
+    lo, hi = d["m"].apply([(-5.0, 4.0)])
+    assert lo == pytest.approx(-2.25, abs=1e-3) and hi == pytest.approx(24.0)  # min at x = −1.5
     ranges = {"h": (-5.0, 4.0), "m": (-0.4, 20.0), "r": (0.0, 2.0), "x": (0.0, 1.0), "y": (-1.0, 1.0)}
     qdq.resolve_ranges(ranges, d, {t: r for t, r in ranges.items()})
     assert ranges["c"] == (0.0, 6.0) and ranges["a"] == (-2.0, 7.0)

@@ -311,7 +311,8 @@ class Int8(Pass):
         t0 = time.perf_counter()
         state.hists = collect_histograms(state.model, names, LimitedSource(ctx.calibration, opts.samples),
                                          provider=ctx.provider, seed=ctx.seed, progress=ctx.progress,
-                                         channels=opts.max_drop > 0)
+                                         channels=opts.max_drop > 0,
+                                         functions=qdq.pushed_forward(state.derived, names))
         stats["calibration"] = {"tensors": len(names), "seconds": round(time.perf_counter() - t0, 3)}
 
         check = take_samples(ctx.calibration, max(opts.check_samples, 1))
@@ -442,7 +443,7 @@ class Int8(Pass):
                                 kl_guard=opts.kl_guard)
                 for t, h in state.hists.items()}
         out = dict(state.base_ranges[method])
-        seen = {t: (h.min, h.max) for t, h in state.hists.items() if h.hist is not None}
+        seen = {t: (h.min, h.max) for t, h in state.hists.items() if h.signed is not None}
         qdq.resolve_ranges(out, state.derived, seen)
         if p is not None:
             read = set()

@@ -36,7 +36,7 @@ from __future__ import annotations
 import logging
 import math
 from collections import defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -344,15 +344,42 @@ class Derived:
     derived − own eval cosine of the objectness column averaged +0.002 (−0.001 to +0.008)
     and detection recall +0.018 (−0.04 to +0.10): no worse, within the spread from subset
     to subset (recall 0.85–0.98 either way). An earlier single comparison (recall 0.919 →
-    0.885) had been read as a loss."""
+    0.885) had been read as a loss.
 
-    kind: Literal["scale", "shift", "clamp", "same", "hull", "sigmoid"]
+    ``product``: y = x · g(x), g a chain of the elementwise kinds above starting from x
+    (SiLU: x·σ(x); HardSwish after decomposition: x·clip(x/6 + 1/2, 0, 1)). y gets a
+    histogram of its own, pushed forward from x's (:func:`calibration.pushforward`), and
+    its range from that by the chosen method; :meth:`apply` (f's range over x's) serves
+    only where x has no histogram."""
+
+    kind: Literal["scale", "shift", "clamp", "same", "hull", "sigmoid", "product"]
     sources: tuple[str, ...]
     k: float = 1.0  #: scale: the factor; shift: the constant added
     bounds: tuple[float, float] = (-math.inf, math.inf)  #: clamp: Clip's / Relu's bounds
+    chain: tuple[Derived, ...] = ()  #: product: the elementwise links g is made of, from x on
+
+    def map(self, v: np.ndarray) -> np.ndarray:
+        """The elementwise function itself (scale, shift, clamp, sigmoid, product)."""
+        if self.kind == "scale":
+            return v * self.k
+        if self.kind == "shift":
+            return v + self.k
+        if self.kind == "clamp":
+            return np.clip(v, *self.bounds)
+        if self.kind == "sigmoid":
+            return 0.5 * (1.0 + np.tanh(0.5 * v))
+        if self.kind == "product":
+            g = v
+            for link in self.chain:
+                g = link.map(g)
+            return v * g
+        raise ValueError(f"{self.kind} is not an elementwise function of one tensor")
 
     def apply(self, ranges: list[tuple[float, float]]) -> tuple[float, float]:
         lo, hi = ranges[0]
+        if self.kind == "product":  # the range of x·g(x) over [lo, hi], on a fine grid
+            y = self.map(np.concatenate([np.linspace(lo, hi, 4097), [0.0]]) if lo < 0 < hi else np.linspace(lo, hi, 4097))
+            return float(y.min()), float(y.max())
         if self.kind == "scale":
             return lo * self.k, hi * self.k
         if self.kind == "shift":
@@ -363,6 +390,9 @@ class Derived:
             a, b = self.bounds
             return min(max(lo, a), b), min(max(hi, a), b)
         return min(r[0] for r in ranges), max(r[1] for r in ranges)
+
+
+_ELEMENTWISE = ("scale", "shift", "clamp", "sigmoid")  #: kinds that are functions of their one source
 
 
 def _sigmoid(v: float) -> float:
@@ -389,7 +419,16 @@ def derived_tensors(model: onnx.ModelProto) -> dict[str, Derived]:
         if len(n.output) != 1 or not act(n.output[0]):
             continue
         d: Derived | None = None
-        if n.op_type in ("Mul", "Add", "Sub") and len(n.input) == 2:
+        if n.op_type == "Mul" and len(n.input) == 2 and all(act(x) for x in n.input):
+            for x, v in (n.input, n.input[::-1]):
+                links: list[Derived] = []
+                while v != x and v in out and out[v].kind in _ELEMENTWISE:
+                    links.append(out[v])
+                    v = out[v].sources[0]
+                if v == x and links:
+                    d = Derived("product", (x,), chain=tuple(reversed(links)))
+                    break
+        elif n.op_type in ("Mul", "Add", "Sub") and len(n.input) == 2:
             consts = [x for x in n.input if x in inits]
             if len(consts) == 1 and inits[consts[0]].data_type == TensorProto.FLOAT:
                 c = numpy_helper.to_array(inits[consts[0]]).reshape(-1)
@@ -442,10 +481,22 @@ def calibrated_tensors(tensors: Iterable[str], derived: Mapping[str, Derived]) -
                 stack.extend(derived[x].sources)
         return out
 
-    for t in derived:  # topological order
-        if t in wanted and not leaves(t) <= binned:
+    for t, d in derived.items():  # topological order
+        if d.kind == "product":  # pushed forward from its source's own histogram
+            if t in wanted and d.sources[0] not in binned:
+                binned.add(t)
+        elif t in wanted and not leaves(t) <= binned:
             binned.add(t)
     return sorted(binned)
+
+
+def pushed_forward(derived: Mapping[str, Derived], binned: Iterable[str],
+                   ) -> dict[str, tuple[str, Callable[[np.ndarray], np.ndarray]]]:
+    """{y: (x, f)} for every ``product`` tensor that is not binned itself but whose source
+    is: calibration pushes x's histogram through f (:func:`calibration.pushforward`)."""
+    b = set(binned)
+    return {t: (d.sources[0], d.map) for t, d in derived.items()
+            if d.kind == "product" and t not in b and d.sources[0] in b}
 
 
 def resolve_ranges(ranges: dict[str, tuple[float, float]], derived: Mapping[str, Derived],
