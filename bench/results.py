@@ -130,7 +130,15 @@ def worker(shared: Path, name: str, out_dir: Path) -> dict:
                                            min_seconds=0.5 if heavy and batch > 1 else 1.5, labels=["original", label])
             rows[label][f"b{batch}"] = t_new / t_ref
             rows["original"][f"b{batch}_ms"] = t_ref
-    return {"model": name, "rows": rows}
+    import platform
+
+    import numpy
+    import onnx
+    import onnxruntime
+
+    versions = {"onnxruntime": onnxruntime.__version__, "onnx": onnx.__version__, "numpy": numpy.__version__,
+                "python": platform.python_version(), "cpus": os.cpu_count()}
+    return {"model": name, "rows": rows, "versions": versions, "date": time.strftime("%Y-%m-%d %H:%M")}
 
 
 def run_worker(shared: Path, name: str, out_dir: Path) -> dict:
@@ -169,7 +177,10 @@ def markdown(results: list[dict]) -> str:
         goal_b, goal = SPEED_GOAL[name]
         ort_best = min(rows[k].get(f"b{goal_b}", rows[k]["b1"]) for k, _, _ in ORT_ROWS)
         ms = ", ".join(f"b{b} {orig[f'b{b}_ms']:.2f} ms" for b in (1, 8) if f"b{b}_ms" in orig)
-        lines += [f"**{name}** (original: {ms})", "",
+        v = r.get("versions")
+        run = (f"; measured {r.get('date', '?')} with onnxruntime {v['onnxruntime']}, onnx {v['onnx']}, "
+               f"numpy {v['numpy']}, {v['cpus']} CPUs") if v else ""
+        lines += [f"**{name}** (original: {ms}{run})", "",
                   "| variant | size | MACs | latency b1 | latency b8 | accuracy (eval) | budget | tool time |",
                   "|---|---:|---:|---:|---:|---|:-:|---:|"]
         for label, d in rows.items():
