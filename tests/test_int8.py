@@ -487,3 +487,13 @@ def test_guard_quantizes_a_mixed_concat_only_when_it_pays(monkeypatch: pytest.Mo
     assert ("Concats spread up to 16x quantized" in variants) == (spread > 0)
     assert ("Concat" in res.stats["quantized_ops"]) == kept
     assert res.stats["latency"]["ratio"] == (0.25 if kept else 0.5)
+
+
+def test_pass_reports_pushed_forward_products() -> None:
+    """mobilenet_se's four HardSwish products are pushed forward, not binned, and the
+    report says how many."""
+    m = _canon(FIXTURES / "mobilenet_se.onnx")
+    res = Int8(Int8Options(guard=False, max_drop=0)).run(copy.deepcopy(m), _ctx(m, "mobilenet_se"))
+    cal = res.stats["calibration"]
+    assert cal["pushed_forward"] == 4 and cal["tensors"] > 0
+    assert any(n.op_type == "QuantizeLinear" for n in res.model.graph.node)

@@ -309,11 +309,12 @@ class Int8(Pass):
             stats.update(decision="kept float", reason="no quantizable node")
             return PassResult(model, False, stats)
         t0 = time.perf_counter()
+        pushed = qdq.pushed_forward(state.derived, names)
         state.hists = collect_histograms(state.model, names, LimitedSource(ctx.calibration, opts.samples),
                                          provider=ctx.provider, seed=ctx.seed, progress=ctx.progress,
-                                         channels=opts.max_drop > 0,
-                                         functions=qdq.pushed_forward(state.derived, names))
-        stats["calibration"] = {"tensors": len(names), "seconds": round(time.perf_counter() - t0, 3)}
+                                         channels=opts.max_drop > 0, functions=pushed)
+        stats["calibration"] = {"tensors": len(names), "pushed_forward": len(pushed),
+                                "seconds": round(time.perf_counter() - t0, 3)}
 
         check = take_samples(ctx.calibration, max(opts.check_samples, 1))
         from ...validate import make_session, run_session
