@@ -132,11 +132,9 @@ def worker(shared: Path, name: str, out_dir: Path) -> dict:
             rows["original"][f"b{batch}_ms"] = t_ref
     import platform
 
-    import numpy
-    import onnx
     import onnxruntime
 
-    versions = {"onnxruntime": onnxruntime.__version__, "onnx": onnx.__version__, "numpy": numpy.__version__,
+    versions = {"onnxruntime": onnxruntime.__version__, "onnx": onnx.__version__, "numpy": np.__version__,
                 "python": platform.python_version(), "cpus": os.cpu_count()}
     return {"model": name, "rows": rows, "versions": versions, "date": time.strftime("%Y-%m-%d %H:%M")}
 

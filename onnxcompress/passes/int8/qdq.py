@@ -380,15 +380,11 @@ class Derived:
         if self.kind == "product":  # the range of x·g(x) over [lo, hi], on a fine grid
             y = self.map(np.concatenate([np.linspace(lo, hi, 4097), [0.0]]) if lo < 0 < hi else np.linspace(lo, hi, 4097))
             return float(y.min()), float(y.max())
-        if self.kind == "scale":
-            return lo * self.k, hi * self.k
-        if self.kind == "shift":
-            return lo + self.k, hi + self.k
         if self.kind == "sigmoid":
             return _sigmoid(lo), _sigmoid(hi)
-        if self.kind == "clamp":
-            a, b = self.bounds
-            return min(max(lo, a), b), min(max(hi, a), b)
+        if self.kind in _ELEMENTWISE:  # non-decreasing (scale has k > 0): the ends map to the ends
+            a, b = self.map(np.array([lo, hi], dtype=np.float64))
+            return float(a), float(b)
         return min(r[0] for r in ranges), max(r[1] for r in ranges)
 
 
