@@ -184,6 +184,29 @@ def test_guard_keeps_int8_when_faster(monkeypatch: pytest.MonkeyPatch) -> None:
     assert res.modified and res.stats["latency"]["ratio"] == 0.5
 
 
+@pytest.mark.parametrize("confirm_ratio", [0.5, 1.2])
+def test_guard_confirms_the_choice_over_a_longer_window(monkeypatch: pytest.MonkeyPatch, confirm_ratio: float) -> None:
+    """Every trial is timed over 0.6 s; the chosen variant once more over
+    ``guard_confirm_seconds``, and a confirmation that is not faster keeps float."""
+    import onnxcompress.validate as validate
+
+    windows: list[float] = []
+
+    def timing(models, feeds, **kw):  # type: ignore[no-untyped-def]
+        windows.append(kw["min_seconds"])
+        return [2.0, 2.0 * confirm_ratio] if kw["min_seconds"] == 3.5 else [2.0, 1.0]
+
+    monkeypatch.setattr(validate, "measure_latency", timing)
+    m = _canon(FIXTURES / "resnet_block.onnx")
+    res = Int8(Int8Options(guard_batches="1", guard_confirm_seconds=3.5)).run(copy.deepcopy(m), _ctx(m, "resnet_block"))
+    assert windows[-1] == 3.5 and set(windows[:-1]) == {0.6}
+    assert res.stats["latency"]["trials"][-1]["variant"] == "the chosen variant, timed again"
+    assert res.modified == (confirm_ratio < 0.97)
+    assert res.stats["latency"]["ratio"] == max(0.5, confirm_ratio)
+    with pytest.raises(OptionError, match="guard_confirm_seconds"):
+        Int8(Int8Options(guard_confirm_seconds=0)).run(copy.deepcopy(m), _ctx(m, "resnet_block"))
+
+
 def test_exclude_by_op_type_name_and_regex() -> None:
     m = _canon(FIXTURES / "resnet_block.onnx")
     base = Int8(Int8Options(guard=False, max_drop=0)).run(copy.deepcopy(m), _ctx(m, "resnet_block"))

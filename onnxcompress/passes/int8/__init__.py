@@ -52,8 +52,9 @@ an accuracy control and a latency guard.
    squeeze-excite branches, pooling/resize/data movement (uint8 NCHW MaxPool ~10×
    slower), and quantized regions without a Conv/Gemm/MatMul. If int8 is still not
    faster, regions go back to float one at a time (smallest first) while that helps. The
-   chosen variant is then timed once more and the worse of its two ratios counts (the
-   best of several noisy timings is optimistic). If no variant is faster than the input,
+   chosen variant is then timed once more, over ``guard_confirm_seconds`` (2 s) per batch
+   size instead of 0.6 s, and the worse of its two ratios counts (the best of several
+   noisy timings is optimistic). If no variant is faster than the input,
    the input is returned unchanged and the report says so. Every timing the decision
    used is in the report. Before the float variants, one that quantizes *more* is
    tried: Concats whose inputs' ranges differ by more than ``concat_spread`` (4) but at
@@ -126,6 +127,9 @@ class Int8Options:
         "help": "comma-separated batch sizes the guard times; int8 must be faster at every one "
                 "(a model with a fixed batch dimension is timed at that size only)"})
     guard_trials: int = field(default=6, metadata={"help": "most region-removal timings the guard tries"})
+    guard_confirm_seconds: float = field(default=2.0, metadata={
+        "help": "the chosen int8 variant is timed once more against fp32 for at least this long per batch size "
+                "(each trial before it: 0.6 s), and the worse of its two ratios decides"})
     guard_margin: float = field(default=0.03, metadata={
         "help": "int8 must be at least this fraction faster than fp32 to be kept (timing noise)"})
     decompose: bool = field(default=True, metadata={
@@ -290,6 +294,8 @@ class Int8(Pass):
             raise OptionError("pass 'int8' needs calibration data (--calib)")
         if not 0 < opts.percentile <= 100:
             raise OptionError(f"pass 'int8': percentile={opts.percentile} must be in (0, 100]")
+        if not opts.guard_confirm_seconds > 0:
+            raise OptionError(f"pass 'int8': guard_confirm_seconds={opts.guard_confirm_seconds} must be > 0")
         if not 0 <= opts.max_float <= 1:
             raise OptionError(f"pass 'int8': max_float={opts.max_float} must be in [0, 1]")
         guard_sizes = _guard_sizes(opts, model) if opts.guard else []
@@ -668,12 +674,12 @@ class Int8(Pass):
         feeds_by_batch = {bsz: batch_of(pool, bsz) for bsz in sizes}
         trials: list[dict[str, Any]] = []
 
-        def timed(cand: onnx.ModelProto, label: str) -> float:
+        def timed(cand: onnx.ModelProto, label: str, seconds: float = 0.6) -> float:
             worst = 0.0
             row: dict[str, Any] = {"variant": label}
             for bsz, feeds in feeds_by_batch.items():
-                t_f, t_q = measure_latency([original, cand], feeds, provider=ctx.provider, runs=20, min_seconds=0.6,
-                                           labels=["fp32 model", f"int8 model ({label})"])
+                t_f, t_q = measure_latency([original, cand], feeds, provider=ctx.provider, runs=20,
+                                           min_seconds=seconds, labels=["fp32 model", f"int8 model ({label})"])
                 row[f"b{bsz}"] = {"fp32_ms": round(t_f, 3), "int8_ms": round(t_q, 3), "ratio": round(t_q / t_f, 3)}
                 worst = max(worst, t_q / t_f)
             row["ratio"] = round(worst, 3)
@@ -730,8 +736,10 @@ class Int8(Pass):
                     best_ratio, best, drop = r, (q2, p2), drop | reg
         if best_ratio < 1.0 - opts.guard_margin:
             # the best of several noisy timings is optimistic (textline_cls: chosen at 0.957×,
-            # then 1.21× at batch 8 in the benchmark): time the choice again, keep the worse
-            best_ratio = max(best_ratio, timed(best[0], "the chosen variant, timed again"))
+            # then 1.21× at batch 8 in the benchmark): time the choice again, over a longer
+            # window (doc_orientation, 2.4 ms at batch 1: a fluke timed it 0.65× over 0.6 s,
+            # the benchmark 1.23×), and keep the worse
+            best_ratio = max(best_ratio, timed(best[0], "the chosen variant, timed again", opts.guard_confirm_seconds))
         stats["latency"] = {"batches": sizes, "provider": ctx.provider, "trials": trials,
                             "ratio": round(best_ratio, 3), "rejected_for_accuracy": rejected}
         if best_ratio >= 1.0 - opts.guard_margin:
