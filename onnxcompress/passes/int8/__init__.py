@@ -148,6 +148,7 @@ class Int8Options:
 # ----------------------------------------------------------------------------- helpers
 
 PREFIX_LEVELS = 16  #: the accuracy control tries floating the first 1/16, 2/16, … of the nodes
+GUARD_TRIAL_SECONDS = 0.6  #: the latency guard times each variant at least this long per batch size
 
 
 def nodes_of_names(names: Iterable[str], p: qdq.Plan) -> set[str]:
@@ -674,7 +675,7 @@ class Int8(Pass):
         feeds_by_batch = {bsz: batch_of(pool, bsz) for bsz in sizes}
         trials: list[dict[str, Any]] = []
 
-        def timed(cand: onnx.ModelProto, label: str, seconds: float = 0.6) -> float:
+        def timed(cand: onnx.ModelProto, label: str, seconds: float = GUARD_TRIAL_SECONDS) -> float:
             worst = 0.0
             row: dict[str, Any] = {"variant": label}
             for bsz, feeds in feeds_by_batch.items():
