@@ -237,3 +237,10 @@ def test_whiten_lowers_output_error_and_stays_exact_at_full_rank() -> None:
     _data_energy(m, [cand], PassContext(calibration=open_data(calib, m)), whiten=True)
     vert, horiz = split_weights(w, len(cand.s), cand.u, cand.s, cand.vt)
     np.testing.assert_allclose(np.einsum("kcia,nkbj->ncij", vert, horiz), w, rtol=0, atol=1e-4 * np.abs(w).max())
+
+
+def test_whiten_auto_follows_the_macs_budget() -> None:
+    whitens = LowRank._whitens
+    assert whitens(LowRankOptions(macs_ratio=0.7)) and not whitens(LowRankOptions(energy=0.9))
+    assert whitens(LowRankOptions(energy=0.9, whiten="true")) and not whitens(LowRankOptions(macs_ratio=0.7, whiten="false"))
+    assert not whitens(LowRankOptions(macs_ratio=0.7, data_energy=True))
