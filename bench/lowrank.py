@@ -6,9 +6,9 @@
    (max abs error / output range; goal ≤ 1e-4).
 2. captcha_det.onnx at a whole-model MACs budget: pure SVD split, with the
    least-squares refit, and the default (whitened SVD + refit) (calibration on
-   captcha_det_calib.npz; scored on captcha_det_eval.npz): total MACs, mean cosine to the original output, objectness
-   recall (original score > 0.3 kept > 0.3), onnxruntime CPU latency at batch 1
-   (median ratio of three interleaved measurements).
+   captcha_det_calib.npz; scored on captcha_det_eval.npz): total MACs, mean cosine to
+   the original output, objectness recall (original score > 0.3 kept > 0.3),
+   onnxruntime CPU latency at batch 1 (median ratio of three interleaved measurements).
 3. Every shared model and the light ResNet-50 / Inception-v1/v2: through the pass
    (energy 0.9), onnx.checker and an onnxruntime run.
 """

@@ -12,23 +12,23 @@ way). The bias goes on the second conv, which keeps the original output name, so
 following BatchNormalization stays valid.
 
 Ranks: fixed ``rank``; ``energy`` (smallest r keeping that fraction of the weights' Σσ²,
-whitened or not); or a
-whole-model budget ``macs_ratio`` allocated greedily. Without calibration data (or with
-``sensitivity=false``) ranks are lowered step by step where the retained energy (log)
-drops least per MAC saved (Zhang et al. 2015). With data, each layer is split alone at
-four ranks and the std-scaled output error e_l(r) measured; starting from the unsplit
-model, the move with the least Δe per MAC saved (split layer l at its largest useful
-rank, or lower its rank by ``round_to``) is taken until the budget holds, so layers whose
-split costs more than the budget needs stay whole. ``whiten`` (default with data and
-``macs_ratio``): with Σ = L·Lᵀ the second moment of the layer's (C·Kh) input column
-patches, the SVD of Lᵀ·M gives M_r = L⁻ᵀ·SVD_r(Lᵀ·M), the minimiser of E‖(M − M_r)ᵀx‖²
-(cross-column terms ignored) where the plain SVD minimises ‖M − M_r‖_F as if every input
-direction were equally likely (text_det at 0.65 of the MACs: eval cosine 0.9865 → 0.9925).
-Ranks are rounded up to multiples of ``round_to``. A layer is split only where the chain costs
-``r·(C·Kh·H_out·W_in + N·Kw·H_out·W_out)`` MACs, at least ``min_saving`` less than the
-original ``N·C·Kh·Kw·H_out·W_out``; with ``measure=true`` only where onnxruntime runs the
-chain faster than the original conv. With calibration data the second factor and bias are
-refit by least squares so the chain's output matches the original layer's.
+whitened or not); or a whole-model budget ``macs_ratio`` allocated greedily. Without
+calibration data (or with ``sensitivity=false``) ranks are lowered step by step where the
+retained energy (log) drops least per MAC saved (Zhang et al. 2015). With data, each
+layer is split alone at four ranks and the std-scaled output error e_l(r) measured;
+starting from the unsplit model, the move with the least Δe per MAC saved (split layer l
+at its largest useful rank, or lower its rank by ``round_to``) is taken until the budget
+holds, so layers whose split costs more than the budget needs stay whole. ``whiten``
+(default with data and ``macs_ratio``): with Σ = L·Lᵀ the second moment of the layer's
+(C·Kh) input column patches, the SVD of Lᵀ·M gives M_r = L⁻ᵀ·SVD_r(Lᵀ·M), the minimiser
+of E‖(M − M_r)ᵀx‖² (cross-column terms ignored) where the plain SVD minimises ‖M − M_r‖_F
+as if every input direction were equally likely (text_det at 0.65 of the MACs: eval
+cosine 0.9865 → 0.9925). Ranks are rounded up to multiples of ``round_to``. A layer is
+split only where the chain costs ``r·(C·Kh·H_out·W_in + N·Kw·H_out·W_out)`` MACs, at
+least ``min_saving`` less than the original ``N·C·Kh·Kw·H_out·W_out``; with
+``measure=true`` only where onnxruntime runs the chain faster than the original conv.
+With calibration data the second factor and bias are refit by least squares so the
+chain's output matches the original layer's.
 """
 
 from __future__ import annotations
@@ -224,8 +224,9 @@ class LowRank(Pass):
                 continue
             u, s, vt = svd_factors(w)
             cands.append(Candidate(idx, node, w, u, s, vt, (y_shape[2], y_shape[3]), x_shape[3], macs))
-        if (opts.data_energy or self._whitens(opts)) and ctx.calibration is not None and cands:
-            _data_energy(model, cands, ctx, whiten=self._whitens(opts))
+        whiten = self._whitens(opts)
+        if (opts.data_energy or whiten) and ctx.calibration is not None and cands:
+            _data_energy(model, cands, ctx, whiten=whiten)
         by_sensitivity = bool(opts.sensitivity and opts.macs_ratio and ctx.calibration is not None)
         self._choose_ranks(cands, opts, total_macs, budget=not by_sensitivity)
         if by_sensitivity:
