@@ -71,7 +71,7 @@ import logging
 import re
 import time
 from collections import Counter, defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -84,7 +84,8 @@ from ...model import node_attr
 from ...pipeline import Pass, PassContext, PassResult
 from ...validate import cosine, is_class_scores, is_feature_table
 from . import prepare, qdq
-from .calibration import StreamingHistogram, collect_histograms, tensor_range
+from .calibration import StreamingHistogram, collect_histograms, low_through, tensor_range
+from .rounding import GptqRounder, input_hessians
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +133,12 @@ class Int8Options:
                 "(each trial before it: 0.6 s), and the worse of its two ratios decides"})
     guard_margin: float = field(default=0.03, metadata={
         "help": "int8 must be at least this fraction faster than fp32 to be kept (timing noise)"})
+    float_tail: bool = field(default=True, metadata={
+        "help": "keep float the nodes after the last Conv/Gemm/MatMul (on the way to the outputs)"})
+    gptq: bool = field(default=True, metadata={
+        "help": "round each layer's int8 weights by GPTQ on its input statistics (check samples) instead of nearest"})
+    through: bool = field(default=True, metadata={
+        "help": "a tensor read only by SiLU/HardSwish gets its low end from the error after the activation"})
     decompose: bool = field(default=True, metadata={
         "help": "rewrite HardSigmoid/HardSwish as Mul/Add/Clip so int8 regions do not break at them"})
     columns: bool = field(default=True, metadata={
@@ -271,6 +278,8 @@ class _State:
     hard: list[prepare.HardActivation] = field(default_factory=list)  # decomposed, put back where float
     widest: qdq.Plan | None = None  # the placement with every allowed node quantized
     derived: dict[str, qdq.Derived] = field(default_factory=dict)  # ranges that follow from others'
+    through: dict[str, Callable[[np.ndarray], np.ndarray]] = field(default_factory=dict)  # x read only by f(x)
+    rounder: GptqRounder | None = None  # GPTQ weight rounding (None: nearest)
 
     def __post_init__(self) -> None:
         readers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
@@ -329,6 +338,12 @@ class Int8(Pass):
         ref_sess = make_session(model, ctx.provider, label="int8: float model")
         state.ref = [run_session(ref_sess, b, "int8: float model") for b in check]
         del ref_sess
+        if opts.gptq:
+            t0 = time.perf_counter()
+            compute = [n for n in state.model.graph.node if n.name in widest.nodes and n.op_type in qdq.COMPUTE]
+            state.rounder = GptqRounder(input_hessians(state.model, compute, check, provider=ctx.provider,
+                                                       seed=ctx.seed))
+            stats["gptq"] = {"layers": len(state.rounder.hessians), "seconds": round(time.perf_counter() - t0, 3)}
 
         def evaluate(q: onnx.ModelProto) -> dict[str, float]:
             sess = make_session(q, ctx.provider, label="int8 model")
@@ -436,11 +451,17 @@ class Int8(Pass):
         m = onnx.shape_inference.infer_shapes(m)
         inits = {t.name: t for t in m.graph.initializer}
         allowed = {n.name for n in m.graph.node} - _excluded(m, opts.exclude)
+        if opts.float_tail:
+            tail = qdq.tail_nodes(m) & allowed
+            allowed -= tail
+            stats["tail_float"] = len(tail)
         bounds = {}
         for n in m.graph.node:
             if n.op_type in qdq.FUSED_ACTIVATIONS and n.output:
                 bounds[n.output[0]] = qdq.fused_bounds(n, inits)
-        return _State(m, inits, allowed, {}, bounds, per_channel, hard=hard, derived=qdq.derived_tensors(m))
+        derived = qdq.derived_tensors(m)
+        return _State(m, inits, allowed, {}, bounds, per_channel, hard=hard, derived=derived,
+                      through=qdq.through_activations(m, derived) if opts.through else {})
 
     def _ranges(self, state: _State, opts: Int8Options, method: str, p: qdq.Plan | None = None,
                 ) -> dict[str, tuple[float, float]]:
@@ -450,6 +471,12 @@ class Int8(Pass):
                 t: tensor_range(h, method, symmetric=sym, percentile=opts.percentile,  # type: ignore[arg-type]
                                 kl_guard=opts.kl_guard)
                 for t, h in state.hists.items()}
+            if not sym:  # a tensor read only by SiLU/HardSwish: its low end by the error after it
+                base = state.base_ranges[method]
+                for t, f in state.through.items():
+                    if t in base and t in state.hists:
+                        lo, hi = base[t]
+                        base[t] = (low_through(state.hists[t], f, lo, hi), hi)
         out = dict(state.base_ranges[method])
         seen = {t: (h.min, h.max) for t, h in state.hists.items() if h.signed is not None}
         qdq.resolve_ranges(out, state.derived, seen)
@@ -480,7 +507,7 @@ class Int8(Pass):
         ranges = self._ranges(state, opts, method, p)
         params = qdq.tensor_params(p, ranges, opts.activations, state.bounds)
         q = qdq.insert_qdq(state.model, p, params, act_type=opts.activations, per_channel=state.per_channel,
-                           bias=opts.bias, bias_shift=state.bias_shift)
+                           bias=opts.bias, bias_shift=state.bias_shift, rounding=state.rounder)
         prepare.recompose_hard_activations(q, state.hard, p.nodes)
         return q, p
 

@@ -36,6 +36,12 @@ The threshold is (i* + 0.5)·R/bins for the i* of least divergence (ties, equal 
 evaluated at once with cumulative sums (numpy, in row blocks to bound memory), not in
 a Python loop per candidate; per chunk rather than per bin (O(candidates × q)).
 
+Through an activation (:func:`low_through`). A tensor x read only by an elementwise
+f (SiLU: x·σ(x)) matters only through f(x̂). Its lower end is then set by the error
+after f, E[(f(x̂) − f(x))²] ≈ Σ_{x<lo} (f(lo) − f(x))² + Σ_{x>hi} (f(hi) − f(x))²
++ Σ_{lo≤x≤hi} f′(x)²·Δ²/12 (Δ = (hi − lo)/255), over the signed histogram's slots: SiLU is
+flat below about −4, so the negative half of a symmetric threshold mostly wastes levels.
+
 Other methods: ``minmax``; ``percentile`` (the |x| value below which p% of the mass
 lies); ``mse`` (threshold minimizing clipping error Σ_{x>T}(x−T)² plus rounding noise
 Δ²/12·N_{x≤T}, Δ = T/levels, over bin centres).
@@ -440,6 +446,29 @@ def tensor_range(h: StreamingHistogram, method: Method = "kl", *, symmetric: boo
         return -t, t
     # asymmetric (uint8): the threshold clips each side, but never beyond what was seen
     return max(min(h.min, 0.0), -t), min(max(h.max, 0.0), t)
+
+
+def low_through(h: StreamingHistogram, f: Callable[[np.ndarray], np.ndarray], lo: float, hi: float,
+                candidates: int = 256) -> float:
+    """The lower end in [lo, 0) of a uint8 range [·, hi] for x that minimizes the expected
+    squared error of f(x̂) (module docstring), over ``candidates`` evenly spaced values;
+    ``lo`` itself where nothing beats it (and for a range that does not straddle 0)."""
+    if h.signed is None or not lo < 0.0 < hi:
+        return lo
+    nz = np.flatnonzero(h.signed)
+    t = (nz - (h.bins - 1)).astype(np.float64)
+    w = h.bin_width
+    v = np.clip(np.where(t == 0, 0.0, np.sign(t) * (np.abs(t) + 0.5) * w), h.min, h.max)  # slot centres
+    c = h.signed[nz].astype(np.float64)
+    fv = np.asarray(f(v), np.float64)
+    lows = np.linspace(lo, 0.0, candidates, endpoint=False)
+    err = np.empty(candidates)
+    for i, a in enumerate(lows):  # exact rounding of every slot: values a tensor holds often
+        s = (hi - a) / 255.0      # (flat image regions) are where the grid falls matters
+        z = np.round(-a / s)
+        vq = (np.clip(np.round(v / s) + z, 0, 255) - z) * s
+        err[i] = ((np.asarray(f(vq), np.float64) - fv) ** 2) @ c
+    return float(lows[int(np.argmin(err))])
 
 
 def activation_tensors(model, op_types: frozenset[str] | None = None) -> list[str]:
