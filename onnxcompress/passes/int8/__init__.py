@@ -16,6 +16,12 @@ an accuracy control and a latency guard.
    min/max: clipping there reaches the output directly. A tensor whose range follows
    from a binned one (scalar Mul/Add, Clip/Relu, Sigmoid, data movement, Concat:
    :func:`qdq.derived_tensors`) is not binned itself.
+   A tensor read only by SiLU/HardSwish (``through``) gets its low end from the error
+   after the activation (:func:`calibration.low_through`).
+   **Weights** are rounded by GPTQ (``gptq``, :mod:`rounding`): each layer's columns in
+   turn, the rounding error moved onto the columns not yet rounded along H⁻¹, H = E[x·xᵀ]
+   of its input on the check samples. Nodes after the last compute layer stay float
+   (``float_tail``, :func:`qdq.tail_nodes`).
 4. **Head correction** (``head_correction``, on): the last quantized Conv/Gemm before
    each output gets its bias shifted by minus its total mean error per channel on the
    check samples (upstream error included — nothing downstream absorbs it). On

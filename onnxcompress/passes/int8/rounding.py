@@ -40,21 +40,35 @@ DAMP = 0.01  #: H += DAMP · mean(diag H) · I
 
 def gptq_round(w: np.ndarray, h: np.ndarray, scale: np.ndarray, block: int = BLOCK, damp: float = DAMP) -> np.ndarray:
     """int8 q ([out, n]) for weights ``w`` ([out, n]) with per-row (or one) ``scale``,
-    rounded column by column with the error moved along H⁻¹ (module docstring)."""
-    w = np.asarray(w, np.float64).copy()
-    n = w.shape[1]
+    rounded column by column with the error moved along H⁻¹ (module docstring); nearest
+    rounding where H is not positive definite or the arithmetic does not stay finite."""
+    w0 = np.asarray(w, np.float64)
+    s = np.asarray(scale, np.float64).reshape(-1)
+    nearest = np.clip(np.round(w0 / s.reshape(-1, 1)), -127, 127)
+    n = w0.shape[1]
     h = np.asarray(h, np.float64).copy()
     dead = np.diag(h) <= 0
     h[dead, dead] = 1.0
-    w[:, dead] = 0.0
     h[np.diag_indices(n)] += damp * float(np.mean(np.diag(h)))
-    try:
-        u = np.linalg.cholesky(np.linalg.inv(h)).T  # H⁻¹ = Uᵀ·U
-    except np.linalg.LinAlgError:
-        log.debug("gptq: H is not positive definite; nearest rounding")
-        return np.clip(np.round(w / scale.reshape(-1, 1)), -127, 127).astype(np.int8)
-    s = np.asarray(scale, np.float64).reshape(-1)
-    q = np.zeros_like(w)
+    q = np.zeros_like(w0)
+    with np.errstate(all="ignore"):
+        try:
+            u = np.linalg.cholesky(np.linalg.inv(h)).T  # H⁻¹ = Uᵀ·U
+        except np.linalg.LinAlgError:
+            log.debug("gptq: H is not positive definite; nearest rounding")
+            return nearest.astype(np.int8)
+        w1 = w0.copy()
+        w1[:, dead] = 0.0
+        _gptq_columns(w1, u, s, q, block)
+    if not np.all(np.isfinite(q)):
+        return nearest.astype(np.int8)
+    q[:, dead] = nearest[:, dead]  # columns no input reaches: any value does; keep nearest
+    return q.astype(np.int8)
+
+
+def _gptq_columns(w: np.ndarray, u: np.ndarray, s: np.ndarray, q: np.ndarray, block: int) -> None:
+    """The column loop of :func:`gptq_round`: fills ``q``, updates ``w`` in place."""
+    n = w.shape[1]
     for a in range(0, n, block):
         b = min(a + block, n)
         w1 = w[:, a:b].copy()
@@ -67,7 +81,6 @@ def gptq_round(w: np.ndarray, h: np.ndarray, scale: np.ndarray, block: int = BLO
             w1[:, i:] -= np.outer(e, u1[i, i:])
             e1[:, i] = e
         w[:, b:] -= e1 @ u[a:b, b:]
-    return q.astype(np.int8)
 
 
 def _layout(node: onnx.NodeProto, w: np.ndarray, axis: int | None) -> tuple[np.ndarray, int] | None:
@@ -94,8 +107,8 @@ class GptqRounder:
     def __call__(self, node: onnx.NodeProto, w: np.ndarray, scale: np.ndarray, axis: int | None) -> np.ndarray | None:
         h = self.hessians.get(node.name)
         lay = _layout(node, w, axis)
-        if h is None or lay is None:
-            return None
+        if h is None or lay is None or not (np.all(np.isfinite(w)) and np.all(np.isfinite(h))):
+            return None  # non-finite weights or inputs: nearest rounding, as without statistics
         key = (node.name, np.asarray(scale, np.float32).tobytes())
         if key not in self._cache:
             wg, g = lay
@@ -154,7 +167,8 @@ def input_hessians(model: onnx.ModelProto, nodes: Iterable[onnx.NodeProto], batc
                 if len(rows) > positions * max(x.shape[0], 1):
                     rows = rows[rng.choice(len(rows), positions * x.shape[0], replace=False)]
                 p = rows[None]
-            hh = np.matmul(p.transpose(0, 2, 1), p).astype(np.float64)
+            with np.errstate(over="ignore", invalid="ignore"):  # huge inputs: H not finite, nearest rounding
+                hh = np.matmul(p.transpose(0, 2, 1), p).astype(np.float64)
             acc[n.name] = acc[n.name] + hh if n.name in acc else hh
             count[n.name] = count.get(n.name, 0) + p.shape[1]
     return {k: v / max(count[k], 1) for k, v in acc.items()}
