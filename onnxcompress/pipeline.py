@@ -38,6 +38,9 @@ class PassContext:
     provider: str = "cpu"
     seed: int = 0
     progress: Progress = field(default_factory=NullProgress)
+    #: what a pass may keep for its next run with this context, keyed by content it checks
+    #: itself (the search runs int8 twice on the same model: its statistics are reused)
+    cache: dict[str, Any] = field(default_factory=dict)
 
     def calibration_shapes(self) -> dict[str, list[int]] | None:
         """Input shapes of the first calibration batch (None without calibration data)."""

@@ -141,3 +141,28 @@ def test_through_activations_only_where_silu_is_the_only_reader() -> None:
 def test_tail_nodes_are_those_after_the_last_compute_layer() -> None:
     m = _silu_tail_model()
     assert qdq.tail_nodes(m) == {"sig_out", "reshape", "relu2"}
+
+
+def test_a_second_run_with_the_same_context_reuses_the_gptq_statistics() -> None:
+    import copy
+
+    import onnxcompress as oc
+    from onnxcompress.data import open_data
+    from onnxcompress.passes.int8 import Int8, Int8Options
+    from onnxcompress.pipeline import PassContext
+    from onnxcompress.registry import build_pipeline
+
+    from .conftest import FIXTURES
+
+    m, _ = build_pipeline("canonicalize").run(oc.load_model(FIXTURES / "resnet_block.onnx"))
+    ctx = PassContext(calibration=open_data(FIXTURES / "resnet_block_calib.npz", m, batch_size=16))
+    runs = [Int8(Int8Options(guard=False, max_drop=0)).run(copy.deepcopy(m), ctx) for _ in range(2)]
+    assert [r.stats["gptq"]["reused"] for r in runs] == [False, True]
+    assert runs[0].stats["gptq"]["layers"] == sum(n.op_type in ("Conv", "Gemm", "MatMul") for n in m.graph.node)
+    assert runs[0].model.SerializeToString() == runs[1].model.SerializeToString()
+    other = copy.deepcopy(m)  # another model (one weight changed): its own statistics
+    w = other.graph.initializer[0]
+    arr = numpy_helper.to_array(w).copy()
+    arr.flat[0] += 1.0
+    w.CopyFrom(numpy_helper.from_array(arr, w.name))
+    assert Int8(Int8Options(guard=False, max_drop=0)).run(other, ctx).stats["gptq"]["reused"] is False

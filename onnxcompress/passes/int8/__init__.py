@@ -73,6 +73,7 @@ an accuracy control and a latency guard.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
 import time
@@ -347,9 +348,19 @@ class Int8(Pass):
         if opts.gptq:
             t0 = time.perf_counter()
             compute = [n for n in state.model.graph.node if n.name in widest.nodes and n.op_type in qdq.COMPUTE]
-            state.rounder = GptqRounder(input_hessians(state.model, compute, check, provider=ctx.provider,
-                                                       seed=ctx.seed))
-            stats["gptq"] = {"layers": len(state.rounder.hessians), "seconds": round(time.perf_counter() - t0, 3)}
+            digest = hashlib.sha1(state.model.SerializeToString())
+            for b in check:
+                for k in sorted(b):
+                    digest.update(k.encode())
+                    digest.update(np.ascontiguousarray(b[k]).tobytes())
+            key = f"{digest.hexdigest()}:{ctx.seed}:{sorted(n.name for n in compute)}"
+            cached = ctx.cache.get("int8.gptq")
+            reused = cached is not None and cached[0] == key
+            state.rounder = cached[1] if reused else GptqRounder(
+                input_hessians(state.model, compute, check, provider=ctx.provider, seed=ctx.seed))
+            ctx.cache["int8.gptq"] = (key, state.rounder)  # only the latest: its statistics can be large
+            stats["gptq"] = {"layers": len(state.rounder.hessians), "reused": reused,
+                             "seconds": round(time.perf_counter() - t0, 3)}
 
         def evaluate(q: onnx.ModelProto) -> dict[str, float]:
             sess = make_session(q, ctx.provider, label="int8 model")
