@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from onnxcompress.passes.int8 import qdq
+import onnxcompress as oc
+from onnxcompress.data import open_data
+from onnxcompress.passes.int8 import Int8, Int8Options, qdq
 from onnxcompress.passes.int8.calibration import StreamingHistogram, low_through
 from onnxcompress.passes.int8.rounding import GptqRounder, gptq_round, input_hessians
+from onnxcompress.pipeline import PassContext
+from onnxcompress.registry import build_pipeline
 
 from .builders import fvi, make_model, run, tensor
+from .conftest import FIXTURES
 
 
 def _nearest(w: np.ndarray, s: np.ndarray) -> np.ndarray:
@@ -144,16 +151,6 @@ def test_tail_nodes_are_those_after_the_last_compute_layer() -> None:
 
 
 def test_a_second_run_with_the_same_context_reuses_the_gptq_statistics() -> None:
-    import copy
-
-    import onnxcompress as oc
-    from onnxcompress.data import open_data
-    from onnxcompress.passes.int8 import Int8, Int8Options
-    from onnxcompress.pipeline import PassContext
-    from onnxcompress.registry import build_pipeline
-
-    from .conftest import FIXTURES
-
     m, _ = build_pipeline("canonicalize").run(oc.load_model(FIXTURES / "resnet_block.onnx"))
     ctx = PassContext(calibration=open_data(FIXTURES / "resnet_block_calib.npz", m, batch_size=16))
     runs = [Int8(Int8Options(guard=False, max_drop=0)).run(copy.deepcopy(m), ctx) for _ in range(2)]

@@ -37,10 +37,12 @@ evaluated at once with cumulative sums (numpy, in row blocks to bound memory), n
 a Python loop per candidate; per chunk rather than per bin (O(candidates × q)).
 
 Through an activation (:func:`low_through`). A tensor x read only by an elementwise
-f (SiLU: x·σ(x)) matters only through f(x̂). Its lower end is then set by the error
-after f, E[(f(x̂) − f(x))²] ≈ Σ_{x<lo} (f(lo) − f(x))² + Σ_{x>hi} (f(hi) − f(x))²
-+ Σ_{lo≤x≤hi} f′(x)²·Δ²/12 (Δ = (hi − lo)/255), over the signed histogram's slots: SiLU is
-flat below about −4, so the negative half of a symmetric threshold mostly wastes levels.
+f (SiLU: x·σ(x)) matters only through f(x̂). Its lower end lo' ∈ [lo, 0) is then the one
+of least Σ_slots c·(f(x̂) − f(x))² over the signed histogram's slot centres x (counts c),
+with x̂ = (clip(round(x/Δ) + z, 0, 255) − z)·Δ, Δ = (hi − lo')/255, z = round(−lo'/Δ):
+exact rounding, not the Δ²/12 noise model, since values a tensor holds often (flat image
+regions) make where the grid falls matter. SiLU is flat below about −4, so the negative
+half of a symmetric threshold mostly wastes levels.
 
 Other methods: ``minmax``; ``percentile`` (the |x| value below which p% of the mass
 lies); ``mse`` (threshold minimizing clipping error Σ_{x>T}(x−T)² plus rounding noise
@@ -450,8 +452,8 @@ def tensor_range(h: StreamingHistogram, method: Method = "kl", *, symmetric: boo
 
 def low_through(h: StreamingHistogram, f: Callable[[np.ndarray], np.ndarray], lo: float, hi: float,
                 candidates: int = 256) -> float:
-    """The lower end in [lo, 0) of a uint8 range [·, hi] for x that minimizes the expected
-    squared error of f(x̂) (module docstring), over ``candidates`` evenly spaced values;
+    """The lower end in [lo, 0) of a uint8 range [·, hi] for x that minimizes the squared
+    error of f(x̂) over the histogram (module docstring), among ``candidates`` evenly spaced values;
     ``lo`` itself where nothing beats it (and for a range that does not straddle 0)."""
     if h.signed is None or not lo < 0.0 < hi:
         return lo

@@ -171,6 +171,16 @@ def _compute_ok(node: onnx.NodeProto, inits: Mapping[str, TensorProto]) -> str |
     return None
 
 
+def _readers(nodes: Iterable[onnx.NodeProto]) -> dict[str, list[onnx.NodeProto]]:
+    """tensor → the nodes reading it, in the order given."""
+    readers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
+    for n in nodes:
+        for x in n.input:
+            if x:
+                readers[x].append(n)
+    return readers
+
+
 def plan(model: onnx.ModelProto, allowed: Iterable[str] | None = None,
          ranges: Mapping[str, tuple[float, float]] | None = None, concat_spread: float = 4.0) -> Plan:
     """The QDQ placement when the nodes named in ``allowed`` (default: all) may be quantized.
@@ -185,11 +195,7 @@ def plan(model: onnx.ModelProto, allowed: Iterable[str] | None = None,
     types = _float_types(model)
     allowed_set = {n.name for n in g.node} if allowed is None else set(allowed)
     order = [g.node[i] for i in topological_order(g)]
-    readers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
-    for n in order:
-        for x in n.input:
-            if x:
-                readers[x].append(n)
+    readers = _readers(order)
     producer = {o: n for n in order for o in n.output if o}
     outputs = {o.name for o in g.output}
     p = Plan()
@@ -462,16 +468,14 @@ def tail_nodes(model: onnx.ModelProto) -> set[str]:
     head: Sigmoid → Concat → Reshape → Concat → Transpose; with them float the int8 model
     ran 0.43× instead of 0.49× of fp32, objectness column cosine 0.976 vs 0.973)."""
     g = model.graph
-    readers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
-    for n in g.node:
-        for x in n.input:
-            readers[x].append(n)
+    layers = COMPUTE | {"ConvTranspose"}
+    readers = _readers(g.node)
     feeds: dict[str, bool] = {}  # node → a compute layer is downstream
     for i in reversed(topological_order(g)):
         n = g.node[i]
-        feeds[n.name] = any(r.op_type in COMPUTE or r.op_type == "ConvTranspose" or feeds.get(r.name, False)
+        feeds[n.name] = any(r.op_type in layers or feeds.get(r.name, False)
                             for o in n.output for r in readers.get(o, []))
-    return {n.name for n in g.node if not feeds[n.name] and n.op_type not in COMPUTE and n.op_type != "ConvTranspose"}
+    return {n.name for n in g.node if not feeds[n.name] and n.op_type not in layers}
 
 
 def through_activations(model: onnx.ModelProto, derived: Mapping[str, Derived]) -> dict[str, Callable[[np.ndarray], np.ndarray]]:
@@ -479,11 +483,8 @@ def through_activations(model: onnx.ModelProto, derived: Mapping[str, Derived]) 
     (SiLU, decomposed HardSwish): the Mul itself and the first link of g. x's range is
     then chosen by the error after f (:func:`calibration.low_through`)."""
     g = model.graph
-    readers: dict[str, set[str]] = defaultdict(set)
+    readers = _readers(g.node)
     producer = {o: n for n in g.node for o in n.output if o}
-    for n in g.node:
-        for x in n.input:
-            readers[x].add(n.name)
     outputs = {o.name for o in g.output}
     out: dict[str, Callable[[np.ndarray], np.ndarray]] = {}
     for y, d in derived.items():
@@ -499,7 +500,7 @@ def through_activations(model: onnx.ModelProto, derived: Mapping[str, Derived]) 
             v = derived[v].sources[0]
         if v not in producer or x in outputs:
             continue
-        if readers[x] == {mul.name, producer[v].name}:
+        if {r.name for r in readers.get(x, [])} == {mul.name, producer[v].name}:
             out[x] = d.map
     return out
 
