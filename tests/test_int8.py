@@ -520,3 +520,47 @@ def test_pass_reports_pushed_forward_products() -> None:
     cal = res.stats["calibration"]
     assert cal["pushed_forward"] == 4 and cal["tensors"] > 0
     assert any(n.op_type == "QuantizeLinear" for n in res.model.graph.node)
+
+
+def test_accuracy_control_returns_the_slack_to_int8(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stand-in agreement where only the nodes of the 6th of 16 graph-order segments cost
+    accuracy: the prefix 6/16 in float meets max_drop with room to spare, and the next
+    phase returns the float segments with MACs in them to int8 one at a time (most MACs
+    first) while agreement holds, so only the costly segment stays float."""
+    import onnxcompress.passes.int8 as int8_mod
+
+    m = _canon(FIXTURES / "mobilenet_se.onnx")
+    seen: dict[str, set[str]] = {}
+    real_build = Int8._build
+
+    def build(self, state, opts, method, floated, drop=None, spread=None):  # type: ignore[no-untyped-def]
+        q, p = real_build(self, state, opts, method, floated, drop, spread)
+        if "hot" not in seen:  # the first build quantizes everything it may
+            order = [n.name for n in state.model.graph.node if n.name in p.nodes and n.name not in p.fused]
+            seen["hot"] = set(order[len(order) * 5 // 16: len(order) * 6 // 16])
+        seen["quantized"] = set(p.nodes)
+        return q, p
+
+    def fake_agreement(ref, new, columns=False):  # type: ignore[no-untyped-def]
+        d = 0.01 * len(seen["hot"] & seen["quantized"]) + 1e-6 * len(seen["quantized"])
+        return {"cosine": 1.0 - d, "top1": 1.0, "drop": d}
+
+    monkeypatch.setattr(Int8, "_build", build)
+    monkeypatch.setattr(int8_mod, "agreement", fake_agreement)
+    opts = dict(guard=False, max_drop=0.005, bias_correction=False, head_correction=False)
+    res = Int8(Int8Options(**opts)).run(copy.deepcopy(m), _ctx(m, "mobilenet_se"))
+    assert seen["hot"]
+    acc = res.stats["accuracy"]
+    assert acc["met"]
+    prefixes = [s for s in acc["steps"] if "float_prefix" in s]
+    assert prefixes[-1]["float_prefix"] == "6/16" and prefixes[-1]["kept"]
+    back = [s for s in acc["steps"] if "unfloat_segment" in s]
+    assert back and all(s["macs"] > 0 for s in back)
+    assert [s["macs"] for s in back] == sorted((s["macs"] for s in back), reverse=True)
+    assert all(s["kept"] == (s["unfloat_segment"] != "6/16") for s in back), back
+    assert any(s["kept"] for s in back)
+    floated = res.stats["float_reasons"]["excluded"]
+    without = Int8(Int8Options(unfloat=False, **opts)).run(copy.deepcopy(m), _ctx(m, "mobilenet_se"))
+    assert not any("unfloat_segment" in s for s in without.stats["accuracy"]["steps"])
+    assert floated < without.stats["float_reasons"]["excluded"]
+    assert res.stats["quantized_nodes"] > without.stats["quantized_nodes"]

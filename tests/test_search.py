@@ -188,6 +188,7 @@ def test_int8_over_budget_held_out_is_retried_with_a_tighter_max_drop(monkeypatc
     from onnxcompress.pipeline import Pass, PassResult
 
     seen: list[float] = []
+    unfloat: list[bool] = []  # the probe measures what int8 needs: it does not spend the slack
     direction = np.random.default_rng(7).standard_normal(10).astype(np.float32)
 
     class FakeInt8(Pass):
@@ -198,6 +199,7 @@ def test_int8_over_budget_held_out_is_retried_with_a_tighter_max_drop(monkeypatc
 
         def run(self, model: onnx.ModelProto, ctx) -> PassResult:  # type: ignore[no-untyped-def]
             seen.append(self.options.max_drop)
+            unfloat.append(self.options.unfloat)
             target = 1.5 * self.options.max_drop
             x = np.concatenate([b["x"] for b in ctx.calibration])
             y = run(model, {"x": x})[0]
@@ -224,6 +226,7 @@ def test_int8_over_budget_held_out_is_retried_with_a_tighter_max_drop(monkeypatc
                          latency=False)
     probes = [t for t in rep.search.trials if t.stage == "int8"]
     assert seen[0] == pytest.approx(0.01) and not probes[0].within_budget
+    assert not any(unfloat)
     if not met:
         assert len(probes) == 1
         return
