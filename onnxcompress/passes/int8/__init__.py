@@ -53,7 +53,7 @@ an accuracy control and a latency guard.
    ``float_steps`` chunks were tried, or ``max_float`` of the quantized nodes are float.
    Where the float set holds agreement within half of ``max_drop`` (a prefix that
    overshot), its graph-order sixteenths return to int8 one at a time, the most MACs
-   first, each kept while agreement holds (``unfloat``; fused text_det: 168 → 44 float
+   first, each kept while agreement holds (``unfloat``; fused text_det: 168 → 60 float
    nodes, drop 0.0003 → 0.0065 at ``max_drop=0.01``).
 6. **Latency guard** (``guard``): fp32 and int8 timed in one process (ABBA blocks,
    medians). The usual culprits are tried in float one group at a time, each kept only
@@ -125,8 +125,8 @@ class Int8Options:
     max_float: float = field(default=0.5, metadata={
         "help": "accuracy control returns at most this fraction of the quantized nodes to float"})
     unfloat: bool = field(default=True, metadata={
-        "help": "accuracy control: once agreement holds, return segments of the float set to int8 (most MACs "
-                "first) while it still holds"})
+        "help": "accuracy control: when the float set holds agreement within half of max_drop, return its "
+                "graph-order sixteenths to int8 (most MACs first) while agreement holds"})
     float_steps: int = field(default=12, metadata={
         "help": "accuracy control: most chunks of Q/DQ pairs tried in float (each costs one evaluation)"})
     check_samples: int = field(default=16, metadata={
