@@ -189,6 +189,7 @@ def test_int8_over_budget_held_out_is_retried_with_a_tighter_max_drop(monkeypatc
 
     seen: list[float] = []
     unfloat: list[bool] = []  # the probe measures what int8 needs: it does not spend the slack
+    checks: list[int] = []  # inside the search int8 checks on 16 samples (the pass alone: 32)
     direction = np.random.default_rng(7).standard_normal(10).astype(np.float32)
 
     class FakeInt8(Pass):
@@ -200,6 +201,7 @@ def test_int8_over_budget_held_out_is_retried_with_a_tighter_max_drop(monkeypatc
         def run(self, model: onnx.ModelProto, ctx) -> PassResult:  # type: ignore[no-untyped-def]
             seen.append(self.options.max_drop)
             unfloat.append(self.options.unfloat)
+            checks.append(self.options.check_samples)
             target = 1.5 * self.options.max_drop
             x = np.concatenate([b["x"] for b in ctx.calibration])
             y = run(model, {"x": x})[0]
@@ -227,6 +229,7 @@ def test_int8_over_budget_held_out_is_retried_with_a_tighter_max_drop(monkeypatc
     probes = [t for t in rep.search.trials if t.stage == "int8"]
     assert seen[0] == pytest.approx(0.01) and not probes[0].within_budget
     assert not any(unfloat)
+    assert checks and all(c == 16 for c in checks)
     if not met:
         assert len(probes) == 1
         return

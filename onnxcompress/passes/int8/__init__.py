@@ -129,7 +129,7 @@ class Int8Options:
                 "graph-order sixteenths to int8 (most MACs first) while agreement holds"})
     float_steps: int = field(default=12, metadata={
         "help": "accuracy control: most chunks of Q/DQ pairs tried in float (each costs one evaluation)"})
-    check_samples: int = field(default=16, metadata={
+    check_samples: int = field(default=32, metadata={
         "help": "first calibration samples the accuracy check (and bias correction, guard timing) runs on"})
     samples: int = field(default=0, metadata={"help": "calibration samples used for ranges (0 = all)"})
     head_correction: bool = field(default=True, metadata={
