@@ -864,12 +864,12 @@ class Int8(Pass):
 
 def _layer_macs(model: onnx.ModelProto, sample: dict[str, np.ndarray]) -> dict[str, int]:
     """MACs of each Conv/Gemm/MatMul at the check sample's shapes ({} if they cannot be
-    resolved: the accuracy control then has no cost to order its segments by)."""
+    resolved: no float segment then has work to return to int8, and the slack is not spent)."""
     from ...report import count_macs
 
     try:
         _, layers, _ = count_macs(model, {k: list(v.shape) for k, v in sample.items()})
-    except Exception as exc:  # shape inference on an odd export: the segments keep graph order
+    except Exception as exc:  # shape inference on an odd export: unfloat does nothing
         log.info("int8: no per-layer MACs (%s)", exc)
         return {}
     return {layer.node: layer.macs for layer in layers}
