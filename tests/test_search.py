@@ -264,3 +264,54 @@ def test_a_borderline_step_is_timed_against_its_start(monkeypatch: pytest.Monkey
     assert trials[1].stage == "prune" and trials[1].accepted
     assert trials[2].stage == "lowrank" and trials[2].within_budget, trials[2].reason
     assert set(direct) == {"trial 2"} and trials[2].accepted and "timed against #1: 0.960" in trials[2].reason
+
+
+@pytest.mark.parametrize("over", [2.0, 8.0])
+def test_no_bisection_after_a_first_level_far_over_budget(monkeypatch: pytest.MonkeyPatch, over: float) -> None:
+    """A stand-in prune pass whose error is ``over``× the budget at every level (an error
+    floor): the first level fails; the search bisects towards 1.0 when it failed by less
+    than bisect_max_usage (4)×, and ends the stage at once when by more."""
+    import copy
+
+    import onnxcompress.passes.prune as prune_mod
+    from onnxcompress.pipeline import Pass, PassResult
+
+    direction = np.random.default_rng(3).standard_normal(10).astype(np.float32)
+    levels: list[float] = []
+
+    class FakePrune(Pass):
+        name = "prune"
+        summary = "test stand-in"
+        Options = prune_mod.PruneOptions
+        exact = False
+
+        def run(self, model: onnx.ModelProto, ctx) -> PassResult:  # type: ignore[no-untyped-def]
+            levels.append(self.options.macs_ratio)
+            x = np.concatenate([b["x"] for b in ctx.calibration])
+            y = run(model, {"x": x})[0]
+            # shift the logits along one direction far enough that the mean cosine drops
+            # by `over` × 0.01
+            target = over * 0.01
+
+            def drop(s: float) -> float:
+                z = y + s * direction
+                return 1 - float(np.mean((y * z).sum(1) / np.linalg.norm(y, axis=1) / np.linalg.norm(z, axis=1)))
+
+            lo, hi = 0.0, 1.0
+            while drop(hi) < target:
+                hi *= 2
+            for _ in range(50):
+                mid = (lo + hi) / 2
+                lo, hi = (mid, hi) if drop(mid) < target else (lo, mid)
+            out = copy.deepcopy(model)
+            bias = next(t for t in out.graph.initializer if t.name == "bf")
+            bias.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(bias) + lo * direction, "bf"))
+            return PassResult(out, True, {})
+
+    monkeypatch.setattr(prune_mod, "Prune", FakePrune)
+    opts = SearchOptions(prune_levels=(0.85, 0.7), lowrank_levels=(), int8=False, time_budget=300)
+    _, rep = oc.optimize(wide_model(), calibration=[{"x": calib()}], search=opts,
+                         thresholds={None: Thresholds(cosine=0.99)}, latency=False)
+    trials = [t for t in rep.search.trials if t.stage == "prune"]
+    assert trials[0].usage == pytest.approx(over, rel=0.2) and not trials[0].within_budget
+    assert levels == ([0.85, 0.925] if over < opts.bisect_max_usage else [0.85])
