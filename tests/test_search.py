@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import copy
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +48,27 @@ def wide_model(seed: int = 0) -> onnx.ModelProto:
 
 def calib(n: int = 64, seed: int = 1) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((n, 3, 48, 48)).astype(np.float32)
+
+
+def shifted_logits(model: onnx.ModelProto, x: np.ndarray, direction: np.ndarray, target: float) -> onnx.ModelProto:
+    """``model`` (wide_model) with its logits' bias moved along ``direction`` just far enough
+    that the mean cosine of its logits on ``x`` drops by ``target``."""
+    y = run(model, {"x": x})[0]
+
+    def drop(s: float) -> float:
+        z = y + s * direction
+        return 1 - float(np.mean((y * z).sum(1) / np.linalg.norm(y, axis=1) / np.linalg.norm(z, axis=1)))
+
+    lo, hi = 0.0, 1.0
+    while drop(hi) < target:
+        hi *= 2
+    for _ in range(50):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if drop(mid) < target else (lo, mid)
+    out = copy.deepcopy(model)
+    bias = next(t for t in out.graph.initializer if t.name == "bf")
+    bias.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(bias) + lo * direction, "bf"))
+    return out
 
 
 def test_default_thresholds_by_output_kind() -> None:
@@ -182,8 +204,6 @@ def test_int8_over_budget_held_out_is_retried_with_a_tighter_max_drop(monkeypatc
     held out it is over budget. Where its own control held (on the fitting samples), the
     search runs it once more with max_drop × 0.8 / usage, which fits; where it did not,
     a tighter max_drop would change nothing and there is no retry."""
-    import copy
-
     import onnxcompress.passes.int8 as int8_mod
     from onnxcompress.pipeline import Pass, PassResult
 
@@ -202,23 +222,8 @@ def test_int8_over_budget_held_out_is_retried_with_a_tighter_max_drop(monkeypatc
             seen.append(self.options.max_drop)
             unfloat.append(self.options.unfloat)
             checks.append(self.options.check_samples)
-            target = 1.5 * self.options.max_drop
             x = np.concatenate([b["x"] for b in ctx.calibration])
-            y = run(model, {"x": x})[0]
-
-            def drop(s: float) -> float:
-                z = y + s * direction
-                return 1 - float(np.mean((y * z).sum(1) / np.linalg.norm(y, axis=1) / np.linalg.norm(z, axis=1)))
-
-            lo, hi = 0.0, 1.0
-            while drop(hi) < target:
-                hi *= 2
-            for _ in range(50):
-                mid = (lo + hi) / 2
-                lo, hi = (mid, hi) if drop(mid) < target else (lo, mid)
-            out = copy.deepcopy(model)
-            bias = next(t for t in out.graph.initializer if t.name == "bf")
-            bias.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(bias) + lo * direction, "bf"))
+            out = shifted_logits(model, x, direction, 1.5 * self.options.max_drop)
             return PassResult(out, True, {"accuracy": {"met": met}})
 
     monkeypatch.setattr(int8_mod, "Int8", FakeInt8)
@@ -271,8 +276,6 @@ def test_no_bisection_after_a_first_level_far_over_budget(monkeypatch: pytest.Mo
     """A stand-in prune pass whose error is ``over``× the budget at every level (an error
     floor): the first level fails; the search bisects towards 1.0 when it failed by less
     than bisect_max_usage (4)×, and ends the stage at once when by more."""
-    import copy
-
     import onnxcompress.passes.prune as prune_mod
     from onnxcompress.pipeline import Pass, PassResult
 
@@ -288,25 +291,7 @@ def test_no_bisection_after_a_first_level_far_over_budget(monkeypatch: pytest.Mo
         def run(self, model: onnx.ModelProto, ctx) -> PassResult:  # type: ignore[no-untyped-def]
             levels.append(self.options.macs_ratio)
             x = np.concatenate([b["x"] for b in ctx.calibration])
-            y = run(model, {"x": x})[0]
-            # shift the logits along one direction far enough that the mean cosine drops
-            # by `over` × 0.01
-            target = over * 0.01
-
-            def drop(s: float) -> float:
-                z = y + s * direction
-                return 1 - float(np.mean((y * z).sum(1) / np.linalg.norm(y, axis=1) / np.linalg.norm(z, axis=1)))
-
-            lo, hi = 0.0, 1.0
-            while drop(hi) < target:
-                hi *= 2
-            for _ in range(50):
-                mid = (lo + hi) / 2
-                lo, hi = (mid, hi) if drop(mid) < target else (lo, mid)
-            out = copy.deepcopy(model)
-            bias = next(t for t in out.graph.initializer if t.name == "bf")
-            bias.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(bias) + lo * direction, "bf"))
-            return PassResult(out, True, {})
+            return PassResult(shifted_logits(model, x, direction, over * 0.01), True, {})  # 0.01: the budget
 
     monkeypatch.setattr(prune_mod, "Prune", FakePrune)
     opts = SearchOptions(prune_levels=(0.85, 0.7), lowrank_levels=(), int8=False, time_budget=300)
