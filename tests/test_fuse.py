@@ -9,8 +9,8 @@ import onnx
 import pytest
 from onnx import helper, numpy_helper
 
-from onnxcompress.model import load_model
-from onnxcompress.passes.fuse import Fuse
+from onnxcompress.model import load_model, node_attr
+from onnxcompress.passes.fuse import Fuse, FuseOptions
 from onnxcompress.pipeline import PassContext
 from onnxcompress.registry import build_pipeline
 
@@ -72,7 +72,7 @@ def test_hardswish_on_real_exports_within_onnxruntimes_own_rounding(name: str, f
     m, _ = build_pipeline("canonicalize").run(orig)
     res = Fuse().run(m, PassContext())
     assert res.stats["hardswish_fused"] == fused and res.stats["gate_residual_folded"] == gated
-    assert res.stats["affine_depthwise"] == depthwise and res.stats["space_to_depth"] == focus
+    assert res.stats["affine_depthwise"] == depthwise and res.stats["focus_conv"] == focus
     ref, ort_opt, fused_out = run(orig, data)[0], run(orig, data, optimize=True)[0], run(res.model, data)[0]
     scale = float(np.abs(ref).max())
     assert np.abs(fused_out - ref).max() <= max(2 * np.abs(ort_opt - ref).max(), 1e-6 * scale)
@@ -275,10 +275,11 @@ FOCUS = [(0, 0), (1, 0), (0, 1), (1, 1)]  # YOLOX's Concat order: top-left, bott
 
 
 def _focus_model(offsets: list[tuple[int, int]] = FOCUS, one_slice: bool = False, cols_first: bool = False,
-                 stride: int = 1, extra_reader: bool = False, negative_axes: bool = False) -> onnx.ModelProto:
+                 stride: int = 1, extra_reader: bool = False, negative_axes: bool = False,
+                 dilation: int = 1, pads: tuple[int, int, int, int] = (1, 1, 1, 1)) -> onnx.ModelProto:
     """x [N, 3, 16, 12] → x[:, :, a::2, b::2] for each (a, b) in ``offsets`` (two Slices, or
     one over both axes for the first branch with ``one_slice``; axes −2, −1 with
-    ``negative_axes``) → Concat → Conv 3×3."""
+    ``negative_axes``) → Concat → Conv 3×3 (``pads`` top, left, bottom, right)."""
     neg = 4 if negative_axes else 0
     rng = np.random.default_rng(23)
     big = np.iinfo(np.int64).max
@@ -302,24 +303,31 @@ def _focus_model(offsets: list[tuple[int, int]] = FOCUS, one_slice: bool = False
                                                     const(f"ax{second[0]}", [second[0]]), const("t2", [2])], [f"p{k}"]))
         parts.append(f"p{k}")
     nodes += [helper.make_node("Concat", parts, ["cat"], axis=1),
-              helper.make_node("Conv", ["cat", "w", "bias"], ["y"], pads=[1, 1, 1, 1], strides=[stride, stride])]
-    outputs = [fvi("y", ["N", 6, 8 // stride, 6 // stride])]
+              helper.make_node("Conv", ["cat", "w", "bias"], ["y"], pads=list(pads), strides=[stride, stride],
+                               dilations=[dilation, dilation])]
+    out_h = (8 + pads[0] + pads[2] - 2 * dilation - 1) // stride + 1
+    out_w = (6 + pads[1] + pads[3] - 2 * dilation - 1) // stride + 1
+    outputs = [fvi("y", ["N", 6, out_h, out_w])]
     if extra_reader:
         nodes.append(helper.make_node("Relu", ["cat"], ["r"]))
         outputs.append(fvi("r", ["N", 12, 8, 6]))
     return make_model(nodes, [fvi("x", ["N", 3, 16, 12])], outputs, inits)
 
 
-@pytest.mark.parametrize("one_slice,cols_first,stride,order,negative_axes", [
-    (False, False, 1, FOCUS, False), (True, False, 1, FOCUS, False), (False, True, 2, FOCUS, False),
-    (False, False, 1, FOCUS[::-1], False), (True, True, 1, FOCUS, True)])
-def test_focus_becomes_space_to_depth(one_slice: bool, cols_first: bool, stride: int,
-                                      order: list[tuple[int, int]], negative_axes: bool) -> None:
-    m = _focus_model(order, one_slice, cols_first, stride, negative_axes=negative_axes)
+@pytest.mark.parametrize("one_slice,cols_first,stride,order,negative_axes,dilation,pads,focus_conv", [
+    (False, False, 1, FOCUS, False, 1, (1, 1, 1, 1), False), (True, False, 1, FOCUS, False, 1, (1, 1, 1, 1), False),
+    (False, True, 2, FOCUS, False, 1, (1, 1, 1, 1), False), (False, False, 1, FOCUS[::-1], False, 1, (1, 1, 1, 1), False),
+    (True, True, 1, FOCUS, True, 1, (1, 1, 1, 1), False),
+    (False, False, 1, FOCUS, False, 2, (2, 2, 2, 2), True),  # dilated: no 2k×2k kernel, SpaceToDepth instead
+])
+def test_focus_becomes_space_to_depth(one_slice: bool, cols_first: bool, stride: int, order: list[tuple[int, int]],
+                                      negative_axes: bool, dilation: int, pads: tuple[int, int, int, int],
+                                      focus_conv: bool) -> None:
+    m = _focus_model(order, one_slice, cols_first, stride, negative_axes=negative_axes, dilation=dilation, pads=pads)
     xs = [np.random.default_rng(s).standard_normal((2, 3, 16, 12)).astype(np.float32) for s in range(3)]
     refs = [run(m, {"x": x})[0] for x in xs]
-    res = Fuse().run(m, PassContext())
-    assert res.modified and res.stats["space_to_depth"] == 1
+    res = Fuse(FuseOptions(focus_conv=focus_conv)).run(m, PassContext())
+    assert res.modified and res.stats["space_to_depth"] == 1 and res.stats["focus_conv"] == 0
     ops = Counter(n.op_type for n in res.model.graph.node)
     assert ops == Counter({"SpaceToDepth": 1, "Conv": 1})
     assert {t.name for t in res.model.graph.initializer} == {"bias", "w_space_to_depth"}  # Slice constants gone
@@ -327,6 +335,32 @@ def test_focus_becomes_space_to_depth(one_slice: bool, cols_first: bool, stride:
     onnx.shape_inference.infer_shapes(res.model, strict_mode=True)
     for x, ref in zip(xs, refs):
         np.testing.assert_allclose(run(res.model, {"x": x})[0], ref, rtol=1e-5, atol=1e-6 * float(np.abs(ref).max()))
+
+
+@pytest.mark.parametrize("one_slice,cols_first,stride,order,pads", [
+    (False, False, 1, FOCUS, (1, 1, 1, 1)), (True, True, 1, FOCUS[::-1], (1, 1, 1, 1)),
+    (False, False, 2, FOCUS, (1, 1, 1, 1)), (False, True, 1, [FOCUS[k] for k in (2, 0, 3, 1)], (0, 1, 2, 0)),
+])
+def test_focus_goes_into_the_conv(one_slice: bool, cols_first: bool, stride: int, order: list[tuple[int, int]],
+                                  pads: tuple[int, int, int, int]) -> None:
+    """Concat of the four sub-grids → k×k Conv (strides s, pads p) becomes one 2k×2k Conv
+    (strides 2s, pads 2p) on x: no Slice, Concat or SpaceToDepth left, same outputs."""
+    m = _focus_model(order, one_slice, cols_first, stride, pads=pads)
+    xs = [np.random.default_rng(s).standard_normal((2, 3, 16, 12)).astype(np.float32) for s in range(3)]
+    refs = [run(m, {"x": x})[0] for x in xs]
+    res = Fuse().run(m, PassContext())
+    assert res.modified and res.stats["focus_conv"] == 1 and res.stats["space_to_depth"] == 0
+    (conv,) = res.model.graph.node
+    assert conv.op_type == "Conv" and conv.input[0] == "x"
+    assert node_attr(conv, "kernel_shape") == [6, 6] and node_attr(conv, "strides") == [2 * stride] * 2
+    assert node_attr(conv, "pads") == [2 * p for p in pads]
+    assert {t.name for t in res.model.graph.initializer} == {"bias", "w_strided"}
+    onnx.checker.check_model(res.model)
+    onnx.shape_inference.infer_shapes(res.model, strict_mode=True)
+    for x, ref in zip(xs, refs):
+        out = run(res.model, {"x": x})[0]
+        assert out.shape == ref.shape
+        np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-6 * float(np.abs(ref).max()))
 
 
 @pytest.mark.parametrize("offsets,extra_reader", [

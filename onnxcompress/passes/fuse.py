@@ -58,13 +58,19 @@ above. Only where the Mul's output has no other reader and is not a graph output
 
 Focus layers (``space_to_depth``): YOLOv5 (before v6) and YOLOX start with
 ``Concat(x[..., ::2, ::2], x[..., 1::2, ::2], x[..., ::2, 1::2], x[..., 1::2, 1::2])``
-and a Conv, exported as eight Slices and a Concat. ``SpaceToDepth(x, 2)`` makes the same
-four sub-grids, as channel (2a + b)·C + c for the sub-grid starting at row a, column
-b; the Conv's weight input channels are reordered to match (exact: the same products
-and sums in another order). onnxruntime's Slices copy one strided element at a time:
-captcha_det ran 0.96–0.97× as long in fp32 (two timings), and fully int8 2.02× faster
-than the original instead of 1.94× (its quantized input now goes into SpaceToDepth in
-float, 0.4 ms, instead of eight Slices, 0.65 ms, and a Concat).
+and a Conv, exported as eight Slices and a Concat. onnxruntime's Slices copy one strided
+element at a time. A k×k Conv (strides s, pads p) on the four sub-grids is one 2k×2k Conv
+(strides 2s, pads 2p) on x (``focus_conv``, as YOLOv5 v6 rewrote its stem by hand): the
+sub-grid starting at row a, column b supplies kernel rows 2i + a and columns 2j + b, so
+``W'[o, c, 2i + a, 2j + b] = W[o, g·C + c, i, j]`` for the sub-grid's place g in the
+Concat (derivation at :func:`fuse_space_to_depth`). Where a reader of the Concat is not
+such a Conv (dilated, ``auto_pad``), ``SpaceToDepth(x, 2)`` makes the same four
+sub-grids, as channel (2a + b)·C + c, and the Convs' weight input channels are reordered
+to match. Both exact: the same products and sums in another order. captcha_det, fp32, in
+paired timings against the original: 0.93–0.95× into the Conv, 0.975–1.0× as
+SpaceToDepth (0.4 ms of the 37 ms; the stem Conv went from 1.74 ms on the 12 channels to
+1.42 ms on the 6×6 kernel). With the first 2/16 of its nodes float and the rest int8,
+0.52–0.55× of the original against 0.54–0.57× with SpaceToDepth.
 """
 
 from __future__ import annotations
@@ -101,12 +107,15 @@ class FuseOptions:
     space_to_depth: bool = field(default=True, metadata={
         "help": "a Focus layer (four stride-2 Slices of x, Concat, Conv) → SpaceToDepth(x) and the Conv with its "
                 "input channels reordered"})
+    focus_conv: bool = field(default=True, metadata={
+        "help": "with space_to_depth: a Focus layer read only by Convs with explicit padding and dilation 1 goes "
+                "into them instead, a k×k Conv becoming a 2k×2k Conv at twice the stride on x"})
 
 
 class Fuse(Pass):
     name = "fuse"
     summary = ("fuse spelled-out hard-swish (Add/Clip/Mul/Div) into one operator, fold constant Mul/Add into the "
-               "Convs around them, and make Focus layers one SpaceToDepth, so onnxruntime keeps its fast layout "
+               "Convs around them, and fold Focus layers into the Conv after them, so onnxruntime keeps its fast layout "
                "(exact up to rounding)")
     Options = FuseOptions
     exact = True  # the same function; rounding differs (see the module doc)
@@ -134,16 +143,16 @@ class Fuse(Pass):
         if depthwise:
             drop_stale_value_info(model.graph)
         gated = fold_gate_residual(model) if opts.gate_residual else 0
-        focus = fuse_space_to_depth(model) if opts.space_to_depth else 0
-        changed = bool(fused or folded or forward or bn or depthwise or gated or focus)
+        focus, focus_conv = fuse_space_to_depth(model, opts.focus_conv) if opts.space_to_depth else (0, 0)
+        changed = bool(fused or folded or forward or bn or depthwise or gated or focus or focus_conv)
         if changed:
             log.info("fuse: %d hard-swish chains fused, %d Mul/Add and %d BatchNormalization folded into the "
                      "Conv before them, %d Mul/Add into the Convs after them, %d Mul/Add made depthwise 1×1 "
-                     "Convs, %d gated residuals x + x·g → x·(g + 1), %d Focus layers → SpaceToDepth", fused, folded, bn,
-                     forward, depthwise, gated, focus)
+                     "Convs, %d gated residuals x + x·g → x·(g + 1), %d Focus layers → SpaceToDepth, %d into the Convs "
+                     "after them", fused, folded, bn, forward, depthwise, gated, focus, focus_conv)
         stats = {"hardswish_fused": fused, "affine_folded": folded, "batchnorm_folded": bn,
                  "affine_folded_forward": forward, "affine_depthwise": depthwise, "gate_residual_folded": gated,
-                 "space_to_depth": focus}
+                 "space_to_depth": focus, "focus_conv": focus_conv}
         return PassResult(model, changed, stats)
 
 
@@ -276,13 +285,27 @@ def _focus_branch(t: str, producer: dict[str, onnx.NodeProto], readers: dict[str
     return x, (spec[2], spec[3]), nodes
 
 
-def fuse_space_to_depth(model: onnx.ModelProto) -> int:
+def _plain_conv(c: onnx.NodeProto) -> bool:
+    """A 2-D Conv with explicit (or no) padding and dilation 1: one that a Focus layer
+    can go into as a kernel twice the size at twice the stride."""
+    return (node_attr(c, "auto_pad", "NOTSET") == "NOTSET"
+            and all(int(d) == 1 for d in node_attr(c, "dilations", [1, 1])))
+
+
+def fuse_space_to_depth(model: onnx.ModelProto, strided: bool = True) -> tuple[int, int]:
     """Rewrite a Focus layer (YOLOv5 before v6, YOLOX): ``Concat(x[..., a::2, b::2] for
-    the four (a, b) ∈ {0, 1}², axis=1)`` read only by Convs (group 1, constant weights)
-    becomes ``SpaceToDepth(x, blocksize=2)``, whose channel (2a + b)·C + c is the same
-    values as the Concat's channel g(a, b)·C + c (g: the branch's place in the Concat);
-    each Convs' weight input channels are reordered to match. The same products and
-    sums, in another order. The number of Focus layers rewritten.
+    the four (a, b) ∈ {0, 1}², axis=1)`` read only by Convs (group 1, constant weights).
+
+    With ``strided`` and every such Conv plain (explicit padding, dilation 1), the Focus
+    goes into the Convs: a k×k Conv with strides s, pads p on the Concat becomes a 2k×2k
+    Conv with strides 2s, pads 2p on x, ``W'[o, c, 2i + a, 2j + b] = W[o, g(a, b)·C + c,
+    i, j]`` (g: the branch's place in the Concat). Output row y of the Concat's Conv reads
+    Concat row s·y + i − p, i.e. x row 2(s·y + i − p) + a = 2s·y + (2i + a) − 2p, which is
+    the new Conv's kernel row 2i + a; the output sizes agree because H is even.
+    Otherwise the Concat becomes ``SpaceToDepth(x, blocksize=2)``, whose channel
+    (2a + b)·C + c holds the Concat's channel g(a, b)·C + c; each Conv's weight input
+    channels are reordered to match. Either way the same products and sums, in another
+    order. (Focus layers rewritten as SpaceToDepth, Focus layers gone into Convs.)
 
     Both need even H and W (the Concat's inputs differ in size otherwise). The slices must
     run to the end of their axes (end ≥ 2³¹ − 1) and each inner tensor have one reader."""
@@ -293,6 +316,7 @@ def fuse_space_to_depth(model: onnx.ModelProto) -> int:
     replace: dict[int, list[onnx.NodeProto]] = {}
     drop: set[int] = set()
     released: set[str] = set()  # initializers the rewrite stops reading (dropped if nothing else does)
+    into_convs = 0
     for cat in g.node:
         if not _std(cat, "Concat") or len(cat.input) != 4 or int(node_attr(cat, "axis", 0)) != 1:
             continue
@@ -313,6 +337,32 @@ def fuse_space_to_depth(model: onnx.ModelProto) -> int:
         if not ok:
             continue
         x = branches[0][0]  # type: ignore[index]
+        slices = [n for b in branches for n in b[2]]  # type: ignore[index]
+        drop.update(id(n) for n in slices)
+        released.update(i for n in slices for i in n.input[1:])
+        if strided and all(_plain_conv(c) for c in convs):
+            for c in convs:
+                w = numpy_helper.to_array(inits[c.input[1]])
+                ch = w.shape[1] // 4
+                new = np.zeros((w.shape[0], ch, 2 * w.shape[2], 2 * w.shape[3]), w.dtype)
+                for (a, b), k in place.items():
+                    new[:, :, a::2, b::2] = w[:, k * ch:(k + 1) * ch]
+                name = fresh(f"{c.input[1]}_strided")
+                g.initializer.append(numpy_helper.from_array(new, name))
+                released.add(c.input[1])
+                c.input[0], c.input[1] = x, name
+                k_h, k_w = (int(v) for v in w.shape[2:])
+                s_h, s_w = (int(v) for v in node_attr(c, "strides", [1, 1]))
+                pads = [2 * int(v) for v in node_attr(c, "pads", [0, 0, 0, 0])]
+                for a in list(c.attribute):
+                    if a.name in ("kernel_shape", "strides", "pads", "auto_pad"):
+                        c.attribute.remove(a)
+                c.attribute.extend([helper.make_attribute("kernel_shape", [2 * k_h, 2 * k_w]),
+                                    helper.make_attribute("strides", [2 * s_h, 2 * s_w]),
+                                    helper.make_attribute("pads", pads)])
+            replace[id(cat)] = []
+            into_convs += 1
+            continue
         s2d = fresh(f"{y}_space_to_depth")
         for c in convs:
             w = numpy_helper.to_array(inits[c.input[1]])
@@ -326,16 +376,13 @@ def fuse_space_to_depth(model: onnx.ModelProto) -> int:
             c.input[0], c.input[1] = s2d, name
         replace[id(cat)] = [helper.make_node("SpaceToDepth", [x], [s2d], name=f"{cat.name or y}_space_to_depth",
                                              blocksize=2)]
-        slices = [n for b in branches for n in b[2]]  # type: ignore[index]
-        drop.update(id(n) for n in slices)
-        released.update(i for n in slices for i in n.input[1:])
     if replace:
         _splice(g, replace, drop)
         used = {i for n in g.node for i in n.input} | {i.name for i in g.input} | outputs
         keep = [t for t in g.initializer if t.name in used or t.name not in released]
         del g.initializer[:]
         g.initializer.extend(keep)
-    return len(replace)
+    return len(replace) - into_convs, into_convs
 
 
 def fuse_hardswish(model: onnx.ModelProto) -> int:
