@@ -316,7 +316,8 @@ def _focus_model(offsets: list[tuple[int, int]] = FOCUS, one_slice: bool = False
 
 @pytest.mark.parametrize("one_slice,cols_first,stride,order,negative_axes,dilation,pads,focus_conv", [
     (False, False, 1, FOCUS, False, 1, (1, 1, 1, 1), False), (True, False, 1, FOCUS, False, 1, (1, 1, 1, 1), False),
-    (False, True, 2, FOCUS, False, 1, (1, 1, 1, 1), False), (False, False, 1, FOCUS[::-1], False, 1, (1, 1, 1, 1), False),
+    (False, True, 2, FOCUS, False, 1, (1, 1, 1, 1), False),
+    (False, False, 1, FOCUS[::-1], False, 1, (1, 1, 1, 1), False),
     (True, True, 1, FOCUS, True, 1, (1, 1, 1, 1), False),
     (False, False, 1, FOCUS, False, 2, (2, 2, 2, 2), True),  # dilated: no 2k×2k kernel, SpaceToDepth instead
 ])

@@ -115,8 +115,8 @@ class FuseOptions:
 class Fuse(Pass):
     name = "fuse"
     summary = ("fuse spelled-out hard-swish (Add/Clip/Mul/Div) into one operator, fold constant Mul/Add into the "
-               "Convs around them, and fold Focus layers into the Conv after them, so onnxruntime keeps its fast layout "
-               "(exact up to rounding)")
+               "Convs around them, and fold Focus layers into the Conv after them, so onnxruntime keeps its fast "
+               "layout (exact up to rounding)")
     Options = FuseOptions
     exact = True  # the same function; rounding differs (see the module doc)
     rel_range = 1e-2
@@ -354,9 +354,9 @@ def fuse_space_to_depth(model: onnx.ModelProto, strided: bool = True) -> tuple[i
                 k_h, k_w = (int(v) for v in w.shape[2:])
                 s_h, s_w = (int(v) for v in node_attr(c, "strides", [1, 1]))
                 pads = [2 * int(v) for v in node_attr(c, "pads", [0, 0, 0, 0])]
-                for a in list(c.attribute):
-                    if a.name in ("kernel_shape", "strides", "pads", "auto_pad"):
-                        c.attribute.remove(a)
+                for attr in list(c.attribute):
+                    if attr.name in ("kernel_shape", "strides", "pads", "auto_pad"):
+                        c.attribute.remove(attr)
                 c.attribute.extend([helper.make_attribute("kernel_shape", [2 * k_h, 2 * k_w]),
                                     helper.make_attribute("strides", [2 * s_h, 2 * s_w]),
                                     helper.make_attribute("pads", pads)])
