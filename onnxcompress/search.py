@@ -511,8 +511,7 @@ class Search:
                 tighter = max_drop * 0.8 / t.usage
                 t2 = self._trial("int8", f"max_drop={tighter:.4g}{label} (retry: #{t.index} over budget held out)",
                                  int8_pass(tighter, unfloat), (start.index, self.models[start.index]),
-                                 start.latency_ratio,
-                                 0.0, t.seconds)
+                                 start.latency_ratio, 0.0, t.seconds)
                 return t2
 
             # 1. probe int8 with the whole budget

@@ -661,8 +661,13 @@ class Int8(Pass):
         best: tuple[onnx.ModelProto, qdq.Plan, dict[str, float], set[str]] = (q, p, acc, set())
         # 1. prefixes in graph order
         order = [n.name for n in state.model.graph.node if n.name in p.nodes and n.name not in p.fused]
+
+        def sixteenths(lo: int, hi: int) -> set[str]:
+            """The quantized nodes of graph-order sixteenths lo … hi − 1 (fused ones with them)."""
+            return nodes_of_names(order[len(order) * lo // PREFIX_LEVELS: len(order) * hi // PREFIX_LEVELS], p)
+
         for j in range(1, PREFIX_LEVELS + 1):
-            trial = nodes_of_names(order[: len(order) * j // PREFIX_LEVELS], p)
+            trial = sixteenths(0, j)
             if cost(trial) > budget or best[2]["drop"] <= opts.max_drop:
                 break
             q2, p2 = self._build(state, opts, method, floated | trial)
@@ -690,8 +695,7 @@ class Int8(Pass):
         if opts.unfloat and best[3] and best[2]["drop"] <= UNFLOAT_SLACK * opts.max_drop:
             segments = []
             for j in range(PREFIX_LEVELS):
-                seg = nodes_of_names(order[len(order) * j // PREFIX_LEVELS: len(order) * (j + 1) // PREFIX_LEVELS],
-                                     p) & best[3]
+                seg = sixteenths(j, j + 1) & best[3]
                 work = sum(state.macs.get(n, 0) for n in seg)
                 if work > 0:
                     segments.append((work, j, seg))
