@@ -15,8 +15,9 @@ samples show none 85% of the time); the cosine of the class scores moves before 
 flip, but on the shared classifiers the eval sets' cosine deficit was 6–15× the held-out
 samples' (pruned textline_cls: held-out 0.9994, eval 0.9915; doc_orientation: 0.9973 and
 0.9895), hence a tenth of the budget. Feature tables ([N, rows, F], 2 ≤ F ≤ 64, e.g.
-detections: box coordinates, objectness, class scores as columns) also need mean cosine
-≥ 1 − ``max_drop`` for each column alone: one cosine over the table is dominated by the
+detections: box coordinates, objectness, class scores as columns) also need cosine
+≥ 1 − ``max_drop`` for each column alone, over all samples (pooled:
+:func:`~onnxcompress.validate.column_cosine`): one cosine over the table is dominated by the
 largest column (captcha_det's box sizes), and a pruned-lowrank-int8 chain that kept it at
 0.9925 had objectness cosine 0.80 and lost 54% of the detections. The user's :class:`~onnxcompress.validate.Thresholds`
 per output replace these. A trial's *usage* is the largest fraction of its allowance any
@@ -218,8 +219,8 @@ CLASS_COSINE_SHARE = 0.1
 
 def default_thresholds(max_drop: float, outputs: Mapping[str, np.ndarray]) -> dict[str | None, Thresholds]:
     """Mean cosine ≥ 1 − max_drop; class-score outputs: top-1 ≥ 1 − max_drop and mean
-    cosine ≥ 1 − max_drop · CLASS_COSINE_SHARE; feature tables: also each column's mean
-    cosine ≥ 1 − max_drop."""
+    cosine ≥ 1 − max_drop · CLASS_COSINE_SHARE; feature tables: also each column's
+    cosine over all samples ≥ 1 − max_drop."""
     result: dict[str | None, Thresholds] = {None: Thresholds(cosine=1 - max_drop)}
     for name, arr in outputs.items():
         if is_class_scores(arr.shape):
@@ -450,31 +451,35 @@ class Search:
         """Try ``levels`` in order from ``best``; bisect once after the first over budget,
         unless that was the first level and it used more than ``bisect_max_usage``× the
         budget (the error does not halve with the removal: on captcha_det prune at 0.85
-        used 32× the budget and 0.925 still 28×, 68 s for nothing)."""
+        used 32× the budget and 0.925 still 28×, 68 s for nothing). When the time budget
+        leaves no room for a trial, the stage stops there with the best level so far."""
         start = (best.index, self.models[best.index])
         expected = 0.0
         last_ok: float | None = None
         failed: float | None = None
         failed_usage = math.inf
-        for level in levels:
-            t = self._trial(stage, f"macs_ratio={level:g}", make(level), start, best.latency_ratio, reserve,
-                            expected + final_reserve)
-            expected = t.seconds
-            if t.step is None or not t.step.modified:
-                return best  # the pass cannot apply here (or failed): no point in other levels
-            if not t.within_budget:
-                failed, failed_usage = level, t.usage
-                break
-            last_ok = level
-            if t.accepted and t.latency_ratio < best.latency_ratio:
-                best = t
-        if failed is not None and (last_ok is not None or failed_usage <= self.opts.bisect_max_usage):
-            mid = round(((last_ok if last_ok is not None else 1.0) + failed) / 2, 3)
-            if mid not in levels and mid < 0.97:
-                t = self._trial(stage, f"macs_ratio={mid:g}", make(mid), start, best.latency_ratio, reserve,
+        try:  # a stop for time keeps the levels accepted before it
+            for level in levels:
+                t = self._trial(stage, f"macs_ratio={level:g}", make(level), start, best.latency_ratio, reserve,
                                 expected + final_reserve)
+                expected = t.seconds
+                if t.step is None or not t.step.modified:
+                    return best  # the pass cannot apply here (or failed): no point in other levels
+                if not t.within_budget:
+                    failed, failed_usage = level, t.usage
+                    break
+                last_ok = level
                 if t.accepted and t.latency_ratio < best.latency_ratio:
                     best = t
+            if failed is not None and (last_ok is not None or failed_usage <= self.opts.bisect_max_usage):
+                mid = round(((last_ok if last_ok is not None else 1.0) + failed) / 2, 3)
+                if mid not in levels and mid < 0.97:
+                    t = self._trial(stage, f"macs_ratio={mid:g}", make(mid), start, best.latency_ratio, reserve,
+                                    expected + final_reserve)
+                    if t.accepted and t.latency_ratio < best.latency_ratio:
+                        best = t
+        except _Stopped:
+            self.stopped.append(stage)
         return best
 
     def run(self, model: onnx.ModelProto) -> tuple[onnx.ModelProto, SearchReport]:
@@ -537,10 +542,7 @@ class Search:
             for stage, make, levels in stages:
                 if reserve >= 1.0:
                     break
-                try:
-                    structural = self._levels(stage, make, levels, structural, reserve, final_reserve)
-                except _Stopped:
-                    self.stopped.append(stage)
+                structural = self._levels(stage, make, levels, structural, reserve, final_reserve)
             if structural.latency_ratio < best.latency_ratio:
                 best = structural
 

@@ -128,6 +128,23 @@ def test_time_budget_stops_every_stage() -> None:
     assert rep.search.stopped == ["int8", "prune", "lowrank"]
 
 
+def test_a_stage_stopped_for_time_keeps_its_accepted_levels(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No time left after prune's first level: the stage stops there, and that accepted
+    level is still the answer (it was lost, and the input returned, before)."""
+    import onnxcompress.search as search_mod
+
+    def left(self) -> float:  # type: ignore[no-untyped-def]
+        return 0.0 if any(t.stage == "prune" for t in self.trials) else 1e9
+
+    monkeypatch.setattr(search_mod.Search, "_left", left)
+    opts = SearchOptions(prune_levels=(0.6, 0.4), lowrank_levels=(), int8=False, time_budget=300)
+    _, rep = oc.optimize(wide_model(), calibration=[{"x": calib()}], search=opts, latency=False)
+    s = rep.search
+    assert [t.stage for t in s.trials] == ["input", "prune"] and s.stopped == ["prune"]
+    assert s.chosen.stage == "prune" and s.chosen.accepted, s.chosen.reason
+    assert [p.name for p in rep.passes] == ["canonicalize", "fuse", "prune"]
+
+
 def test_few_samples_are_judged_on_all_of_them(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING, logger="onnxcompress.search")
     opts = SearchOptions(prune_levels=(0.6,), lowrank_levels=(), int8=False)
