@@ -66,7 +66,8 @@ def quantize_static_variant(path, calib, batch: int, activations: str = "uint8",
 def eval_metrics(name: str, ref: np.ndarray, y: np.ndarray, labels: np.ndarray | None) -> dict:
     """Accuracy of outputs ``y`` against the fp32 outputs ``ref`` on an eval set: mean
     per-sample cosine always; top-1 against ``labels`` and top-1 agreement with fp32 for
-    classifiers; captcha_det: recall of the fp32 detections (objectness > 0.3 kept > 0.3);
+    classifiers; captcha_det: recall of the fp32 detections (objectness > 0.3 kept > 0.3)
+    and precision (the share of the output's detections that are fp32 detections);
     text_det: IoU of the ``p > 0.3`` text masks."""
     a, b = ref.reshape(len(ref), -1).astype(np.float64), y.reshape(len(y), -1).astype(np.float64)
     cos = float(np.mean((a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-30)))
@@ -77,6 +78,7 @@ def eval_metrics(name: str, ref: np.ndarray, y: np.ndarray, labels: np.ndarray |
     if name == "captcha_det":
         pos = ref[..., 4] > 0.3
         acc["recall"] = float((y[..., 4][pos] > 0.3).mean())
+        acc["precision"] = float(pos[y[..., 4] > 0.3].mean()) if (y[..., 4] > 0.3).any() else 1.0
     if name == "text_det":
         ma, mb = ref > 0.3, y > 0.3
         acc["iou"] = float((ma & mb).sum() / max((ma | mb).sum(), 1))

@@ -13,9 +13,10 @@ is scored on ``*_eval.npz``, which no tool sees.
 Columns: file size, MACs per sample, onnxruntime CPU latency at batch 1 and 8 as a ratio
 to the original (each variant timed against the original in one ``measure_latency`` call:
 interleaved ABBA rounds, medians), accuracy (classifiers: top-1 against the labels and
-agreement with the original; captcha_det: mean cosine and recall of the original's
-detections and the worst column's mean cosine — objectness, box coordinates and class
-scores are separate columns of its [N, rows, 6] table; text_det: mean cosine and IoU of
+agreement with the original; captcha_det: mean cosine, the worst column's cosine over
+all eval images (objectness, box coordinates and class scores are separate columns of its
+[N, rows, 6] table; pooled over the images, see ``onnxcompress.validate.column_cosine``),
+and recall and precision of the original's detections; text_det: mean cosine and IoU of
 the p > 0.3 text masks), whether the default pipeline's default budget holds on the eval
 set (judged by the library's ``default_thresholds(0.01)`` and ``judge``, as the search
 judges its trials: classifiers top-1 agreement ≥ 0.99 — the search's extra class-score
@@ -155,7 +156,8 @@ def _acc_text(name: str, acc: dict) -> str:
     if name in CLASSIFIERS:
         return f"top-1 {acc['top1']:.3f}, agreement {acc['agreement']:.3f}"
     if name == "captcha_det":
-        return f"cos {acc['cosine']:.4f} (worst column {acc['column_cosine_min']:.4f}), recall {acc['recall']:.3f}"
+        prec = f", precision {acc['precision']:.3f}" if "precision" in acc else ""
+        return f"cos {acc['cosine']:.4f} (worst column {acc['column_cosine_min']:.4f}), recall {acc['recall']:.3f}{prec}"
     return f"cos {acc['cosine']:.4f}, IoU {acc['iou']:.3f}"
 
 

@@ -229,6 +229,34 @@ def cosine(a: np.ndarray, b: np.ndarray, axis: int) -> np.ndarray:
     return np.clip(cos, -1.0, 1.0)
 
 
+def column_sums(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """[3, F]: Σ a·b, Σ a², Σ b² of each column of two feature tables [N, rows, F], over
+    all their rows and samples (the running sums :func:`column_cosine` reads)."""
+    a2 = a.reshape(-1, a.shape[-1]).astype(np.float64)
+    b2 = b.reshape(-1, b.shape[-1]).astype(np.float64)
+    return np.stack([(a2 * b2).sum(0), (a2 * a2).sum(0), (b2 * b2).sum(0)])
+
+
+def column_cosine(sums: np.ndarray) -> np.ndarray:
+    """Each column's cosine over every row of every sample, from :func:`column_sums`
+    (added up over batches); 1 where both columns are zero.
+
+    Pooled over the samples, not a mean of per-sample cosines: a detector's objectness
+    column on an image with nothing to detect holds only background values near zero
+    (captcha_det: 29 of the 64 eval images, 11 of the 32 calibration ones), whose cosine
+    measures the pattern of that noise, not the detections. Two int8 models of
+    captcha_det (eval recall 0.978 and 0.975) had per-image means 0.9932 and 0.9890 on the
+    eval set, their eight lowest images all without a detection, and the second had 0.9931
+    on the calibration set; pooled: 0.9963 and 0.9954 on eval, 0.9949 and 0.9955 on
+    calibration. Each image weighs by its column's energy, so a lost or invented
+    detection still counts in full (a fully int8 model that lost 9% of the detections:
+    pooled 0.987)."""
+    dot, aa, bb = sums
+    with np.errstate(invalid="ignore", divide="ignore"):
+        cos = np.where((aa == 0) & (bb == 0), 1.0, dot / np.maximum(np.sqrt(aa * bb), 1e-300))
+    return np.clip(cos, -1.0, 1.0)
+
+
 #: largest trailing axis of a "feature table" ([N, rows, F], e.g. detections: box, scores)
 FEATURE_TABLE_MAX = 64
 
@@ -270,7 +298,7 @@ class OutputStats:
     top1_agree: int = 0
     top1_total: int = 0
     classes: bool = False
-    feature_cos_sum: np.ndarray | None = None
+    feature_sums: np.ndarray | None = None  # column_sums, added up over batches
 
     def update(self, ref: np.ndarray, new: np.ndarray) -> None:
         if ref.shape != new.shape:
@@ -305,10 +333,9 @@ class OutputStats:
         self.cos_sum += float(cos.sum())
         self.cos_min = min(self.cos_min, float(cos.min())) if cos.size else self.cos_min
         self.samples += n
-        if is_feature_table(a.shape):
-            # per sample and feature j: cosine over the rows (boxes) of column j
-            fcos = cosine(ca, cb, axis=1).sum(axis=0)
-            self.feature_cos_sum = fcos if self.feature_cos_sum is None else self.feature_cos_sum + fcos
+        if is_feature_table(a.shape):  # feature j: cosine over the rows (boxes) of all samples
+            sums = column_sums(ca, cb)
+            self.feature_sums = sums if self.feature_sums is None else self.feature_sums + sums
         if is_class_scores(a.shape):
             self.classes = True
             sa, sb = np.where(fa, a, -np.inf).reshape(n, -1), np.where(fb, b, -np.inf).reshape(n, -1)
@@ -331,8 +358,8 @@ class OutputStats:
         }
         if self.classes:
             m["top1"] = self.top1_agree / self.top1_total if self.top1_total else 1.0
-        if self.feature_cos_sum is not None and self.samples:
-            per = self.feature_cos_sum / self.samples
+        if self.feature_sums is not None:
+            per = column_cosine(self.feature_sums)
             m["feature_cosine"] = [round(float(v), 6) for v in per]
             m["feature_cosine_min"] = float(per.min())
         return m
@@ -387,7 +414,7 @@ def judge(name: str, m: Mapping[str, Any], t: Thresholds) -> list[str]:
         fails.append(f"mean cosine {m['cosine_mean']:.5f} < {t.cosine:g}")
     if t.feature_cosine is not None and "feature_cosine_min" in m and m["feature_cosine_min"] < t.feature_cosine:
         j = int(np.argmin(m["feature_cosine"]))
-        fails.append(f"mean cosine of feature {j} (last axis) {m['feature_cosine_min']:.5f} < {t.feature_cosine:g}")
+        fails.append(f"cosine of feature {j} (last axis, over all samples) {m['feature_cosine_min']:.5f} < {t.feature_cosine:g}")
     if t.top1 is not None and "top1" in m and m["top1"] < t.top1:
         fails.append(f"top-1 agreement {m['top1']:.4f} < {t.top1:g}")
     return fails

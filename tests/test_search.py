@@ -214,13 +214,14 @@ def test_textline_default_pipeline_holds_the_budget_on_the_eval_set() -> None:
     assert (ref.argmax(1) == new.argmax(1)).mean() >= 0.99, trials
 
 
-@pytest.mark.parametrize("met", [True, False])
+@pytest.mark.parametrize("met, control_drop", [(True, None), (False, None), (True, 0.003)])
 def test_int8_over_budget_held_out_is_retried_with_a_tighter_max_drop(monkeypatch: pytest.MonkeyPatch,
-                                                                      met: bool) -> None:
+                                                                      met: bool, control_drop: float | None) -> None:
     """A stand-in int8 pass whose output error is 1.5× the max_drop it is given: judged
     held out it is over budget. Where its own control held (on the fitting samples), the
-    search runs it once more with max_drop × 0.8 / usage, which fits; where it did not,
-    a tighter max_drop would change nothing and there is no retry."""
+    search runs it once more with max_drop × 0.8 / usage, which fits, or 0.8 × the drop
+    its control reported where that is lower (a max_drop above it returns the same
+    model); where it did not hold, a tighter max_drop would change nothing: no retry."""
     import onnxcompress.passes.int8 as int8_mod
     from onnxcompress.pipeline import Pass, PassResult
 
@@ -241,7 +242,7 @@ def test_int8_over_budget_held_out_is_retried_with_a_tighter_max_drop(monkeypatc
             checks.append(self.options.check_samples)
             x = np.concatenate([b["x"] for b in ctx.calibration])
             out = shifted_logits(model, x, direction, 1.5 * self.options.max_drop)
-            return PassResult(out, True, {"accuracy": {"met": met}})
+            return PassResult(out, True, {"accuracy": {"met": met, "drop": control_drop}})
 
     monkeypatch.setattr(int8_mod, "Int8", FakeInt8)
     opts = SearchOptions(prune_levels=(), lowrank_levels=(), time_budget=300)
@@ -258,8 +259,45 @@ def test_int8_over_budget_held_out_is_retried_with_a_tighter_max_drop(monkeypatc
     assert len(probes) == 2
     first, retry = probes
     assert not first.within_budget and 1.0 < first.usage < 4.0
-    assert seen[1] == pytest.approx(0.01 * 0.8 / first.usage, rel=5e-3) and "retry" in retry.setting
+    tighter = 0.01 * 0.8 / first.usage if control_drop is None else 0.8 * control_drop
+    assert tighter < 0.01 * 0.8 / first.usage + 1e-12
+    assert seen[1] == pytest.approx(tighter, rel=5e-3) and "retry" in retry.setting
     assert retry.within_budget, retry.reason
+
+
+@pytest.mark.parametrize("retries", [1, 2])
+def test_int8_retries_until_within_budget_held_out(monkeypatch: pytest.MonkeyPatch, retries: int) -> None:
+    """A stand-in int8 pass with an error floor (0.0125 for any max_drop ≥ 0.005, then
+    1.5× max_drop): the first retry (max_drop 0.0064) is still over; the second (0.0041)
+    fits. ``int8_retries`` bounds the retries."""
+    import onnxcompress.passes.int8 as int8_mod
+    from onnxcompress.pipeline import Pass, PassResult
+
+    seen: list[float] = []
+    direction = np.random.default_rng(7).standard_normal(10).astype(np.float32)
+
+    class FakeInt8(Pass):
+        name = "int8"
+        summary = "test stand-in"
+        Options = int8_mod.Int8Options
+        exact = False
+
+        def run(self, model: onnx.ModelProto, ctx) -> PassResult:  # type: ignore[no-untyped-def]
+            md = self.options.max_drop
+            seen.append(md)
+            x = np.concatenate([b["x"] for b in ctx.calibration])
+            out = shifted_logits(model, x, direction, 0.0125 if md >= 0.005 else 1.5 * md)
+            return PassResult(out, True, {"accuracy": {"met": True}})
+
+    monkeypatch.setattr(int8_mod, "Int8", FakeInt8)
+    opts = SearchOptions(prune_levels=(), lowrank_levels=(), time_budget=300, int8_retries=retries)
+    _, rep = oc.optimize(wide_model(), calibration=[{"x": calib()}], search=opts,
+                         thresholds={None: Thresholds(cosine=0.99)}, latency=False)
+    probes = [t for t in rep.search.trials if t.stage == "int8"]
+    assert len(probes) == 1 + retries and len(seen) == 1 + retries
+    assert seen[0] == pytest.approx(0.01) and seen[1] == pytest.approx(0.01 * 0.8 / probes[0].usage, rel=5e-3)
+    assert [t.within_budget for t in probes] == [False] * retries + [retries == 2]
+    assert all(f"retry: #{a.index} over budget" in b.setting for a, b in zip(probes, probes[1:]))
 
 
 def test_a_borderline_step_is_timed_against_its_start(monkeypatch: pytest.MonkeyPatch) -> None:

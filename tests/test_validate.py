@@ -9,7 +9,9 @@ import pytest
 
 from onnxcompress.data import RandomSource, input_specs
 from onnxcompress.errors import OptionError, ProviderError, RuntimeModelError
-from onnxcompress.validate import OutputStats, Thresholds, compare_models, judge, parse_tolerances, resolve_provider
+from onnxcompress.validate import (
+    OutputStats, Thresholds, column_cosine, column_sums, compare_models, cosine, judge, parse_tolerances, resolve_provider,
+)
 
 from .builders import linear_model
 
@@ -90,6 +92,30 @@ def test_feature_table_cosine_per_column() -> None:
     flat = OutputStats("map")
     flat.update(a.reshape(3, 1, 50, 6), b.reshape(3, 1, 50, 6))  # not a feature table: no per-column metric
     assert "feature_cosine_min" not in flat.metrics()
+
+
+def test_feature_table_column_cosine_is_pooled_over_samples() -> None:
+    """Images with nothing to detect hold background noise only: a new noise pattern there
+    leaves the pooled column cosine near 1 (a per-image mean would fall to about 0.75),
+    while a lost detection still pulls it down. Batches add up to the one-call value."""
+    rng = np.random.default_rng(5)
+    a = np.concatenate([10 * rng.random((4, 200, 4)), 1e-3 * rng.random((4, 200, 2))], axis=2)
+    a[0, 5, 4], a[1, 17, 4] = 0.9, 0.8  # detections on images 0 and 1; images 2, 3 empty
+    b = a.copy()
+    b[2:, :, 4] = 1e-3 * rng.random((2, 200))  # another background pattern on the empty images
+    assert cosine(a[2:, :, 4], b[2:, :, 4], axis=1).mean() < 0.85
+    s = OutputStats("det")
+    s.update(a[:2], b[:2])
+    s.update(a[2:], b[2:])
+    m = s.metrics()
+    assert m["feature_cosine"][4] > 0.999
+    assert m["feature_cosine"][4] == pytest.approx(float(column_cosine(column_sums(a, b))[4]), rel=1e-6)
+    lost = b.copy()
+    lost[1, 17, 4] = 0.1
+    s2 = OutputStats("det")
+    s2.update(a, lost)
+    assert s2.metrics()["feature_cosine_min"] < 0.9
+    assert judge("det", s2.metrics(), Thresholds(feature_cosine=0.99)) != []
 
 
 def test_parse_tolerances() -> None:
