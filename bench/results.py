@@ -157,7 +157,8 @@ def _acc_text(name: str, acc: dict) -> str:
         return f"top-1 {acc['top1']:.3f}, agreement {acc['agreement']:.3f}"
     if name == "captcha_det":
         prec = f", precision {acc['precision']:.3f}" if "precision" in acc else ""
-        return f"cos {acc['cosine']:.4f} (worst column {acc['column_cosine_min']:.4f}), recall {acc['recall']:.3f}{prec}"
+        return (f"cos {acc['cosine']:.4f} (worst column {acc['column_cosine_min']:.4f}), "
+                f"recall {acc['recall']:.3f}{prec}")
     return f"cos {acc['cosine']:.4f}, IoU {acc['iou']:.3f}"
 
 

@@ -45,14 +45,15 @@ model of the stages before it:
    must keep usage ≤ 1 − 1.5·u₈ (the stages' errors roughly add). int8's own accuracy
    control judges on the fitting samples; where the held-out ones put it over budget by
    u < ``int8_retry`` (4)×, it runs again with its ``max_drop`` cut to 0.8/u of it, and
-   to 0.8 of the drop its control saw where that is lower (a ``max_drop`` above that
-   returns the same model), up to ``int8_retries`` (2) times (captcha_det: objectness
-   column 0.9916 on the fitting samples, 0.9877 held out; with the first 1/16 float its
-   control saw a drop of 0.0048, and the held-out images 0.011) — unless its control did
-   not hold even the first ``max_drop`` (then a tighter one returns the same model). Its control may float up to ``int8_max_float`` (0.75) of the
-   quantized nodes, more than the pass's own default (0.5): the search times every
-   trial anyway (on fused text_det, 0.75 gave eval cosine 0.9992 at 0.84× the latency,
-   where 0.5 stopped at 0.9912, over the held-out budget), and checks on 16 of the
+   to 0.8 of the drop its control saw where that is lower, up to ``int8_retries`` (2)
+   times (captcha_det: objectness column 0.9916 on the fitting samples, 0.9877 held out;
+   with the pooled column, a retry at ``max_drop`` 0.0072 returned the same fully int8
+   model: its control's drop was already under that) — unless its control did not hold
+   even the first ``max_drop`` (then a tighter one returns the same model). Its control
+   may float up to ``int8_max_float`` (0.75) of the quantized nodes, more than the
+   pass's own default (0.5): the search times every trial anyway (on fused text_det, 0.75
+   gave eval cosine 0.9992 at 0.84× the latency, where 0.5 stopped at 0.9912, over the
+   held-out budget), and checks on 16 of the
    fitting samples (the pass alone: 32; each int8 trial is timed, and its evaluations
    would double, ~16 s more per text_det trial). The probe runs with the
    pass's ``unfloat`` off: spending the slack would spend the structural stages' budget.

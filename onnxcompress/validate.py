@@ -414,7 +414,8 @@ def judge(name: str, m: Mapping[str, Any], t: Thresholds) -> list[str]:
         fails.append(f"mean cosine {m['cosine_mean']:.5f} < {t.cosine:g}")
     if t.feature_cosine is not None and "feature_cosine_min" in m and m["feature_cosine_min"] < t.feature_cosine:
         j = int(np.argmin(m["feature_cosine"]))
-        fails.append(f"cosine of feature {j} (last axis, over all samples) {m['feature_cosine_min']:.5f} < {t.feature_cosine:g}")
+        fails.append(f"cosine of feature {j} (last axis, over all samples) {m['feature_cosine_min']:.5f}"
+                     f" < {t.feature_cosine:g}")
     if t.top1 is not None and "top1" in m and m["top1"] < t.top1:
         fails.append(f"top-1 agreement {m['top1']:.4f} < {t.top1:g}")
     return fails

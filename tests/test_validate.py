@@ -10,7 +10,8 @@ import pytest
 from onnxcompress.data import RandomSource, input_specs
 from onnxcompress.errors import OptionError, ProviderError, RuntimeModelError
 from onnxcompress.validate import (
-    OutputStats, Thresholds, column_cosine, column_sums, compare_models, cosine, judge, parse_tolerances, resolve_provider,
+    OutputStats, Thresholds, column_cosine, column_sums, compare_models, cosine, judge, parse_tolerances,
+    resolve_provider,
 )
 
 from .builders import linear_model

@@ -41,8 +41,8 @@ an accuracy control and a latency guard.
    cosine of a feature table's single column over all samples (see :func:`agreement`: on
    captcha_det the table's cosine was 0.9985 on the eval set with its objectness column
    at 0.975 as a per-image mean, and 8% of the detections were lost). If it exceeds
-   ``max_drop`` the other range methods are tried on the same histograms; then the first 1/16, 2/16, … of the
-   quantized nodes in graph order go float (error made early is amplified by every later
+   ``max_drop`` the other range methods are tried on the same histograms; then the first
+   1/16, 2/16, … of the quantized nodes in graph order go float (error made early is amplified by every later
    layer: on text_det the first ~35% float lifts eval IoU from 0.91 to 0.96), each prefix
    kept only if agreement improves; then, from the best prefix, the Q/DQ pairs that bury
    the most signal (mean over channels of min(1, (s²/12)/E[x_c²]), from per-channel mean squares
