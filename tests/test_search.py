@@ -6,7 +6,9 @@ import json
 import logging
 import math
 import copy
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -14,6 +16,7 @@ import pytest
 from onnx import helper, numpy_helper
 
 import onnxcompress as oc
+from onnxcompress.pipeline import Pass, PassResult
 from onnxcompress.search import SearchOptions, _tighten, _usage, default_thresholds
 from onnxcompress.validate import OutputStats, Thresholds
 
@@ -69,6 +72,27 @@ def shifted_logits(model: onnx.ModelProto, x: np.ndarray, direction: np.ndarray,
     bias = next(t for t in out.graph.initializer if t.name == "bf")
     bias.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(bias) + lo * direction, "bf"))
     return out
+
+
+def stand_in(name: str, options: type, error: Callable[[Any], float], calls: list[Any],
+             stats: dict[str, Any] | None = None, seed: int = 7) -> type[Pass]:
+    """A pass named ``name`` (options of type ``options``) that records its options in
+    ``calls`` and moves the logits' bias along a seeded direction until their mean cosine
+    on its calibration data drops by ``error(its options)``; its stats are ``stats``."""
+    direction = np.random.default_rng(seed).standard_normal(10).astype(np.float32)
+
+    class StandIn(Pass):
+        summary = "test stand-in"
+        Options = options
+        exact = False
+
+        def run(self, model: onnx.ModelProto, ctx) -> PassResult:  # type: ignore[no-untyped-def]
+            calls.append(self.options)
+            x = np.concatenate([b["x"] for b in ctx.calibration])
+            return PassResult(shifted_logits(model, x, direction, error(self.options)), True, dict(stats or {}))
+
+    StandIn.name = name
+    return StandIn
 
 
 def test_default_thresholds_by_output_kind() -> None:
@@ -223,33 +247,18 @@ def test_int8_over_budget_held_out_is_retried_with_a_tighter_max_drop(monkeypatc
     its control reported where that is lower (a max_drop above it returns the same
     model); where it did not hold, a tighter max_drop would change nothing: no retry."""
     import onnxcompress.passes.int8 as int8_mod
-    from onnxcompress.pipeline import Pass, PassResult
 
-    seen: list[float] = []
-    unfloat: list[bool] = []  # the probe measures what int8 needs: it does not spend the slack
-    checks: list[int] = []  # inside the search int8 checks on 16 samples (the pass alone: 32)
-    direction = np.random.default_rng(7).standard_normal(10).astype(np.float32)
-
-    class FakeInt8(Pass):
-        name = "int8"
-        summary = "test stand-in"
-        Options = int8_mod.Int8Options
-        exact = False
-
-        def run(self, model: onnx.ModelProto, ctx) -> PassResult:  # type: ignore[no-untyped-def]
-            seen.append(self.options.max_drop)
-            unfloat.append(self.options.unfloat)
-            checks.append(self.options.check_samples)
-            x = np.concatenate([b["x"] for b in ctx.calibration])
-            out = shifted_logits(model, x, direction, 1.5 * self.options.max_drop)
-            return PassResult(out, True, {"accuracy": {"met": met, "drop": control_drop}})
-
-    monkeypatch.setattr(int8_mod, "Int8", FakeInt8)
+    calls: list[Any] = []
+    monkeypatch.setattr(int8_mod, "Int8", stand_in("int8", int8_mod.Int8Options, lambda o: 1.5 * o.max_drop, calls,
+                                                   {"accuracy": {"met": met, "drop": control_drop}}))
     opts = SearchOptions(prune_levels=(), lowrank_levels=(), time_budget=300)
     thresholds = {None: Thresholds(cosine=0.99)}
     _, rep = oc.optimize(wide_model(), calibration=[{"x": calib()}], search=opts, thresholds=thresholds,
                          latency=False)
     probes = [t for t in rep.search.trials if t.stage == "int8"]
+    seen = [o.max_drop for o in calls]
+    unfloat = [o.unfloat for o in calls]  # the probe measures what int8 needs: it does not spend the slack
+    checks = [o.check_samples for o in calls]  # inside the search int8 checks on 16 samples (the pass alone: 32)
     assert seen[0] == pytest.approx(0.01) and not probes[0].within_budget
     assert not any(unfloat)
     assert checks and all(c == 16 for c in checks)
@@ -271,29 +280,16 @@ def test_int8_retries_until_within_budget_held_out(monkeypatch: pytest.MonkeyPat
     1.5× max_drop): the first retry (max_drop 0.0064) is still over; the second (0.0041)
     fits. ``int8_retries`` bounds the retries."""
     import onnxcompress.passes.int8 as int8_mod
-    from onnxcompress.pipeline import Pass, PassResult
 
-    seen: list[float] = []
-    direction = np.random.default_rng(7).standard_normal(10).astype(np.float32)
-
-    class FakeInt8(Pass):
-        name = "int8"
-        summary = "test stand-in"
-        Options = int8_mod.Int8Options
-        exact = False
-
-        def run(self, model: onnx.ModelProto, ctx) -> PassResult:  # type: ignore[no-untyped-def]
-            md = self.options.max_drop
-            seen.append(md)
-            x = np.concatenate([b["x"] for b in ctx.calibration])
-            out = shifted_logits(model, x, direction, 0.0125 if md >= 0.005 else 1.5 * md)
-            return PassResult(out, True, {"accuracy": {"met": True}})
-
-    monkeypatch.setattr(int8_mod, "Int8", FakeInt8)
+    calls: list[Any] = []
+    floor = stand_in("int8", int8_mod.Int8Options, lambda o: 0.0125 if o.max_drop >= 0.005 else 1.5 * o.max_drop,
+                     calls, {"accuracy": {"met": True}})
+    monkeypatch.setattr(int8_mod, "Int8", floor)
     opts = SearchOptions(prune_levels=(), lowrank_levels=(), time_budget=300, int8_retries=retries)
     _, rep = oc.optimize(wide_model(), calibration=[{"x": calib()}], search=opts,
                          thresholds={None: Thresholds(cosine=0.99)}, latency=False)
     probes = [t for t in rep.search.trials if t.stage == "int8"]
+    seen = [o.max_drop for o in calls]
     assert len(probes) == 1 + retries and len(seen) == 1 + retries
     assert seen[0] == pytest.approx(0.01) and seen[1] == pytest.approx(0.01 * 0.8 / probes[0].usage, rel=5e-3)
     assert [t.within_budget for t in probes] == [False] * retries + [retries == 2]
@@ -332,26 +328,13 @@ def test_no_bisection_after_a_first_level_far_over_budget(monkeypatch: pytest.Mo
     floor): the first level fails; the search bisects towards 1.0 when it failed by less
     than bisect_max_usage (4)×, and ends the stage at once when by more."""
     import onnxcompress.passes.prune as prune_mod
-    from onnxcompress.pipeline import Pass, PassResult
 
-    direction = np.random.default_rng(3).standard_normal(10).astype(np.float32)
-    levels: list[float] = []
-
-    class FakePrune(Pass):
-        name = "prune"
-        summary = "test stand-in"
-        Options = prune_mod.PruneOptions
-        exact = False
-
-        def run(self, model: onnx.ModelProto, ctx) -> PassResult:  # type: ignore[no-untyped-def]
-            levels.append(self.options.macs_ratio)
-            x = np.concatenate([b["x"] for b in ctx.calibration])
-            return PassResult(shifted_logits(model, x, direction, over * 0.01), True, {})  # 0.01: the budget
-
-    monkeypatch.setattr(prune_mod, "Prune", FakePrune)
+    calls: list[Any] = []  # error: over × the budget (0.01)
+    monkeypatch.setattr(prune_mod, "Prune", stand_in("prune", prune_mod.PruneOptions, lambda o: over * 0.01, calls,
+                                                     seed=3))
     opts = SearchOptions(prune_levels=(0.85, 0.7), lowrank_levels=(), int8=False, time_budget=300)
     _, rep = oc.optimize(wide_model(), calibration=[{"x": calib()}], search=opts,
                          thresholds={None: Thresholds(cosine=0.99)}, latency=False)
     trials = [t for t in rep.search.trials if t.stage == "prune"]
     assert trials[0].usage == pytest.approx(over, rel=0.2) and not trials[0].within_budget
-    assert levels == ([0.85, 0.925] if over < opts.bisect_max_usage else [0.85])
+    assert [o.macs_ratio for o in calls] == ([0.85, 0.925] if over < opts.bisect_max_usage else [0.85])
