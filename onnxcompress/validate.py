@@ -232,8 +232,8 @@ def cosine(a: np.ndarray, b: np.ndarray, axis: int) -> np.ndarray:
 def column_sums(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """[3, F]: Σ a·b, Σ a², Σ b² of each column of two feature tables [N, rows, F], over
     all their rows and samples (the running sums :func:`column_cosine` reads)."""
-    a2 = a.reshape(-1, a.shape[-1]).astype(np.float64)
-    b2 = b.reshape(-1, b.shape[-1]).astype(np.float64)
+    a2 = np.asarray(a, np.float64).reshape(-1, a.shape[-1])
+    b2 = np.asarray(b, np.float64).reshape(-1, b.shape[-1])
     return np.stack([(a2 * b2).sum(0), (a2 * a2).sum(0), (b2 * b2).sum(0)])
 
 
