@@ -13,6 +13,7 @@ from onnx import helper, numpy_helper
 import onnxcompress as oc
 from onnxcompress.data import open_data
 from onnxcompress.errors import OptionError
+import onnxcompress.passes.int8 as int8_mod
 from onnxcompress.passes.int8 import Int8, Int8Options, agreement, prepare, qdq
 from onnxcompress.pipeline import PassContext
 from onnxcompress.registry import build_pipeline
@@ -527,8 +528,6 @@ def test_accuracy_control_returns_the_slack_to_int8(monkeypatch: pytest.MonkeyPa
     accuracy: the prefix 6/16 in float meets max_drop with room to spare, and the next
     phase returns the float segments with MACs in them to int8 one at a time (most MACs
     first) while agreement holds, so only the costly segment stays float."""
-    import onnxcompress.passes.int8 as int8_mod
-
     m = _canon(FIXTURES / "mobilenet_se.onnx")
     seen: dict[str, set[str]] = {}
     real_build = Int8._build
@@ -537,7 +536,8 @@ def test_accuracy_control_returns_the_slack_to_int8(monkeypatch: pytest.MonkeyPa
         q, p = real_build(self, state, opts, method, floated, drop, spread)
         if "hot" not in seen:  # the first build quantizes everything it may
             order = [n.name for n in state.model.graph.node if n.name in p.nodes and n.name not in p.fused]
-            seen["hot"] = set(order[len(order) * 5 // 16: len(order) * 6 // 16])
+            cuts = int8_mod.prefix_cuts(state.model.graph, order, p)
+            seen["hot"] = set(order[cuts[5]:cuts[6]])
         seen["quantized"] = set(p.nodes)
         return q, p
 
@@ -564,3 +564,47 @@ def test_accuracy_control_returns_the_slack_to_int8(monkeypatch: pytest.MonkeyPa
     assert not any("unfloat_segment" in s for s in without.stats["accuracy"]["steps"])
     assert floated < without.stats["float_reasons"]["excluded"]
     assert res.stats["quantized_nodes"] > without.stats["quantized_nodes"]
+
+
+def test_prefix_cuts_move_to_where_one_tensor_crosses() -> None:
+    """A stem node and 16 residual blocks (u = f(h), v = g(u), h' = v + h): one tensor
+    crosses after the stem and after each Add, two anywhere else. Each sixteenth's cut
+    (49·j // 16: 3, 6, 9, …, all inside a block) moves by at most half a sixteenth to a
+    one-tensor position, and the cuts never go back."""
+    nodes = [helper.make_node("Relu", ["x"], ["h0"], name="stem")]
+    for i in range(16):
+        h = f"h{i}"
+        nodes += [helper.make_node("Relu", [h], [f"u{i}"], name=f"u{i}"),
+                  helper.make_node("Neg", [f"u{i}"], [f"v{i}"], name=f"v{i}"),
+                  helper.make_node("Add", [f"v{i}", h], [f"h{i + 1}"], name=f"add{i}")]
+    m = make_model(nodes, [fvi("x", [1, 4])], [fvi("h16", [1, 4])])
+    order = [n.name for n in m.graph.node]
+    plan = qdq.Plan(nodes=set(order))
+    cuts = int8_mod.prefix_cuts(m.graph, order, plan)
+    assert len(cuts) == 17 and cuts[0] == 0 and cuts[-1] == len(order) == 49
+    assert cuts == sorted(cuts)
+    for j, k in enumerate(cuts[1:-1], 1):
+        assert k % 3 == 1, cuts  # after the stem (1) or an Add (4, 7, …): one tensor crosses
+        assert abs(k - 49 * j // 16) <= 1
+    assert cuts[1:-1] != [49 * j // 16 for j in range(1, 16)]  # the plain cuts were ragged
+
+
+def test_min_float_prefix_floats_prefixes_even_when_agreement_holds(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With agreement already within max_drop fully quantized, the control floats nothing;
+    with ``min_float_prefix=2`` it floats the second prefix cut all the same (what the
+    default pipeline asks for when held-out samples reject the first answer) and reports
+    it; the option is range-checked."""
+    m = _canon(FIXTURES / "mobilenet_se.onnx")
+    monkeypatch.setattr(int8_mod, "agreement", lambda ref, new, columns=False: {"cosine": 0.999, "drop": 0.001})
+    opts = dict(guard=False, max_drop=0.005, bias_correction=False, head_correction=False, unfloat=True)
+    plain = Int8(Int8Options(**opts)).run(copy.deepcopy(m), _ctx(m, "mobilenet_se"))
+    assert plain.stats["accuracy"]["float_prefix"] == 0
+    assert not any("float_prefix" in s for s in plain.stats["accuracy"]["steps"])
+    res = Int8(Int8Options(min_float_prefix=2, **opts)).run(copy.deepcopy(m), _ctx(m, "mobilenet_se"))
+    acc = res.stats["accuracy"]
+    tried = [s for s in acc["steps"] if "float_prefix" in s]
+    assert acc["float_prefix"] == 2 and [s["rung"] for s in tried] == [2] and tried[0]["kept"]
+    assert not any("unfloat_segment" in s for s in acc["steps"])  # the floor is not handed back
+    assert res.stats["quantized_nodes"] < plain.stats["quantized_nodes"]
+    with pytest.raises(OptionError, match="min_float_prefix"):
+        Int8(Int8Options(min_float_prefix=17, **opts)).run(copy.deepcopy(m), _ctx(m, "mobilenet_se"))

@@ -75,10 +75,11 @@ def shifted_logits(model: onnx.ModelProto, x: np.ndarray, direction: np.ndarray,
 
 
 def stand_in(name: str, options: type, error: Callable[[Any], float], calls: list[Any],
-             stats: dict[str, Any] | None = None, seed: int = 7) -> type[Pass]:
+             stats: dict[str, Any] | Callable[[Any], dict[str, Any]] | None = None, seed: int = 7) -> type[Pass]:
     """A pass named ``name`` (options of type ``options``) that records its options in
     ``calls`` and moves the logits' bias along a seeded direction until their mean cosine
-    on its calibration data drops by ``error(its options)``; its stats are ``stats``."""
+    on its calibration data drops by ``error(its options)``; its stats are ``stats`` (or
+    ``stats(its options)``)."""
     direction = np.random.default_rng(seed).standard_normal(10).astype(np.float32)
 
     class StandIn(Pass):
@@ -89,7 +90,8 @@ def stand_in(name: str, options: type, error: Callable[[Any], float], calls: lis
         def run(self, model: onnx.ModelProto, ctx) -> PassResult:  # type: ignore[no-untyped-def]
             calls.append(self.options)
             x = np.concatenate([b["x"] for b in ctx.calibration])
-            return PassResult(shifted_logits(model, x, direction, error(self.options)), True, dict(stats or {}))
+            got = stats(self.options) if callable(stats) else stats
+            return PassResult(shifted_logits(model, x, direction, error(self.options)), True, dict(got or {}))
 
     StandIn.name = name
     return StandIn
@@ -238,62 +240,67 @@ def test_textline_default_pipeline_holds_the_budget_on_the_eval_set() -> None:
     assert (ref.argmax(1) == new.argmax(1)).mean() >= 0.99, trials
 
 
-@pytest.mark.parametrize("met, control_drop", [(True, None), (False, None), (True, 0.003)])
-def test_int8_over_budget_held_out_is_retried_with_a_tighter_max_drop(monkeypatch: pytest.MonkeyPatch,
-                                                                      met: bool, control_drop: float | None) -> None:
-    """A stand-in int8 pass whose output error is 1.5× the max_drop it is given: judged
-    held out it is over budget. Where its own control held (on the fitting samples), the
-    search runs it once more with max_drop × 0.8 / usage, which fits, or 0.8 × the drop
-    its control reported where that is lower (a max_drop above it returns the same
-    model); where it did not hold, a tighter max_drop would change nothing: no retry."""
+@pytest.mark.parametrize("met", [True, False])
+def test_int8_over_budget_held_out_is_retried_with_more_float(monkeypatch: pytest.MonkeyPatch, met: bool) -> None:
+    """A stand-in int8 pass whose error is 1.5% with nothing floated and 0.5% with a float
+    prefix of one cut or more: judged held out, the first is over budget. Where its own
+    control held (on the fitting samples), the search runs it once more at the same
+    max_drop with at least one more float-prefix cut than it reported (0 → 1), which fits;
+    where it did not hold even with its most float, more changes nothing: no retry."""
     import onnxcompress.passes.int8 as int8_mod
 
     calls: list[Any] = []
-    monkeypatch.setattr(int8_mod, "Int8", stand_in("int8", int8_mod.Int8Options, lambda o: 1.5 * o.max_drop, calls,
-                                                   {"accuracy": {"met": met, "drop": control_drop}}))
+    monkeypatch.setattr(int8_mod, "Int8", stand_in(
+        "int8", int8_mod.Int8Options, lambda o: 0.015 if o.min_float_prefix == 0 else 0.005, calls,
+        lambda o: {"accuracy": {"met": met, "float_prefix": o.min_float_prefix}}))
     opts = SearchOptions(prune_levels=(), lowrank_levels=(), time_budget=300)
     thresholds = {None: Thresholds(cosine=0.99)}
     _, rep = oc.optimize(wide_model(), calibration=[{"x": calib()}], search=opts, thresholds=thresholds,
                          latency=False)
     probes = [t for t in rep.search.trials if t.stage == "int8"]
-    seen = [o.max_drop for o in calls]
     unfloat = [o.unfloat for o in calls]  # the probe measures what int8 needs: it does not spend the slack
     checks = [o.check_samples for o in calls]  # inside the search int8 checks on 16 samples (the pass alone: 32)
-    assert seen[0] == pytest.approx(0.01) and not probes[0].within_budget
+    assert calls[0].max_drop == pytest.approx(0.01) and calls[0].min_float_prefix == 0
+    assert not probes[0].within_budget and 1.0 < probes[0].usage < 4.0
     assert not any(unfloat)
     assert checks and all(c == 16 for c in checks)
     if not met:
         assert len(probes) == 1
         return
     assert len(probes) == 2
-    first, retry = probes
-    assert not first.within_budget and 1.0 < first.usage < 4.0
-    tighter = 0.01 * 0.8 / first.usage if control_drop is None else 0.8 * control_drop
-    assert tighter < 0.01 * 0.8 / first.usage + 1e-12
-    assert seen[1] == pytest.approx(tighter, rel=5e-3) and "retry" in retry.setting
-    assert retry.within_budget, retry.reason
+    retry = calls[1]
+    assert retry.max_drop == pytest.approx(0.01) and retry.min_float_prefix == 1
+    assert "retry" in probes[1].setting and "float prefix ≥ 1" in probes[1].setting
+    assert probes[1].within_budget, probes[1].reason
 
 
 @pytest.mark.parametrize("retries", [1, 2])
 def test_int8_retries_until_within_budget_held_out(monkeypatch: pytest.MonkeyPatch, retries: int) -> None:
-    """A stand-in int8 pass with an error floor (0.0125 for any max_drop ≥ 0.005, then
-    1.5× max_drop): the first retry (max_drop 0.0064) is still over; the second (0.0041)
-    fits. ``int8_retries`` bounds the retries."""
+    """A stand-in int8 pass whose error falls with its float prefix (1.5%, 1.25%, 0.5% for
+    floors 0, 1, 2) and whose control floats one cut more than asked (floor 0 reports 1):
+    the first retry asks for 2 cuts, which fits; each retry asks for one more cut than the
+    previous answer reported, and ``int8_retries`` bounds them."""
     import onnxcompress.passes.int8 as int8_mod
 
     calls: list[Any] = []
-    floor = stand_in("int8", int8_mod.Int8Options, lambda o: 0.0125 if o.max_drop >= 0.005 else 1.5 * o.max_drop,
-                     calls, {"accuracy": {"met": True}})
+    errors = {0: 0.015, 1: 0.0125}
+    floor = stand_in("int8", int8_mod.Int8Options, lambda o: errors.get(o.min_float_prefix, 0.005), calls,
+                     lambda o: {"accuracy": {"met": True, "float_prefix": max(1, o.min_float_prefix)}})
     monkeypatch.setattr(int8_mod, "Int8", floor)
     opts = SearchOptions(prune_levels=(), lowrank_levels=(), time_budget=300, int8_retries=retries)
     _, rep = oc.optimize(wide_model(), calibration=[{"x": calib()}], search=opts,
                          thresholds={None: Thresholds(cosine=0.99)}, latency=False)
     probes = [t for t in rep.search.trials if t.stage == "int8"]
-    seen = [o.max_drop for o in calls]
-    assert len(probes) == 1 + retries and len(seen) == 1 + retries
-    assert seen[0] == pytest.approx(0.01) and seen[1] == pytest.approx(0.01 * 0.8 / probes[0].usage, rel=5e-3)
-    assert [t.within_budget for t in probes] == [False] * retries + [retries == 2]
+    assert [o.min_float_prefix for o in calls] == [0, 2]  # the first answer floated 1 cut: ask for 2
+    assert [t.within_budget for t in probes] == [False, True]
     assert all(f"retry: #{a.index} over budget" in b.setting for a, b in zip(probes, probes[1:]))
+    errors[2] = 0.0125  # still over with 2: a third try only where retries allow it
+    calls.clear()
+    _, rep = oc.optimize(wide_model(), calibration=[{"x": calib()}], search=opts,
+                         thresholds={None: Thresholds(cosine=0.99)}, latency=False)
+    probes = [t for t in rep.search.trials if t.stage == "int8"]
+    assert [o.min_float_prefix for o in calls] == [0, 2, 3][:1 + retries]
+    assert [t.within_budget for t in probes] == [False] * retries + [retries == 2]
 
 
 def test_a_borderline_step_is_timed_against_its_start(monkeypatch: pytest.MonkeyPatch) -> None:
