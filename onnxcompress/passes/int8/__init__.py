@@ -192,8 +192,9 @@ def prefix_cuts(g: onnx.GraphProto, order: list[str], p: qdq.Plan, levels: int =
     half a sixteenth to where the fewest tensors cross from the prefix to quantized nodes
     after it (nearest first), never before the previous cut. A ragged cut costs a
     Q/DQ and a layout change per crossing tensor and leaves residual Adds float beside
-    int8 branches: on captcha_det the 2/16 prefix ran 6–9% slower than the one-tensor cut
-    three nodes before it (float through Conv_61's SiLU)."""
+    int8 branches: on captcha_det the ragged 2/16 prefix (about 32 nodes, through Conv_70) ran 6–9% slower
+    than one-tensor cuts 9–12 nodes before it (float through Concat_60 or Conv_61's
+    SiLU)."""
     n = len(order)
     pos = {name: i for i, name in enumerate(order)}
     pos.update({f: pos[src] for f, src in p.fused.items() if src in pos})
