@@ -212,9 +212,9 @@ def prefix_cuts(g: onnx.GraphProto, order: list[str], p: qdq.Plan, levels: int =
     cross = np.cumsum(cross)
     cuts, half = [0], max(1, n // (2 * levels))
     for j in range(1, levels):
-        b = n * j // levels
+        b = n * j // levels  # the window is never empty: the previous cut is ≤ its own b + half ≤ this b + half
         window = range(max(cuts[-1], b - half), min(n, b + half) + 1)
-        cuts.append(min(window, key=lambda k: (int(cross[k]), abs(k - b), k)) if window else cuts[-1])
+        cuts.append(min(window, key=lambda k: (int(cross[k]), abs(k - b), k)))
     return [*cuts, n]
 
 
