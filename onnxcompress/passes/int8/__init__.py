@@ -99,6 +99,7 @@ from ...validate import column_cosine, column_sums, cosine, is_class_scores, is_
 from . import prepare, qdq
 from .calibration import StreamingHistogram, collect_histograms, low_through, tensor_range
 from .rounding import GptqRounder, input_hessians
+from .refit import refit_convs
 
 log = logging.getLogger(__name__)
 
@@ -142,6 +143,9 @@ class Int8Options:
     bias_correction: bool = field(default=True, metadata={
         "help": "shift each quantized Conv/Gemm bias by the mean error its own quantization adds (kept only if "
                 "agreement does not get worse)"})
+    refit: bool = field(default=False, metadata={
+        "help": "last step: refit each int8 Conv, in graph order, to the float model's output from the input the "
+                "int8 model gives it (least squares on the check samples; kept only if agreement improves)"})
     guard: bool = field(default=True, metadata={"help": "time fp32 vs int8 and never return a slower model"})
     guard_batches: str = field(default="1,8", metadata={
         "help": "comma-separated batch sizes the guard times; int8 must be faster at every one "
@@ -466,6 +470,8 @@ class Int8(Pass):
                              summary=f"kept float: {stats.get('reason', '')}")
                 return PassResult(model, False, stats)
             q, p = best
+        if opts.refit:
+            acc = self._refit(state, q, check, ctx, acc, evaluate, stats)
         stats.update(self._describe(state, p))
         stats["decision"] = "quantized"
         lat = stats.get("latency", {}).get("ratio")
@@ -765,6 +771,24 @@ class Int8(Pass):
                     best = (q2, p2, acc2, trial)
         floated |= best[3]
         return best[0], best[1], best[2], best_rung
+
+    def _refit(self, state: _State, q: onnx.ModelProto, check: list[dict[str, np.ndarray]], ctx: PassContext,
+               acc: dict[str, float], evaluate, stats: dict[str, Any]) -> dict[str, float]:  # type: ignore[no-untyped-def]
+        """:func:`refit.refit_convs` on the final model, in place; undone unless agreement
+        on the check samples improves. Returns the agreement of the model kept."""
+        t0 = time.perf_counter()
+        saved = {t.name: onnx.TensorProto() for t in q.graph.initializer}
+        for t in q.graph.initializer:
+            saved[t.name].CopyFrom(t)
+        layers = refit_convs(state.model, q, check, provider=ctx.provider, seed=ctx.seed)
+        acc2 = evaluate(q) if layers else acc
+        kept = layers > 0 and acc2["drop"] < acc["drop"]
+        if layers and not kept:  # put the weights back
+            del q.graph.initializer[:]
+            q.graph.initializer.extend(saved.values())
+        stats["refit"] = {"layers": layers, "kept": kept, "drop_before": round(acc["drop"], 6),
+                          "drop_after": round(acc2["drop"], 6), "seconds": round(time.perf_counter() - t0, 3)}
+        return acc2 if kept else acc
 
     def _regions(self, state: _State, p: qdq.Plan) -> list[set[str]]:
         """Connected quantized nodes (through quantized tensors)."""
