@@ -471,7 +471,7 @@ class Int8(Pass):
                 return PassResult(model, False, stats)
             q, p = best
         if opts.refit:
-            acc = self._refit(state, q, check, ctx, acc, evaluate, stats)
+            q, acc = self._refit(state, q, check, ctx, acc, evaluate, stats)
         stats.update(self._describe(state, p))
         stats["decision"] = "quantized"
         lat = stats.get("latency", {}).get("ratio")
@@ -773,22 +773,19 @@ class Int8(Pass):
         return best[0], best[1], best[2], best_rung
 
     def _refit(self, state: _State, q: onnx.ModelProto, check: list[dict[str, np.ndarray]], ctx: PassContext,
-               acc: dict[str, float], evaluate, stats: dict[str, Any]) -> dict[str, float]:  # type: ignore[no-untyped-def]
-        """:func:`refit.refit_convs` on the final model, in place; undone unless agreement
-        on the check samples improves. Returns the agreement of the model kept."""
+               acc: dict[str, float], evaluate, stats: dict[str, Any],  # type: ignore[no-untyped-def]
+               ) -> tuple[onnx.ModelProto, dict[str, float]]:
+        """:func:`refit.refit_convs` on a copy of the final model, kept only if agreement on
+        the check samples improves. Returns the model kept and its agreement."""
         t0 = time.perf_counter()
-        saved = {t.name: onnx.TensorProto() for t in q.graph.initializer}
-        for t in q.graph.initializer:
-            saved[t.name].CopyFrom(t)
-        layers = refit_convs(state.model, q, check, provider=ctx.provider, seed=ctx.seed)
-        acc2 = evaluate(q) if layers else acc
+        q2 = onnx.ModelProto()
+        q2.CopyFrom(q)
+        layers = refit_convs(state.model, q2, check, provider=ctx.provider, seed=ctx.seed)
+        acc2 = evaluate(q2) if layers else acc
         kept = layers > 0 and acc2["drop"] < acc["drop"]
-        if layers and not kept:  # put the weights back
-            del q.graph.initializer[:]
-            q.graph.initializer.extend(saved.values())
         stats["refit"] = {"layers": layers, "kept": kept, "drop_before": round(acc["drop"], 6),
                           "drop_after": round(acc2["drop"], 6), "seconds": round(time.perf_counter() - t0, 3)}
-        return acc2 if kept else acc
+        return (q2, acc2) if kept else (q, acc)
 
     def _regions(self, state: _State, p: qdq.Plan) -> list[set[str]]:
         """Connected quantized nodes (through quantized tensors)."""

@@ -47,21 +47,6 @@ def _inits(m: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
     return {t.name: t for t in m.graph.initializer}
 
 
-def _patches_at(node: onnx.NodeProto, x: np.ndarray, where: tuple[np.ndarray, np.ndarray, np.ndarray],
-                w_shape: tuple[int, ...], y_shape: tuple[int, ...]) -> np.ndarray:
-    """Input patches [S, n] of ``node`` at output positions ``where`` (image, row, column)."""
-    from ..prune.recovery import _conv_geometry
-
-    kh, kw, st, dil, pads = _conv_geometry(node, x.shape, w_shape, y_shape)
-    ni, oy, ox = where
-    xp = np.pad(x, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
-    rows = oy[:, None] * st[0] + np.arange(kh)[None, :] * dil[0]
-    cols = ox[:, None] * st[1] + np.arange(kw)[None, :] * dil[1]
-    c = x.shape[1]
-    p = xp[ni[:, None, None, None], np.arange(c)[None, :, None, None], rows[:, None, :, None], cols[:, None, None, :]]
-    return p.reshape(len(ni), -1)
-
-
 def refit_convs(float_model: onnx.ModelProto, q: onnx.ModelProto, batches: Sequence[dict[str, np.ndarray]], *,
                 provider: str = "cpu", seed: int = 0, damp: float = DAMP) -> int:
     """Refit, in place, the int8 weights and biases of ``q``'s quantized Convs (one group,
@@ -69,7 +54,7 @@ def refit_convs(float_model: onnx.ModelProto, q: onnx.ModelProto, batches: Seque
     docstring); ``float_model`` is the float model ``q`` was built from (same node and
     tensor names). Returns the number of layers refitted."""
     from ...validate import make_session, run_session
-    from ..prune.recovery import sample_patches
+    from ..prune.recovery import patches_at, sample_patches
 
     qi, fi = _inits(q), _inits(float_model)
     prod = {o: n for n in q.graph.node for o in n.output}
@@ -128,8 +113,9 @@ def refit_convs(float_model: onnx.ModelProto, q: onnx.ModelProto, batches: Seque
             if extra:
                 q.graph.output.pop()
         k = len(outs) if extra else outs.index(n.input[0])
-        xh = np.concatenate([_patches_at(n, run_session(sq, b, "int8 refit: int8 model")[k], wh, w.shape, ys)
-                             for b, wh, ys in zip(batches, where[n.name], yshape[n.name])]).astype(np.float64)
+        xh = np.concatenate([patches_at(n, run_session(sq, b, "int8 refit: int8 model")[k], ys, w.shape, *wh)
+                             .reshape(len(wh[0]), -1) for b, wh, ys in zip(batches, where[n.name], yshape[n.name])])
+        xh = xh.astype(np.float64)
         x = np.concatenate(fx.pop(n.name)).astype(np.float64)
         w2 = w.reshape(w.shape[0], -1).astype(np.float64)
         b = numpy_helper.to_array(fi[f.input[2]]).astype(np.float64) if len(f.input) > 2 and f.input[2] in fi else None

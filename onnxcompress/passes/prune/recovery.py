@@ -139,18 +139,24 @@ def sample_patches(node: onnx.NodeProto, x: np.ndarray, out_shape: tuple[int, ..
                    positions: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Input patches [S, C, kh, kw] of a Conv at up to ``positions`` random output positions
     per image, and the (image, row, column) indices of those positions."""
-    kh, kw, strides, dil, pads = _conv_geometry(node, x.shape, w_shape, out_shape)
     n, _, ho, wo = out_shape
     per = min(positions, ho * wo)
     ni = np.repeat(np.arange(n), per)
     flat = np.concatenate([rng.choice(ho * wo, per, replace=False) for _ in range(n)])
     oy, ox = flat // wo, flat % wo
+    return patches_at(node, x, out_shape, w_shape, ni, oy, ox), ni, oy, ox
+
+
+def patches_at(node: onnx.NodeProto, x: np.ndarray, out_shape: tuple[int, ...], w_shape: tuple[int, ...],
+               ni: np.ndarray, oy: np.ndarray, ox: np.ndarray) -> np.ndarray:
+    """Input patches [S, C, kh, kw] of a Conv at output positions (image ``ni``, row ``oy``,
+    column ``ox``)."""
+    kh, kw, strides, dil, pads = _conv_geometry(node, x.shape, w_shape, out_shape)
     xp = np.pad(x, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
     rows = oy[:, None] * strides[0] + np.arange(kh)[None, :] * dil[0]  # [S, kh]
     cols = ox[:, None] * strides[1] + np.arange(kw)[None, :] * dil[1]  # [S, kw]
     c = x.shape[1]
-    patches = xp[ni[:, None, None, None], np.arange(c)[None, :, None, None], rows[:, None, :, None], cols[:, None, None, :]]
-    return patches, ni, oy, ox
+    return xp[ni[:, None, None, None], np.arange(c)[None, :, None, None], rows[:, None, :, None], cols[:, None, None, :]]
 
 
 def _accumulate(cs: ConsumerStats, x: np.ndarray) -> None:
