@@ -648,6 +648,25 @@ def test_refit_lowers_the_error_int8_layers_pass_on(tmp_path) -> None:
     assert [n.op_type for n in q.graph.node] == [n.op_type for n in q2.graph.node]
 
 
+def test_refit_skips_a_layer_whose_float_bias_it_cannot_read(tmp_path) -> None:
+    from onnxcompress.passes.int8.refit import refit_convs
+
+    m = _conv_chain()
+    rng = np.random.default_rng(1)
+    fit = [{"x": rng.standard_normal((1, 3, 12, 12)).astype(np.float32)} for _ in range(8)]
+    np.savez(tmp_path / "fit.npz", x=np.concatenate([b["x"] for b in fit]))
+    ctx = PassContext(calibration=open_data(tmp_path / "fit.npz", m, batch_size=1))
+    q = Int8(Int8Options(guard=False, max_drop=0)).run(copy.deepcopy(m), ctx).model
+    f = copy.deepcopy(m)  # conv0's bias from a Constant node: refit cannot rescale its int32 bias with it
+    b0 = next(t for t in f.graph.initializer if t.name == "b0")
+    f.graph.node.insert(0, helper.make_node("Constant", [], ["b0"], value=copy.deepcopy(b0)))
+    f.graph.initializer.remove(b0)
+    before = {t.name: numpy_helper.to_array(t) for t in q.graph.initializer if t.name.startswith("conv0_")}
+    assert before and refit_convs(f, q, fit) == 4
+    assert all(np.array_equal(numpy_helper.to_array(t), before[t.name]) for t in q.graph.initializer
+               if t.name in before)
+
+
 def test_refit_option_is_kept_only_when_agreement_improves() -> None:
     m = _canon(FIXTURES / "mobilenet_se.onnx")
     res = Int8(Int8Options(guard=False, max_drop=0, refit=True)).run(copy.deepcopy(m), _ctx(m, "mobilenet_se"))

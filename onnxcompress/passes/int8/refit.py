@@ -72,6 +72,8 @@ def refit_convs(float_model: onnx.ModelProto, q: onnx.ModelProto, batches: Seque
         wdq, xdq = dq_of(n.input[1]), prod.get(n.input[0])
         if wdq is None or xdq is None or xdq.op_type != "DequantizeLinear" or f.input[1] not in fi:
             continue
+        if len(n.input) > 2 and n.input[2] and (len(f.input) < 3 or f.input[2] not in fi):
+            continue  # a bias we cannot read: an int32 one must be rewritten at the new weight scales
         w = numpy_helper.to_array(fi[f.input[1]])
         if w.ndim != 4 or numpy_helper.to_array(qi[wdq.input[0]]).dtype != np.int8:
             continue
@@ -118,7 +120,7 @@ def refit_convs(float_model: onnx.ModelProto, q: onnx.ModelProto, batches: Seque
         xh = xh.astype(np.float64)
         x = np.concatenate(fx.pop(n.name)).astype(np.float64)
         w2 = w.reshape(w.shape[0], -1).astype(np.float64)
-        b = numpy_helper.to_array(fi[f.input[2]]).astype(np.float64) if len(f.input) > 2 and f.input[2] in fi else None
+        b = numpy_helper.to_array(fi[f.input[2]]).astype(np.float64) if len(n.input) > 2 and n.input[2] else None
         # a Conv without a bias keeps none (a float bias input would stop onnxruntime's QLinearConv fusion)
         a = np.concatenate([xh, np.ones((len(xh), 1))], 1) if b is not None else xh
         h = a.T @ a / len(a)
