@@ -673,3 +673,21 @@ def test_refit_option_is_kept_only_when_agreement_improves() -> None:
     r = res.stats["refit"]
     assert r["layers"] > 0
     assert r["kept"] == (r["drop_after"] < r["drop_before"])
+
+
+def test_an_excluded_conv_between_int8_layers_stays_float_in_onnxruntime(tmp_path) -> None:
+    """onnxruntime quantizes a float Conv whose input comes from a per-tensor DequantizeLinear
+    (its WeightBiasQuantization: per-tensor int8 weights) and then fuses it into a
+    QLinearConv; the pass feeds such a Conv through a per-channel DQ so it runs float."""
+    m = _conv_chain()
+    rng = np.random.default_rng(1)
+    np.savez(tmp_path / "fit.npz", x=rng.standard_normal((16, 3, 12, 12)).astype(np.float32))
+    ctx = PassContext(calibration=open_data(tmp_path / "fit.npz", m, batch_size=1))
+    q = Int8(Int8Options(guard=False, max_drop=0, exclude="conv2")).run(copy.deepcopy(m), ctx).model
+    assert qdq.fused_ops(q).get("QLinearConv") == 4  # conv0, 1, 3, 4; 5 without the per-channel DQ
+    conv2 = next(n for n in q.graph.node if n.name == "conv2")
+    dq = next(n for n in q.graph.node if conv2.input[0] in n.output)
+    assert dq.op_type == "DequantizeLinear" and [a.i for a in dq.attribute if a.name == "axis"] == [1]
+    for seed in range(3):  # the optimized session computes what the graph says
+        feeds = {"x": np.random.default_rng(seed).standard_normal((1, 3, 12, 12)).astype(np.float32)}
+        np.testing.assert_allclose(run(q, feeds, optimize=True)[0], run(q, feeds)[0], rtol=1e-5, atol=1e-4)

@@ -337,6 +337,7 @@ class _State:
     through: dict[str, Callable[[np.ndarray], np.ndarray]] = field(default_factory=dict)  # x read only by f(x)
     rounder: GptqRounder | None = None  # GPTQ weight rounding (None: nearest)
     macs: dict[str, int] = field(default_factory=dict)  # Conv/Gemm/MatMul → MACs per check sample
+    excluded: set[str] = field(default_factory=set)  # the user's exclude=: must run float in onnxruntime
 
     def __post_init__(self) -> None:
         readers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
@@ -526,7 +527,8 @@ class Int8(Pass):
         prepare.name_nodes(m)
         m = onnx.shape_inference.infer_shapes(m)
         inits = {t.name: t for t in m.graph.initializer}
-        allowed = {n.name for n in m.graph.node} - _excluded(m, opts.exclude)
+        excluded = _excluded(m, opts.exclude)
+        allowed = {n.name for n in m.graph.node} - excluded
         if opts.float_tail:
             tail = qdq.tail_nodes(m) & allowed
             allowed -= tail
@@ -537,7 +539,7 @@ class Int8(Pass):
                 bounds[n.output[0]] = qdq.fused_bounds(n, inits)
         derived = qdq.derived_tensors(m)
         return _State(m, inits, allowed, {}, bounds, per_channel, hard=hard, derived=derived,
-                      through=qdq.through_activations(m, derived) if opts.through else {})
+                      through=qdq.through_activations(m, derived) if opts.through else {}, excluded=excluded)
 
     def _ranges(self, state: _State, opts: Int8Options, method: str, p: qdq.Plan | None = None,
                 ) -> dict[str, tuple[float, float]]:
@@ -583,7 +585,8 @@ class Int8(Pass):
         ranges = self._ranges(state, opts, method, p)
         params = qdq.tensor_params(p, ranges, opts.activations, state.bounds)
         q = qdq.insert_qdq(state.model, p, params, act_type=opts.activations, per_channel=state.per_channel,
-                           bias=opts.bias, bias_shift=state.bias_shift, rounding=state.rounder)
+                           bias=opts.bias, bias_shift=state.bias_shift, rounding=state.rounder,
+                           keep_float=state.excluded)
         prepare.recompose_hard_activations(q, state.hard, p.nodes)
         return q, p
 
