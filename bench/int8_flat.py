@@ -48,16 +48,12 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 
-def _session(model: onnx.ModelProto, names: list[str], optimize: bool) -> ort.InferenceSession:
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    for t in names:
-        m.graph.output.append(onnx.helper.make_value_info(t, onnx.TypeProto()))
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    if not optimize:
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    return ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+def _session(model: onnx.ModelProto, names: list[str]) -> ort.InferenceSession:
+    """Unoptimized (the Q/DQ tensors exist), with ``names`` as extra outputs."""
+    from onnxcompress.model import with_outputs
+    from onnxcompress.validate import make_session
+
+    return make_session(with_outputs(model, names), optimize=False, label="int8_flat")
 
 
 def nudged(model: onnx.ModelProto, conv: str, factor: float) -> onnx.ModelProto:
@@ -81,7 +77,7 @@ def nudged(model: onnx.ModelProto, conv: str, factor: float) -> onnx.ModelProto:
 def region_errors(ref: list[list[np.ndarray]], model: onnx.ModelProto, names: list[str], x: np.ndarray,
                   masks: list[np.ndarray]) -> list[tuple[float, float]]:
     """Per tensor, (relative error inside the constant region, outside it) over the images."""
-    sess = _session(model, names, optimize=False)
+    sess = _session(model, names)
     acc = np.zeros((len(names), 4))
     for i in range(len(x)):
         outs = sess.run(names, {sess.get_inputs()[0].name: x[i : i + 1]})
@@ -139,7 +135,7 @@ def main() -> int:
     x_eval = np.load(args.shared / "data" / f"{args.model}_eval.npz")["x"]
     x = x_eval[: args.images]
     masks = [(img == args.pad).all(0) for img in x]
-    fs = _session(float_model, names, optimize=False)
+    fs = _session(float_model, names)
     ref = [fs.run(names, {fs.get_inputs()[0].name: x[i : i + 1]}) for i in range(len(x))]
     errs = {label: region_errors(ref, m, names, x, masks) for label, m in (("int8", q), ("nudged", twin))}
 

@@ -16,7 +16,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +75,17 @@ def node_attr(node: onnx.NodeProto, name: str, default: object = None) -> Any:
             v = onnx.helper.get_attribute_value(a)
             return v.decode() if isinstance(v, bytes) else v
     return default
+
+
+def with_outputs(model: onnx.ModelProto, names: Iterable[str]) -> onnx.ModelProto:
+    """A copy of ``model`` whose graph also outputs the tensors ``names`` (each once, after
+    the outputs it already has; a name that is one of them is not added again), for
+    reading intermediate tensors from an onnxruntime session."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    have = {o.name for o in m.graph.output}
+    m.graph.output.extend(onnx.ValueInfoProto(name=n) for n in dict.fromkeys(names) if n not in have)
+    return m
 
 
 def default_opset(model: onnx.ModelProto) -> int | None:

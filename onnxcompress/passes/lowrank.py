@@ -43,7 +43,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from ..errors import OptionError
-from ..model import node_attr
+from ..model import node_attr, with_outputs
 from ..pipeline import Pass, PassContext, PassResult
 from ..report import layer_macs
 from ..shapes import all_shapes
@@ -359,11 +359,7 @@ def _data_energy(model: onnx.ModelProto, cands: list[Candidate], ctx: PassContex
     from ..validate import make_session
 
     names = list(dict.fromkeys(c.node.input[0] for c in cands))
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    have = {o.name for o in m.graph.output}
-    m.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names if n not in have)
-    sess = make_session(m, ctx.provider, label="calibration model (lowrank)")
+    sess = make_session(with_outputs(model, names), ctx.provider, label="calibration model (lowrank)")
     rng = np.random.default_rng(ctx.seed)
     moments: dict[int, np.ndarray] = {}
     counts: dict[int, int] = {}

@@ -93,7 +93,7 @@ import onnx
 
 from ...data import LimitedSource, batch_of, take_samples
 from ...errors import OptionError
-from ...model import node_attr
+from ...model import node_attr, with_outputs
 from ...pipeline import Pass, PassContext, PassResult
 from ...validate import column_cosine, column_sums, cosine, is_class_scores, is_feature_table
 from . import prepare, qdq
@@ -651,13 +651,7 @@ class Int8(Pass):
             return 0
         names_f = [n.output[0] for n in heads.values()]
         names_q = [t + qdq.FLOAT_SUFFIX if t in p.tensors else t for t in names_f]
-        f = onnx.ModelProto()
-        f.CopyFrom(state.model)
-        qq = onnx.ModelProto()
-        qq.CopyFrom(q)
-        for m, names in ((f, names_f), (qq, names_q)):
-            have = {o.name for o in m.graph.output}
-            m.graph.output.extend(onnx.ValueInfoProto(name=t) for t in names if t not in have)
+        f, qq = with_outputs(state.model, names_f), with_outputs(q, names_q)
         sf = make_session(f, ctx.provider, label="int8 head correction (float)")
         sq = make_session(qq, ctx.provider, label="int8 head correction (int8)")
         of, oq = [o.name for o in f.graph.output], [o.name for o in qq.graph.output]

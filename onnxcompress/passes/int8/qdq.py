@@ -675,7 +675,6 @@ def insert_qdq(model: onnx.ModelProto, plan_: Plan, params: Mapping[str, tuple[f
     rounding — :class:`rounding.GptqRounder`; ``keep_float``: float nodes that must stay
     float in onnxruntime, see the module docstring)."""
     bias_shift = bias_shift or {}
-    must_float = set(keep_float)
     m = onnx.ModelProto()
     m.CopyFrom(model)
     g = m.graph
@@ -684,6 +683,8 @@ def insert_qdq(model: onnx.ModelProto, plan_: Plan, params: Mapping[str, tuple[f
     new_inits: list[TensorProto] = []
     new_nodes: list[onnx.NodeProto] = []
     producer = {o: n for n in g.node for o in n.output if o}
+    float_names = set(keep_float)
+    must_float = [n for n in g.node if n.name in float_names]  # looked at for every quantized tensor
 
     def add_init(arr: np.ndarray, name: str) -> str:
         new_inits.append(numpy_helper.from_array(arr, name))
@@ -782,7 +783,7 @@ def insert_qdq(model: onnx.ModelProto, plan_: Plan, params: Mapping[str, tuple[f
                         n.input[i] = dq_out
         new_nodes.append(helper.make_node("QuantizeLinear", [src, sn, zn], [t + "__q"], name=f"{t}_QuantizeLinear"))
         new_nodes.append(helper.make_node("DequantizeLinear", [t + "__q", sn, zn], [dq_out], name=f"{t}_DequantizeLinear"))
-        for n in (n for n in g.node if n.name in must_float):
+        for n in must_float:
             c = _float_reader_channels(n, dq_out, plan_, inits)
             if c is None:
                 continue

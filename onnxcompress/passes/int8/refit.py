@@ -33,7 +33,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from ...model import node_attr
+from ...model import node_attr, with_outputs
 from .rounding import gptq_round
 
 log = logging.getLogger(__name__)
@@ -82,12 +82,8 @@ def refit_convs(float_model: onnx.ModelProto, q: onnx.ModelProto, batches: Seque
         return 0
 
     # float inputs (patches at sampled positions) and outputs, all layers, one float run per batch
-    names = list(dict.fromkeys([t for _, f, _, _ in todo for t in (f.input[0], f.output[0])]))
-    fm = onnx.ModelProto()
-    fm.CopyFrom(float_model)
-    have = {o.name for o in fm.graph.output}
-    fm.graph.output.extend(onnx.ValueInfoProto(name=t) for t in names if t not in have)
-    sess = make_session(fm, provider, label="int8 refit: float model")
+    names = [t for _, f, _, _ in todo for t in (f.input[0], f.output[0])]
+    sess = make_session(with_outputs(float_model, names), provider, label="int8 refit: float model")
     images = sum(next(iter(b.values())).shape[0] for b in batches)
     per = int(np.clip(BUDGET // max(images * sum(w[0].size for *_, w in todo), 1), 16, POSITIONS))
     rng = np.random.default_rng(seed)

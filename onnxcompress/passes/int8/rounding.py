@@ -30,7 +30,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from ...model import node_attr
+from ...model import node_attr, with_outputs
 
 log = logging.getLogger(__name__)
 
@@ -144,11 +144,7 @@ def input_hessians(model: onnx.ModelProto, nodes: Iterable[onnx.NodeProto], batc
     if not todo:
         return {}
     names = list(dict.fromkeys([n.input[0] for n, _ in todo] + [n.output[0] for n, ws in todo if n.op_type == "Conv"]))
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    have = {o.name for o in m.graph.output}
-    m.graph.output.extend(onnx.ValueInfoProto(name=t) for t in names if t not in have)
-    sess = make_session(m, provider, label="int8: GPTQ statistics model")
+    sess = make_session(with_outputs(model, names), provider, label="int8: GPTQ statistics model")
     rng = np.random.default_rng(seed)
     acc: dict[str, np.ndarray] = {}
     count: dict[str, int] = {}

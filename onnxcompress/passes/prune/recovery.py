@@ -28,7 +28,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from ...data import DataSource
-from ...model import node_attr
+from ...model import node_attr, with_outputs
 from ...progress import NullProgress, Progress
 from ...validate import make_session
 from .groups import Analysis, Use
@@ -108,11 +108,7 @@ def collect(
     names = list(dict.fromkeys(names))
     if not names:
         return stats
-    m = onnx.ModelProto()
-    m.CopyFrom(an.model)
-    outs = {o.name for o in m.graph.output}
-    m.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names if n not in outs)
-    sess = make_session(m, provider, label="calibration model")
+    sess = make_session(with_outputs(an.model, names), provider, label="calibration model")
     with progress.task("calibrating (prune)", data.num_samples) as task:
         for batch in data:
             vals = dict(zip(names, _run_named(sess, names, batch)))
@@ -358,11 +354,7 @@ def sequential_refit(
     levels = _levels(pruned, consumers)
     counts = {"dense": 0, "depthwise": 0, "bias": 0, "skip": 0, "levels": len(levels)}
     orig_out = sorted({n.output[0] for n in consumers})
-    m0 = onnx.ModelProto()
-    m0.CopyFrom(original)
-    have = {o.name for o in m0.graph.output}
-    m0.graph.output.extend(onnx.ValueInfoProto(name=n) for n in orig_out if n not in have)
-    orig_sess = make_session(m0, provider, label="original model (refit)")
+    orig_sess = make_session(with_outputs(original, orig_out), provider, label="original model (refit)")
     # Cache the calibration batches and the original outputs when they are small: every
     # level then runs only the pruned model. Otherwise everything streams, level by level.
     batches: list[dict[str, np.ndarray]] | None = []
