@@ -54,7 +54,7 @@ def worker(shared: Path, name: str) -> dict:
 
     sys.path.insert(0, str(ROOT))
     import onnxcompress as oc
-    from _common import eval_metrics, quantize_static_variant, run_batched
+    from _common import eval_metrics, quantize_static_variant, run_batch, run_batched
     from onnxcompress.data import open_data
     from onnxcompress.pipeline import PassContext
     from onnxcompress.registry import build_pipeline
@@ -66,8 +66,7 @@ def worker(shared: Path, name: str) -> dict:
     x_eval = ev["x"]
     fp32 = onnx.load(str(path))
     inp = fp32.graph.input[0].name
-    fixed = fp32.graph.input[0].type.tensor_type.shape.dim[0].dim_value
-    bs = 1 if fixed == 1 else 8
+    bs = run_batch(fp32)
     out: dict = {"model": name, "variants": {}}
 
     # onnxcompress

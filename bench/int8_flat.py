@@ -103,7 +103,7 @@ def main() -> int:
     ap.add_argument("--tensors", default="", help="tensors to report, comma-separated (default: 8 spread out)")
     args = ap.parse_args()
 
-    from _common import run_batched
+    from _common import run_batch, run_batched
     from rich.console import Console
     from rich.table import Table
 
@@ -115,7 +115,7 @@ def main() -> int:
 
     path = args.shared / "models" / f"{args.model}.onnx"
     model = oc.load_model(path)
-    bs = 1 if model.graph.input[0].type.tensor_type.shape.dim[0].dim_value == 1 else 8
+    bs = run_batch(model)
     ctx = PassContext(calibration=open_data(args.shared / "data" / f"{args.model}_calib.npz", model, batch_size=bs))
     float_model, _ = build_pipeline("canonicalize").run(model, PassContext())
     spec = "canonicalize,int8:max_drop=0:guard=false:head_correction=false:bias_correction=false"

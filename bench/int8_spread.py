@@ -98,7 +98,7 @@ def main() -> int:
     args = ap.parse_args()
 
     import onnxruntime as ort
-    from _common import run_batched
+    from _common import run_batch, run_batched
     from rich.console import Console
     from rich.table import Table
 
@@ -110,7 +110,7 @@ def main() -> int:
     ort.set_default_logger_severity(3)
     path = args.shared / "models" / f"{args.model}.onnx"
     model = oc.load_model(path)
-    bs = 1 if model.graph.input[0].type.tensor_type.shape.dim[0].dim_value == 1 else 8
+    bs = run_batch(model)
     start, _ = build_pipeline(args.start).run(model, PassContext())
     x_cal = np.load(args.shared / "data" / f"{args.model}_calib.npz")["x"]
     x_eval = np.load(args.shared / "data" / f"{args.model}_eval.npz")["x"]
@@ -123,7 +123,7 @@ def main() -> int:
         t0 = time.perf_counter()
         q, _ = Pipeline([make_pass("int8", opts)]).run(start, ctx)
         rows.append((setting, scores(args.model, ref_cal, run_batched(q, x_cal, bs)),
-                     scores(args.model, ref_eval, run_batched(q, x_eval, bs)), time.perf_counter() - t0))
+                     scores(args.model, ref_eval, run_batched(q, x_eval, bs))))
         print(f"{setting}: {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
 
     keys = list(rows[0][1])
@@ -133,7 +133,7 @@ def main() -> int:
     for k in keys:
         t.add_column(f"calib {k}", justify="right")
         t.add_column(f"eval {k}", justify="right")
-    for setting, cal, ev, _ in rows:
+    for setting, cal, ev in rows:
         t.add_row(setting, *(_fmt(k, d[k]) for k in keys for d in (cal, ev)))
     Console(width=260).print(t)
     for k in keys:

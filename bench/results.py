@@ -57,7 +57,7 @@ def worker(shared: Path, name: str, out_dir: Path) -> dict:
 
     sys.path.insert(0, str(ROOT))
     import onnxcompress as oc
-    from _common import eval_metrics, quantize_static_variant, run_batched
+    from _common import eval_metrics, quantize_static_variant, run_batch, run_batched
     from onnxcompress.model import serialized_size
     from onnxcompress.report import count_macs
     from onnxcompress.search import default_thresholds
@@ -70,8 +70,7 @@ def worker(shared: Path, name: str, out_dir: Path) -> dict:
     x_eval, labels = ev["x"], (ev["y"] if "y" in ev.files else None)
     fp32 = onnx.load(str(path))
     inp = fp32.graph.input[0].name
-    fixed = fp32.graph.input[0].type.tensor_type.shape.dim[0].dim_value
-    bs = 1 if fixed == 1 else 8
+    bs = run_batch(fp32)
     rows: dict[str, dict] = {}
     models: dict[str, onnx.ModelProto] = {"original": fp32}
     rows["original"] = {"seconds": None, "note": ""}
@@ -121,7 +120,7 @@ def worker(shared: Path, name: str, out_dir: Path) -> dict:
         except Exception:  # a quantized graph whose shapes cannot be inferred: MACs unknown
             rows[label]["macs"] = None
     heavy = name == "text_det"
-    for batch in ([1] if fixed == 1 else [1, 8]):
+    for batch in ([1] if bs == 1 else [1, 8]):
         feeds = {inp: np.ascontiguousarray(x_eval[:batch])}
         for label, m in models.items():
             if label == "original":
