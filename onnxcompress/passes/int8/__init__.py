@@ -84,13 +84,14 @@ import logging
 import re
 import time
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
 import onnx
 
+from ... import isa
 from ...data import LimitedSource, batch_of, take_samples
 from ...errors import OptionError
 from ...model import node_attr, with_outputs
@@ -111,6 +112,10 @@ ALREADY_QUANTIZED = frozenset({"QuantizeLinear", "DequantizeLinear", "QLinearCon
 
 @dataclass(frozen=True)
 class Int8Options:
+    target: Literal["portable", "host", "vnni", "avx2"] = field(default="portable", metadata={
+        "help": "the CPU the model will run on: portable (7-bit weights, exact on every CPU), vnni (8-bit "
+                "weights: x86 with VNNI, ARM64, GPUs; saturates on x86 without VNNI), avx2 (7-bit), host (this "
+                "machine's)"})
     method: Literal["kl", "minmax", "percentile", "mse"] = field(default="kl", metadata={
         "help": "activation range: kl (TensorRT entropy, 2048 bins), minmax, percentile, mse"})
     percentile: float = field(default=99.99, metadata={"help": "percentile of |x| for method=percentile"})
@@ -338,6 +343,7 @@ class _State:
     rounder: GptqRounder | None = None  # GPTQ weight rounding (None: nearest)
     macs: dict[str, int] = field(default_factory=dict)  # Conv/Gemm/MatMul → MACs per check sample
     excluded: set[str] = field(default_factory=set)  # the user's exclude=: must run float in onnxruntime
+    weight_max: int = 127  # the largest |q| of the weights (63: 7-bit, see onnxcompress.isa)
 
     def __post_init__(self) -> None:
         readers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
@@ -348,6 +354,15 @@ class _State:
             for x in n.input:
                 readers[x].append(n)
         self.readers = readers
+
+
+def _record_target(model: onnx.ModelProto, target: Mapping[str, Any]) -> None:
+    """Write the target the weights were quantized for into the model's metadata."""
+    keep = [p for p in model.metadata_props if p.key not in (isa.META_TARGET, isa.META_WEIGHT_BITS)]
+    del model.metadata_props[:]
+    model.metadata_props.extend(keep)
+    onnx.helper.set_model_props(model, {**{p.key: p.value for p in keep}, isa.META_TARGET: str(target["resolved"]),
+                                        isa.META_WEIGHT_BITS: str(target["weight_bits"])})
 
 
 class Int8(Pass):
@@ -406,11 +421,11 @@ class Int8(Pass):
                 for k in sorted(b):
                     digest.update(k.encode())
                     digest.update(np.ascontiguousarray(b[k]).tobytes())
-            key = f"{digest.hexdigest()}:{ctx.seed}:{sorted(n.name for n in compute)}"
+            key = f"{digest.hexdigest()}:{ctx.seed}:{state.weight_max}:{sorted(n.name for n in compute)}"
             cached = ctx.cache.get("int8.gptq")
             reused = cached is not None and cached[0] == key
             state.rounder = cached[1] if reused else GptqRounder(
-                input_hessians(state.model, compute, check, provider=ctx.provider, seed=ctx.seed))
+                input_hessians(state.model, compute, check, provider=ctx.provider, seed=ctx.seed), state.weight_max)
             ctx.cache["int8.gptq"] = (key, state.rounder)  # only the latest: its statistics can be large
             stats["gptq"] = {"layers": len(state.rounder.hessians), "reused": reused,
                              "seconds": round(time.perf_counter() - t0, 3)}
@@ -475,6 +490,7 @@ class Int8(Pass):
             q, acc = self._refit(state, q, check, ctx, acc, evaluate, stats)
         stats.update(self._describe(state, p))
         stats["decision"] = "quantized"
+        _record_target(q, stats["target"])
         lat = stats.get("latency", {}).get("ratio")
         stats["summary"] = (f"{len(p.nodes)} nodes int8 ({method} ranges), agreement drop {acc['drop']:.4f}"
                             + (f" (worst table column cosine {acc['column_cosine']:.4f})" if "column_cosine" in acc
@@ -538,8 +554,12 @@ class Int8(Pass):
             if n.op_type in qdq.FUSED_ACTIVATIONS and n.output:
                 bounds[n.output[0]] = qdq.fused_bounds(n, inits)
         derived = qdq.derived_tensors(m)
+        target = isa.resolve_target(opts.target, ctx.provider)
+        stats["target"] = {"option": opts.target, "resolved": target, "host": isa.describe_host(),
+                           "weight_bits": 7 if isa.WEIGHT_MAX[target] < 127 else 8}
         return _State(m, inits, allowed, {}, bounds, per_channel, hard=hard, derived=derived,
-                      through=qdq.through_activations(m, derived) if opts.through else {}, excluded=excluded)
+                      through=qdq.through_activations(m, derived) if opts.through else {}, excluded=excluded,
+                      weight_max=isa.WEIGHT_MAX[target])
 
     def _ranges(self, state: _State, opts: Int8Options, method: str, p: qdq.Plan | None = None,
                 ) -> dict[str, tuple[float, float]]:
@@ -586,7 +606,7 @@ class Int8(Pass):
         params = qdq.tensor_params(p, ranges, opts.activations, state.bounds)
         q = qdq.insert_qdq(state.model, p, params, act_type=opts.activations, per_channel=state.per_channel,
                            bias=opts.bias, bias_shift=state.bias_shift, rounding=state.rounder,
-                           keep_float=state.excluded)
+                           keep_float=state.excluded, weight_max=state.weight_max)
         prepare.recompose_hard_activations(q, state.hard, p.nodes)
         return q, p
 
@@ -777,7 +797,7 @@ class Int8(Pass):
         t0 = time.perf_counter()
         q2 = onnx.ModelProto()
         q2.CopyFrom(q)
-        layers = refit_convs(state.model, q2, check, provider=ctx.provider, seed=ctx.seed)
+        layers = refit_convs(state.model, q2, check, provider=ctx.provider, seed=ctx.seed, qmax=state.weight_max)
         acc2 = evaluate(q2) if layers else acc
         kept = layers > 0 and acc2["drop"] < acc["drop"]
         stats["refit"] = {"layers": layers, "kept": kept, "drop_before": round(acc["drop"], 6),

@@ -616,20 +616,21 @@ def tensor_params(plan_: Plan, ranges: Mapping[str, tuple[float, float]], act_ty
     return out
 
 
-def quantize_weight(w: np.ndarray, axis: int | None) -> tuple[np.ndarray, np.ndarray]:
-    """(int8 weights, float32 scales) — symmetric, per channel along ``axis`` (None: per tensor)."""
+def quantize_weight(w: np.ndarray, axis: int | None, qmax: int = 127) -> tuple[np.ndarray, np.ndarray]:
+    """(int8 weights in [−qmax, qmax], float32 scales) — symmetric, per channel along
+    ``axis`` (None: per tensor); ``qmax`` 63 for 7-bit weights (see :mod:`onnxcompress.isa`)."""
     w = w.astype(np.float32)
     if axis is None:
         m = np.array(np.max(np.abs(w)) if w.size else 0.0, dtype=np.float64)
-        s = np.where(m > 0, m / 127.0, 1.0)
-        q = np.clip(np.round(w / s), -127, 127).astype(np.int8)
+        s = np.where(m > 0, m / qmax, 1.0)
+        q = np.clip(np.round(w / s), -qmax, qmax).astype(np.int8)
         return q, np.asarray(s, dtype=np.float32)
     moved = np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1)
     m = np.max(np.abs(moved), axis=1) if moved.shape[1] else np.zeros(w.shape[axis])
-    s = np.where(m > 0, m / 127.0, 1.0).astype(np.float32)
+    s = np.where(m > 0, m / qmax, 1.0).astype(np.float32)
     shape = [1] * w.ndim
     shape[axis] = -1
-    q = np.clip(np.round(w / s.reshape(shape)), -127, 127).astype(np.int8)
+    q = np.clip(np.round(w / s.reshape(shape)), -qmax, qmax).astype(np.int8)
     return q, s
 
 
@@ -667,7 +668,7 @@ def insert_qdq(model: onnx.ModelProto, plan_: Plan, params: Mapping[str, tuple[f
                act_type: ActType = "uint8", per_channel: bool = True, bias: Literal["int32", "float"] = "int32",
                bias_shift: Mapping[str, np.ndarray] | None = None,
                rounding: Callable[[onnx.NodeProto, np.ndarray, np.ndarray, int | None], np.ndarray | None] | None = None,
-               keep_float: Iterable[str] = (),
+               keep_float: Iterable[str] = (), weight_max: int = 127,
                ) -> onnx.ModelProto:
     """A copy of ``model`` with the Q/DQ pairs, quantized weights and biases of ``plan_``
     (``bias_shift``: node → per-channel amount added to its bias before quantization;
@@ -700,7 +701,7 @@ def insert_qdq(model: onnx.ModelProto, plan_: Plan, params: Mapping[str, tuple[f
         if n.op_type in COMPUTE and len(n.input) > 1 and n.input[1] in inits:
             w = numpy_helper.to_array(inits[n.input[1]])
             axis = weight_axis(n) if per_channel else None
-            q, ws = quantize_weight(w, axis)
+            q, ws = quantize_weight(w, axis, weight_max)
             b_name = n.input[2] if len(n.input) > 2 and n.input[2] else None
             if b_name is None and n.name in bias_shift and bias == "int32" and n.op_type == "Conv":
                 b_name = f"{n.name}_bias_zero"  # a bias to carry the correction
@@ -717,14 +718,14 @@ def insert_qdq(model: onnx.ModelProto, plan_: Plan, params: Mapping[str, tuple[f
                     need_s = float(np.max(need)) if need.size else 0.0
                     if need_s > float(ws):
                         ws = np.asarray(need_s, dtype=np.float32)
-                        q = np.clip(np.round(w / ws), -127, 127).astype(np.int8)
+                        q = np.clip(np.round(w / ws), -weight_max, weight_max).astype(np.int8)
                 else:
                     grow = need > ws
                     if np.any(grow):
                         ws = np.where(grow, need, ws).astype(np.float32)
                         shape = [1] * w.ndim
                         shape[axis] = -1
-                        q = np.clip(np.round(w / ws.reshape(shape)), -127, 127).astype(np.int8)
+                        q = np.clip(np.round(w / ws.reshape(shape)), -weight_max, weight_max).astype(np.int8)
                 bs = (sx * ws.astype(np.float64)).astype(np.float32)
                 qb = np.clip(np.round(b / bs), -(2**31 - 1), 2**31 - 1).astype(np.int32)
                 base = f"{n.name}_bias"

@@ -12,7 +12,7 @@ patches at sampled output positions of the check samples,
     λ = damp · mean(diag E[x̂·x̂ᵀ])
 
 (the float bias term is not damped). W' is then rounded to int8 with per-channel
-scales max|W'|/127 (GPTQ on E[x̂·x̂ᵀ]), b' to int32 at s_x̂·s_W', and the next layer's
+scales max|W'|/qmax (GPTQ on E[x̂·x̂ᵀ]), b' to int32 at s_x̂·s_W', and the next layer's
 x̂ is read from the model with this layer's new weights. In order, each layer corrects
 what reaches it: fitting every layer from one run of the unrefitted int8 model
 compounds the corrections (captcha_det's mean cosine fell from 0.995 to 0.70).
@@ -48,11 +48,12 @@ def _inits(m: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
 
 
 def refit_convs(float_model: onnx.ModelProto, q: onnx.ModelProto, batches: Sequence[dict[str, np.ndarray]], *,
-                provider: str = "cpu", seed: int = 0, damp: float = DAMP) -> int:
+                provider: str = "cpu", seed: int = 0, damp: float = DAMP, qmax: int = 127) -> int:
     """Refit, in place, the int8 weights and biases of ``q``'s quantized Convs (one group,
     per-channel or per-tensor int8 weights from initializers) in graph order (module
     docstring); ``float_model`` is the float model ``q`` was built from (same node and
-    tensor names). Returns the number of layers refitted."""
+    tensor names; ``qmax``: the largest |q| of the refitted weights). Returns the number of
+    layers refitted."""
     from ...validate import make_session, run_session
     from ..prune.recovery import patches_at, sample_patches
 
@@ -136,8 +137,8 @@ def refit_convs(float_model: onnx.ModelProto, q: onnx.ModelProto, batches: Seque
         w_new = w2 + (d[:-1] if b is not None else d).T
         old_scale = numpy_helper.to_array(qi[wdq.input[1]])
         amax = np.abs(w_new).max(axis=1) if old_scale.size > 1 else np.full(len(w_new), np.abs(w_new).max())
-        scale = np.maximum(amax, 1e-12) / 127.0
-        qw = gptq_round(w_new, hx, scale)
+        scale = np.maximum(amax, 1e-12) / qmax
+        qw = gptq_round(w_new, hx, scale, qmax=qmax)
         qi[wdq.input[0]].CopyFrom(numpy_helper.from_array(qw.reshape(w.shape).astype(np.int8), wdq.input[0]))
         new_scale = (scale if old_scale.size > 1 else scale[:1].reshape(old_scale.shape)).astype(np.float32)
         qi[wdq.input[1]].CopyFrom(numpy_helper.from_array(new_scale, wdq.input[1]))

@@ -7,7 +7,7 @@ that the output error ‖(W − Ŵ)·x‖² weighs each column of W by the input
 E‖(W − Ŵ)x‖² = tr((W − Ŵ)·H·(W − Ŵ)ᵀ) with H = E[x·xᵀ]. GPTQ rounds the columns one at a
 time and moves each one's rounding error onto the columns not yet rounded, along H⁻¹:
 
-    q_i = clip(round(w_i / s), −127, 127),   e = (w_i − s·q_i) / U_ii,
+    q_i = clip(round(w_i / s), −qmax, qmax),   e = (w_i − s·q_i) / U_ii,
     W[:, j>i] −= e · U_i,j>i,                 with H⁻¹ = Uᵀ·U (U upper triangular)
 
 (lazy in blocks of 128 columns; H damped by 1% of its mean diagonal). The same int8
@@ -38,13 +38,15 @@ BLOCK = 128  #: columns rounded between two lazy updates of the rest
 DAMP = 0.01  #: H += DAMP · mean(diag H) · I
 
 
-def gptq_round(w: np.ndarray, h: np.ndarray, scale: np.ndarray, block: int = BLOCK, damp: float = DAMP) -> np.ndarray:
-    """int8 q ([out, n]) for weights ``w`` ([out, n]) with per-row (or one) ``scale``,
-    rounded column by column with the error moved along H⁻¹ (module docstring); nearest
-    rounding where H is not positive definite or the arithmetic does not stay finite."""
+def gptq_round(w: np.ndarray, h: np.ndarray, scale: np.ndarray, block: int = BLOCK, damp: float = DAMP,
+               qmax: int = 127) -> np.ndarray:
+    """int8 q ([out, n], in [−qmax, qmax]) for weights ``w`` ([out, n]) with per-row (or
+    one) ``scale``, rounded column by column with the error moved along H⁻¹ (module
+    docstring); nearest rounding where H is not positive definite or the arithmetic does
+    not stay finite."""
     w0 = np.asarray(w, np.float64)
     s = np.asarray(scale, np.float64).reshape(-1)
-    nearest = np.clip(np.round(w0 / s.reshape(-1, 1)), -127, 127)
+    nearest = np.clip(np.round(w0 / s.reshape(-1, 1)), -qmax, qmax)
     n = w0.shape[1]
     h = np.asarray(h, np.float64).copy()
     dead = np.diag(h) <= 0
@@ -59,14 +61,14 @@ def gptq_round(w: np.ndarray, h: np.ndarray, scale: np.ndarray, block: int = BLO
             return nearest.astype(np.int8)
         w1 = w0.copy()
         w1[:, dead] = 0.0
-        _gptq_columns(w1, u, s, q, block)
+        _gptq_columns(w1, u, s, q, block, qmax)
     if not np.all(np.isfinite(q)):
         return nearest.astype(np.int8)
     q[:, dead] = nearest[:, dead]  # columns no input reaches: any value does; keep nearest
     return q.astype(np.int8)
 
 
-def _gptq_columns(w: np.ndarray, u: np.ndarray, s: np.ndarray, q: np.ndarray, block: int) -> None:
+def _gptq_columns(w: np.ndarray, u: np.ndarray, s: np.ndarray, q: np.ndarray, block: int, qmax: int) -> None:
     """The column loop of :func:`gptq_round`: fills ``q``, updates ``w`` in place."""
     n = w.shape[1]
     for a in range(0, n, block):
@@ -75,7 +77,7 @@ def _gptq_columns(w: np.ndarray, u: np.ndarray, s: np.ndarray, q: np.ndarray, bl
         e1 = np.zeros_like(w1)
         u1 = u[a:b, a:b]
         for i in range(b - a):
-            qi = np.clip(np.round(w1[:, i] / s), -127, 127)
+            qi = np.clip(np.round(w1[:, i] / s), -qmax, qmax)
             q[:, a + i] = qi
             e = (w1[:, i] - qi * s) / u1[i, i]
             w1[:, i:] -= np.outer(e, u1[i, i:])
@@ -100,8 +102,9 @@ class GptqRounder:
     """Rounds a node's weights by GPTQ where its input's second moment is known; caches
     by (node, scales), since the accuracy control rebuilds the model many times."""
 
-    def __init__(self, hessians: Mapping[str, np.ndarray]) -> None:
+    def __init__(self, hessians: Mapping[str, np.ndarray], qmax: int = 127) -> None:
         self.hessians = dict(hessians)
+        self.qmax = qmax
         self._cache: dict[tuple[str, bytes], np.ndarray] = {}
 
     def __call__(self, node: onnx.NodeProto, w: np.ndarray, scale: np.ndarray, axis: int | None) -> np.ndarray | None:
@@ -114,7 +117,7 @@ class GptqRounder:
             wg, g = lay
             rows = wg.shape[1]
             s = np.broadcast_to(np.asarray(scale, np.float64).reshape(-1), (g * rows,)).reshape(g, rows)
-            q = np.stack([gptq_round(wg[k], h[k], s[k]) for k in range(g)])
+            q = np.stack([gptq_round(wg[k], h[k], s[k], qmax=self.qmax) for k in range(g)])
             if node.op_type == "Conv":
                 q = q.reshape(w.shape)
             elif node.op_type == "Gemm" and int(node_attr(node, "transB", 0)):  # type: ignore[arg-type]
