@@ -17,11 +17,11 @@ from typing import Any, Literal
 import onnx
 
 from .data import DataSource, ImageOptions, RandomSource, batch_of, first_batch, input_specs, open_data
-from .errors import DataError, ModelSaveError, OptionError
+from .errors import DataError, ModelSaveError, OnnxCompressError, OptionError
 from .model import load_model, same_file, save_model
 from .pipeline import Pass, PassContext, Pipeline
 from .progress import NullProgress, Progress
-from .registry import build_pipeline, parse_spec
+from .registry import build_pipeline, get_pass_class, parse_spec
 from .report import LatencyResult, ModelSummary, OptimizeReport, summarize
 from .search import Search, SearchOptions
 from .validate import Thresholds, ValidationReport, compare_models, make_session, measure_latency, resolve_provider
@@ -66,6 +66,13 @@ def _as_pipeline(passes: PassesLike) -> Pipeline:
     return build_pipeline(steps)
 
 
+def _is_exact(name: str) -> bool:
+    try:
+        return get_pass_class(name).exact
+    except OnnxCompressError:
+        return False
+
+
 def optimize(
     model: ModelLike,
     passes: PassesLike = None,
@@ -90,6 +97,7 @@ def optimize(
     external_data: bool | None = None,
     progress: Progress | None = None,
     search: SearchOptions | None = None,
+    allow_slower: bool = False,
 ) -> tuple[onnx.ModelProto, OptimizeReport]:
     """Optimize ``model`` with ``passes`` and check the result against the original.
 
@@ -105,6 +113,10 @@ def optimize(
     prune, lowrank and int8 for the fastest model within an accuracy budget
     (``search``: :class:`SearchOptions`; ``thresholds`` replace its default budget), see
     :mod:`onnxcompress.search`. Without calibration data only ``canonicalize`` runs.
+
+    The result is timed against the model as given (``latency_batch``); where it is
+    slower, the model as given is the answer and ``report.fallback`` says why, unless
+    ``allow_slower``.
     """
     progress = progress or NullProgress()
     provider = resolve_provider(provider)
@@ -148,23 +160,40 @@ def optimize(
         searcher = Search(search or SearchOptions(), ctx,
                           thresholds={None: thresholds} if isinstance(thresholds, Thresholds) else thresholds,
                           threads=threads)
-        result, search_report = searcher.run(result)
+        result, search_report = searcher.run(result, original)
+        if search_report.chosen.index == 0:  # nothing was faster than the model as given
+            steps = []
         steps = steps + searcher.chain(search_report)
-        thresholds = searcher.thresholds
+        if thresholds is not None:
+            thresholds = searcher.thresholds
+        elif all(_is_exact(s.name) for s in steps if s.modified):  # exact rewrites are judged as exact
+            thresholds = Thresholds.exact(max((get_pass_class(s.name).rel_range for s in steps), default=1e-4))
+        else:
+            thresholds = searcher.thresholds
+    fallback = None
+    latency_result = None
+    if latency and sample is not None:
+        feeds = batch_of(sample, latency_batch, original)
+        b, a = measure_latency([original, result], feeds, provider=provider, runs=latency_runs, threads=threads,
+                               progress=progress, labels=["original model", "optimized model"])
+        n = next(iter(feeds.values())).shape[0] if feeds else 1
+        if a > b and result is not original and not allow_slower:
+            fallback = (f"the rewritten model ran {a / b:.3f}× the time of the model as given (batch {n}): "
+                        "the model as given is the answer")
+            log.warning("%s", fallback)
+            result, steps, thresholds, a = original, [], Thresholds.exact(), b
+        latency_result = LatencyResult(provider, n, b, a)
     after = summarize(result, shapes)
 
     report = OptimizeReport(passes=steps, before=before, after=after, input_path=in_path,
-                            output_path=str(output) if output is not None else None, search=search_report)
+                            output_path=str(output) if output is not None else None, search=search_report,
+                            fallback=fallback)
     if val is not None:
         if thresholds is None:
             thresholds = Thresholds.exact(pipeline.rel_range) if pipeline.exact else Thresholds.approximate()
         report.validation = compare_models(original, result, val, provider=provider, thresholds=thresholds,
                                            progress=progress, threads=threads)
-    if latency and sample is not None:
-        feeds = batch_of(sample, latency_batch, original)
-        b, a = measure_latency([original, result], feeds, provider=provider, runs=latency_runs, threads=threads,
-                               progress=progress, labels=["original model", "optimized model"])
-        report.latency = LatencyResult(provider, next(iter(feeds.values())).shape[0], b, a)
+    report.latency = latency_result
     if output is not None:
         ok = report.validation is None or report.validation.passed
         if ok or keep_failed:

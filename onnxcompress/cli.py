@@ -228,6 +228,8 @@ def _print_report(r: OptimizeReport) -> None:
         out.print("ops changed: " + ", ".join(f"{op} {x}→{y}" for op, x, y in diffs))
     if r.validation:
         _print_validation(r.validation)
+    if r.fallback:
+        out.print(f"[yellow]kept the model as given[/]: {r.fallback} (--allow-slower keeps the rewrite)")
     if r.output_path:
         out.print(f"wrote {r.output_path}" if r.written else f"[red]not written[/]: {r.output_path} (validation failed; --keep-failed writes it anyway)")
 
@@ -299,6 +301,8 @@ def optimize(
     tol: Tol = None,
     no_validate: Annotated[bool, typer.Option("--no-validate", help="Skip validation (not recommended).")] = False,
     keep_failed: Annotated[bool, typer.Option("--keep-failed", help="Write the output even when validation fails.")] = False,
+    allow_slower: Annotated[bool, typer.Option(
+        "--allow-slower", help="Keep the rewritten model even where it runs slower than the model as given.")] = False,
     latency: Annotated[bool, typer.Option("--latency/--no-latency", help="Measure latency of both models.")] = True,
     latency_batch: Annotated[int, typer.Option("--latency-batch", help="Batch size for the latency measurement.")] = 1,
     latency_runs: Annotated[int, typer.Option("--latency-runs", help="Timed runs after warm-up (median reported).")] = 20,
@@ -338,7 +342,7 @@ def optimize(
         image_options=_image_options(image_size, resize, mean, std, scale, channel_order, layout),
         nonfinite="skip" if skip_nonfinite else "error", latency=latency, latency_batch=latency_batch,
         latency_runs=latency_runs, threads=threads, input_shapes=_parse_shapes(shape), seed=seed,
-        keep_failed=keep_failed, external_data=external_data, progress=progress,
+        keep_failed=keep_failed, allow_slower=allow_slower, external_data=external_data, progress=progress,
     )
     _print_report(rep)
     _write_json(report, rep.to_dict())

@@ -157,12 +157,14 @@ class OptimizeReport:
     output_path: str | None = None
     written: bool = False
     search: Any | None = None
+    fallback: str | None = None  # why the model as given was returned instead of the rewrite
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "input": self.input_path,
             "output": self.output_path,
             "written": self.written,
+            "fallback": self.fallback,
             "passes": [p.to_dict() for p in self.passes],
             "before": self.before.to_dict(top=20),
             "after": self.after.to_dict(top=20),

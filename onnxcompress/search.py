@@ -24,8 +24,9 @@ per output replace these. A trial's *usage* is the largest fraction of its allow
 checked metric uses, max over outputs and metrics of (1 − value) / (1 − threshold); the
 budget holds when usage ≤ 1. Its *drop* (shown) is 1 − the worst checked metric.
 
-**Speed.** Every trial is timed against the search's input (the model canonicalized and
-fused, see :mod:`onnxcompress.passes.fuse`) in one process
+**Speed.** Every trial is timed against the model as the user gave it (not the
+canonicalized and fused one the stages start from: what fuse does to a model's speed in
+onnxruntime is not predictable, it can undo onnxruntime's own fusions) in one process
 (:func:`~onnxcompress.validate.measure_latency`, interleaved ABBA rounds) at each search
 batch size; its latency ratio is the worst of them. A step is accepted only if it is at
 least ``min_gain`` faster than the model it starts from. Those two ratios come from
@@ -82,7 +83,8 @@ model of the stages before it:
    faster than its input; with the slack spent, int8 on lowrank (0.7, 0.0073 left) kept
    78 of its nodes float instead of 156 and ran 0.62–0.68× of the search's input.
 
-The answer is the fastest accepted trial. Time: a trial starts only when the time it is
+The answer is the fastest accepted trial; where none is faster than the model as given,
+that model itself, unchanged. Time: a trial starts only when the time it is
 expected to take (the previous trial of its stage) fits in what is left of
 ``time_budget`` after the time reserved for the final int8 step (the probe's).
 """
@@ -293,8 +295,8 @@ class Search:
 
     # -- measuring
 
-    def _prepare(self, model: onnx.ModelProto) -> None:
-        self.base = model
+    def _prepare(self, model: onnx.ModelProto, original: onnx.ModelProto) -> None:
+        self.base = original  # every trial is timed against the model as given
         calib = self.ctx.calibration
         total = getattr(calib, "num_samples", None)
         if total is None:
@@ -427,7 +429,7 @@ class Search:
         trial.macs_ratio = self._macs(model)
         self._judge(model, trial, reserve)
         if trial.within_budget:
-            trial.latency = self._ratios(self.base, model, "input model", trial)
+            trial.latency = self._ratios(self.base, model, "model as given", trial)
             gain_needed = current_ratio * (1 - self.opts.min_gain)
             direct: float | None = None
             if gain_needed < trial.latency_ratio <= current_ratio * (1 - self.opts.min_gain / 2) and start[0]:
@@ -443,8 +445,8 @@ class Search:
                                 f"{'accepted' if trial.accepted else 'not faster'} timed against "
                                 f"#{start[0]}: {direct:.3f}×")
             elif not trial.accepted:
-                trial.reason = (f"not faster: latency {trial.latency_ratio:.3f}× the input vs {current_ratio:.3f}× "
-                                f"(needs {self.opts.min_gain:.0%} less)")
+                trial.reason = (f"not faster: latency {trial.latency_ratio:.3f}× the model as given vs "
+                                f"{current_ratio:.3f}× (needs {self.opts.min_gain:.0%} less)")
         trial.seconds = time.perf_counter() - t0
         lat = f"{trial.latency_ratio:.3f}×" if trial.latency else "—"
         macs = f"{trial.macs_ratio:.3f}×" if trial.macs_ratio is not None else "?"
@@ -491,21 +493,37 @@ class Search:
             self.stopped.append(stage)
         return best
 
-    def run(self, model: onnx.ModelProto) -> tuple[onnx.ModelProto, SearchReport]:
+    def run(self, model: onnx.ModelProto, original: onnx.ModelProto | None = None,
+            ) -> tuple[onnx.ModelProto, SearchReport]:
+        """Search from ``model`` (canonicalized and fused); ``original``: the model as the
+        user gave it, which every trial is timed against and which is the answer where
+        nothing is faster (default: ``model``)."""
         from .passes.int8 import Int8, Int8Options
         from .passes.lowrank import LowRank, LowRankOptions
         from .passes.prune import Prune, PruneOptions
 
         self.start = time.perf_counter()
+        given = original if original is not None else model
         with self.ctx.progress.task("search", None) as self.task:
-            self._prepare(model)
+            self._prepare(model, given)
             batches = ",".join(str(b) for b in self.batches)
-            original = Trial(index=0, stage="input", setting="canonicalized, fused", macs_ratio=1.0,
+            as_given = Trial(index=0, stage="input", setting="as given", macs_ratio=1.0,
                              latency={b: 1.0 for b in self.batches}, metrics={n: 1.0 for n in self.names}, usage=0.0,
-                             within_budget=True, accepted=True, reason="the input, canonicalized and fused")
-            self.trials.append(original)
-            self.models[original.index] = model
-            best = original
+                             within_budget=True, accepted=True, reason="the model as given")
+            self.trials.append(as_given)
+            self.models[as_given.index] = given
+            best = as_given
+            fused = as_given
+            if model is not given:
+                # the stages start from the canonicalized, fused model whether or not it is
+                # faster itself; it is an answer only where it is
+                fused = self._trial("input", "canonicalized, fused", None, (0, model), 1.0, 0.0, -math.inf)
+                self.models[fused.index] = model
+                if fused.accepted:
+                    best = fused
+                elif fused.latency:
+                    fused.reason = (f"{fused.latency_ratio:.3f}× the model as given: not an answer by itself "
+                                    "(the stages start from it)")
 
             def int8_pass(max_drop: float, unfloat: bool, floor: int = 0) -> Pass:
                 return Int8(Int8Options(max_drop=round(max_drop, 5), guard_batches=batches,
@@ -537,7 +555,7 @@ class Search:
             int8_seconds = 0.0
             if self.opts.int8:
                 try:
-                    probe = int8_trial(self.opts.max_drop, " (probe)", original, 0.0, unfloat=False)
+                    probe = int8_trial(self.opts.max_drop, " (probe)", fused, 0.0, unfloat=False)
                 except _Stopped:
                     self.stopped.append("int8")
                 if probe is not None:
@@ -546,7 +564,7 @@ class Search:
                         reserve = min(1.0, self.opts.int8_reserve * probe.usage)
                         best = probe if probe.latency_ratio < best.latency_ratio else best
             final_reserve = int8_seconds if probe is not None and probe.accepted else 0.0
-            structural = original
+            structural = fused
 
             # 2-3. prune, then lowrank, from the best structural model so far
             stages = (("prune", lambda r: Prune(PruneOptions(macs_ratio=r)), self.opts.prune_levels),

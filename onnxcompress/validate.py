@@ -5,10 +5,15 @@ Per output, accumulated batch by batch (nothing but running sums is kept):
 * ``max_abs``  = max |a − b|,  ``mean_abs`` = mean |a − b|
 * ``max_rel``  = max |a − b| / max(|a|, 1e-6 · range)   (Polygraphy-style, guarded at 0)
 * ``rel_range`` = max_abs / (max(a) − min(a)): error relative to the output's range
-* ``cosine``: per-sample cosine similarity of the flattened outputs; mean and min
+* ``cosine``: per-sample cosine similarity of the flattened outputs; mean and min over
+  the samples whose signal is above rounding noise (RMS of the reference or the candidate
+  > ``NOISE_FLOOR`` × the output's range): the cosine of two near-zero vectors (a
+  detector's map on an image with nothing to detect) measures only the noise. Where no
+  sample has signal, cosine is not judged and the report says so (``judged_by``)
 * ``nonfinite``: NaN/Inf counts in the reference and in the candidate
-* ``top1``: argmax agreement over the last axis, for outputs shaped like class scores
-  ([N, C] with 2 ≤ C ≤ 100000)
+* ``top1``: argmax agreement, for outputs shaped like class scores ([N, C] with
+  2 ≤ C ≤ 100000), over the samples whose reference top-1 leads the runner-up by more than
+  the noise floor
 
 A :class:`Thresholds` per output decides pass/fail; the defaults depend on whether the
 rewrite is exact (``rel_range ≤ 1e-4``) or approximate (mean cosine ≥ 0.99, top-1 ≥ 0.99).
@@ -257,6 +262,10 @@ def column_cosine(sums: np.ndarray) -> np.ndarray:
     return np.clip(cos, -1.0, 1.0)
 
 
+#: a sample's cosine counts where its RMS (reference or candidate) exceeds this × the output's range
+NOISE_FLOOR = 1e-3
+
+
 #: largest trailing axis of a "feature table" ([N, rows, F], e.g. detections: box, scores)
 FEATURE_TABLE_MAX = 64
 
@@ -291,12 +300,12 @@ class OutputStats:
     max_rel: float = 0.0
     ref_min: float = math.inf
     ref_max: float = -math.inf
-    cos_sum: float = 0.0
-    cos_min: float = 1.0
+    cos: list[np.ndarray] = field(default_factory=list)  # per-sample cosine, per batch
+    rms: list[np.ndarray] = field(default_factory=list)  # per-sample max(RMS(ref), RMS(new)), per batch
     ref_nonfinite: int = 0
     new_nonfinite: int = 0
-    top1_agree: int = 0
-    top1_total: int = 0
+    top1: list[np.ndarray] = field(default_factory=list)  # per-sample top-1 agreement, per batch
+    margin: list[np.ndarray] = field(default_factory=list)  # per-sample reference top-1 − top-2
     classes: bool = False
     feature_sums: np.ndarray | None = None  # column_sums, added up over batches
 
@@ -329,9 +338,10 @@ class OutputStats:
             self.max_rel = max(self.max_rel, float(rel.max()))
         n = a.shape[0] if a.ndim else 1
         ca, cb = np.where(both, a, 0.0), np.where(both, b, 0.0)
-        cos = cosine(ca.reshape(n, -1), cb.reshape(n, -1), axis=1)
-        self.cos_sum += float(cos.sum())
-        self.cos_min = min(self.cos_min, float(cos.min())) if cos.size else self.cos_min
+        fa2, fb2 = ca.reshape(n, -1), cb.reshape(n, -1)
+        self.cos.append(cosine(fa2, fb2, axis=1))
+        size = max(fa2.shape[1], 1)
+        self.rms.append(np.maximum(np.linalg.norm(fa2, axis=1), np.linalg.norm(fb2, axis=1)) / math.sqrt(size))
         self.samples += n
         if is_feature_table(a.shape):  # feature j: cosine over the rows (boxes) of all samples
             sums = column_sums(ca, cb)
@@ -339,8 +349,9 @@ class OutputStats:
         if is_class_scores(a.shape):
             self.classes = True
             sa, sb = np.where(fa, a, -np.inf).reshape(n, -1), np.where(fb, b, -np.inf).reshape(n, -1)
-            self.top1_agree += int((np.argmax(sa, axis=1) == np.argmax(sb, axis=1)).sum())
-            self.top1_total += n
+            self.top1.append(np.argmax(sa, axis=1) == np.argmax(sb, axis=1))
+            top2 = np.sort(np.where(np.isfinite(sa), sa, -np.inf), axis=1)[:, -2:]
+            self.margin.append(np.nan_to_num(top2[:, 1] - top2[:, 0], nan=0.0, posinf=np.inf, neginf=0.0))
 
     def metrics(self) -> dict[str, Any]:
         span = self.ref_max - self.ref_min if self.ref_max > self.ref_min else 0.0
@@ -351,13 +362,23 @@ class OutputStats:
             "max_rel": self.max_rel,
             "range": span,
             "rel_range": self.max_abs / span if span > 0 else (0.0 if self.max_abs == 0 else math.inf),
-            "cosine_mean": self.cos_sum / self.samples if self.samples else 1.0,
-            "cosine_min": self.cos_min,
             "ref_nonfinite": self.ref_nonfinite,
             "new_nonfinite": self.new_nonfinite,
         }
+        cos = np.concatenate(self.cos) if self.cos else np.ones(0)
+        rms = np.concatenate(self.rms) if self.rms else np.ones(0)
+        signal = rms > NOISE_FLOOR * span
+        m["cosine_mean"] = float(cos[signal].mean()) if signal.any() else 1.0
+        m["cosine_min"] = float(cos[signal].min()) if signal.any() else 1.0
+        m["cosine_samples"] = int(signal.sum())
+        if self.samples and not signal.any():
+            m["cosine_note"] = (f"no sample's signal is above {NOISE_FLOOR:g} of the output range: cosine not "
+                                "judged, the error relative to the range is")
         if self.classes:
-            m["top1"] = self.top1_agree / self.top1_total if self.top1_total else 1.0
+            agree, margin = np.concatenate(self.top1), np.concatenate(self.margin)
+            decided = margin > NOISE_FLOOR * span  # a tie within rounding noise has no top-1 to agree on
+            m["top1"] = float(agree[decided].mean()) if decided.any() else 1.0
+            m["top1_samples"] = int(decided.sum())
         if self.feature_sums is not None:
             per = column_cosine(self.feature_sums)
             m["feature_cosine"] = [round(float(v), 6) for v in per]
@@ -400,6 +421,28 @@ class ValidationReport:
                 "passed": self.passed, "outputs": [o.to_dict() for o in self.outputs]}
 
 
+def judged_by(m: Mapping[str, Any], t: Thresholds) -> list[str]:
+    """The metrics that decide an output's pass/fail under ``t``, each with why where it is
+    not the threshold's own choice."""
+    out = []
+    if t.rel_range is not None:
+        out.append(f"rel_range ≤ {t.rel_range:g}")
+    if t.max_abs is not None:
+        out.append(f"max_abs ≤ {t.max_abs:g}")
+    if t.mean_abs is not None:
+        out.append(f"mean_abs ≤ {t.mean_abs:g}")
+    if t.cosine is not None:
+        if m.get("cosine_samples", 1) > 0:
+            out.append(f"mean cosine ≥ {t.cosine:g} (over {m.get('cosine_samples')} samples with signal)")
+        elif t.rel_range is None:
+            out.append(f"rel_range ≤ {1 - t.cosine:g} (no sample with signal above the noise floor: cosine is noise)")
+    if t.feature_cosine is not None and "feature_cosine_min" in m:
+        out.append(f"each column's cosine ≥ {t.feature_cosine:g}")
+    if t.top1 is not None and "top1" in m:
+        out.append(f"top-1 ≥ {t.top1:g}")
+    return out
+
+
 def judge(name: str, m: Mapping[str, Any], t: Thresholds) -> list[str]:
     fails = []
     if not t.allow_nonfinite and m["new_nonfinite"] > m["ref_nonfinite"]:
@@ -412,6 +455,10 @@ def judge(name: str, m: Mapping[str, Any], t: Thresholds) -> list[str]:
         fails.append(f"mean abs error {m['mean_abs']:.3g} > {t.mean_abs:g}")
     if t.cosine is not None and m["cosine_mean"] < t.cosine:
         fails.append(f"mean cosine {m['cosine_mean']:.5f} < {t.cosine:g}")
+    if (t.cosine is not None and t.rel_range is None and m.get("cosine_samples", 1) == 0
+            and m["rel_range"] > 1 - t.cosine):  # no signal to take a cosine of: the error against the range
+        fails.append(f"max abs error {m['max_abs']:.3g} is {m['rel_range']:.3g} of the output range > "
+                     f"{1 - t.cosine:g} (cosine not judged: no sample has signal above the noise floor)")
     if t.feature_cosine is not None and "feature_cosine_min" in m and m["feature_cosine_min"] < t.feature_cosine:
         j = int(np.argmin(m["feature_cosine"]))
         fails.append(f"cosine of feature {j} (last axis, over all samples) {m['feature_cosine_min']:.5f}"
@@ -467,6 +514,7 @@ def compare_models(
     for s in stats:
         t = thresholds.get(s.name, thresholds[None])
         m = s.metrics()
+        m["judged_by"] = judged_by(m, t)
         results.append(OutputResult(s.name, m, t, judge(s.name, m, t)))
     return ValidationReport(provider, samples, batches, results)
 

@@ -38,7 +38,8 @@ def assert_user_error(res, *fragments: str) -> None:
 def test_optimize_writes_model_and_report(cli, tmp_path: Path) -> None:
     out, rep = tmp_path / "out.onnx", tmp_path / "report.json"
     before = sha(MODEL)
-    res = cli("optimize", MODEL, out, "--calib", CALIB, "--passes", "canonicalize", "--report", rep, "--latency-runs", 5)
+    res = cli("optimize", MODEL, out, "--calib", CALIB, "--passes", "canonicalize", "--report", rep, "--latency-runs", 5,
+              "--allow-slower")  # canonicalize's speed is the original's: timing noise decides otherwise
     assert res.code == 0, res.err
     assert sha(MODEL) == before and out.exists()
     assert "MACs" in res.out and "latency ms" in res.out and f"wrote {out}" in res.out
@@ -348,7 +349,7 @@ def test_concurrent_runs_into_one_folder(tmp_path: Path) -> None:
     """Two runs writing different outputs into the same folder at once do not interfere."""
     outs = [tmp_path / "a.onnx", tmp_path / "b.onnx"]
     procs = [subprocess.Popen([sys.executable, "-m", "onnxcompress.cli", "optimize", MODEL, o, "--calib",
-                               FIXTURES / "resnet_block_calib.npz", "--passes", passes, "-q", "--keep-failed"], cwd=ROOT,
+                               FIXTURES / "resnet_block_calib.npz", "--passes", passes, "-q", "--keep-failed", "--allow-slower"], cwd=ROOT,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for o, passes in zip(outs, ["canonicalize", "prune:ratio=0.25"])]
     for p in procs:

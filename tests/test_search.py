@@ -142,7 +142,8 @@ def test_search_keeps_the_input_when_nothing_fits_the_budget() -> None:
     opts = SearchOptions(prune_levels=(0.6,), lowrank_levels=(), int8=False)
     _, rep = oc.optimize(wide_model(), calibration=[{"x": calib()}], search=opts, thresholds=strict, latency=False)
     s = rep.search
-    assert s.chosen.index == 0 and [p.name for p in rep.passes] == ["canonicalize", "fuse"]
+    assert s.chosen.stage == "input"
+    assert [p.name for p in rep.passes] == (["canonicalize", "fuse"] if s.chosen.index else [])
     prune = [t for t in s.trials if t.stage == "prune"]
     assert prune and not prune[0].within_budget and "over budget" in prune[0].reason
 
@@ -150,7 +151,7 @@ def test_search_keeps_the_input_when_nothing_fits_the_budget() -> None:
 def test_time_budget_stops_every_stage() -> None:
     opts = SearchOptions(time_budget=1e-3)
     _, rep = oc.optimize(wide_model(), calibration=[{"x": calib()}], search=opts, latency=False)
-    assert rep.search.chosen.index == 0 and len(rep.search.trials) == 1
+    assert rep.search.chosen.stage == "input" and {t.stage for t in rep.search.trials} == {"input"}
     assert rep.search.stopped == ["int8", "prune", "lowrank"]
 
 
@@ -166,7 +167,7 @@ def test_a_stage_stopped_for_time_keeps_its_accepted_levels(monkeypatch: pytest.
     opts = SearchOptions(prune_levels=(0.6, 0.4), lowrank_levels=(), int8=False, time_budget=300)
     _, rep = oc.optimize(wide_model(), calibration=[{"x": calib()}], search=opts, latency=False)
     s = rep.search
-    assert [t.stage for t in s.trials] == ["input", "prune"] and s.stopped == ["prune"]
+    assert [t.stage for t in s.trials] == ["input", "input", "prune"] and s.stopped == ["prune"]
     assert s.chosen.stage == "prune" and s.chosen.accepted, s.chosen.reason
     assert [p.name for p in rep.passes] == ["canonicalize", "fuse", "prune"]
 
@@ -309,7 +310,7 @@ def test_a_borderline_step_is_timed_against_its_start(monkeypatch: pytest.Monkey
     that direct ratio decides (here 0.96: accepted; at 0.99 it would not be)."""
     import onnxcompress.search as search_mod
 
-    against_input = {1: 0.80, 2: 0.78}  # trial 2 vs trial 1: 2.5% faster, short of 3%
+    against_input = {1: 0.99, 2: 0.80, 3: 0.78}  # trial 3 vs trial 2: 2.5% faster, short of 3%
     direct: list[str] = []
 
     def fake(models, feeds, labels=None, **kw):  # type: ignore[no-untyped-def]
@@ -324,9 +325,9 @@ def test_a_borderline_step_is_timed_against_its_start(monkeypatch: pytest.Monkey
     opts = SearchOptions(prune_levels=(0.6,), lowrank_levels=(0.85,), int8=False, time_budget=300)
     _, rep = oc.optimize(wide_model(), calibration=[{"x": calib()}], search=opts, latency=False)
     trials = {t.index: t for t in rep.search.trials}
-    assert trials[1].stage == "prune" and trials[1].accepted
-    assert trials[2].stage == "lowrank" and trials[2].within_budget, trials[2].reason
-    assert set(direct) == {"trial 2"} and trials[2].accepted and "timed against #1: 0.960" in trials[2].reason
+    assert trials[2].stage == "prune" and trials[2].accepted
+    assert trials[3].stage == "lowrank" and trials[3].within_budget, trials[3].reason
+    assert set(direct) == {"trial 3"} and trials[3].accepted and "timed against #2: 0.960" in trials[3].reason
 
 
 @pytest.mark.parametrize("over", [2.0, 8.0])
@@ -345,3 +346,38 @@ def test_no_bisection_after_a_first_level_far_over_budget(monkeypatch: pytest.Mo
     trials = [t for t in rep.search.trials if t.stage == "prune"]
     assert trials[0].usage == pytest.approx(over, rel=0.2) and not trials[0].within_budget
     assert [o.macs_ratio for o in calls] == ([0.85, 0.925] if over < opts.bisect_max_usage else [0.85])
+
+
+def test_trials_are_timed_against_the_model_as_given_and_a_slower_input_is_given_back(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """fuse can make a model slower in onnxruntime: every trial is timed against the model
+    as the user gave it, and where nothing is faster that model is the answer, unchanged."""
+    import onnxcompress.search as search_mod
+
+    given = wide_model()
+    refs: list[onnx.ModelProto] = []
+
+    def slower(self, ref, model, ref_label, trial):  # type: ignore[no-untyped-def]
+        refs.append(ref)
+        return {b: 1.2 for b in self.feeds}
+
+    monkeypatch.setattr(search_mod.Search, "_ratios", slower)
+    opts = SearchOptions(prune_levels=(0.8,), lowrank_levels=(), int8=False)
+    out, rep = oc.optimize(given, calibration=[{"x": calib()}], search=opts, latency=False)
+    assert refs and all(r.SerializeToString() == given.SerializeToString() for r in refs)
+    assert rep.search.chosen.index == 0 and rep.passes == []
+    assert "not an answer by itself" in rep.search.trials[1].reason
+    assert out.SerializeToString() == given.SerializeToString()
+    assert rep.validation is not None and rep.validation.passed
+
+
+def test_a_result_slower_than_the_model_as_given_is_not_the_answer(monkeypatch: pytest.MonkeyPatch) -> None:
+    import onnxcompress.api as api_mod
+
+    given = wide_model()
+    monkeypatch.setattr(api_mod, "measure_latency", lambda models, *a, **k: [1.0, 1.5])
+    out, rep = oc.optimize(given, "canonicalize,fuse", calibration=[{"x": calib()}])
+    assert rep.fallback and "1.500×" in rep.fallback and rep.passes == []
+    assert out.SerializeToString() == given.SerializeToString()
+    kept, rep2 = oc.optimize(given, "canonicalize,fuse", calibration=[{"x": calib()}], allow_slower=True)
+    assert rep2.fallback is None and [p.name for p in rep2.passes] == ["canonicalize", "fuse"]

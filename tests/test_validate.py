@@ -152,3 +152,35 @@ def test_missing_provider_is_a_clear_error() -> None:
     with pytest.raises(OptionError, match="unknown provider 'tpu'"):
         resolve_provider("tpu")
     assert resolve_provider("auto") in ("cpu", "cuda", "tensorrt")
+
+
+def test_cosine_counts_only_samples_with_signal_above_the_noise_floor() -> None:
+    """A detector's map on images with nothing to detect: ~1e-8 everywhere. The cosine of
+    two such maps is noise; an exact rewrite must not fail on it."""
+    from onnxcompress.validate import judge, judged_by
+
+    rng = np.random.default_rng(0)
+    a = np.abs(rng.standard_normal((4, 1000))) * 1e-8
+    a[0, :50] = 0.87  # one sample holds a detection
+    b = a + rng.standard_normal(a.shape) * 1e-8  # rounding-sized errors
+    s = OutputStats("maps")
+    s.update(a.astype(np.float32), b.astype(np.float32))
+    m = s.metrics()
+    assert m["cosine_samples"] == 1 and m["cosine_mean"] > 0.9999
+    every = np.mean([float(np.dot(x, y) / np.linalg.norm(x) / np.linalg.norm(y)) for x, y in zip(a, b)])
+    assert every < 0.9  # what a cosine over every sample would have said
+    assert judge("maps", m, Thresholds.approximate()) == [] and judge("maps", m, Thresholds.exact()) == []
+    # no sample with signal (one lit pixel in 2e6): judged by the error against the range
+    big = np.abs(rng.standard_normal((2, 2_000_000))).astype(np.float32) * 1e-8
+    big[0, 0] = 0.87
+    none = OutputStats("empty")
+    none.update(big, big + np.float32(1e-8))
+    m2 = none.metrics()
+    assert m2["cosine_samples"] == 0 and "cosine_note" in m2
+    assert "no sample with signal" in judged_by(m2, Thresholds.approximate())[0]
+    assert judge("empty", m2, Thresholds.approximate()) == []
+    off = big.copy()
+    off[1, 7] = 0.1  # an invented detection: 11% of the range
+    worse = OutputStats("empty")
+    worse.update(big, off)
+    assert judge("empty", worse.metrics(), Thresholds.approximate())
