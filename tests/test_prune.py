@@ -282,3 +282,28 @@ def test_sensitivity_weighs_every_group_once(monkeypatch: pytest.MonkeyPatch) ->
                          validation=False, latency=False)
     assert sum(lb.startswith("prune sensitivity") for lb in labels) == 0
     assert rep.passes[-1].stats["sensitivity"] == st["sensitivity"]
+
+
+@pytest.mark.parametrize("kind", ["dense", "bias"])
+def test_refit_of_a_matmul_on_token_rows(kind: str) -> None:
+    """A MatMul reading [N, T, K] (a transformer's tokens): each of the N·T rows is one
+    equation, its features the last axis. The refit puts back weights perturbed by a
+    pruning step (it failed on a shape mismatch before, treating T·K as the features)."""
+    from onnxcompress.passes.prune.recovery import sequential_refit
+
+    rng = np.random.default_rng(0)
+    k, h, d = 12, 24, 8
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("MatMul", ["r", "w2"], ["m"]), helper.make_node("Add", ["m", "b2"], ["y"])]
+    inits = [tensor(rng, "w1", (k, h)), tensor(rng, "w2", (h, d), 0.3), tensor(rng, "b2", (d,), 0.1)]
+    m = make_model(nodes, [fvi("x", ["N", "T", k])], [fvi("y", ["N", "T", d])], inits)
+    pruned = copy.deepcopy(m)
+    w2 = next(t for t in pruned.graph.initializer if t.name == "w2")
+    w2.CopyFrom(numpy_helper.from_array((numpy_helper.to_array(w2) * 1.3 + 0.05).astype(np.float32), "w2"))
+    data = [{"x": rng.standard_normal((4, 10, k)).astype(np.float32)} for _ in range(8 if kind == "dense" else 1)]
+    probe = {"x": rng.standard_normal((2, 10, k)).astype(np.float32)}
+    before = np.abs(run(pruned, probe)[0] - run(m, probe)[0]).mean()
+    counts = sequential_refit(m, pruned, data, only={"m"})
+    after = np.abs(run(pruned, probe)[0] - run(m, probe)[0]).mean()
+    assert counts[kind] == 1
+    assert after < (0.1 if kind == "dense" else 0.9) * before, (before, after)

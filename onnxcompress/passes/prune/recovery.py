@@ -429,7 +429,8 @@ def _accumulate_refit(acc: _Acc, x: np.ndarray, y_new: np.ndarray, y_ref: np.nda
         acc.nonfinite = True
         return
     if acc.kind == "bias":
-        axes = tuple(i for i in range(y_ref.ndim) if i != 1) if y_ref.ndim > 1 else (0,)
+        channel = 1 if n.op_type == "Conv" else y_ref.ndim - 1  # a MatMul's features are its last axis
+        axes = tuple(i for i in range(y_ref.ndim) if i != channel) if y_ref.ndim > 1 else (0,)
         d = (y_ref - y_new).sum(axis=axes, dtype=np.float64)
         acc.diff = d if acc.diff is None else acc.diff + d
         acc.count += int(np.prod([y_ref.shape[i] for i in axes]))
@@ -450,9 +451,9 @@ def _accumulate_refit(acc: _Acc, x: np.ndarray, y_new: np.ndarray, y_ref: np.nda
             acc.count += len(ni)
             return
         p = patches.reshape(len(ni), -1)
-    else:
-        p = x.reshape(x.shape[0], -1)
-        t = y_ref.reshape(y_ref.shape[0], -1)
+    else:  # Gemm/MatMul: every row of every sample ([..., T, K] → [N·T, K]) is one equation
+        p = x.reshape(-1, x.shape[-1])
+        t = y_ref.reshape(-1, y_ref.shape[-1])
     p = np.concatenate([p, np.ones((p.shape[0], 1), np.float32)], axis=1).astype(np.float64)
     acc.A = p.T @ p if acc.A is None else acc.A + p.T @ p
     bt = p.T @ t.astype(np.float64)
