@@ -16,7 +16,8 @@ from typing import Any, Literal
 
 import onnx
 
-from .data import DataSource, ImageOptions, RandomSource, batch_of, first_batch, input_specs, open_data
+from .data import DataSource, ImageOptions, RandomSource, batch_of, first_batch, input_specs, model_shapes, open_data
+from .data import batch_axes as batch_axes_scope
 from .errors import DataError, ModelSaveError, OnnxCompressError, OptionError
 from .model import load_model, same_file, save_model
 from .pipeline import Pass, PassContext, Pipeline
@@ -98,6 +99,7 @@ def optimize(
     progress: Progress | None = None,
     search: SearchOptions | None = None,
     allow_slower: bool = False,
+    batch_axes: Mapping[str, int | None] | None = None,
 ) -> tuple[onnx.ModelProto, OptimizeReport]:
     """Optimize ``model`` with ``passes`` and check the result against the original.
 
@@ -117,7 +119,24 @@ def optimize(
     The result is timed against the model as given (``latency_batch``); where it is
     slower, the model as given is the answer and ``report.fallback`` says why, unless
     ``allow_slower``.
+
+    ``batch_axes``: ``{input: axis or None}`` where the inferred batch axes are wrong (None:
+    the input is held constant), see :mod:`onnxcompress.data`.
     """
+    with batch_axes_scope(batch_axes):
+        return _optimize(model, passes, calibration, validation, output, provider, thresholds, batch_size,
+                         calib_limit, val_limit, image_options, nonfinite, latency, latency_batch, latency_runs,
+                         threads, input_shapes, seed, keep_failed, external_data, progress, search, allow_slower)
+
+
+def _optimize(model: ModelLike, passes: PassesLike, calibration: DataLike | None,
+              validation: DataLike | Literal[False] | None, output: str | os.PathLike[str] | None, provider: str,
+              thresholds: Mapping[str | None, Thresholds] | Thresholds | None, batch_size: int,
+              calib_limit: int | None, val_limit: int | None, image_options: ImageOptions | None,
+              nonfinite: Literal["error", "skip"], latency: bool, latency_batch: int, latency_runs: int,
+              threads: int | None, input_shapes: Mapping[str, Sequence[int]] | None, seed: int, keep_failed: bool,
+              external_data: bool | None, progress: Progress | None, search: SearchOptions | None,
+              allow_slower: bool) -> tuple[onnx.ModelProto, OptimizeReport]:
     progress = progress or NullProgress()
     provider = resolve_provider(provider)
     original, in_path = _as_model(model)
@@ -147,8 +166,8 @@ def optimize(
     sample = first_batch(val) if val is not None else (first_batch(calib) if calib is not None else None)
     shapes = dict(input_shapes or {})
     if sample is not None:
-        for k, v in sample.items():
-            shapes.setdefault(k, list(v.shape))
+        for k, v in model_shapes(original, sample).items():
+            shapes.setdefault(k, v)
     before = summarize(original, shapes)
 
     work = onnx.ModelProto()
@@ -219,8 +238,20 @@ def validate_models(
     threads: int | None = None,
     input_shapes: Mapping[str, Sequence[int]] | None = None,
     progress: Progress | None = None,
+    batch_axes: Mapping[str, int | None] | None = None,
 ) -> ValidationReport:
-    """Compare two models' outputs on ``data`` (or seeded random inputs)."""
+    """Compare two models' outputs on ``data`` (or seeded random inputs); ``batch_axes``
+    as in :func:`optimize`."""
+    with batch_axes_scope(batch_axes):
+        return _validate_models(reference, candidate, data, provider, thresholds, batch_size, limit, image_options,
+                                nonfinite, seed, threads, input_shapes, progress)
+
+
+def _validate_models(reference: ModelLike, candidate: ModelLike, data: DataLike | None, provider: str,
+                     thresholds: Mapping[str | None, Thresholds] | Thresholds | None, batch_size: int,
+                     limit: int | None, image_options: ImageOptions | None, nonfinite: Literal["error", "skip"],
+                     seed: int, threads: int | None, input_shapes: Mapping[str, Sequence[int]] | None,
+                     progress: Progress | None) -> ValidationReport:
     ref, _ = _as_model(reference)
     new, _ = _as_model(candidate)
     ref_in = [(s.name, s.dtype) for s in input_specs(ref)]

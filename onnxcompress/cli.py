@@ -96,6 +96,24 @@ def _setup(debug: bool, quiet: bool, verbose: bool = False) -> RichProgress:
     return RichProgress(enabled=not quiet and err.is_terminal)
 
 
+def _parse_batch_axes(values: list[str] | None) -> dict[str, int | None] | None:
+    if not values:
+        return None
+    axes: dict[str, int | None] = {}
+    for v in values:
+        name, eq, axis = v.rpartition("=")
+        if not eq or not name:
+            raise OptionError(f"--batch-axis '{v}': expected NAME=K (K an axis, or none to hold the input constant)")
+        if axis.strip().lower() == "none":
+            axes[name] = None
+            continue
+        try:
+            axes[name] = int(axis)
+        except ValueError:
+            raise OptionError(f"--batch-axis '{v}': K must be an integer axis or none") from None
+    return axes
+
+
 def _parse_shapes(values: list[str] | None) -> dict[str, list[int]] | None:
     if not values:
         return None
@@ -270,6 +288,9 @@ Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Info logs.")]
 Provider = Annotated[str, typer.Option(help="Execution provider: cpu, cuda, tensorrt or auto.")]
 BatchSize = Annotated[int, typer.Option("--batch-size", "-b", help="Samples per batch.")]
 Shapes = Annotated[Optional[list[str]], typer.Option("--shape", help="Concrete input shape NAME=1x3xHxW (MACs, random data); repeatable.")]
+BatchAxes = Annotated[Optional[list[str]], typer.Option(
+    "--batch-axis", help="NAME=K: input NAME's samples lie along axis K (none: held constant, fed as given); "
+                         "repeatable. Default: inferred from the model's symbolic dimensions.")]
 ImageSize = Annotated[Optional[str], typer.Option("--image-size", help="Images: HxW (default: the model's static size).", rich_help_panel="Image data")]
 Resize = Annotated[str, typer.Option(help="Images: stretch, letterbox (top-left, pad 114) or crop (short side, centre).", rich_help_panel="Image data")]
 Mean = Annotated[Optional[str], typer.Option(help="Images: per-channel mean after scaling, e.g. 0.485,0.456,0.406.", rich_help_panel="Image data")]
@@ -310,6 +331,7 @@ def optimize(
     external_data: Annotated[Optional[bool], typer.Option("--external-data/--no-external-data", help="Force tensor data into OUTPUT.data (default: only above 2 GB).")] = None,
     report: ReportPath = None,
     shape: Shapes = None,
+    batch_axis: BatchAxes = None,
     seed: Annotated[int, typer.Option(help="Seed of every random choice.")] = 0,
     image_size: ImageSize = None, resize: Resize = "stretch", mean: Mean = None, std: Std = None, scale: Scale = 1 / 255,
     channel_order: ChannelOrder = "rgb", layout: Layout = "nchw",
@@ -343,6 +365,7 @@ def optimize(
         nonfinite="skip" if skip_nonfinite else "error", latency=latency, latency_batch=latency_batch,
         latency_runs=latency_runs, threads=threads, input_shapes=_parse_shapes(shape), seed=seed,
         keep_failed=keep_failed, allow_slower=allow_slower, external_data=external_data, progress=progress,
+        batch_axes=_parse_batch_axes(batch_axis),
     )
     _print_report(rep)
     _write_json(report, rep.to_dict())
@@ -369,6 +392,7 @@ def validate(
     threads: Threads = None,
     report: ReportPath = None,
     shape: Shapes = None,
+    batch_axis: BatchAxes = None,
     seed: Annotated[int, typer.Option(help="Seed of the random inputs.")] = 0,
     image_size: ImageSize = None, resize: Resize = "stretch", mean: Mean = None, std: Std = None, scale: Scale = 1 / 255,
     channel_order: ChannelOrder = "rgb", layout: Layout = "nchw",
@@ -384,7 +408,7 @@ def validate(
         reference, candidate, val or calib, provider=provider, thresholds=parse_tolerances(tol, base),
         batch_size=batch_size, limit=limit, image_options=_image_options(image_size, resize, mean, std, scale, channel_order, layout),
         nonfinite="skip" if skip_nonfinite else "error", seed=seed, threads=threads, input_shapes=_parse_shapes(shape),
-        progress=progress,
+        progress=progress, batch_axes=_parse_batch_axes(batch_axis),
     )
     _print_validation(rep)
     _write_json(report, rep.to_dict())

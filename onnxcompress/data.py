@@ -5,15 +5,31 @@ Every source yields batches ``{input_name: ndarray}`` checked against the model'
 header in memory: ``.npy`` files and ``.npz`` members (compressed or not) are read as a
 stream of samples, batch by batch. Nothing is ever unpickled.
 
-Layout conventions: the model's axis 0 is the batch axis. An array whose rank equals
-the input's rank holds samples stacked along axis 0; an array of one rank less is a
-single sample. A model whose batch dimension is static (``[1, 3, 416, 416]``) gets
-batches of exactly that size.
+Layout conventions. Each input has a batch axis, or none:
+
+* inferred from the model's symbolic dimensions where they tie inputs together: the name
+  on axis 0 of the first input that has one (``N`` in audio ``[N, 512]``) marks the
+  batch axis of every input that carries it (state ``[2, N, 128]``: axis 1);
+* an input without that name: axis 0 where it is not static, else none where another
+  input has the batch name (a ``[2, 128]`` table), else axis 0 (a static batch);
+* a 0-d input (a sample rate, a threshold) has none;
+* ``batch_axes({"state": 1, "sr": None})`` (CLI ``--batch-axis state=1``) overrides.
+
+An array whose rank equals the input's rank holds samples stacked along the batch axis;
+an array of one rank less is a single sample. An input without a batch axis is held
+constant: its array is fed as it is with every batch. A model whose batch dimension is
+static (``[1, 3, 416, 416]``) gets batches of exactly that size.
+
+Inside onnxcompress every batch has its samples on axis 0, whatever the model's layout
+(a constant input repeated per sample), so that batches slice and stack alike;
+:func:`model_feeds` turns a batch into the model's layout where a session runs it.
 """
 
 from __future__ import annotations
 
 import abc
+import contextlib
+import contextvars
 import dataclasses
 import logging
 import os
@@ -38,13 +54,52 @@ ARRAY_SUFFIXES = (".npy", ".npz")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 
 
+_BATCH_AXES: contextvars.ContextVar[dict[str, int | None]] = contextvars.ContextVar("batch_axes", default={})
+
+
+@contextlib.contextmanager
+def batch_axes(axes: Mapping[str, int | None] | None) -> Iterator[None]:
+    """Within the block, these inputs have these batch axes (None: held constant)."""
+    token = _BATCH_AXES.set(dict(axes or {}))
+    try:
+        yield
+    finally:
+        _BATCH_AXES.reset(token)
+
+
+def infer_batch_axes(inputs: Sequence[tuple[str, Sequence[Dim]]]) -> dict[str, int | None]:
+    """Each input's batch axis, or None (module docstring), with :func:`batch_axes`'s
+    overrides applied; an override outside an input's rank is a :class:`DataError`."""
+    symbol = next((shape[0] for _, shape in inputs if len(shape) and isinstance(shape[0], str)), None)
+    out: dict[str, int | None] = {}
+    for name, shape in inputs:
+        if not len(shape):
+            out[name] = None
+        elif symbol is not None and symbol in shape:
+            out[name] = list(shape).index(symbol)
+        elif not isinstance(shape[0], int) or symbol is None:
+            out[name] = 0
+        else:
+            out[name] = None
+    for name, axis in _BATCH_AXES.get().items():
+        ranks = {n: len(sh) for n, sh in inputs}
+        if name not in ranks:
+            raise DataError(f"batch axis given for '{name}', which is not an input (inputs: {', '.join(ranks)})")
+        if axis is not None and not 0 <= axis < ranks[name]:
+            raise DataError(f"input '{name}': batch axis {axis} is outside its rank {ranks[name]}")
+        out[name] = axis
+    return out
+
+
 @dataclass(frozen=True)
 class InputSpec:
-    """One model input: name, numpy dtype, shape (int, symbolic name or None per axis)."""
+    """One model input: name, numpy dtype, shape (int, symbolic name or None per axis),
+    batch axis (None: held constant, the same array with every batch)."""
 
     name: str
     dtype: np.dtype
     shape: tuple[Dim, ...]
+    batch_axis: int | None = 0
 
     @property
     def rank(self) -> int:
@@ -52,14 +107,84 @@ class InputSpec:
 
     @property
     def static_batch(self) -> int | None:
-        return self.shape[0] if self.shape and isinstance(self.shape[0], int) else None
+        if self.batch_axis is None or not self.shape:
+            return None
+        d = self.shape[self.batch_axis]
+        return d if isinstance(d, int) else None
+
+    @property
+    def sample_shape(self) -> tuple[Dim, ...]:
+        """The shape of one sample: the model's shape without the batch axis."""
+        if self.batch_axis is None:
+            return self.shape
+        return self.shape[: self.batch_axis] + self.shape[self.batch_axis + 1:]
+
+    def model_shape(self, internal: Sequence[int]) -> list[int]:
+        """The model-layout shape of a batch whose internal shape (samples on axis 0) is ``internal``."""
+        if self.batch_axis is None:
+            return list(internal[1:])
+        rest = list(internal[1:])
+        return rest[: self.batch_axis] + [int(internal[0])] + rest[self.batch_axis:]
 
     def shape_str(self) -> str:
         return "[" + ",".join("?" if d is None else str(d) for d in self.shape) + "]"
 
 
+def to_model_layout(axes: Mapping[str, int | None], batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A batch (samples on axis 0) in the model's layout: the samples moved to each
+    input's batch axis; an input without one fed as its first sample's value."""
+    out = {}
+    for k, v in batch.items():
+        axis = axes.get(k, 0)
+        if axis == 0:
+            out[k] = v
+        elif axis is None:
+            out[k] = np.array(v[0])  # (ascontiguousarray would make a 0-d value 1-d)
+        else:
+            out[k] = np.ascontiguousarray(np.moveaxis(v, 0, axis))
+    return out
+
+
+def model_feeds(sess: Any, batch: Mapping[str, np.ndarray]) -> Mapping[str, np.ndarray]:
+    """``batch`` in the layout of the onnxruntime session ``sess``'s inputs (the batch
+    itself where every input's batch axis is 0)."""
+    axes = getattr(sess, "_onnxcompress_axes", None)
+    if axes is None:
+        axes = infer_batch_axes([(i.name, [d if isinstance(d, (int, str)) else None for d in (i.shape or [])])
+                                 for i in sess.get_inputs()])
+        try:
+            sess._onnxcompress_axes = axes
+        except AttributeError:  # a session type without attributes: infer each time
+            pass
+    if all(a == 0 for a in axes.values()):
+        return batch
+    return to_model_layout(axes, batch)
+
+
+def to_internal(spec: InputSpec, arr: np.ndarray, n: int | None = None) -> np.ndarray:
+    """An array in the model's layout (``n`` samples for a constant input) as a batch
+    with the samples on axis 0."""
+    if spec.batch_axis is None:
+        return np.repeat(arr[None], n or 1, axis=0)
+    if spec.batch_axis == 0 or arr.ndim <= spec.batch_axis:
+        return arr
+    return np.ascontiguousarray(np.moveaxis(arr, spec.batch_axis, 0))
+
+
+def model_shapes(model: onnx.ModelProto, batch: Mapping[str, np.ndarray], samples: int | None = None,
+                 ) -> dict[str, list[int]]:
+    """The model-layout shapes of ``batch`` (samples on axis 0), with ``samples`` samples
+    instead of the batch's where given."""
+    specs = {sp.name: sp for sp in input_specs(model)}
+    out = {}
+    for k, v in batch.items():
+        internal = [samples if samples is not None else v.shape[0], *v.shape[1:]]
+        out[k] = specs[k].model_shape(internal) if k in specs else internal
+    return out
+
+
 def input_specs(model: onnx.ModelProto) -> list[InputSpec]:
-    """The model's real inputs (initializers listed as inputs excluded)."""
+    """The model's real inputs (initializers listed as inputs excluded), with their batch axes."""
     inits = {t.name for t in model.graph.initializer}
     specs = []
     for vi in model.graph.input:
@@ -81,32 +206,45 @@ def input_specs(model: onnx.ModelProto) -> list[InputSpec]:
             else:
                 dims.append(None)
         specs.append(InputSpec(vi.name, dtype, tuple(dims)))
-    return specs
+    axes = infer_batch_axes([(sp.name, sp.shape) for sp in specs])
+    return [dataclasses.replace(sp, batch_axis=axes[sp.name]) for sp in specs]
 
 
 # ----------------------------------------------------------------------------- checking
 
 
 def check_array(spec: InputSpec, arr: np.ndarray, where: str, *, batched: bool = True) -> np.ndarray:
-    """Check ``arr`` (a batch when ``batched``) against ``spec``; return it, maybe cast.
+    """Check ``arr`` (a batch with its samples on axis 0 when ``batched``) against
+    ``spec``; return it, maybe cast.
 
-    Floating data of another precision is cast (with a log message); any other dtype
-    mismatch, a wrong rank or a wrong static dimension is a :class:`DataError`.
+    Floating data of another precision is cast (with a log message), and so are integers
+    whose values the model's integer or bool type holds; any other dtype mismatch, a
+    wrong rank or a wrong static dimension is a :class:`DataError`.
     """
-    found = "[" + ",".join(str(d) for d in arr.shape) + "]"
-    if arr.ndim != spec.rank:
+    want_shape = ((spec.static_batch,) + spec.sample_shape) if batched else spec.shape
+    shown = spec.model_shape(arr.shape) if batched and arr.ndim == len(want_shape) else list(arr.shape)
+    found = "[" + ",".join(str(d) for d in shown) + "]"
+    if arr.ndim != len(want_shape):
+        rank = arr.ndim - 1 if batched and spec.batch_axis is not None else arr.ndim
         raise DataError(
-            f"input '{spec.name}': expected rank {spec.rank} {spec.shape_str()}, found rank {arr.ndim} {found} in {where}"
+            f"input '{spec.name}': expected rank {spec.rank} {spec.shape_str()}, found rank {rank} {found} in {where}"
         )
-    for axis, (want, got) in enumerate(zip(spec.shape, arr.shape)):
-        if axis == 0 and batched and not isinstance(want, int):
-            continue
+    for axis, (want, got) in enumerate(zip(want_shape, arr.shape)):
         if isinstance(want, int) and want != got:
+            model_axis = axis
+            if batched:  # internal axis → the model's: 0 is the batch axis, the rest skip it
+                b = spec.batch_axis
+                model_axis = b if axis == 0 else axis - 1 + (b is not None and b <= axis - 1)
             raise DataError(
-                f"input '{spec.name}': expected shape {spec.shape_str()}, found {found} in {where} (axis {axis})"
+                f"input '{spec.name}': expected shape {spec.shape_str()}, found {found} in {where} (axis {model_axis})"
             )
     if arr.dtype != spec.dtype:
         if np.issubdtype(arr.dtype, np.floating) and np.issubdtype(spec.dtype, np.floating):
+            log.debug("input '%s': casting %s to %s (%s)", spec.name, arr.dtype, spec.dtype, where)
+            arr = arr.astype(spec.dtype)
+        elif (np.issubdtype(arr.dtype, np.integer) or arr.dtype == np.bool_) and (
+                np.issubdtype(spec.dtype, np.integer) or spec.dtype == np.bool_) and np.array_equal(
+                arr.astype(spec.dtype).astype(arr.dtype), arr):
             log.debug("input '%s': casting %s to %s (%s)", spec.name, arr.dtype, spec.dtype, where)
             arr = arr.astype(spec.dtype)
         else:
@@ -153,6 +291,10 @@ class ArrayEntry:
             return self.file.open("rb"), None
         zf = zipfile.ZipFile(self.file)
         return zf.open(self.key + ".npy"), zf
+
+    def read_all(self) -> np.ndarray:
+        """The whole array."""
+        return next(self.iter_chunks(max(1, self.shape[0] if self.shape else 1)))
 
     def iter_chunks(self, rows: int) -> Iterator[np.ndarray]:
         """Yield consecutive slices of ``rows`` along axis 0 (a 0-d/1-sample array as one)."""
@@ -340,6 +482,7 @@ class ArrayFilesSource(DataSource):
         super().__init__(specs, batch_size, limit)
         self.nonfinite = nonfinite
         self.files = list(files)
+        self._counts: list[int] = []
         self._plan = [self._match(f) for f in self.files]
 
     def _match(self, path: Path) -> dict[str, ArrayEntry]:
@@ -364,10 +507,19 @@ class ArrayFilesSource(DataSource):
                 + (", or use 'x')" if len(names) == 1 else ")")
             )
         counts = set()
+        seen: list[str] = []
         for name, entry in plan.items():
             spec = next(s for s in self.specs if s.name == name)
-            if len(entry.shape) == spec.rank:
-                counts.add(entry.shape[0])
+            if spec.batch_axis is not None and len(entry.shape) == spec.rank:
+                seen.append(f"'{name}' {entry.shape[spec.batch_axis]} on axis {spec.batch_axis}")
+            if spec.batch_axis is None:  # held constant: the array as the model takes it
+                if len(entry.shape) != spec.rank:
+                    raise DataError(
+                        f"input '{name}' is held constant (no batch axis): expected rank {spec.rank} "
+                        f"{spec.shape_str()}, found rank {len(entry.shape)} {list(entry.shape)} in {entry.where}"
+                        + (" (give its batch axis with --batch-axis NAME=K)" if len(entry.shape) == spec.rank + 1 else ""))
+            elif len(entry.shape) == spec.rank:
+                counts.add(entry.shape[spec.batch_axis])
             elif len(entry.shape) == spec.rank - 1:
                 counts.add(1)
             else:
@@ -376,38 +528,44 @@ class ArrayFilesSource(DataSource):
                     f"sample), found rank {len(entry.shape)} {list(entry.shape)} in {entry.where}"
                 )
         if len(counts) > 1:
-            raise DataError(f"{path}: arrays hold different sample counts {sorted(counts)}")
+            raise DataError(f"{path}: the inputs' batch axes hold different sample counts ({', '.join(seen)}); "
+                            "where an input's samples lie along another axis, say so with --batch-axis NAME=K")
+        self._counts.append(counts.pop() if counts else 1)
         return plan
 
     @property
     def num_samples(self) -> int | None:
-        n = 0
-        for plan in self._plan:
-            entry = next(iter(plan.values()))
-            spec = next(s for s in self.specs if s.name == next(iter(plan)))
-            n += entry.shape[0] if len(entry.shape) == spec.rank else 1
+        n = sum(self._counts)
         return n if self.limit is None else min(n, self.limit)
 
     def _samples(self) -> Iterator[tuple[Batch, str]]:
         rows = max(1, self.batch_size)
         for plan in self._plan:
             streams: dict[str, Iterator[np.ndarray]] = {}
+            constants: dict[str, np.ndarray] = {}
             for name, entry in plan.items():
                 spec = next(s for s in self.specs if s.name == name)
-                if len(entry.shape) == spec.rank - 1:  # one sample: add the batch axis
+                if spec.batch_axis is None:
+                    constants[name] = entry.read_all()
+                elif len(entry.shape) == spec.rank - 1:  # one sample: add the batch axis
                     entry = dataclasses.replace(entry, note=" (read as one sample without a batch axis)")
                     plan = {**plan, name: entry}
-                    streams[name] = (c[None, ...] for c in entry.iter_chunks(rows))
-                else:
+                    streams[name] = iter([entry.read_all()[None, ...]])
+                elif spec.batch_axis == 0:
                     streams[name] = entry.iter_chunks(rows)
+                else:  # samples along another axis: read whole, then slice (a state tensor is small)
+                    whole = np.moveaxis(entry.read_all(), spec.batch_axis, 0)
+                    streams[name] = (np.ascontiguousarray(whole[i:i + rows]) for i in range(0, len(whole), rows))
             where = next(iter(plan.values())).where
             index = 0
             while True:
                 parts = {name: next(it, None) for name, it in streams.items()}
-                if any(v is None for v in parts.values()):
+                if any(v is None for v in parts.values()) or (not parts and index):
                     break
                 chunk: Batch = {k: v for k, v in parts.items() if v is not None}
-                n = next(iter(chunk.values())).shape[0]
+                n = next(iter(chunk.values())).shape[0] if chunk else 1
+                for name, value in constants.items():
+                    chunk[name] = np.repeat(value[None], n, axis=0)
                 good = np.ones(n, dtype=bool)
                 for name, arr in chunk.items():
                     good &= _finite_rows(name, arr, plan[name].where, index, self.nonfinite)
@@ -577,7 +735,25 @@ class IterableSource(DataSource):
                 if arr.dtype.hasobject:
                     raise DataError(f"{where}: input '{k}' is an object array")
                 chunk[str(k)] = arr
-            yield chunk, where
+            yield _internal(self.specs, chunk, where), where
+
+
+def _internal(specs: Sequence[InputSpec], chunk: Batch, where: str) -> Batch:
+    """A batch in the model's layout (as a user hands it over) with its samples on axis 0."""
+    by_name = {sp.name: sp for sp in specs}
+    counts = {arr.shape[sp.batch_axis] for k, arr in chunk.items()
+              if (sp := by_name[k]).batch_axis is not None and arr.ndim == sp.rank}
+    if len(counts) > 1:
+        raise DataError(f"{where}: inputs hold different sample counts {sorted(counts)} on their batch axes")
+    n = counts.pop() if counts else 1
+    out = {}
+    for k, arr in chunk.items():
+        sp = by_name[k]
+        if sp.batch_axis is not None and arr.ndim != sp.rank:
+            raise DataError(f"input '{k}': expected rank {sp.rank} {sp.shape_str()}, found rank {arr.ndim} "
+                            f"{list(arr.shape)} in {where}")
+        out[k] = to_internal(sp, arr, n)
+    return out
 
 
 class RandomSource(DataSource):
@@ -603,8 +779,11 @@ class RandomSource(DataSource):
 
     def sample_shape(self, spec: InputSpec) -> tuple[int, ...]:
         if spec.name in self.shapes:
-            return tuple(int(d) for d in self.shapes[spec.name])[1:]
-        return tuple(d if isinstance(d, int) else self.dynamic_dim for d in spec.shape[1:])
+            given = [int(d) for d in self.shapes[spec.name]]
+            if spec.batch_axis is not None and len(given) == spec.rank:
+                del given[spec.batch_axis]
+            return tuple(given)
+        return tuple(d if isinstance(d, int) else self.dynamic_dim for d in spec.sample_shape)
 
     def _samples(self) -> Iterator[tuple[Batch, str]]:
         rng = np.random.default_rng(self.seed)

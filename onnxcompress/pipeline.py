@@ -48,7 +48,9 @@ class PassContext:
             return None
         from .data import first_batch
 
-        return {k: list(v.shape) for k, v in first_batch(self.calibration).items()}
+        specs = {sp.name: sp for sp in getattr(self.calibration, "specs", [])}
+        return {k: specs[k].model_shape(v.shape) if k in specs else list(v.shape)
+                for k, v in first_batch(self.calibration).items()}
 
 
 @dataclass

@@ -102,7 +102,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from .data import Batch, LimitedSource, batch_of, input_specs, take_samples
+from .data import Batch, LimitedSource, batch_of, input_specs, model_shapes, take_samples
 from .errors import OnnxCompressError, OptionError
 from .pipeline import Pass, PassContext, PassReport, Pipeline
 from .report import count_macs
@@ -335,7 +335,7 @@ class Search:
                                  min_seconds=0.2, threads=self.threads)[0]
             self.batches = [1] if t1 > self.opts.large_input_ms else sorted(set(self.opts.batches))
         self.feeds = {b: batch_of(self.pool, b, model) for b in self.batches}
-        self.shapes = {k: [1, *v.shape[1:]] for k, v in self.pool.items()}
+        self.shapes = model_shapes(model, self.pool, 1)
         # the passes fit on the first samples; prune and lowrank refit on at most
         # refit_elements input values' worth of them (their run time grows with it)
         per_sample = sum(int(np.prod(v.shape[1:])) for v in self.pool.values())

@@ -28,14 +28,13 @@ def concrete_input_shapes(
     A static batch dimension is kept as it is."""
     shapes: dict[str, list[int]] = {}
     for s in specs:
+        b = s.batch_axis
         if given and s.name in given:
             shape = [int(d) for d in given[s.name]]
-            if shape:
-                shape[0] = s.shape[0] if s.shape and isinstance(s.shape[0], int) else 1
         else:
-            shape = [1 if i == 0 else (d if isinstance(d, int) else dynamic_dim) for i, d in enumerate(s.shape)]
-            if s.shape and isinstance(s.shape[0], int):
-                shape[0] = s.shape[0]
+            shape = [d if isinstance(d, int) else dynamic_dim for d in s.shape]
+        if b is not None and b < len(shape):
+            shape[b] = s.static_batch or 1
         shapes[s.name] = shape
     return shapes
 

@@ -33,7 +33,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from .data import Batch, DataSource
+from .data import Batch, DataSource, model_feeds
 from .errors import OptionError, ProviderError, RuntimeModelError
 from .model import PROTOBUF_LIMIT, save_model, tensor_bytes
 from .progress import NullProgress, Progress
@@ -110,7 +110,7 @@ def make_session(
 
 def run_session(sess: ort.InferenceSession, feeds: Batch, label: str = "model") -> list[np.ndarray]:
     try:
-        return sess.run(None, feeds)
+        return sess.run(None, model_feeds(sess, feeds))
     except Exception as exc:  # onnxruntime raises its own exception classes
         raise RuntimeModelError(f"{label}: onnxruntime failed to run it: {ort_message(exc)}") from None
 
@@ -211,7 +211,7 @@ class OutputDamage:
         """The reference model's outputs per batch (run once)."""
         if self._ref is None:
             sess = make_session(self.model, self.provider, label=f"{self.label} (original)")
-            self._ref = [sess.run(None, dict(f)) for f in self.feeds]
+            self._ref = [run_session(sess, dict(f), self.label) for f in self.feeds]
             self._scales = [self._scale(np.concatenate([r[k] for r in self._ref])) for k in range(len(self._ref[0]))]
         return self._ref
 
@@ -220,7 +220,7 @@ class OutputDamage:
         sess = make_session(model, self.provider, label=self.label)
         errs = []
         for f, ref in zip(self.feeds, refs):
-            new = sess.run(None, dict(f))
+            new = run_session(sess, dict(f), self.label)
             errs.append(sum(float(np.mean(((b - a) / sc) ** 2)) for a, b, sc in zip(ref, new, self._scales))
                         / max(len(ref), 1))
         return float(np.mean(errs))

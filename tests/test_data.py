@@ -8,12 +8,13 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
 from onnxcompress.data import ImageOptions, RandomSource, input_specs, open_data
 from onnxcompress.errors import DataError
+from onnxcompress.validate import Thresholds
 
-from .builders import fvi, make_model
+from .builders import fvi, make_model, run
 
 
 def conv_model(shape=("N", 3, 8, 8)) -> onnx.ModelProto:
@@ -281,3 +282,103 @@ def test_corrupt_image_named(tmp_path: Path) -> None:
     (tmp_path / "b.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(50)))  # a PNG header, then garbage
     with pytest.raises(DataError, match=r"b\.png: cannot read image"):
         collect(open_data(tmp_path, conv_model(("N", 3, 4, 4))))
+
+
+def _vad_model() -> onnx.ModelProto:
+    """A voice-activity-style model: audio [N, 512], state [2, N, 128] (batch on axis 1),
+    sample rate sr (0-d int64); outputs prob [N, 1] and the new state [2, N, 128]."""
+    from onnx import TensorProto
+
+    rng = np.random.default_rng(3)
+    inits = [numpy_helper.from_array((rng.standard_normal((512, 128)) / 22).astype(np.float32), "W"),
+             numpy_helper.from_array((rng.standard_normal((128, 1)) / 11).astype(np.float32), "V"),
+             numpy_helper.from_array(np.array([0], np.int64), "zero"),
+             numpy_helper.from_array(np.array(16000.0, np.float32), "ref_sr")]
+    nodes = [helper.make_node("MatMul", ["audio", "W"], ["h"]),
+             helper.make_node("ReduceSum", ["state", "zero"], ["s"], keepdims=0),
+             helper.make_node("Cast", ["sr"], ["srf"], to=TensorProto.FLOAT),
+             helper.make_node("Div", ["srf", "ref_sr"], ["k"]),
+             helper.make_node("Add", ["h", "s"], ["hs"]),
+             helper.make_node("Mul", ["hs", "k"], ["hk"]),
+             helper.make_node("Tanh", ["hk"], ["t"]),
+             helper.make_node("MatMul", ["t", "V"], ["logit"]),
+             helper.make_node("Sigmoid", ["logit"], ["prob"]),
+             helper.make_node("Unsqueeze", ["t", "zero"], ["t0"]),
+             helper.make_node("Unsqueeze", ["h", "zero"], ["h0"]),
+             helper.make_node("Concat", ["t0", "h0"], ["new_state"], axis=0)]
+    inputs = [helper.make_tensor_value_info("audio", TensorProto.FLOAT, ["N", 512]),
+              helper.make_tensor_value_info("state", TensorProto.FLOAT, [2, "N", 128]),
+              helper.make_tensor_value_info("sr", TensorProto.INT64, [])]
+    outputs = [helper.make_tensor_value_info("prob", TensorProto.FLOAT, ["N", 1]),
+               helper.make_tensor_value_info("new_state", TensorProto.FLOAT, [2, "N", 128])]
+    return make_model(nodes, inputs, outputs, inits)
+
+
+def _vad_data(path, n: int = 24, state_axis: int = 1) -> None:
+    rng = np.random.default_rng(4)
+    state = rng.standard_normal((2, n, 128)).astype(np.float32)
+    np.savez(path, audio=rng.standard_normal((n, 512)).astype(np.float32),
+             state=state if state_axis == 1 else state.transpose(1, 0, 2), sr=np.array(16000))
+
+
+def test_batch_axes_are_inferred_from_the_symbolic_dims() -> None:
+    specs = {s.name: s for s in input_specs(_vad_model())}
+    assert (specs["audio"].batch_axis, specs["state"].batch_axis, specs["sr"].batch_axis) == (0, 1, None)
+    assert specs["state"].sample_shape == (2, 128) and specs["sr"].sample_shape == ()
+
+
+def test_a_model_with_state_and_scalar_inputs_is_fed_in_its_own_layout(tmp_path) -> None:
+    """Samples of 'state' lie on its axis 1, 'sr' is the same for every batch: the data
+    stream slices them as the model takes them, and every pass runs on them."""
+    import onnxcompress as oc
+    from onnxcompress.data import model_feeds
+    from onnxcompress.validate import make_session
+
+    m = _vad_model()
+    _vad_data(tmp_path / "d.npz")
+    src = open_data(tmp_path / "d.npz", m, batch_size=8)
+    assert src.num_samples == 24
+    batches = list(src)
+    assert [b["state"].shape for b in batches] == [(8, 2, 128)] * 3 and batches[0]["sr"].shape == (8,)
+    sess = make_session(m)
+    feeds = model_feeds(sess, batches[1])
+    assert feeds["state"].shape == (2, 8, 128) and feeds["sr"].shape == () and int(feeds["sr"]) == 16000
+    raw = np.load(tmp_path / "d.npz")
+    want = run(m, {"audio": raw["audio"][8:16], "state": raw["state"][:, 8:16], "sr": raw["sr"]})
+    np.testing.assert_array_equal(sess.run(None, feeds)[1], want[1])
+    for passes in ("canonicalize,fuse", "prune:macs_ratio=0.7", "lowrank", "int8:guard=false"):
+        _, rep = oc.optimize(m, passes, calibration=tmp_path / "d.npz", latency=False)
+        assert rep.validation is not None and rep.validation.samples == 24, passes
+    _, rep = oc.optimize(m, "canonicalize,fuse", calibration=tmp_path / "d.npz", latency=False)
+    assert rep.validation.passed
+
+
+def test_a_wrong_batch_axis_is_one_error_naming_the_input(tmp_path) -> None:
+    import onnxcompress as oc
+
+    m = _vad_model()
+    _vad_data(tmp_path / "d.npz", state_axis=0)  # state saved as [N, 2, 128]
+    with pytest.raises(DataError, match="'state' 2 on axis 1.*--batch-axis"):
+        list(open_data(tmp_path / "d.npz", m))
+    # exported with a fixed batch of 1 ([2, 1, 128]): inferred as a constant input; said otherwise, fed per sample
+    fixed = _vad_model()
+    fixed.graph.input[1].type.tensor_type.shape.dim[1].dim_value = 1
+    _vad_data(tmp_path / "f.npz")
+    with pytest.raises(DataError, match="input 'state'"):
+        list(open_data(tmp_path / "f.npz", fixed))
+    _, rep = oc.optimize(fixed, "canonicalize", calibration=tmp_path / "f.npz", latency=False,
+                         batch_axes={"state": 1}, thresholds=Thresholds.exact())
+    assert rep.validation.passed and rep.validation.samples == 24
+    with pytest.raises(DataError, match="batch axis 3 is outside its rank"):
+        oc.optimize(m, "canonicalize", calibration=tmp_path / "d.npz", batch_axes={"state": 3})
+
+
+def test_python_batches_in_the_model_layout() -> None:
+    import onnxcompress as oc
+
+    m = _vad_model()
+    rng = np.random.default_rng(0)
+    data = [{"audio": rng.standard_normal((4, 512)).astype(np.float32),
+             "state": rng.standard_normal((2, 4, 128)).astype(np.float32), "sr": np.int64(8000)} for _ in range(3)]
+    _, rep = oc.optimize(m, "canonicalize,fuse", calibration=data, latency=False)
+    assert rep.validation.passed and rep.validation.samples == 12

@@ -27,7 +27,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from ...data import DataSource
+from ...data import DataSource, model_feeds
 from ...model import node_attr, with_outputs
 from ...progress import NullProgress, Progress
 from ...validate import make_session
@@ -123,7 +123,7 @@ def collect(
 
 def _run_named(sess, names: list[str], batch: dict[str, np.ndarray]) -> list[np.ndarray]:
     try:
-        return sess.run(names, batch)
+        return sess.run(names, model_feeds(sess, batch))
     except Exception as exc:  # onnxruntime's own exception classes
         from ...errors import RuntimeModelError
         from ...validate import ort_message
