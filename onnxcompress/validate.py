@@ -108,6 +108,41 @@ def make_session(
         raise RuntimeModelError(f"{label}: onnxruntime cannot load it: {ort_message(exc)}") from None
 
 
+def runtime_ops(model: onnx.ModelProto, provider: str = "cpu", extended_only: bool = False) -> dict[str, int]:
+    """Op histogram of the graph onnxruntime actually runs: the model after its graph
+    optimizations (all of them, or up to the extended level: its fusions without the
+    blocked-layout rewrite), keyed ``op`` or ``domain:op`` outside the standard domain."""
+    with tempfile.TemporaryDirectory(prefix="onnxcompress-") as tmp:
+        path = Path(tmp) / "opt.onnx"
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        so.optimized_model_filepath = str(path)
+        if extended_only:
+            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+        try:
+            ort.InferenceSession(model.SerializeToString(), so, providers=PROVIDERS[resolve_provider(provider)])
+        except Exception as exc:  # onnxruntime's own exception classes
+            raise RuntimeModelError(f"onnxruntime cannot load the model: {ort_message(exc)}") from None
+        opt = onnx.load(str(path), load_external_data=False)
+    hist: dict[str, int] = {}
+    for n in opt.graph.node:
+        key = n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}:{n.op_type}"
+        hist[key] = hist.get(key, 0) + 1
+    return hist
+
+
+#: ops of onnxruntime's own fusions (in its optimized graph), that a rewrite must not lose
+RUNTIME_FUSIONS = ("LayerNormalization", "SimplifiedLayerNormalization", "Gelu")
+
+
+def runtime_fusions(model: onnx.ModelProto, provider: str = "cpu") -> dict[str, int]:
+    """How many of each fused op onnxruntime makes of ``model`` (extended level):
+    contrib ops (FusedConv, FusedMatMul, Attention, SkipLayerNormalization, BiasGelu, …)
+    and LayerNormalization/Gelu."""
+    return {k: v for k, v in runtime_ops(model, provider, extended_only=True).items()
+            if k.startswith("com.microsoft:") or k in RUNTIME_FUSIONS}
+
+
 def run_session(sess: ort.InferenceSession, feeds: Batch, label: str = "model") -> list[np.ndarray]:
     try:
         return sess.run(None, model_feeds(sess, feeds))

@@ -101,6 +101,36 @@ def test_affine_after_conv_folded() -> None:
     np.testing.assert_allclose(run(res.model, {"x": x})[0], ref, rtol=1e-5, atol=1e-6 * float(np.abs(ref).max()))
 
 
+def test_a_rule_that_loses_an_onnxruntime_fusion_is_declined(monkeypatch: pytest.MonkeyPatch) -> None:
+    """onnxruntime fuses Conv + Relu into FusedConv; a rule after which it makes fewer of
+    its fusions is left out, and the stats say which and why (here the count is faked
+    after the affine fold, to check the mechanism on any onnxruntime build)."""
+    import onnxcompress.passes.fuse as fuse_mod
+
+    rng = np.random.default_rng(9)
+    nodes = [helper.make_node("Conv", ["x", "w"], ["h"], pads=[1, 1, 1, 1]),
+             helper.make_node("Mul", ["h", "s"], ["hs"]), helper.make_node("Relu", ["hs"], ["y"])]
+    inits = [tensor(rng, "w", (8, 3, 3, 3)), numpy_helper.from_array(np.array([1.7], np.float32), "s")]
+    m = make_model(nodes, [fvi("x", [2, 3, 8, 8])], [fvi("y", [2, 8, 8, 8])], inits)
+    real = fuse_mod.runtime_fusions(m)
+    assert real.get("com.microsoft:FusedConv", 0) == 0  # the Mul stands between the Conv and the Relu
+    kept = Fuse().run(onnx.ModelProto.FromString(m.SerializeToString()), PassContext())
+    assert kept.stats["affine_folded"] == 1 and kept.stats["declined"] == {}
+    assert fuse_mod.runtime_fusions(kept.model).get("com.microsoft:FusedConv", 0) == 1  # folding gained one
+
+    calls: list[int] = []
+
+    def fewer(model: onnx.ModelProto, provider: str = "cpu") -> dict[str, int]:
+        calls.append(len(model.graph.node))
+        return {"LayerNormalization": 2 if len(model.graph.node) == 3 else 1}
+
+    monkeypatch.setattr(fuse_mod, "runtime_fusions", fewer)
+    res = Fuse().run(m, PassContext())
+    assert not res.modified and res.stats["affine_folded"] == 0
+    assert res.stats["declined"] == {"affine": "loses onnxruntime's fusions: LayerNormalization 2 → 1"}
+    assert [n.op_type for n in res.model.graph.node] == ["Conv", "Mul", "Relu"] and calls
+
+
 def _affine_then_convs(consumer: str) -> onnx.ModelProto:
     """x → Conv → HardSwish → Mul(scalar) → Add(per channel) → ``consumer``: 'pointwise'
     (1×1 Conv), 'grouped' (unpadded 3×3, 2 groups) plus a second 1×1 reader, 'padded'

@@ -1,5 +1,12 @@
 """Pass ``fuse``: activation chains that exporters spell out, fused into one operator.
 
+Every rule below is applied only where onnxruntime still makes all of its own fusions
+of the model afterwards (its optimized graph, extended level: FusedConv, FusedMatMul,
+LayerNormalization, Gelu, Attention, SkipLayerNormalization, …, counted before and after
+the rule): a rewrite that breaks onnxruntime's LayerNorm or attention fusion costs more
+than it saves. ``stats["declined"]`` names each rule left out and the fusion it would
+have lost.
+
 Hard-swish, h(x) = x·relu6(x + 3)/6, is written by paddle2onnx (opsets < 14) as
 ``Div(Mul(x, Clip(Add(x, 3), 0, 6)), 6)``, and by other exporters with ``Mul`` by 1/6 or
 with the division on the Clip. Each such chain becomes ``HardSwish(x)`` (opset ≥ 14) or
@@ -78,13 +85,16 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from ..errors import OnnxCompressError
 from ..model import node_attr
 from ..pipeline import Pass, PassContext, PassResult
+from ..validate import runtime_fusions
 from .canonicalize import drop_stale_value_info
 from .int8.prepare import _graph_index
 from .int8.qdq import clip_bounds
@@ -125,35 +135,77 @@ class Fuse(Pass):
         from .int8.prepare import affine_to_depthwise, fold_affine, fold_affine_forward, fold_batchnorm
 
         opts: FuseOptions = self.options
-        fused = fuse_hardswish(model) if opts.hardswish else 0
-        # only ConvTranspose's: onnxruntime folds Conv + BatchNormalization itself, and prune
-        # did worse on the folded graph (doc_orientation fitted on 48 calibration samples,
-        # 0.55 MACs: 1189 instead of 1107 channels removed, cosine 0.983 instead of 0.9999
-        # on the other 16; with all 64 both kept ≥ 0.9997 on the eval set; cause not known).
-        # A BatchNormalization may follow only after the ConvTranspose's bias Add is folded.
-        bn = folded = forward = 0
-        if opts.affine:
-            bn = fold_batchnorm(model, ("ConvTranspose",))
-            folded = fold_affine(model)
-            bn += fold_batchnorm(model, ("ConvTranspose",))
-            forward = fold_affine_forward(model)
+
+        def affine(m: onnx.ModelProto) -> dict[str, int]:
+            # only ConvTranspose's: onnxruntime folds Conv + BatchNormalization itself, and prune
+            # did worse on the folded graph (docs/decisions). A BatchNormalization may follow
+            # only after the ConvTranspose's bias Add is folded.
+            bn = fold_batchnorm(m, ("ConvTranspose",))
+            folded = fold_affine(m)
+            bn += fold_batchnorm(m, ("ConvTranspose",))
+            forward = fold_affine_forward(m)
             if folded or forward or bn:
-                drop_stale_value_info(model.graph)  # the folded Mul/Add/BatchNormalization outputs
-        depthwise = affine_to_depthwise(model) if opts.affine and opts.affine_depthwise else 0
-        if depthwise:
-            drop_stale_value_info(model.graph)
-        gated = fold_gate_residual(model) if opts.gate_residual else 0
-        focus, focus_conv = fuse_space_to_depth(model, opts.focus_conv) if opts.space_to_depth else (0, 0)
-        changed = bool(fused or folded or forward or bn or depthwise or gated or focus or focus_conv)
+                drop_stale_value_info(m.graph)  # the folded Mul/Add/BatchNormalization outputs
+            return {"affine_folded": folded, "batchnorm_folded": bn, "affine_folded_forward": forward}
+
+        def depthwise(m: onnx.ModelProto) -> dict[str, int]:
+            n = affine_to_depthwise(m)
+            if n:
+                drop_stale_value_info(m.graph)
+            return {"affine_depthwise": n}
+
+        def focus(m: onnx.ModelProto) -> dict[str, int]:
+            a, b = fuse_space_to_depth(m, opts.focus_conv)
+            return {"space_to_depth": a, "focus_conv": b}
+
+        rules: list[tuple[str, bool, Callable[[onnx.ModelProto], dict[str, int]]]] = [
+            ("hardswish", opts.hardswish, lambda m: {"hardswish_fused": fuse_hardswish(m)}),
+            ("affine", opts.affine, affine),
+            ("affine_depthwise", opts.affine and opts.affine_depthwise, depthwise),
+            ("gate_residual", opts.gate_residual, lambda m: {"gate_residual_folded": fold_gate_residual(m)}),
+            ("space_to_depth", opts.space_to_depth, focus),
+        ]
+        stats: dict[str, Any] = {}
+        declined: dict[str, str] = {}
+        try:  # onnxruntime's own fusions of the input: a rule that loses one is not applied
+            before = runtime_fusions(model, ctx.provider)
+        except OnnxCompressError as exc:
+            log.debug("fuse: onnxruntime's fusions unknown (%s); rules not checked against them", exc)
+            before = None
+        for name, enabled, apply in rules:
+            if not enabled:
+                continue
+            trial = onnx.ModelProto()
+            trial.CopyFrom(model)
+            counts = apply(trial)
+            if not any(counts.values()):
+                stats.update(counts)
+                continue
+            lost = _lost_fusions(before, trial, ctx.provider)
+            if lost:
+                declined[name] = f"loses onnxruntime's fusions: {lost}"
+                log.debug("fuse: rule %s declined: %s", name, declined[name])
+                stats.update({k: 0 for k in counts})
+                continue
+            model.CopyFrom(trial)
+            stats.update(counts)
+        changed = any(v for v in stats.values())
         if changed:
-            log.info("fuse: %d hard-swish chains fused, %d Mul/Add and %d BatchNormalization folded into the "
-                     "Conv before them, %d Mul/Add into the Convs after them, %d Mul/Add made depthwise 1×1 "
-                     "Convs, %d gated residuals x + x·g → x·(g + 1), %d Focus layers → SpaceToDepth, %d into the Convs "
-                     "after them", fused, folded, bn, forward, depthwise, gated, focus, focus_conv)
-        stats = {"hardswish_fused": fused, "affine_folded": folded, "batchnorm_folded": bn,
-                 "affine_folded_forward": forward, "affine_depthwise": depthwise, "gate_residual_folded": gated,
-                 "space_to_depth": focus, "focus_conv": focus_conv}
+            log.info("fuse: %s", ", ".join(f"{k} {v}" for k, v in stats.items() if v))
+        stats["declined"] = declined
         return PassResult(model, changed, stats)
+
+
+def _lost_fusions(before: dict[str, int] | None, model: onnx.ModelProto, provider: str) -> str:
+    """'LayerNormalization 3 → 1, …' for onnxruntime fusions ``model`` has fewer of than
+    ``before`` (empty where none is lost or ``before`` is unknown)."""
+    if not before:
+        return ""
+    try:
+        after = runtime_fusions(model, provider)
+    except OnnxCompressError:
+        return "onnxruntime cannot load the rewritten model"
+    return ", ".join(f"{k} {v} → {after.get(k, 0)}" for k, v in sorted(before.items()) if after.get(k, 0) < v)
 
 
 def _std(n: onnx.NodeProto | None, op: str) -> bool:

@@ -816,21 +816,6 @@ def insert_qdq(model: onnx.ModelProto, plan_: Plan, params: Mapping[str, tuple[f
 
 def fused_ops(model: onnx.ModelProto, provider: str = "cpu") -> dict[str, int]:
     """Op histogram of the graph onnxruntime actually runs (after its QDQ fusions)."""
-    import tempfile
-    from pathlib import Path
+    from ...validate import runtime_ops
 
-    import onnxruntime as ort
-
-    from ...validate import PROVIDERS, resolve_provider
-
-    with tempfile.TemporaryDirectory(prefix="onnxcompress-") as tmp:
-        path = Path(tmp) / "opt.onnx"
-        so = ort.SessionOptions()
-        so.log_severity_level = 3
-        so.optimized_model_filepath = str(path)
-        ort.InferenceSession(model.SerializeToString(), so, providers=PROVIDERS[resolve_provider(provider)])
-        opt = onnx.load(str(path), load_external_data=False)
-    hist: dict[str, int] = defaultdict(int)
-    for n in opt.graph.node:
-        hist[n.op_type] += 1
-    return dict(hist)
+    return runtime_ops(model, provider)
