@@ -386,7 +386,9 @@ class OutputStats:
             sa, sb = np.where(fa, a, -np.inf).reshape(n, -1), np.where(fb, b, -np.inf).reshape(n, -1)
             self.top1.append(np.argmax(sa, axis=1) == np.argmax(sb, axis=1))
             top2 = np.sort(np.where(np.isfinite(sa), sa, -np.inf), axis=1)[:, -2:]
-            self.margin.append(np.nan_to_num(top2[:, 1] - top2[:, 0], nan=0.0, posinf=np.inf, neginf=0.0))
+            with np.errstate(invalid="ignore"):  # -inf − -inf where fewer than two scores are finite
+                lead = top2[:, 1] - top2[:, 0]
+            self.margin.append(np.nan_to_num(lead, nan=0.0, posinf=np.inf, neginf=0.0))
 
     def metrics(self) -> dict[str, Any]:
         span = self.ref_max - self.ref_min if self.ref_max > self.ref_min else 0.0
