@@ -378,6 +378,9 @@ def test_a_result_slower_than_the_model_as_given_is_not_the_answer(monkeypatch: 
     monkeypatch.setattr(api_mod, "measure_latency", lambda models, *a, **k: [1.0, 1.5])
     out, rep = oc.optimize(given, "canonicalize,fuse", calibration=[{"x": calib()}])
     assert rep.fallback and "1.500×" in rep.fallback and rep.passes == []
+    monkeypatch.setattr(api_mod, "measure_latency", lambda models, *a, **k: [1.0, 0.98])  # 2%: within noise
+    _, rep3 = oc.optimize(given, "canonicalize,fuse", calibration=[{"x": calib()}])
+    assert rep3.fallback and "not 3% faster" in rep3.fallback
     assert out.SerializeToString() == given.SerializeToString()
     kept, rep2 = oc.optimize(given, "canonicalize,fuse", calibration=[{"x": calib()}], allow_slower=True)
     assert rep2.fallback is None and [p.name for p in rep2.passes] == ["canonicalize", "fuse"]

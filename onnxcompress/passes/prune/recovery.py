@@ -220,7 +220,7 @@ def bias_compensation(an: Analysis, gone: np.ndarray, stats: CalibrationStats | 
         if not np.all(np.isfinite(delta)):
             res.skipped += 1
             continue
-        res.arrays[(use.node, bias_k)] = (b + delta).astype(np.float32)
+        res.arrays[(use.node, bias_k)] = (b + delta).astype(_weight_dtype(node, inits))
         res.bias += 1
     return res
 
@@ -490,13 +490,19 @@ def _matmul_bias(model: onnx.ModelProto, inits, node: onnx.NodeProto, b: np.ndar
     name = (node.name or out) + "_bias"
     while name in inits or mid in inits:
         name += "_"
-    t = numpy_helper.from_array(b.astype(np.float32), name)
+    t = numpy_helper.from_array(b.astype(_weight_dtype(node, inits)), name)
     model.graph.initializer.append(t)
     inits[name] = t
     node.output[0] = mid
     idx = list(model.graph.node).index(node)
     model.graph.node.insert(idx + 1, helper.make_node("Add", [mid, name], [out], name=(node.name or out) + "_add_bias"))
     return True
+
+
+def _weight_dtype(node: onnx.NodeProto, inits) -> np.dtype:
+    """The element type of the node's weight (a new bias must match it: fp16 models)."""
+    w = inits.get(node.input[1]) if len(node.input) > 1 else None
+    return helper.tensor_dtype_to_np_dtype(w.data_type) if w is not None else np.dtype(np.float32)
 
 
 def _set_bias(model: onnx.ModelProto, inits, node: onnx.NodeProto, b: np.ndarray) -> bool:
@@ -524,7 +530,7 @@ def _set_bias(model: onnx.ModelProto, inits, node: onnx.NodeProto, b: np.ndarray
     name = (node.name or node.output[0]) + "_bias"
     while name in inits:
         name += "_"
-    t = numpy_helper.from_array(b.astype(np.float32), name)
+    t = numpy_helper.from_array(b.astype(_weight_dtype(node, inits)), name)
     model.graph.initializer.append(t)
     inits[name] = t
     while len(node.input) <= k:
@@ -573,7 +579,7 @@ def _solve_refit(acc: _Acc, model: onnx.ModelProto, inits, ridge: float) -> int:
     if acc.kind == "bias":
         delta = acc.diff / max(acc.count, 1)  # type: ignore[operator]
         old = np.zeros_like(delta) if not (len(n.input) > 2 and n.input[2]) else numpy_helper.to_array(inits[n.input[2]]).reshape(-1)
-        return int(_set_bias(model, inits, n, (old + delta).astype(np.float32)))
+        return int(_set_bias(model, inits, n, (old + delta).astype(_weight_dtype(n, inits))))
     A, B = acc.A, acc.B
     assert A is not None and B is not None
     w_name = _own_weight(model, inits, n)
@@ -587,7 +593,7 @@ def _solve_refit(acc: _Acc, model: onnx.ModelProto, inits, ridge: float) -> int:
         reg[:, -1, -1] = 0.0
         sol = np.linalg.solve(A + reg, B[..., None])[..., 0]  # [C, kh*kw + 1]
         _replace_init(model, inits, w_name, sol[:, :-1].reshape(w.shape))
-        _set_bias(model, inits, n, sol[:, -1].astype(np.float32))
+        _set_bias(model, inits, n, sol[:, -1].astype(_weight_dtype(n, inits)))
         return 1
     d = A.shape[0]
     # the layer's own intercept (a MatMul has none: its bias lives in the Add after it)
@@ -597,7 +603,7 @@ def _solve_refit(acc: _Acc, model: onnx.ModelProto, inits, ridge: float) -> int:
         cur = np.concatenate([_weight_2d(n, w).T.astype(np.float64), own[None, :]], axis=0)  # [d, out]
         delta = (B[-1] - A[-1] @ cur) / acc.count
         acc.kind = "bias"
-        return int(_set_bias(model, inits, n, (stored_bias + delta).astype(np.float32)))
+        return int(_set_bias(model, inits, n, (stored_bias + delta).astype(_weight_dtype(n, inits))))
     lam = ridge * np.trace(A[:-1, :-1]) / max(d - 1, 1)
     reg = np.eye(d) * lam
     reg[-1, -1] = 0.0
@@ -614,5 +620,5 @@ def _solve_refit(acc: _Acc, model: onnx.ModelProto, inits, ridge: float) -> int:
         new_w = w2.T
     _replace_init(model, inits, w_name, new_w)
     new_b = sol[-1] + (stored_bias if n.op_type == "MatMul" else 0.0)  # MatMul: intercept joins the Add's bias
-    _set_bias(model, inits, n, new_b.astype(np.float32))
+    _set_bias(model, inits, n, new_b.astype(_weight_dtype(n, inits)))
     return 1
