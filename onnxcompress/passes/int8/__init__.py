@@ -18,7 +18,10 @@ an accuracy control and a latency guard.
    :func:`qdq.derived_tensors`) is not binned itself.
    A tensor read only by SiLU/HardSwish (``through``) gets its low end from the error
    after the activation (:func:`calibration.low_through`).
-   **Weights** are rounded by GPTQ (``gptq``, :mod:`rounding`): each layer's columns in
+   **Weights** are 7-bit (|q| ≤ 63) for ``target=portable`` (the default) and ``avx2``,
+   8-bit for ``vnni``: x86 CPUs without VNNI add pairs of uint8·int8 products into
+   saturating int16 sums, which 7-bit weights never overflow (:mod:`onnxcompress.isa`);
+   the target goes into the model's metadata. They are rounded by GPTQ (``gptq``, :mod:`rounding`): each layer's columns in
    turn, the rounding error moved onto the columns not yet rounded along H⁻¹, H = E[x·xᵀ]
    of its input on the check samples. Nodes after the last compute layer stay float
    (``float_tail``, :func:`qdq.tail_nodes`).
@@ -555,8 +558,9 @@ class Int8(Pass):
                 bounds[n.output[0]] = qdq.fused_bounds(n, inits)
         derived = qdq.derived_tensors(m)
         target = isa.resolve_target(opts.target, ctx.provider)
-        stats["target"] = {"option": opts.target, "resolved": target, "host": isa.describe_host(),
-                           "weight_bits": 7 if isa.WEIGHT_MAX[target] < 127 else 8}
+        bits = 7 if isa.WEIGHT_MAX[target] < 127 else 8
+        stats["target"] = {"option": opts.target, "resolved": target, "host": isa.describe_host(), "weight_bits": bits}
+        stats["weights"] = f"{bits}-bit for {target}"  # the report's one-line form
         return _State(m, inits, allowed, {}, bounds, per_channel, hard=hard, derived=derived,
                       through=qdq.through_activations(m, derived) if opts.through else {}, excluded=excluded,
                       weight_max=isa.WEIGHT_MAX[target])
