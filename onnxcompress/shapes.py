@@ -14,11 +14,32 @@ import numpy as np
 import onnx
 
 from .data import InputSpec, input_specs
-from .passes.canonicalize import value_shapes
 
 log = logging.getLogger(__name__)
 
 DEFAULT_DYNAMIC_DIM = 64
+
+
+def value_shapes(model: onnx.ModelProto) -> dict[str, list[int | str | None]]:
+    """Map tensor name → shape (int, symbolic name, or None) from inputs, outputs, value_info."""
+    out: dict[str, list[int | str | None]] = {}
+    g = model.graph
+    for vi in list(g.input) + list(g.value_info) + list(g.output):
+        tt = vi.type.tensor_type
+        if not tt.HasField("shape"):
+            continue
+        dims: list[int | str | None] = []
+        for d in tt.shape.dim:
+            if d.HasField("dim_value"):
+                dims.append(int(d.dim_value))
+            elif d.HasField("dim_param"):
+                dims.append(d.dim_param)
+            else:
+                dims.append(None)
+        out[vi.name] = dims
+    for t in g.initializer:
+        out[t.name] = list(t.dims)
+    return out
 
 
 def concrete_input_shapes(

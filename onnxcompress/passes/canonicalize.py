@@ -349,25 +349,3 @@ class Canonicalize(Pass):
             log.warning("shape inference failed (%s); value_info left as is", exc)
             return model, False
         return inferred, True
-
-
-def value_shapes(model: onnx.ModelProto) -> dict[str, list[int | str | None]]:
-    """Map tensor name → shape (int, symbolic name, or None) from inputs, outputs, value_info."""
-    out: dict[str, list[int | str | None]] = {}
-    g = model.graph
-    for vi in list(g.input) + list(g.value_info) + list(g.output):
-        tt = vi.type.tensor_type
-        if not tt.HasField("shape"):
-            continue
-        dims: list[int | str | None] = []
-        for d in tt.shape.dim:
-            if d.HasField("dim_value"):
-                dims.append(int(d.dim_value))
-            elif d.HasField("dim_param"):
-                dims.append(d.dim_param)
-            else:
-                dims.append(None)
-        out[vi.name] = dims
-    for t in g.initializer:
-        out[t.name] = list(t.dims)
-    return out
