@@ -14,6 +14,7 @@ import numpy as np
 import onnx
 
 from .data import InputSpec, input_specs
+from .model import PROTOBUF_LIMIT, tensor_bytes
 
 log = logging.getLogger(__name__)
 
@@ -119,3 +120,17 @@ def all_shapes(
     if missing:
         known.update(runtime_shapes(model, missing, shapes_in))
     return known, shapes_in
+
+
+def infer_shapes(model: onnx.ModelProto) -> tuple[onnx.ModelProto, bool]:
+    """onnx shape inference (with data propagation) of ``model``, and whether it ran; the
+    model as it is where it is too large to infer in memory or inference fails."""
+    if tensor_bytes(model) > PROTOBUF_LIMIT // 2:
+        log.warning("model too large for in-memory shape inference; value_info left as is")
+        return model, False
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, check_type=False, strict_mode=False, data_prop=True)
+    except Exception as exc:  # onnx raises a variety of errors on exotic graphs
+        log.warning("shape inference failed (%s); value_info left as is", exc)
+        return model, False
+    return inferred, True

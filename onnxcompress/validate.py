@@ -108,10 +108,12 @@ def make_session(
         raise RuntimeModelError(f"{label}: onnxruntime cannot load it: {ort_message(exc)}") from None
 
 
-def runtime_ops(model: onnx.ModelProto, provider: str = "cpu", extended_only: bool = False) -> dict[str, int]:
+def runtime_ops(model: onnx.ModelProto, provider: str = "cpu", extended_only: bool = False,
+                domains: bool = False) -> dict[str, int]:
     """Op histogram of the graph onnxruntime actually runs: the model after its graph
     optimizations (all of them, or up to the extended level: its fusions without the
-    blocked-layout rewrite), keyed ``op`` or ``domain:op`` outside the standard domain."""
+    blocked-layout rewrite), keyed by op type (``domain:op`` outside the standard domain
+    with ``domains``)."""
     with tempfile.TemporaryDirectory(prefix="onnxcompress-") as tmp:
         path = Path(tmp) / "opt.onnx"
         so = ort.SessionOptions()
@@ -126,7 +128,7 @@ def runtime_ops(model: onnx.ModelProto, provider: str = "cpu", extended_only: bo
         opt = onnx.load(str(path), load_external_data=False)
     hist: dict[str, int] = {}
     for n in opt.graph.node:
-        key = n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}:{n.op_type}"
+        key = n.op_type if not domains or n.domain in ("", "ai.onnx") else f"{n.domain}:{n.op_type}"
         hist[key] = hist.get(key, 0) + 1
     return hist
 
@@ -139,8 +141,17 @@ def runtime_fusions(model: onnx.ModelProto, provider: str = "cpu") -> dict[str, 
     """How many of each fused op onnxruntime makes of ``model`` (extended level):
     contrib ops (FusedConv, FusedMatMul, Attention, SkipLayerNormalization, BiasGelu, …)
     and LayerNormalization/Gelu."""
-    return {k: v for k, v in runtime_ops(model, provider, extended_only=True).items()
+    return {k: v for k, v in runtime_ops(model, provider, extended_only=True, domains=True).items()
             if k.startswith("com.microsoft:") or k in RUNTIME_FUSIONS}
+
+
+def run_named(sess: ort.InferenceSession, names: list[str], feeds: Batch, label: str = "calibration model",
+              ) -> list[np.ndarray]:
+    """The named tensors of one run (``feeds`` with the samples on axis 0)."""
+    try:
+        return sess.run(names, model_feeds(sess, feeds))
+    except Exception as exc:  # onnxruntime's own exception classes
+        raise RuntimeModelError(f"{label}: onnxruntime failed to run it: {ort_message(exc)}") from None
 
 
 def run_session(sess: ort.InferenceSession, feeds: Batch, label: str = "model") -> list[np.ndarray]:

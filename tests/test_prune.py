@@ -289,7 +289,7 @@ def test_refit_of_a_matmul_on_token_rows(kind: str) -> None:
     """A MatMul reading [N, T, K] (a transformer's tokens): each of the N·T rows is one
     equation, its features the last axis. The refit puts back weights perturbed by a
     pruning step (it failed on a shape mismatch before, treating T·K as the features)."""
-    from onnxcompress.passes.prune.recovery import sequential_refit
+    from onnxcompress.fitting import sequential_refit
 
     rng = np.random.default_rng(0)
     k, h, d = 12, 24, 8

@@ -31,7 +31,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from ..model import PROTOBUF_LIMIT, iter_graphs, tensor_bytes
+from ..graph import defined_in, drop_stale_value_info, remove_dead_code, subgraphs, used_names
+from ..shapes import infer_shapes
 from ..pipeline import Pass, PassContext, PassResult
 
 log = logging.getLogger(__name__)
@@ -48,53 +49,18 @@ class CanonicalizeOptions:
     infer_shapes: bool = field(default=True, metadata={"help": "infer shapes into value_info"})
 
 
-def _subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
-    out: list[onnx.GraphProto] = []
-    for attr in node.attribute:
-        if attr.type == onnx.AttributeProto.GRAPH:
-            out.append(attr.g)
-        elif attr.type == onnx.AttributeProto.GRAPHS:
-            out.extend(attr.graphs)
-    return out
-
-
-def _defined_in(graph: onnx.GraphProto) -> set[str]:
-    names = {i.name for i in graph.input} | {t.name for t in graph.initializer}
-    for n in graph.node:
-        names.update(o for o in n.output if o)
-    return names
-
-
 def rename_uses(graph: onnx.GraphProto, old: str, new: str) -> None:
     """Make every consumer of ``old`` (in ``graph`` and captured by its subgraphs) read ``new``."""
     for node in graph.node:
         for i, name in enumerate(node.input):
             if name == old:
                 node.input[i] = new
-        for sub in _subgraphs(node):
-            if old not in _defined_in(sub):  # a subgraph that defines `old` shadows it
+        for sub in subgraphs(node):
+            if old not in defined_in(sub):  # a subgraph that defines `old` shadows it
                 rename_uses(sub, old, new)
                 for o in sub.output:
                     if o.name == old:
                         o.name = new
-
-
-def drop_stale_value_info(graph: onnx.GraphProto) -> None:
-    """Remove ``value_info`` entries of tensors no node or input of ``graph`` defines any more."""
-    live = _defined_in(graph)
-    kept = [vi for vi in graph.value_info if vi.name in live]
-    del graph.value_info[:]
-    graph.value_info.extend(kept)
-
-
-def used_names(graph: onnx.GraphProto) -> set[str]:
-    """Names read by nodes of ``graph`` or of its subgraphs (outer captures included)."""
-    names: set[str] = set()
-    for g in iter_graphs(graph):
-        for n in g.node:
-            names.update(i for i in n.input if i)
-        names.update(o.name for o in g.output)
-    return names
 
 
 def _constant_to_tensor(node: onnx.NodeProto) -> onnx.TensorProto | None:
@@ -154,10 +120,10 @@ class Canonicalize(Pass):
         if opts.dedupe:
             stats["initializers_merged"] = self._dedupe(g)
         if opts.dead_code:
-            stats["dead_nodes_removed"], stats["unused_initializers_removed"] = self._dead_code(g)
+            stats["dead_nodes_removed"], stats["unused_initializers_removed"] = remove_dead_code(g)
         modified = any(v for k, v in stats.items() if k != "nodes_before")
         if opts.infer_shapes:
-            model, inferred = self._infer_shapes(model)
+            model, inferred = infer_shapes(model)
             stats["shapes_inferred"] = inferred
             modified = modified or inferred
         stats["nodes_after"] = len(model.graph.node)
@@ -242,7 +208,7 @@ class Canonicalize(Pass):
                 not ins
                 or node.domain not in ("", "ai.onnx")
                 or node.op_type in cls._NO_FOLD
-                or _subgraphs(node)
+                or subgraphs(node)
                 or not all(i in const for i in ins)
                 or any(o in outputs for o in node.output)
                 or sum(sizes.get(i, 0) for i in ins) * 8 > cls._FOLD_LIMIT
@@ -255,7 +221,7 @@ class Canonicalize(Pass):
         folded_outs = {o for n in fold for o in n.output if o}
         kept_nodes = [n for n in g.node if not any(o in folded_outs for o in n.output)]
         needed = sorted({i for n in kept_nodes for i in n.input if i in folded_outs}
-                        | {i for n in kept_nodes for sub in _subgraphs(n) for i in used_names(sub) if i in folded_outs})
+                        | {i for n in kept_nodes for sub in subgraphs(n) for i in used_names(sub) if i in folded_outs})
         if not needed:
             return 0
         inits = [t for t in g.initializer if t.name in {i for n in fold for i in n.input}]
@@ -303,49 +269,3 @@ class Canonicalize(Pass):
             rename_uses(g, old, new)
         return len(replace)
 
-    @staticmethod
-    def _dead_code(g: onnx.GraphProto) -> tuple[int, int]:
-        needed = {o.name for o in g.output}
-        producers: dict[str, int] = {}
-        for i, n in enumerate(g.node):
-            for o in n.output:
-                if o:
-                    producers[o] = i
-        live_nodes: set[int] = set()
-        stack = list(needed)
-        while stack:
-            name = stack.pop()
-            idx = producers.get(name)
-            if idx is None or idx in live_nodes:
-                continue
-            live_nodes.add(idx)
-            node = g.node[idx]
-            reads = [i for i in node.input if i]
-            for sub in _subgraphs(node):
-                reads.extend(used_names(sub))
-            stack.extend(reads)
-        dead = len(g.node) - len(live_nodes)
-        if dead:
-            kept_nodes = [n for i, n in enumerate(g.node) if i in live_nodes]
-            del g.node[:]
-            g.node.extend(kept_nodes)
-        used = used_names(g)
-        graph_inputs = {i.name for i in g.input}
-        kept_inits = [t for t in g.initializer if t.name in used or t.name in graph_inputs]
-        unused = len(g.initializer) - len(kept_inits)
-        if unused:
-            del g.initializer[:]
-            g.initializer.extend(kept_inits)
-        return dead, unused
-
-    @staticmethod
-    def _infer_shapes(model: onnx.ModelProto) -> tuple[onnx.ModelProto, bool]:
-        if tensor_bytes(model) > PROTOBUF_LIMIT // 2:
-            log.warning("model too large for in-memory shape inference; value_info left as is")
-            return model, False
-        try:
-            inferred = onnx.shape_inference.infer_shapes(model, check_type=False, strict_mode=False, data_prop=True)
-        except Exception as exc:  # onnx raises a variety of errors on exotic graphs
-            log.warning("shape inference failed (%s); value_info left as is", exc)
-            return model, False
-        return inferred, True

@@ -92,11 +92,10 @@ import onnx
 from onnx import helper, numpy_helper
 
 from ..errors import OnnxCompressError
+from ..graph import drop_stale_value_info, graph_index
 from ..model import node_attr
 from ..pipeline import Pass, PassContext, PassResult
 from ..validate import runtime_fusions
-from .canonicalize import drop_stale_value_info
-from .int8.prepare import _graph_index
 from .int8.qdq import clip_bounds
 
 log = logging.getLogger(__name__)
@@ -363,7 +362,7 @@ def fuse_space_to_depth(model: onnx.ModelProto, strided: bool = True) -> tuple[i
     run to the end of their axes (end ≥ 2³¹ − 1) and each inner tensor have one reader."""
     g = model.graph
     producer, readers = _index(g)
-    inits, users, outputs = _graph_index(g)
+    inits, users, outputs = graph_index(g)
     fresh = _namer(g)
     replace: dict[int, list[onnx.NodeProto]] = {}
     drop: set[int] = set()

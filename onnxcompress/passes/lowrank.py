@@ -43,11 +43,11 @@ import onnx
 from onnx import helper, numpy_helper
 
 from ..errors import OptionError
+from ..graph import remove_dead_code
 from ..model import node_attr, with_outputs
 from ..pipeline import Pass, PassContext, PassResult
 from ..report import layer_macs
-from ..shapes import all_shapes
-from .canonicalize import Canonicalize
+from ..shapes import all_shapes, infer_shapes
 
 log = logging.getLogger(__name__)
 
@@ -264,15 +264,15 @@ class LowRank(Pass):
         if not split:
             return PassResult(model, False, stats)
         del model.graph.value_info[:]
-        Canonicalize._dead_code(model.graph)
+        remove_dead_code(model.graph)
         if refit == "lstsq" and original is not None and ctx.calibration is not None:
-            from .prune.recovery import sequential_refit
+            from ..fitting import sequential_refit
 
             counts = sequential_refit(original, model, ctx.calibration, provider=ctx.provider, seed=ctx.seed,
                                       ridge=opts.ridge, positions=opts.positions, progress=ctx.progress,
                                       only={c.node.output[0] for c in split} if opts.refit_scope == "split" else None)
             stats["refit_counts"] = counts
-        model, _ = Canonicalize._infer_shapes(model)
+        model, _ = infer_shapes(model)
         return PassResult(model, True, stats)
 
     # -- rank choice -------------------------------------------------------------------
@@ -355,7 +355,8 @@ def _data_energy(model: onnx.ModelProto, cands: list[Candidate], ctx: PassContex
                  whiten: bool = False) -> None:
     """Weigh component k of each candidate by σ_k²·E[(u_kᵀ x)²], x the (C·Kh) column patch
     of the layer's input at sampled output positions (second moment from calibration data)."""
-    from .prune.recovery import _conv_geometry, _run_named
+    from ..validate import run_named
+    from ..fitting import conv_geometry
     from ..validate import make_session
 
     names = list(dict.fromkeys(c.node.input[0] for c in cands))
@@ -365,11 +366,11 @@ def _data_energy(model: onnx.ModelProto, cands: list[Candidate], ctx: PassContex
     counts: dict[int, int] = {}
     with ctx.progress.task("calibrating (lowrank)", ctx.calibration.num_samples if ctx.calibration else None) as task:
         for batch in ctx.calibration or []:
-            vals = dict(zip(names, _run_named(sess, names, batch)))
+            vals = dict(zip(names, run_named(sess, names, batch)))
             for i, c in enumerate(cands):
                 x = np.asarray(vals[c.node.input[0]], np.float32)
                 n_, cin, kh = c.w.shape[0], c.w.shape[1], c.w.shape[2]
-                _, _, strides, dil, pads = _conv_geometry(c.node, x.shape, c.w.shape, (x.shape[0], n_, *c.out_hw))
+                _, _, strides, dil, pads = conv_geometry(c.node, x.shape, c.w.shape, (x.shape[0], n_, *c.out_hw))
                 ho = c.out_hw[0]
                 xp = np.pad(x, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
                 b, wp = x.shape[0], xp.shape[3]
@@ -522,5 +523,5 @@ def split_conv(model: onnx.ModelProto, node_name: str, rank: int | None = None) 
     u, s, vt = svd_factors(w)
     cand = Candidate(0, node, w, u, s, vt, (0, 0), 0, 0)
     _split_node(model, cand, rank or len(s))
-    Canonicalize._dead_code(model.graph)
+    remove_dead_code(model.graph)
     return model

@@ -34,6 +34,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from ...graph import graph_index
 from ...model import default_opset, node_attr
 
 log = logging.getLogger(__name__)
@@ -161,15 +162,6 @@ def _compose(chain: list[tuple[onnx.NodeProto, np.ndarray]], channels: int) -> t
     return a, b
 
 
-def _graph_index(g: onnx.GraphProto) -> tuple[dict[str, onnx.TensorProto], dict[str, list[onnx.NodeProto]], set[str]]:
-    """(initializers by name, tensor → the nodes reading it, graph output names)."""
-    readers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
-    for n in g.node:
-        for i in n.input:
-            readers[i].append(n)
-    return {t.name: t for t in g.initializer}, readers, {o.name for o in g.output}
-
-
 def fold_affine(model: onnx.ModelProto) -> int:
     """Fold constant per-channel Mul/Add that follow a Conv or ConvTranspose into it; the
     number folded. (ConvTranspose's weights are [C_in, C_out/group, …]: output channel
@@ -179,7 +171,7 @@ def fold_affine(model: onnx.ModelProto) -> int:
     changed = True
     while changed:
         changed = False
-        inits, readers, outputs = _graph_index(g)
+        inits, readers, outputs = graph_index(g)
         for conv in g.node:
             if conv.op_type not in ("Conv", "ConvTranspose") or len(conv.input) < 2 or conv.input[1] not in inits:
                 continue
@@ -245,7 +237,7 @@ def fold_affine_forward(model: onnx.ModelProto) -> int:
     changed = True
     while changed:
         changed = False
-        inits, readers, outputs = _graph_index(g)
+        inits, readers, outputs = graph_index(g)
         producer = {o: n for n in g.node for o in n.output}
         for last in g.node:
             if last.op_type not in ("Mul", "Add") or len(last.input) != 2:
@@ -340,7 +332,7 @@ def affine_to_depthwise(model: onnx.ModelProto) -> int:
     leave alone). h must be 4-D with a known channel count. Returns the number of
     Mul/Add replaced."""
     g = model.graph
-    inits, readers, outputs = _graph_index(g)
+    inits, readers, outputs = graph_index(g)
     producer = {o: n for n in g.node for o in n.output}
     shapes = {v.name: v.type.tensor_type.shape for v in [*g.value_info, *g.input]
               if v.type.HasField("tensor_type") and v.type.tensor_type.HasField("shape")}

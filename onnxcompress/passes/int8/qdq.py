@@ -53,8 +53,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from ...graph import topological_order
 from ...model import node_attr
-from ..prune.groups import topological_order
 
 log = logging.getLogger(__name__)
 

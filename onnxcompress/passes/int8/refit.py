@@ -55,7 +55,7 @@ def refit_convs(float_model: onnx.ModelProto, q: onnx.ModelProto, batches: Seque
     tensor names; ``qmax``: the largest |q| of the refitted weights). Returns the number of
     layers refitted."""
     from ...validate import make_session, run_session
-    from ..prune.recovery import patches_at, sample_patches
+    from ...fitting import patches_at, sample_patches
 
     qi, fi = _inits(q), _inits(float_model)
     prod = {o: n for n in q.graph.node for o in n.output}

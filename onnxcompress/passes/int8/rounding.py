@@ -134,7 +134,8 @@ def input_hessians(model: onnx.ModelProto, nodes: Iterable[onnx.NodeProto], batc
     ``model``, from input patches (rows) at up to ``positions`` sampled output positions per
     image of ``batches``."""
     from ...validate import make_session
-    from ..prune.recovery import _run_named, sample_patches
+    from ...validate import run_named
+    from ...fitting import sample_patches
 
     inits = {t.name: t for t in model.graph.initializer}
     todo = []
@@ -152,7 +153,7 @@ def input_hessians(model: onnx.ModelProto, nodes: Iterable[onnx.NodeProto], batc
     acc: dict[str, np.ndarray] = {}
     count: dict[str, int] = {}
     for batch in batches:
-        vals = dict(zip(names, _run_named(sess, names, batch)))
+        vals = dict(zip(names, run_named(sess, names, batch)))
         for n, ws in todo:
             x = np.asarray(vals[n.input[0]], np.float32)
             if n.op_type == "Conv":

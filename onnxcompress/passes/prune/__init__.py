@@ -42,11 +42,12 @@ import onnx
 from onnx import helper, numpy_helper
 
 from ...errors import OptionError
+from ...fitting import sequential_refit
 from ...pipeline import Pass, PassContext, PassResult
 from ...shapes import all_shapes
 from .apply import PruneConflict, apply_removal, keep_positions, removed_atoms
 from .groups import Analysis, Group, analyze
-from .recovery import CONSUMER_KINDS, CalibrationStats, bias_compensation, collect, sequential_refit
+from .recovery import CONSUMER_KINDS, CalibrationStats, bias_compensation, collect
 
 log = logging.getLogger(__name__)
 

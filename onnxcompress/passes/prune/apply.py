@@ -21,8 +21,9 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from ...graph import remove_dead_code
 from ...model import node_attr
-from ..canonicalize import Canonicalize
+from ...shapes import infer_shapes as infer_model_shapes
 from .groups import Analysis, Use
 
 log = logging.getLogger(__name__)
@@ -241,7 +242,7 @@ def apply_mask(an: Analysis, removed_classes: np.ndarray) -> onnx.ModelProto:
 def _finish(model: onnx.ModelProto, infer_shapes: bool) -> onnx.ModelProto:
     g = model.graph
     del g.value_info[:]
-    Canonicalize._dead_code(g)
+    remove_dead_code(g)
     if infer_shapes:
-        model, _ = Canonicalize._infer_shapes(model)
+        model, _ = infer_model_shapes(model)
     return model

@@ -35,6 +35,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from ...graph import topological_order
+
 log = logging.getLogger(__name__)
 
 #: ops that act on each channel independently; extra inputs must be constants/scalars
@@ -147,29 +149,6 @@ class _UnionFind:
 
 def _attrs(node: onnx.NodeProto) -> dict[str, object]:
     return {a.name: helper.get_attribute_value(a) for a in node.attribute}
-
-
-def topological_order(graph: onnx.GraphProto) -> list[int]:
-    produced = {o: i for i, n in enumerate(graph.node) for o in n.output if o}
-    indeg = [0] * len(graph.node)
-    users: dict[int, list[int]] = defaultdict(list)
-    for i, n in enumerate(graph.node):
-        deps = {produced[x] for x in n.input if x in produced}
-        indeg[i] = len(deps)
-        for d in deps:
-            users[d].append(i)
-    ready = [i for i, d in enumerate(indeg) if d == 0]
-    order = []
-    while ready:
-        i = ready.pop(0)
-        order.append(i)
-        for u in users[i]:
-            indeg[u] -= 1
-            if indeg[u] == 0:
-                ready.append(u)
-    if len(order) != len(graph.node):
-        raise ValueError("the graph has a cycle")
-    return order
 
 
 def analyze(model: onnx.ModelProto, shapes: dict[str, list[int]]) -> Analysis:

@@ -12,9 +12,10 @@ Recovery once channels are chosen, without training:
   constant channels, ignoring zero padding at borders). Without calibration data,
   ``E[x_c]`` is estimated from the BatchNormalization statistics when the input is
   ``BN(·)`` (``E = β``) or ``Relu(BN(·))`` (``E = β·Φ(β/γ) + γ·φ(β/γ)``).
-* **lstsq** (``sequential_refit``, He et al. 2017): every constant-weight layer is refit
-  level by level so that its output, computed from the *pruned* network's input, matches
-  the original output on calibration data (ridge least squares on sampled patches).
+* **lstsq** (:func:`onnxcompress.fitting.sequential_refit`, He et al. 2017): every
+  constant-weight layer is refit level by level so that its output, computed from the
+  *pruned* network's input, matches the original output on calibration data (ridge least
+  squares on sampled patches).
 """
 
 from __future__ import annotations
@@ -24,21 +25,19 @@ import math
 from dataclasses import dataclass, field
 
 import numpy as np
-import onnx
-from onnx import helper, numpy_helper
+from onnx import numpy_helper
 
-from ...data import DataSource, model_feeds
+from ...data import DataSource
+from ...fitting import weight_2d, weight_dtype
 from ...model import node_attr, with_outputs
 from ...progress import NullProgress, Progress
-from ...validate import make_session
+from ...validate import make_session, run_named
 from .groups import Analysis, Use
 
 log = logging.getLogger(__name__)
 
 CONSUMER_KINDS = ("consumer-conv", "gemm", "matmul")
 #: the layer-by-layer refit keeps calibration inputs / original outputs in memory up to these sizes
-CACHE_INPUT_BYTES = 256 * 2**20
-CACHE_OUTPUT_BYTES = 768 * 2**20
 
 
 @dataclass
@@ -63,24 +62,6 @@ class CalibrationStats:
     samples: int = 0
     batches: int = 0
 
-
-
-def _conv_geometry(node: onnx.NodeProto, x_shape: tuple[int, ...], w_shape: tuple[int, ...], y_shape: tuple[int, ...]):
-    kh, kw = int(w_shape[2]), int(w_shape[3])
-    strides = list(node_attr(node, "strides", [1, 1]))  # type: ignore[arg-type]
-    dil = list(node_attr(node, "dilations", [1, 1]))  # type: ignore[arg-type]
-    auto = node_attr(node, "auto_pad", b"NOTSET")
-    auto = auto.decode() if isinstance(auto, bytes) else str(auto)
-    pads = list(node_attr(node, "pads", [0, 0, 0, 0]))  # type: ignore[arg-type]
-    if auto in ("SAME_UPPER", "SAME_LOWER"):
-        pads = [0, 0, 0, 0]
-        for i, (size, k, s, d, out) in enumerate(zip(x_shape[2:], (kh, kw), strides, dil, y_shape[2:])):
-            total = max(0, (out - 1) * s + (k - 1) * d + 1 - size)
-            small, big = total // 2, total - total // 2
-            pads[i], pads[i + 2] = (small, big) if auto == "SAME_UPPER" else (big, small)
-    elif auto == "VALID":
-        pads = [0, 0, 0, 0]
-    return kh, kw, strides, dil, pads
 
 
 def collect(
@@ -111,7 +92,7 @@ def collect(
     sess = make_session(with_outputs(an.model, names), provider, label="calibration model")
     with progress.task("calibrating (prune)", data.num_samples) as task:
         for batch in data:
-            vals = dict(zip(names, _run_named(sess, names, batch)))
+            vals = dict(zip(names, run_named(sess, names, batch)))
             n = next(iter(batch.values())).shape[0] if batch else 1
             for idx, cs in stats.consumers.items():
                 _accumulate(cs, np.asarray(vals[g.node[idx].input[0]], dtype=np.float32))
@@ -119,40 +100,6 @@ def collect(
             stats.batches += 1
             task.advance(n)
     return stats
-
-
-def _run_named(sess, names: list[str], batch: dict[str, np.ndarray]) -> list[np.ndarray]:
-    try:
-        return sess.run(names, model_feeds(sess, batch))
-    except Exception as exc:  # onnxruntime's own exception classes
-        from ...errors import RuntimeModelError
-        from ...validate import ort_message
-
-        raise RuntimeModelError(f"calibration model: onnxruntime failed to run it: {ort_message(exc)}") from None
-
-
-def sample_patches(node: onnx.NodeProto, x: np.ndarray, out_shape: tuple[int, ...], w_shape: tuple[int, ...], rng,
-                   positions: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Input patches [S, C, kh, kw] of a Conv at up to ``positions`` random output positions
-    per image, and the (image, row, column) indices of those positions."""
-    n, _, ho, wo = out_shape
-    per = min(positions, ho * wo)
-    ni = np.repeat(np.arange(n), per)
-    flat = np.concatenate([rng.choice(ho * wo, per, replace=False) for _ in range(n)])
-    oy, ox = flat // wo, flat % wo
-    return patches_at(node, x, out_shape, w_shape, ni, oy, ox), ni, oy, ox
-
-
-def patches_at(node: onnx.NodeProto, x: np.ndarray, out_shape: tuple[int, ...], w_shape: tuple[int, ...],
-               ni: np.ndarray, oy: np.ndarray, ox: np.ndarray) -> np.ndarray:
-    """Input patches [S, C, kh, kw] of a Conv at output positions (image ``ni``, row ``oy``,
-    column ``ox``)."""
-    kh, kw, strides, dil, pads = _conv_geometry(node, x.shape, w_shape, out_shape)
-    xp = np.pad(x, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
-    rows = oy[:, None] * strides[0] + np.arange(kh)[None, :] * dil[0]  # [S, kh]
-    cols = ox[:, None] * strides[1] + np.arange(kw)[None, :] * dil[1]  # [S, kw]
-    c = x.shape[1]
-    return xp[ni[:, None, None, None], np.arange(c)[None, :, None, None], rows[:, None, :, None], cols[:, None, None, :]]
 
 
 def _accumulate(cs: ConsumerStats, x: np.ndarray) -> None:
@@ -163,15 +110,6 @@ def _accumulate(cs: ConsumerStats, x: np.ndarray) -> None:
     cs.sum_x += x.sum(axis=axes, dtype=np.float64)
     cs.sum_abs += np.abs(x).sum(axis=axes, dtype=np.float64)
     cs.elems += int(np.prod([x.shape[i] for i in axes]))
-
-
-def _weight_2d(node: onnx.NodeProto, w: np.ndarray) -> np.ndarray:
-    """Consumer weight as [out, in·kh·kw] (Conv), [out, in] (Gemm/MatMul)."""
-    if node.op_type == "Conv":
-        return w.reshape(w.shape[0], -1)
-    if node.op_type == "Gemm" and int(node_attr(node, "transB", 0)):  # type: ignore[arg-type]
-        return w
-    return w.T
 
 
 @dataclass
@@ -198,7 +136,7 @@ def bias_compensation(an: Analysis, gone: np.ndarray, stats: CalibrationStats | 
         if node.op_type == "Conv" and int(node_attr(node, "group", 1)) != 1:  # type: ignore[arg-type]
             continue
         w = numpy_helper.to_array(inits[node.input[1]]).astype(np.float32)
-        w2 = _weight_2d(node, w)
+        w2 = weight_2d(node, w)
         bias_k = 2
         has_bias = len(node.input) > bias_k and bool(node.input[bias_k]) and node.op_type != "MatMul"
         b = numpy_helper.to_array(inits[node.input[bias_k]]).astype(np.float32).reshape(-1) if has_bias else np.zeros(w2.shape[0], np.float32)
@@ -220,7 +158,7 @@ def bias_compensation(an: Analysis, gone: np.ndarray, stats: CalibrationStats | 
         if not np.all(np.isfinite(delta)):
             res.skipped += 1
             continue
-        res.arrays[(use.node, bias_k)] = (b + delta).astype(_weight_dtype(node, inits))
+        res.arrays[(use.node, bias_k)] = (b + delta).astype(weight_dtype(node, inits))
         res.bias += 1
     return res
 
@@ -253,372 +191,3 @@ def bn_mean_estimate(an: Analysis, use: Use) -> np.ndarray | None:
 # ----------------------------------------------------------------------------- sequential refit
 
 
-def _consumer_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
-    inits = {t.name for t in model.graph.initializer}
-    out = []
-    for n in model.graph.node:
-        if n.op_type == "Conv" and len(n.input) > 1 and n.input[1] in inits:
-            out.append(n)
-        elif n.op_type == "Gemm" and n.input[1] in inits and not int(node_attr(n, "transA", 0)):  # type: ignore[arg-type]
-            out.append(n)
-        elif n.op_type == "MatMul" and n.input[1] in inits:
-            out.append(n)
-    return out
-
-
-def _levels(model: onnx.ModelProto, consumers: list[onnx.NodeProto]) -> list[list[onnx.NodeProto]]:
-    """Consumers grouped so that none in a level reads another's output, directly or not."""
-    producer = {o: n for n in model.graph.node for o in n.output if o}
-    cons_out = {n.output[0] for n in consumers}
-    memo: dict[str, int] = {}
-
-    def depth(tensor: str) -> int:
-        # number of consumer outputs on the longest path into `tensor`
-        stack = [(tensor, False)]
-        while stack:
-            t, done = stack.pop()
-            if t in memo:
-                continue
-            node = producer.get(t)
-            if node is None:
-                memo[t] = 0
-                continue
-            ins = [i for i in node.input if i]
-            if not done:
-                stack.append((t, True))
-                stack.extend((i, False) for i in ins if i not in memo)
-                continue
-            d = max((memo[i] for i in ins), default=0)
-            memo[t] = d + (1 if t in cons_out else 0)
-        return memo[tensor]
-
-    levels: dict[int, list[onnx.NodeProto]] = {}
-    for n in consumers:
-        levels.setdefault(depth(n.input[0]), []).append(n)
-    return [levels[k] for k in sorted(levels)]
-
-
-def _truncated(model: onnx.ModelProto, outputs: list[str]) -> onnx.ModelProto:
-    """A copy of ``model`` whose only outputs are ``outputs``, without the nodes after them
-    (onnxruntime would otherwise run the whole network for every refit level)."""
-    from ..canonicalize import Canonicalize
-
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    del m.graph.output[:]
-    m.graph.output.extend(onnx.ValueInfoProto(name=n) for n in outputs)
-    Canonicalize._dead_code(m.graph)
-    return m
-
-
-@dataclass
-class _Acc:
-    node: onnx.NodeProto
-    kind: str  # dense, depthwise, bias
-    A: np.ndarray | None = None
-    B: np.ndarray | None = None
-    diff: np.ndarray | None = None  # bias mode: Σ (y_orig - y_new) per out channel
-    count: int = 0
-    nonfinite: bool = False  # NaN/Inf seen in its activations: leave the layer as it is
-
-
-def sequential_refit(
-    original: onnx.ModelProto,
-    pruned: onnx.ModelProto,
-    data: DataSource,
-    *,
-    provider: str = "cpu",
-    seed: int = 0,
-    positions: int = 256,
-    ridge: float = 1e-2,
-    max_dim: int = 2305,
-    kept_out: dict[str, np.ndarray] | None = None,
-    only: set[str] | None = None,
-    progress: Progress | None = None,
-) -> dict[str, int]:
-    """Refit every constant-weight Conv/Gemm/MatMul of ``pruned`` (in place), level by
-    level in topological order, so that on calibration data its output — computed from
-    the *pruned* network's input — matches the original model's output (kept channels).
-
-    ``only``: refit just the layers writing these tensors. Dense layers solve ridge least
-    squares on sampled patches; depthwise layers solve one
-    small problem per channel; layers too large for dense normal equations, or with too
-    few samples, get mean-matching bias correction ``b += E[y_orig − y_new]``.
-    """
-    progress = progress or NullProgress()
-    kept_out = kept_out or {}
-    rng = np.random.default_rng(seed)
-    orig_nodes = {n.output[0]: n for n in original.graph.node if n.output}
-    consumers = [n for n in _consumer_nodes(pruned) if n.output[0] in orig_nodes
-                 and (only is None or n.output[0] in only)]
-    levels = _levels(pruned, consumers)
-    counts = {"dense": 0, "depthwise": 0, "bias": 0, "skip": 0, "levels": len(levels)}
-    orig_out = sorted({n.output[0] for n in consumers})
-    orig_sess = make_session(with_outputs(original, orig_out), provider, label="original model (refit)")
-    # Cache the calibration batches and the original outputs when they are small: every
-    # level then runs only the pruned model. Otherwise everything streams, level by level.
-    batches: list[dict[str, np.ndarray]] | None = []
-    refs: list[dict[str, np.ndarray]] | None = []
-    in_bytes = out_bytes = 0
-    for batch in data:
-        if batches is None or refs is None:
-            break
-        in_bytes += sum(v.nbytes for v in batch.values())
-        ref = dict(zip(orig_out, _run_named(orig_sess, orig_out, batch)))
-        out_bytes += sum(v.nbytes for v in ref.values())
-        if in_bytes > CACHE_INPUT_BYTES or out_bytes > CACHE_OUTPUT_BYTES:
-            batches = refs = None
-            break
-        batches.append(batch)
-        refs.append(ref)
-    with progress.task("refitting (prune)", len(levels)) as task:
-        for level in levels:
-            inits = {t.name: t for t in pruned.graph.initializer}
-            names = list(dict.fromkeys([x for n in level for x in (n.input[0], n.output[0])]))
-            sess = make_session(_truncated(pruned, names), provider, label="pruned model (refit)")
-            level_out = [n.output[0] for n in level]
-            if refs is None:  # streaming: the original network up to this level only
-                orig_sess = make_session(_truncated(original, level_out), provider, label="original model (refit)")
-            accs = {}
-            for n in level:
-                w = numpy_helper.to_array(inits[n.input[1]])
-                group = int(node_attr(n, "group", 1))  # type: ignore[arg-type]
-                if n.op_type == "Conv" and group > 1:
-                    kind = "depthwise" if group == w.shape[0] and w.shape[1] == 1 else "bias"
-                else:
-                    d = int(np.prod(w.shape[1:])) + 1 if n.op_type == "Conv" else w.shape[1 if n.op_type == "Gemm" and int(node_attr(n, "transB", 0)) else 0] + 1  # type: ignore[arg-type]
-                    kind = "dense" if d <= max_dim else "bias"
-                accs[n.output[0]] = _Acc(n, kind)
-            for i, batch in enumerate(batches if batches is not None else data):
-                new_vals = dict(zip(names, _run_named(sess, names, batch)))
-                ref_vals = refs[i] if refs is not None else dict(zip(level_out, _run_named(orig_sess, level_out, batch)))
-                for out_name, acc in accs.items():
-                    n = acc.node
-                    x = np.asarray(new_vals[n.input[0]], np.float32)
-                    y_new = np.asarray(new_vals[out_name], np.float32)
-                    y_ref = _kept_target(np.asarray(ref_vals[out_name], np.float32), y_new, kept_out.get(out_name))
-                    if y_ref is None:
-                        acc.kind = "skip"
-                        continue
-                    _accumulate_refit(acc, x, y_new, y_ref, inits, rng, positions)
-            for acc in accs.values():
-                if acc.kind != "skip" and acc.count:
-                    done = _solve_refit(acc, pruned, inits, ridge)
-                    counts[acc.kind] += done
-                elif acc.kind == "skip":
-                    counts["skip"] += 1
-            task.advance()
-    from ..canonicalize import Canonicalize
-
-    Canonicalize._dead_code(pruned.graph)  # biases moved to new initializers leave old ones unused
-    return counts
-
-
-def _kept_target(y_ref: np.ndarray, y_new: np.ndarray, kept: np.ndarray | None) -> np.ndarray | None:
-    """The original output restricted to the channels the pruned layer still produces."""
-    if y_ref.shape == y_new.shape:
-        return y_ref
-    if kept is None or y_ref.ndim < 2 or len(kept) != y_new.shape[1]:
-        return None
-    return y_ref[:, kept]
-
-
-def _accumulate_refit(acc: _Acc, x: np.ndarray, y_new: np.ndarray, y_ref: np.ndarray, inits, rng, positions: int) -> None:
-    n = acc.node
-    if acc.nonfinite or not (np.all(np.isfinite(x)) and np.all(np.isfinite(y_ref)) and np.all(np.isfinite(y_new))):
-        acc.nonfinite = True
-        return
-    if acc.kind == "bias":
-        channel = 1 if n.op_type == "Conv" else y_ref.ndim - 1  # a MatMul's features are its last axis
-        axes = tuple(i for i in range(y_ref.ndim) if i != channel) if y_ref.ndim > 1 else (0,)
-        d = (y_ref - y_new).sum(axis=axes, dtype=np.float64)
-        acc.diff = d if acc.diff is None else acc.diff + d
-        acc.count += int(np.prod([y_ref.shape[i] for i in axes]))
-        return
-    if n.op_type == "Conv":
-        w_shape = tuple(inits[n.input[1]].dims)
-        kh, kw = int(w_shape[2]), int(w_shape[3])
-        cin = x.shape[1]
-        patches, ni, oy, ox = sample_patches(n, x, y_ref.shape, w_shape, rng, positions)
-        t = y_ref[ni, :, oy, ox]  # [S, C_out]
-        if acc.kind == "depthwise":  # per channel: [C, S, kh*kw + 1]
-            p = patches.reshape(len(ni), cin, kh * kw).transpose(1, 0, 2).astype(np.float64)
-            p = np.concatenate([p, np.ones((cin, len(ni), 1))], axis=2)
-            a = np.einsum("csi,csj->cij", p, p)
-            bb = np.einsum("csi,sc->ci", p, t.astype(np.float64))
-            acc.A = a if acc.A is None else acc.A + a
-            acc.B = bb if acc.B is None else acc.B + bb
-            acc.count += len(ni)
-            return
-        p = patches.reshape(len(ni), -1)
-    else:  # Gemm/MatMul: every row of every sample ([..., T, K] → [N·T, K]) is one equation
-        p = x.reshape(-1, x.shape[-1])
-        t = y_ref.reshape(-1, y_ref.shape[-1])
-    p = np.concatenate([p, np.ones((p.shape[0], 1), np.float32)], axis=1).astype(np.float64)
-    acc.A = p.T @ p if acc.A is None else acc.A + p.T @ p
-    bt = p.T @ t.astype(np.float64)
-    acc.B = bt if acc.B is None else acc.B + bt
-    acc.count += p.shape[0]
-
-
-def _replace_init(model: onnx.ModelProto, inits, name: str, arr: np.ndarray) -> None:
-    t = inits[name]
-    t.CopyFrom(numpy_helper.from_array(arr.astype(numpy_helper.to_array(t).dtype), name))
-
-
-def _matmul_bias(model: onnx.ModelProto, inits, node: onnx.NodeProto, b: np.ndarray) -> bool:
-    """Set the intercept of a MatMul: the constant of the Add right after it, or a new Add."""
-    out = node.output[0]
-    users = [n for n in model.graph.node if out in n.input]
-    graph_out = any(o.name == out for o in model.graph.output)
-    if len(users) == 1 and users[0].op_type == "Add" and not graph_out:
-        add = users[0]
-        other = add.input[1] if add.input[0] == out else add.input[0]
-        if other in inits and numpy_helper.to_array(inits[other]).size == b.size:
-            old = numpy_helper.to_array(inits[other])
-            name = other + "__refit"
-            while name in inits:
-                name += "_"
-            t = numpy_helper.from_array(b.reshape(old.shape).astype(old.dtype), name)
-            model.graph.initializer.append(t)
-            inits[name] = t
-            add.input[list(add.input).index(other)] = name
-            return True
-    if graph_out:
-        return False
-    mid = out + "__nobias"
-    name = (node.name or out) + "_bias"
-    while name in inits or mid in inits:
-        name += "_"
-    t = numpy_helper.from_array(b.astype(_weight_dtype(node, inits)), name)
-    model.graph.initializer.append(t)
-    inits[name] = t
-    node.output[0] = mid
-    idx = list(model.graph.node).index(node)
-    model.graph.node.insert(idx + 1, helper.make_node("Add", [mid, name], [out], name=(node.name or out) + "_add_bias"))
-    return True
-
-
-def _weight_dtype(node: onnx.NodeProto, inits) -> np.dtype:
-    """The element type of the node's weight (a new bias must match it: fp16 models)."""
-    w = inits.get(node.input[1]) if len(node.input) > 1 else None
-    return helper.tensor_dtype_to_np_dtype(w.data_type) if w is not None else np.dtype(np.float32)
-
-
-def _set_bias(model: onnx.ModelProto, inits, node: onnx.NodeProto, b: np.ndarray) -> bool:
-    k = 2
-    if node.op_type == "MatMul":
-        return _matmul_bias(model, inits, node, b)
-    if len(node.input) > k and node.input[k]:
-        old = numpy_helper.to_array(inits[node.input[k]])
-        if old.size != b.size:
-            return False
-        shared = sum(1 for n in model.graph.node for i in n.input if i == node.input[k]) > 1
-        if shared:
-            name = node.input[k] + "__refit"
-            i = 0
-            while name in inits:
-                i += 1
-                name = f"{node.input[k]}__refit{i}"
-            t = numpy_helper.from_array(b.reshape(old.shape).astype(old.dtype), name)
-            model.graph.initializer.append(t)
-            inits[name] = t
-            node.input[k] = name
-        else:
-            _replace_init(model, inits, node.input[k], b.reshape(old.shape))
-        return True
-    name = (node.name or node.output[0]) + "_bias"
-    while name in inits:
-        name += "_"
-    t = numpy_helper.from_array(b.astype(_weight_dtype(node, inits)), name)
-    model.graph.initializer.append(t)
-    inits[name] = t
-    while len(node.input) <= k:
-        node.input.append("")
-    node.input[k] = name
-    return True
-
-
-def _own_weight(model: onnx.ModelProto, inits, node: onnx.NodeProto) -> str:
-    """Give ``node`` its own copy of its weight initializer if it is shared; return the name."""
-    name = node.input[1]
-    if sum(1 for n in model.graph.node for i in n.input if i == name) > 1:
-        new = name + "__refit"
-        i = 0
-        while new in inits:
-            i += 1
-            new = f"{name}__refit{i}"
-        t = numpy_helper.from_array(numpy_helper.to_array(inits[name]), new)
-        model.graph.initializer.append(t)
-        inits[new] = t
-        node.input[1] = new
-        return new
-    return name
-
-
-def _current_bias(node: onnx.NodeProto, inits, size: int, model: onnx.ModelProto | None = None) -> np.ndarray:
-    if node.op_type == "MatMul" and model is not None:
-        users = [n for n in model.graph.node if node.output[0] in n.input]
-        if len(users) == 1 and users[0].op_type == "Add":
-            other = [i for i in users[0].input if i != node.output[0]]
-            if other and other[0] in inits and numpy_helper.to_array(inits[other[0]]).size == size:
-                return numpy_helper.to_array(inits[other[0]]).astype(np.float64).reshape(-1)
-        return np.zeros(size)
-    if node.op_type != "MatMul" and len(node.input) > 2 and node.input[2]:
-        b = numpy_helper.to_array(inits[node.input[2]]).astype(np.float64).reshape(-1)
-        if b.size == size:
-            return b
-        return np.broadcast_to(b, (size,)).copy() if b.size == 1 else np.zeros(size)
-    return np.zeros(size)
-
-
-def _solve_refit(acc: _Acc, model: onnx.ModelProto, inits, ridge: float) -> int:
-    n = acc.node
-    if acc.nonfinite or acc.count == 0:
-        return 0
-    if acc.kind == "bias":
-        delta = acc.diff / max(acc.count, 1)  # type: ignore[operator]
-        old = np.zeros_like(delta) if not (len(n.input) > 2 and n.input[2]) else numpy_helper.to_array(inits[n.input[2]]).reshape(-1)
-        return int(_set_bias(model, inits, n, (old + delta).astype(_weight_dtype(n, inits))))
-    A, B = acc.A, acc.B
-    assert A is not None and B is not None
-    w_name = _own_weight(model, inits, n)
-    w = numpy_helper.to_array(inits[w_name])
-    if acc.kind == "depthwise":
-        c, d, _ = A.shape
-        if acc.count < 4 * d:
-            return 0
-        lam = ridge * np.einsum("cii->c", A[:, :-1, :-1]) / (d - 1)
-        reg = lam[:, None, None] * np.eye(d)[None]
-        reg[:, -1, -1] = 0.0
-        sol = np.linalg.solve(A + reg, B[..., None])[..., 0]  # [C, kh*kw + 1]
-        _replace_init(model, inits, w_name, sol[:, :-1].reshape(w.shape))
-        _set_bias(model, inits, n, sol[:, -1].astype(_weight_dtype(n, inits)))
-        return 1
-    d = A.shape[0]
-    # the layer's own intercept (a MatMul has none: its bias lives in the Add after it)
-    stored_bias = _current_bias(n, inits, B.shape[1], model)
-    own = np.zeros(B.shape[1]) if n.op_type == "MatMul" else stored_bias
-    if acc.count < 4 * d:  # too few samples for a stable refit: match the output mean instead
-        cur = np.concatenate([_weight_2d(n, w).T.astype(np.float64), own[None, :]], axis=0)  # [d, out]
-        delta = (B[-1] - A[-1] @ cur) / acc.count
-        acc.kind = "bias"
-        return int(_set_bias(model, inits, n, (stored_bias + delta).astype(_weight_dtype(n, inits))))
-    lam = ridge * np.trace(A[:-1, :-1]) / max(d - 1, 1)
-    reg = np.eye(d) * lam
-    reg[-1, -1] = 0.0
-    try:
-        sol = np.linalg.solve(A + reg, B)
-    except np.linalg.LinAlgError:
-        sol = np.linalg.lstsq(A + reg, B, rcond=None)[0]
-    w2 = sol[:-1].T  # [out, in...]
-    if n.op_type == "Conv":
-        new_w = w2.reshape(w.shape)
-    elif n.op_type == "Gemm" and int(node_attr(n, "transB", 0)):  # type: ignore[arg-type]
-        new_w = w2
-    else:
-        new_w = w2.T
-    _replace_init(model, inits, w_name, new_w)
-    new_b = sol[-1] + (stored_bias if n.op_type == "MatMul" else 0.0)  # MatMul: intercept joins the Add's bias
-    _set_bias(model, inits, n, new_b.astype(_weight_dtype(n, inits)))
-    return 1

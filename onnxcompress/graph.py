@@ -1,0 +1,116 @@
+"""The graph index the passes share: which node writes and which nodes read a tensor,
+initializers by name, names defined in a graph, topological order. It never imports a pass."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import onnx
+
+from .model import iter_graphs
+
+
+def topological_order(graph: onnx.GraphProto) -> list[int]:
+    """Node indices in an order where every node comes after the nodes it reads from."""
+    produced = {o: i for i, n in enumerate(graph.node) for o in n.output if o}
+    indeg = [0] * len(graph.node)
+    users: dict[int, list[int]] = defaultdict(list)
+    for i, n in enumerate(graph.node):
+        deps = {produced[x] for x in n.input if x in produced}
+        indeg[i] = len(deps)
+        for d in deps:
+            users[d].append(i)
+    ready = [i for i, d in enumerate(indeg) if d == 0]
+    order = []
+    while ready:
+        i = ready.pop(0)
+        order.append(i)
+        for u in users[i]:
+            indeg[u] -= 1
+            if indeg[u] == 0:
+                ready.append(u)
+    if len(order) != len(graph.node):
+        raise ValueError("the graph has a cycle")
+    return order
+
+
+def graph_index(g: onnx.GraphProto) -> tuple[dict[str, onnx.TensorProto], dict[str, list[onnx.NodeProto]], set[str]]:
+    """(initializers by name, tensor → the nodes reading it, graph output names)."""
+    readers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
+    for n in g.node:
+        for i in n.input:
+            readers[i].append(n)
+    return {t.name: t for t in g.initializer}, readers, {o.name for o in g.output}
+
+
+def defined_in(graph: onnx.GraphProto) -> set[str]:
+    """Names defined in ``graph``: its inputs, initializers and node outputs."""
+    names = {i.name for i in graph.input} | {t.name for t in graph.initializer}
+    for n in graph.node:
+        names.update(o for o in n.output if o)
+    return names
+
+
+def drop_stale_value_info(graph: onnx.GraphProto) -> None:
+    """Remove ``value_info`` entries of tensors no node or input of ``graph`` defines any more."""
+    live = defined_in(graph)
+    kept = [vi for vi in graph.value_info if vi.name in live]
+    del graph.value_info[:]
+    graph.value_info.extend(kept)
+
+
+def subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
+    """The graphs held by a node's attributes (If, Loop, Scan bodies)."""
+    out: list[onnx.GraphProto] = []
+    for attr in node.attribute:
+        if attr.type == onnx.AttributeProto.GRAPH:
+            out.append(attr.g)
+        elif attr.type == onnx.AttributeProto.GRAPHS:
+            out.extend(attr.graphs)
+    return out
+
+
+def used_names(graph: onnx.GraphProto) -> set[str]:
+    """Names read by nodes of ``graph`` or of its subgraphs (outer captures included)."""
+    names: set[str] = set()
+    for g in iter_graphs(graph):
+        for n in g.node:
+            names.update(i for i in n.input if i)
+        names.update(o.name for o in g.output)
+    return names
+
+
+def remove_dead_code(g: onnx.GraphProto) -> tuple[int, int]:
+    """Remove the nodes no graph output needs and the initializers nothing reads; (nodes, initializers) removed."""
+    needed = {o.name for o in g.output}
+    producers: dict[str, int] = {}
+    for i, n in enumerate(g.node):
+        for o in n.output:
+            if o:
+                producers[o] = i
+    live_nodes: set[int] = set()
+    stack = list(needed)
+    while stack:
+        name = stack.pop()
+        idx = producers.get(name)
+        if idx is None or idx in live_nodes:
+            continue
+        live_nodes.add(idx)
+        node = g.node[idx]
+        reads = [i for i in node.input if i]
+        for sub in subgraphs(node):
+            reads.extend(used_names(sub))
+        stack.extend(reads)
+    dead = len(g.node) - len(live_nodes)
+    if dead:
+        kept_nodes = [n for i, n in enumerate(g.node) if i in live_nodes]
+        del g.node[:]
+        g.node.extend(kept_nodes)
+    used = used_names(g)
+    graph_inputs = {i.name for i in g.input}
+    kept_inits = [t for t in g.initializer if t.name in used or t.name in graph_inputs]
+    unused = len(g.initializer) - len(kept_inits)
+    if unused:
+        del g.initializer[:]
+        g.initializer.extend(kept_inits)
+    return dead, unused
