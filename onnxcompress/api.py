@@ -121,8 +121,8 @@ def optimize(
     :mod:`onnxcompress.search`. Without calibration data only ``canonicalize`` runs.
 
     The result is timed against the model as given (``latency_batch``); where it is not
-    ``KEEP_GAIN`` (3%) faster, the model as given is the answer and ``report.fallback``
-    says why, unless ``allow_slower``.
+    ``KEEP_GAIN`` (3%) faster in two timings, the model as given is the answer and
+    ``report.fallback`` says why, unless ``allow_slower``.
 
     ``batch_axes``: ``{input: axis or None}`` where the inferred batch axes are wrong (None:
     the input is held constant), see :mod:`onnxcompress.data`.
@@ -197,15 +197,21 @@ def _optimize(model: ModelLike, passes: PassesLike, calibration: DataLike | None
     latency_result = None
     if latency and sample is not None:
         feeds = batch_of(sample, latency_batch, original)
-        # at least 9 interleaved rounds: the answer is the model as given unless the rewrite
-        # is KEEP_GAIN faster (noise of one timing on a shared machine is a few percent)
-        b, a = measure_latency([original, result], feeds, provider=provider, runs=max(latency_runs, 45),
-                               min_seconds=1.0, threads=threads, progress=progress,
-                               labels=["original model", "optimized model"])
+        # at least 9 interleaved rounds, twice where the rewrite is kept: the answer is the
+        # model as given unless the rewrite is KEEP_GAIN faster in both (one timing on a
+        # shared machine is off by a few percent, more on a model that runs in microseconds)
         n = next(iter(feeds.values())).shape[0] if feeds else 1
-        if a > b * (1 - KEEP_GAIN) and result is not original and not allow_slower:
-            fallback = (f"the rewritten model ran {a / b:.3f}× the time of the model as given (batch {n}), not "
-                        f"{KEEP_GAIN:.0%} faster: the model as given is the answer")
+        ratios: list[float] = []
+        for _ in range(1 if allow_slower or result is original else 2):
+            b, a = measure_latency([original, result], feeds, provider=provider, runs=max(latency_runs, 45),
+                                   min_seconds=1.0, threads=threads, progress=progress,
+                                   labels=["original model", "optimized model"])
+            ratios.append(a / b)
+            if ratios[-1] > 1 - KEEP_GAIN:
+                break
+        if max(ratios) > 1 - KEEP_GAIN and result is not original and not allow_slower:
+            fallback = (f"the rewritten model ran {' and '.join(f'{r:.3f}×' for r in ratios)} the time of the model "
+                        f"as given (batch {n}), not {KEEP_GAIN:.0%} faster: the model as given is the answer")
             log.warning("%s", fallback)
             result, steps, thresholds, a = original, [], Thresholds.exact(), b
         latency_result = LatencyResult(provider, n, b, a)
