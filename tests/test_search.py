@@ -381,10 +381,10 @@ def test_a_result_slower_than_the_model_as_given_is_not_the_answer(monkeypatch: 
     monkeypatch.setattr(api_mod, "measure_latency", lambda models, *a, **k: [1.0, 0.98])  # 2%: within noise
     _, rep3 = oc.optimize(given, "canonicalize,fuse", calibration=[{"x": calib()}])
     assert rep3.fallback and "not 3% faster" in rep3.fallback
+    assert out.SerializeToString() == given.SerializeToString()
+    kept, rep2 = oc.optimize(given, "canonicalize,fuse", calibration=[{"x": calib()}], allow_slower=True)
+    assert rep2.fallback is None and [p.name for p in rep2.passes] == ["canonicalize", "fuse"]
     timings = iter([[1.0, 0.95], [1.0, 0.99]])  # faster once, within noise the second time: not kept
     monkeypatch.setattr(api_mod, "measure_latency", lambda models, *a, **k: next(timings))
     _, rep4 = oc.optimize(given, "canonicalize,fuse", calibration=[{"x": calib()}])
     assert rep4.fallback and "0.950× and 0.990×" in rep4.fallback
-    assert out.SerializeToString() == given.SerializeToString()
-    kept, rep2 = oc.optimize(given, "canonicalize,fuse", calibration=[{"x": calib()}], allow_slower=True)
-    assert rep2.fallback is None and [p.name for p in rep2.passes] == ["canonicalize", "fuse"]
