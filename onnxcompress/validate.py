@@ -145,6 +145,18 @@ def runtime_fusions(model: onnx.ModelProto, provider: str = "cpu") -> dict[str, 
             if k.startswith("com.microsoft:") or k in RUNTIME_FUSIONS}
 
 
+def lost_fusions(before: Mapping[str, int] | None, model: onnx.ModelProto, provider: str = "cpu") -> str:
+    """'LayerNormalization 3 → 1, …' for the onnxruntime fusions (:func:`runtime_fusions`)
+    ``model`` has fewer of than ``before``; empty where none is lost or ``before`` is unknown."""
+    if not before:
+        return ""
+    try:
+        after = runtime_fusions(model, provider)
+    except RuntimeModelError:
+        return "onnxruntime cannot load the rewritten model"
+    return ", ".join(f"{k} {v} → {after.get(k, 0)}" for k, v in sorted(before.items()) if after.get(k, 0) < v)
+
+
 def run_named(sess: ort.InferenceSession, names: list[str], feeds: Batch, label: str = "calibration model",
               ) -> list[np.ndarray]:
     """The named tensors of one run (``feeds`` with the samples on axis 0)."""

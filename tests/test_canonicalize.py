@@ -140,3 +140,22 @@ def test_real_exports_canonical_and_exact(name: str) -> None:
     inp = orig.graph.input[0].name
     for ra, rb in zip(run(orig, {inp: data}), run(res.model, {inp: data})):
         np.testing.assert_allclose(rb, ra, rtol=1e-5, atol=1e-6 * float(np.abs(ra).max()))
+
+
+def test_canonicalize_reports_onnxruntime_fusions_it_loses(monkeypatch) -> None:  # noqa: ANN001
+    import onnxcompress.passes.canonicalize as canon_mod
+    import onnxcompress.validate as validate_mod
+    from onnxcompress.passes import Canonicalize
+    from onnxcompress.pipeline import PassContext
+
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"]), helper.make_node("Identity", ["c"], ["i"]),
+             helper.make_node("Relu", ["i"], ["y"])]
+    m = make_model(nodes, [fvi("x", [1, 3, 8, 8])], [fvi("y", [1, 4, 6, 6])], [tensor(rng, "w", (4, 3, 3, 3))])
+    res = Canonicalize().run(onnx.ModelProto.FromString(m.SerializeToString()), PassContext())
+    assert res.stats["identities_removed"] == 1 and res.stats["runtime_fusions_lost"] == ""
+    counts = iter([{"com.microsoft:FusedConv": 1}, {}])  # before, after: as if the rewrite broke the fusion
+    monkeypatch.setattr(canon_mod, "runtime_fusions", lambda model, provider="cpu": next(counts))
+    monkeypatch.setattr(validate_mod, "runtime_fusions", lambda model, provider="cpu": next(counts))
+    res = Canonicalize().run(m, PassContext())
+    assert res.stats["runtime_fusions_lost"] == "com.microsoft:FusedConv 1 → 0"

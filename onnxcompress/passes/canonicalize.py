@@ -31,11 +31,17 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from ..errors import OnnxCompressError
 from ..graph import defined_in, drop_stale_value_info, remove_dead_code, subgraphs, used_names
-from ..shapes import infer_shapes
+from ..model import tensor_bytes
 from ..pipeline import Pass, PassContext, PassResult
+from ..shapes import infer_shapes
+from ..validate import lost_fusions, runtime_fusions
 
 log = logging.getLogger(__name__)
+
+#: onnxruntime's fusions are compared before and after on models below this size (two more session loads)
+FUSION_CHECK_BYTES = 512 * 2**20
 
 
 @dataclass(frozen=True)
@@ -93,6 +99,12 @@ class Canonicalize(Pass):
 
     def run(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
         opts: CanonicalizeOptions = self.options
+        before = None  # onnxruntime's own fusions of the input, to report any the rewrite loses
+        if tensor_bytes(model) < FUSION_CHECK_BYTES:
+            try:
+                before = runtime_fusions(model, ctx.provider)
+            except OnnxCompressError as exc:
+                log.debug("canonicalize: onnxruntime's fusions of the input unknown (%s)", exc)
         g = model.graph
         stats: dict[str, int | bool] = {
             "nodes_before": len(g.node),
@@ -127,6 +139,11 @@ class Canonicalize(Pass):
             stats["shapes_inferred"] = inferred
             modified = modified or inferred
         stats["nodes_after"] = len(model.graph.node)
+        if before is not None and modified:
+            stats["runtime_fusions_lost"] = lost_fusions(before, model, ctx.provider)
+            if stats["runtime_fusions_lost"]:
+                log.warning("canonicalize: onnxruntime makes fewer of its fusions of the result: %s",
+                            stats["runtime_fusions_lost"])
         return PassResult(model, modified, stats)
 
     # -- steps ------------------------------------------------------------------------

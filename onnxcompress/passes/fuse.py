@@ -95,7 +95,7 @@ from ..errors import OnnxCompressError
 from ..graph import drop_stale_value_info, graph_index
 from ..model import node_attr
 from ..pipeline import Pass, PassContext, PassResult
-from ..validate import runtime_fusions
+from ..validate import lost_fusions, runtime_fusions
 from .int8.qdq import clip_bounds
 
 log = logging.getLogger(__name__)
@@ -180,7 +180,7 @@ class Fuse(Pass):
             if not any(counts.values()):
                 stats.update(counts)
                 continue
-            lost = _lost_fusions(before, trial, ctx.provider)
+            lost = lost_fusions(before, trial, ctx.provider)
             if lost:
                 declined[name] = f"loses onnxruntime's fusions: {lost}"
                 log.debug("fuse: rule %s declined: %s", name, declined[name])
@@ -193,18 +193,6 @@ class Fuse(Pass):
             log.info("fuse: %s", ", ".join(f"{k} {v}" for k, v in stats.items() if v))
         stats["declined"] = declined
         return PassResult(model, changed, stats)
-
-
-def _lost_fusions(before: dict[str, int] | None, model: onnx.ModelProto, provider: str) -> str:
-    """'LayerNormalization 3 → 1, …' for onnxruntime fusions ``model`` has fewer of than
-    ``before`` (empty where none is lost or ``before`` is unknown)."""
-    if not before:
-        return ""
-    try:
-        after = runtime_fusions(model, provider)
-    except OnnxCompressError:
-        return "onnxruntime cannot load the rewritten model"
-    return ", ".join(f"{k} {v} → {after.get(k, 0)}" for k, v in sorted(before.items()) if after.get(k, 0) < v)
 
 
 def _std(n: onnx.NodeProto | None, op: str) -> bool:
