@@ -24,7 +24,7 @@ def test_canonicalize_cli_matches_original_on_eval(cli, tmp_path: Path, name: st
     evalset = shared_path("data", f"{name}_eval.npz")
     out, rep = tmp_path / f"{name}.onnx", tmp_path / "report.json"
     res = cli("optimize", model, out, "--passes", "canonicalize", "--calib", calib, "--report", rep,
-              "--latency-runs", 5, "--quiet")
+              "--latency-runs", 5, "--quiet", "--allow-slower")  # the rewrite itself, whatever its speed
     assert res.code == 0, res.err
     r = json.loads(rep.read_text())
     assert r["written"] and r["before"]["macs"] > 0 and r["after"]["macs"] == r["before"]["macs"]
