@@ -48,7 +48,8 @@ class PassError(OnnxCompressError):
     """A pass failed; the message names the pass."""
 
     def __init__(self, pass_name: str, message: str) -> None:
-        super().__init__(f"pass '{pass_name}': {message}")
+        prefix = f"pass '{pass_name}': "
+        super().__init__(message if message.startswith(prefix) else prefix + message)
         self.pass_name = pass_name
 
 
