@@ -152,6 +152,16 @@ _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 
 
+def parse_bool(value: Any, where: str) -> bool:
+    """``value`` as a boolean (true/false, yes/no, on/off, 1/0); anything else is an
+    :class:`OptionError` naming ``where``. The one boolean parser of options and tolerances."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+        return value.strip().lower() in _TRUE
+    raise OptionError(f"{where}: {value!r} is not a boolean (true/false)")
+
+
 def _convert(pass_name: str, key: str, tp: Any, value: Any) -> Any:
     where = f"pass '{pass_name}', option '{key}'"
     origin = typing.get_origin(tp)
@@ -174,11 +184,7 @@ def _convert(pass_name: str, key: str, tp: Any, value: Any) -> Any:
             return next(c for c in choices if c == value or str(c) == value)
         raise OptionError(f"{where}: {value!r} is not one of {', '.join(map(str, choices))}")
     if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in _TRUE | _FALSE:
-            return value.lower() in _TRUE
-        raise OptionError(f"{where}: {value!r} is not a boolean (true/false)")
+        return parse_bool(value, where)
     if tp is int:
         if isinstance(value, bool):
             raise OptionError(f"{where}: {value!r} is not an integer")

@@ -227,7 +227,9 @@ def parse_tolerances(spec: str | None, base: Thresholds) -> dict[str | None, Thr
             if not eq or key not in valid:
                 raise OptionError(f"tolerance '{item}': expected key=value with key one of {', '.join(valid)}")
             if key == "allow_nonfinite":
-                changes[key] = value.strip().lower() in ("1", "true", "yes", "on")
+                from .pipeline import parse_bool
+
+                changes[key] = parse_bool(value, f"tolerance '{item}'")
             elif value.strip().lower() == "none":
                 changes[key] = None
             else:

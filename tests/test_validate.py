@@ -184,3 +184,13 @@ def test_cosine_counts_only_samples_with_signal_above_the_noise_floor() -> None:
     worse = OutputStats("empty")
     worse.update(big, off)
     assert judge("empty", worse.metrics(), Thresholds.approximate())
+
+
+def test_tolerance_booleans_are_parsed_strictly() -> None:
+    from onnxcompress.errors import OptionError
+    from onnxcompress.validate import parse_tolerances
+
+    assert parse_tolerances("allow_nonfinite=yes", Thresholds())[None].allow_nonfinite is True
+    assert parse_tolerances("y:allow_nonfinite=off", Thresholds())["y"].allow_nonfinite is False
+    with pytest.raises(OptionError, match="'maybe' is not a boolean"):
+        parse_tolerances("allow_nonfinite=maybe", Thresholds())
