@@ -117,23 +117,34 @@ INT8_CHECK_SAMPLES = 16  #: samples int8's accuracy control checks on inside the
 class SearchOptions:
     """Settings of the default pipeline's search (``optimize`` without ``--passes``)."""
 
-    max_drop: float = 0.01
-    time_budget: float = 300.0
-    samples: int = 256
-    batches: tuple[int, ...] = (1, 8)
-    large_input_ms: float = 20.0
-    min_gain: float = 0.03
-    prune_levels: tuple[float, ...] = (0.85, 0.7, 0.55, 0.4)
-    lowrank_levels: tuple[float, ...] = (0.85, 0.7, 0.65)
-    int8: bool = True
-    int8_reserve: float = 1.5
-    refit_elements: float = 1e7
-    int8_starts: int = 2
-    int8_retry: float = 4.0
-    int8_retries: int = 2
-    int8_max_float: float = 0.75
-    holdout: float = 0.25
-    bisect_max_usage: float = 4.0
+    max_drop: float = field(default=0.01, metadata={
+        "help": "accuracy budget: agreement with the model as given may drop by this much (see the module doc)"})
+    time_budget: float = field(default=300.0, metadata={"help": "seconds the search may take"})
+    samples: int = field(default=256, metadata={"help": "most calibration samples a trial is judged on"})
+    batches: tuple[int, ...] = field(default=(1, 8), metadata={
+        "help": "batch sizes every trial is timed at; its latency ratio is the worst of them"})
+    large_input_ms: float = field(default=20.0, metadata={
+        "help": "time at batch 1 only where one batch-1 run of the model takes longer than this (ms)"})
+    min_gain: float = field(default=0.03, metadata={
+        "help": "a step is accepted only if it is this fraction faster than the model it starts from"})
+    prune_levels: tuple[float, ...] = field(default=(0.85, 0.7, 0.55, 0.4), metadata={
+        "help": "prune's Conv-MACs budgets, tried in turn"})
+    lowrank_levels: tuple[float, ...] = field(default=(0.85, 0.7, 0.65), metadata={
+        "help": "lowrank's K×K conv MACs budgets, tried in turn"})
+    int8: bool = field(default=True, metadata={"help": "try int8 (a probe first, then on the structural results)"})
+    int8_reserve: float = field(default=1.5, metadata={
+        "help": "the structural stages keep this many times the int8 probe's budget usage free for it"})
+    refit_elements: float = field(default=1e7, metadata={
+        "help": "prune and lowrank refit on at most this many input values' worth of samples"})
+    int8_starts: int = field(default=2, metadata={"help": "structural results int8 is tried on, fastest first"})
+    int8_retry: float = field(default=4.0, metadata={
+        "help": "an int8 trial over budget held out by less than this factor is retried with more of it float"})
+    int8_retries: int = field(default=2, metadata={"help": "most such int8 retries"})
+    int8_max_float: float = field(default=0.75, metadata={
+        "help": "int8's accuracy control may return at most this fraction of its nodes to float"})
+    holdout: float = field(default=0.25, metadata={"help": "fraction of the calibration samples held out for judging"})
+    bisect_max_usage: float = field(default=4.0, metadata={
+        "help": "no bisection after a first level that used more than this many times the budget"})
 
     def __post_init__(self) -> None:
         self.check()
