@@ -198,13 +198,11 @@ def run_saturating(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray], prov
         info["runs"] = run + 1
         if prev is not None and all(np.array_equal(a, b) for a, b in zip(xs, prev)):
             break
-        saturated = 0
         for i, (lay, x, raw) in enumerate(zip(layers, xs, raws)):
             if prev is not None and np.array_equal(x, prev[i]):
                 continue
             fix = (_conv_correction if lay.node.op_type == "Conv" else _matmul_correction)(lay, x, raw.shape)
             corrs[names[i]] = fix if fix.any() else np.zeros((1,), np.float32)
-        saturated = sum(1 for c in corrs.values() if c.size > 1)
-        info["saturated_layers"] = saturated
+        info["saturated_layers"] = sum(1 for c in corrs.values() if c.size > 1)
         prev = xs
     return outs[:n_out], info
