@@ -187,12 +187,10 @@ def _optimize(model: ModelLike, passes: PassesLike, calibration: DataLike | None
         if search_report.chosen.index == 0:  # nothing was faster than the model as given
             steps = []
         steps = steps + searcher.chain(search_report)
-        if thresholds is not None:
-            thresholds = searcher.thresholds
-        elif all(_is_exact(s.name) for s in steps if s.modified):  # exact rewrites are judged as exact
+        exact_chain = thresholds is None and all(_is_exact(s.name) for s in steps if s.modified)
+        thresholds = searcher.thresholds
+        if exact_chain:  # exact rewrites are judged as exact
             thresholds = Thresholds.exact(max((get_pass_class(s.name).rel_range for s in steps), default=1e-4))
-        else:
-            thresholds = searcher.thresholds
     fallback = None
     latency_result = None
     if latency and sample is not None:

@@ -81,8 +81,8 @@ def infer_batch_axes(inputs: Sequence[tuple[str, Sequence[Dim]]]) -> dict[str, i
             out[name] = 0
         else:
             out[name] = None
+    ranks = {n: len(sh) for n, sh in inputs}
     for name, axis in _BATCH_AXES.get().items():
-        ranks = {n: len(sh) for n, sh in inputs}
         if name not in ranks:
             raise DataError(f"batch axis given for '{name}', which is not an input (inputs: {', '.join(ranks)})")
         if axis is not None and not 0 <= axis < ranks[name]:

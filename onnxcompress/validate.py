@@ -483,6 +483,12 @@ class ValidationReport:
                 "passed": self.passed, "outputs": [o.to_dict() for o in self.outputs]}
 
 
+def _range_for_cosine(m: Mapping[str, Any], t: Thresholds) -> bool:
+    """Whether ``t``'s cosine check falls back to the error against the output's range:
+    no sample has signal to take a cosine of, and ``t`` checks no range itself."""
+    return t.cosine is not None and t.rel_range is None and m.get("cosine_samples", 1) == 0
+
+
 def judged_by(m: Mapping[str, Any], t: Thresholds) -> list[str]:
     """The metrics that decide an output's pass/fail under ``t``, each with why where it is
     not the threshold's own choice."""
@@ -493,11 +499,10 @@ def judged_by(m: Mapping[str, Any], t: Thresholds) -> list[str]:
         out.append(f"max_abs ≤ {t.max_abs:g}")
     if t.mean_abs is not None:
         out.append(f"mean_abs ≤ {t.mean_abs:g}")
-    if t.cosine is not None:
-        if m.get("cosine_samples", 1) > 0:
-            out.append(f"mean cosine ≥ {t.cosine:g} (over {m.get('cosine_samples')} samples with signal)")
-        elif t.rel_range is None:
-            out.append(f"rel_range ≤ {1 - t.cosine:g} (no sample with signal above the noise floor: cosine is noise)")
+    if t.cosine is not None and m.get("cosine_samples", 1) > 0:
+        out.append(f"mean cosine ≥ {t.cosine:g} (over {m.get('cosine_samples')} samples with signal)")
+    elif _range_for_cosine(m, t):
+        out.append(f"rel_range ≤ {1 - t.cosine:g} (no sample with signal above the noise floor: cosine is noise)")
     if t.feature_cosine is not None and "feature_cosine_min" in m:
         out.append(f"each column's cosine ≥ {t.feature_cosine:g}")
     if t.top1 is not None and "top1" in m:
@@ -517,8 +522,7 @@ def judge(name: str, m: Mapping[str, Any], t: Thresholds) -> list[str]:
         fails.append(f"mean abs error {m['mean_abs']:.3g} > {t.mean_abs:g}")
     if t.cosine is not None and m["cosine_mean"] < t.cosine:
         fails.append(f"mean cosine {m['cosine_mean']:.5f} < {t.cosine:g}")
-    if (t.cosine is not None and t.rel_range is None and m.get("cosine_samples", 1) == 0
-            and m["rel_range"] > 1 - t.cosine):  # no signal to take a cosine of: the error against the range
+    if _range_for_cosine(m, t) and m["rel_range"] > 1 - t.cosine:
         fails.append(f"max abs error {m['max_abs']:.3g} is {m['rel_range']:.3g} of the output range > "
                      f"{1 - t.cosine:g} (cosine not judged: no sample has signal above the noise floor)")
     if t.feature_cosine is not None and "feature_cosine_min" in m and m["feature_cosine_min"] < t.feature_cosine:
