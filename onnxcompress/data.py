@@ -225,7 +225,7 @@ def check_array(spec: InputSpec, arr: np.ndarray, where: str, *, batched: bool =
     shown = spec.model_shape(arr.shape) if batched and arr.ndim == len(want_shape) else list(arr.shape)
     found = "[" + ",".join(str(d) for d in shown) + "]"
     if arr.ndim != len(want_shape):
-        rank = arr.ndim - 1 if batched and spec.batch_axis is not None else arr.ndim
+        rank = arr.ndim - 1 if batched else arr.ndim  # a batch has the samples axis in front, constants too
         raise DataError(
             f"input '{spec.name}': expected rank {spec.rank} {spec.shape_str()}, found rank {rank} {found} in {where}"
         )

@@ -382,3 +382,11 @@ def test_python_batches_in_the_model_layout() -> None:
              "state": rng.standard_normal((2, 4, 128)).astype(np.float32), "sr": np.int64(8000)} for _ in range(3)]
     _, rep = oc.optimize(m, "canonicalize,fuse", calibration=data, latency=False)
     assert rep.validation.passed and rep.validation.samples == 12
+
+
+def test_a_constant_input_of_the_wrong_rank_names_its_rank() -> None:
+    from onnxcompress.data import check_array
+
+    sr = {s.name: s for s in input_specs(_vad_model())}["sr"]
+    with pytest.raises(DataError, match=r"input 'sr': expected rank 0 \[\], found rank 1"):
+        check_array(sr, np.zeros((4, 3), np.int64), "test data")  # 4 samples of a [3] value
