@@ -312,7 +312,7 @@ def optimize(
     max_drop: Annotated[float, typer.Option("--max-drop", help="Default pipeline: accuracy budget on held-out calibration samples: class outputs top-1 agreement ≥ 1 − this (and mean cosine ≥ 1 − this/10), other outputs mean cosine ≥ 1 − this (for [N, rows, F≤64] tables such as detections, of each column too). --tol replaces it per output.", rich_help_panel="Default pipeline")] = 0.01,
     time_budget: Annotated[float, typer.Option("--time-budget", help="Default pipeline: seconds the search may take.", rich_help_panel="Default pipeline")] = 300.0,
     plot: Annotated[Optional[Path], typer.Option("--plot", help="Default pipeline: plot every trial (agreement against latency) to this .png/.svg/.pdf (needs matplotlib: the 'plot' extra).", rich_help_panel="Default pipeline")] = None,
-    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="Pipeline TOML file with [[passes]] tables.")] = None,
+    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="Pipeline TOML file with \\[\\[passes]] tables.")] = None,
     calib: Annotated[Optional[Path], typer.Option("--calib", help="Calibration data: .npy, .npz, or a folder of arrays or images.")] = None,
     val: Annotated[Optional[Path], typer.Option("--val", help="Validation data (default: the calibration data, else seeded random inputs).")] = None,
     calib_limit: Annotated[Optional[int], typer.Option("--calib-limit", help="Use at most N calibration samples.")] = None,
