@@ -118,7 +118,7 @@ def main() -> int:
     bs = run_batch(model)
     ctx = PassContext(calibration=open_data(args.shared / "data" / f"{args.model}_calib.npz", model, batch_size=bs))
     float_model, _ = build_pipeline("canonicalize").run(model, PassContext())
-    spec = "canonicalize,int8:max_drop=0:guard=false:head_correction=false:bias_correction=false"
+    spec = "canonicalize,int8:max_drop=0:guard=false:experimental.head_correction=false:experimental.bias_correction=false"
     q, _ = build_pipeline(spec).run(model, ctx)
     convs = [n.name for n in q.graph.node if n.op_type == "Conv"]
     twin = nudged(q, args.nudge_conv or convs[4], 1.0 + args.nudge)

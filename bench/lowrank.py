@@ -81,8 +81,8 @@ def captcha(shared: Path, budget: float, rows: list[dict]) -> Table:
     for col in ("method", "MACs", "goal ≤ 0.75", "mean cosine", "goal ≥ 0.99", "objectness recall", "goal ≥ 0.95",
                 "latency b1 (range)", "goal ≤ 0.85", "pass s"):
         t.add_column(col, justify="right")
-    for label, spec in (("pure SVD split", f"lowrank:macs_ratio={budget}:refit=none:whiten=false"),
-                        ("SVD + least-squares refit", f"lowrank:macs_ratio={budget}:whiten=false"),
+    for label, spec in (("pure SVD split", f"lowrank:macs_ratio={budget}:refit=none:experimental.whiten=false"),
+                        ("SVD + least-squares refit", f"lowrank:macs_ratio={budget}:experimental.whiten=false"),
                         ("whitened SVD + refit (default)", f"lowrank:macs_ratio={budget}")):
         t0 = time.perf_counter()
         m, rep = oc.optimize(base, spec, calibration=calib, validation=False, latency=False)

@@ -469,12 +469,20 @@ def inspect(
 
 
 @app.command(name="passes")
-def list_passes() -> None:
+def list_passes(
+    all_: Annotated[bool, typer.Option("--all", help="Also list the experimental options (experimental.NAME=VALUE).")] = False,
+) -> None:
     """List the registered passes and their options."""
+    hidden = 0
     for name, cls in REGISTRY.items():
-        out.print(f"[bold]{name}[/] — {cls.summary}" + ("" if cls.exact else "  (approximate)"))
+        out.print(f"[bold]{name}[/] — {cls.summary}" + ("" if cls.exact else "  (approximate)"), highlight=False)
         for o in describe_options(cls.Options):
-            out.print(f"    {o.name}: {o.type_name} = {o.default!r}  {o.help}")
+            if o.experimental and not all_:
+                hidden += 1
+                continue
+            out.print(f"    {o.name}: {o.type_name} = {o.default!r}  {o.help}", markup=False, highlight=False)
+    if hidden:
+        out.print(f"({hidden} experimental options not shown: onnxcompress passes --all)", highlight=False)
 
 
 # ----------------------------------------------------------------------------- entry point

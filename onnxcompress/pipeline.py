@@ -116,25 +116,51 @@ class Pass(abc.ABC):
 # ----------------------------------------------------------------------------- options
 
 
+#: the namespace of experimental options in pipeline specs: ``int8:experimental.refit=true``
+EXPERIMENTAL = "experimental."
+
+
 @dataclass(frozen=True)
 class OptionInfo:
     name: str
     type_name: str
     default: Any
     help: str
+    experimental: bool = False
 
 
 def describe_options(options_cls: type) -> list[OptionInfo]:
     hints = typing.get_type_hints(options_cls)
     out = []
     for f in dataclasses.fields(options_cls):
-        out.append(OptionInfo(option_key(f), _type_name(hints[f.name]), f.default, str(f.metadata.get("help", ""))))
+        out.append(OptionInfo(option_key(f), _type_name(hints[f.name]), f.default, str(f.metadata.get("help", "")),
+                              is_experimental(f)))
     return out
 
 
+def is_experimental(f: dataclasses.Field) -> bool:  # type: ignore[type-arg]
+    """Research toggles and tuning knobs (``metadata['experimental']``): hidden from
+    ``onnxcompress passes`` without ``--all``, named ``experimental.NAME`` in specs, and
+    without any promise that they stay."""
+    return bool(f.metadata.get("experimental", False))
+
+
 def option_key(f: dataclasses.Field) -> str:  # type: ignore[type-arg]
-    """The user-facing name of an option field (``metadata['key']``, e.g. 'global' for ``global_``)."""
-    return str(f.metadata.get("key", f.name))
+    """The user-facing name of an option field: ``metadata['key']`` ('global' for
+    ``global_``) or the field name, under ``experimental.`` for an experimental one."""
+    key = str(f.metadata.get("key", f.name))
+    return EXPERIMENTAL + key if is_experimental(f) else key
+
+
+def _flatten_experimental(raw: Mapping[str, Any]) -> dict[str, Any]:
+    """A TOML table ``[passes.experimental]`` (``{"experimental": {...}}``) as dotted keys."""
+    out: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key == EXPERIMENTAL.rstrip(".") and isinstance(value, Mapping):
+            out.update({EXPERIMENTAL + str(k): v for k, v in value.items()})
+        else:
+            out[key] = value
+    return out
 
 
 def _type_name(tp: Any) -> str:
@@ -223,10 +249,14 @@ def parse_options(pass_name: str, options_cls: type, raw: Mapping[str, Any]) -> 
     hints = typing.get_type_hints(options_cls)
     fields = {option_key(f): f for f in dataclasses.fields(options_cls)}
     values: dict[str, Any] = {}
-    for key, value in raw.items():
+    for key, value in _flatten_experimental(raw).items():
         if key not in fields:
-            valid = ", ".join(sorted(fields)) or "(this pass takes no options)"
-            raise OptionError(f"pass '{pass_name}': unknown option '{key}'; valid options: {valid}")
+            if EXPERIMENTAL + key in fields:
+                raise OptionError(f"pass '{pass_name}': option '{key}' is experimental: write {EXPERIMENTAL}{key}={value}")
+            valid = ", ".join(sorted(k for k in fields if not k.startswith(EXPERIMENTAL))) or "(this pass takes no options)"
+            hidden = sum(k.startswith(EXPERIMENTAL) for k in fields)
+            more = f" (and {hidden} experimental ones: onnxcompress passes --all)" if hidden else ""
+            raise OptionError(f"pass '{pass_name}': unknown option '{key}'; valid options: {valid}{more}")
         name = fields[key].name
         values[name] = _convert(pass_name, key, hints[name], value)
     try:

@@ -4,25 +4,21 @@ is faster than its input.
 **Held-out judging.** The calibration samples are split: the passes calibrate and refit
 on the first ones, every trial is judged on the last ``holdout`` fraction (at least 4
 samples; with fewer than 8 samples in all, on all of them, as the report says). Judging
-on the samples a refit was fitted to is optimistic: on textline_cls a 0.7 prune budget
-agreed 128/128 on its fitting samples and 0.986 on the eval set.
+only on the samples a refit was fitted to is optimistic.
 
 **Budget.** Per output, agreement with the input model on the held-out samples: mean
 per-sample cosine ≥ 1 − ``max_drop``; for class-score outputs ([N, C], 2 ≤ C ≤ 100000,
-or [N, C, 1, 1]) top-1 agreement ≥ 1 − ``max_drop`` and mean cosine ≥ 1 − ``max_drop``/10.
-A few dozen held-out samples rarely show the top-1 flips a larger set would (at a 1% flip rate, 16
-samples show none 85% of the time); the cosine of the class scores moves before they
-flip, but on the shared classifiers the eval sets' cosine deficit was 6–15× the held-out
-samples' (pruned textline_cls: held-out 0.9994, eval 0.9915; doc_orientation: 0.9973 and
-0.9895), hence a tenth of the budget. Feature tables ([N, rows, F], 2 ≤ F ≤ 64, e.g.
-detections: box coordinates, objectness, class scores as columns) also need cosine
-≥ 1 − ``max_drop`` for each column alone, over all samples (pooled:
-:func:`~onnxcompress.validate.column_cosine`): one cosine over the table is dominated by the
-largest column (captcha_det's box sizes), and a pruned-lowrank-int8 chain that kept it at
-0.9925 had objectness cosine 0.80 and lost 54% of the detections. The user's :class:`~onnxcompress.validate.Thresholds`
-per output replace these. A trial's *usage* is the largest fraction of its allowance any
-checked metric uses, max over outputs and metrics of (1 − value) / (1 − threshold); the
-budget holds when usage ≤ 1. Its *drop* (shown) is 1 − the worst checked metric.
+or [N, C, 1, 1]) top-1 agreement ≥ 1 − ``max_drop`` and mean cosine ≥ 1 − ``max_drop``/10:
+a few dozen held-out samples rarely show the top-1 flips a larger set would (at a 1% flip
+rate, 16 samples show none 85% of the time), and the class scores' cosine moves before
+they flip. Feature tables ([N, rows, F], 2 ≤ F ≤ 64, e.g. detections: box coordinates,
+objectness, class scores as columns) also need cosine ≥ 1 − ``max_drop`` for each column
+alone, pooled over all samples (:func:`~onnxcompress.validate.column_cosine`): one cosine
+over the table is dominated by its largest column. The user's
+:class:`~onnxcompress.validate.Thresholds` per output replace these. A trial's *usage* is
+the largest fraction of its allowance any checked metric uses, max over outputs and
+metrics of (1 − value) / (1 − threshold); the budget holds when usage ≤ 1. Its *drop*
+(shown) is 1 − the worst checked metric.
 
 **Speed.** Every trial is timed against the model as the user gave it (not the
 canonicalized and fused one the stages start from: what fuse does to a model's speed in
@@ -30,63 +26,51 @@ onnxruntime is not predictable, it can undo onnxruntime's own fusions) in one pr
 (:func:`~onnxcompress.validate.measure_latency`, interleaved ABBA rounds) at each search
 batch size; its latency ratio is the worst of them. A step is accepted only if it is at
 least ``min_gain`` faster than the model it starts from. Those two ratios come from
-separate timings: a trial short of the margin by less than half of it is timed once more
-against its start model in one call, and that direct ratio decides (on text_det, lowrank
-at 0.7 of the MACs measured 0.871× against the 0.896× of the step before, 2.8%, where
-three other runs had cleared 3%).
+separate timings, so a trial short of the margin by less than half of it is timed once
+more against its start model in one call, and that direct ratio decides.
 
 **Order** canonicalize → fuse → prune → lowrank → int8, each stage starting from the best
 model of the stages before it:
 
 0. Reference outputs of the input on the held-out samples; the batch sizes to time
-   (1 and 8; batch 1 only when one batch-1 run of the input takes over 20 ms, i.e. large
-   inputs, which are deployed one at a time; a fixed batch dimension is used as is).
+   (``batches``; batch 1 only when one batch-1 run of the input takes over
+   ``large_input_ms``: large inputs are deployed one at a time; a fixed batch dimension
+   is used as is).
 1. *int8 probe*: int8 on the search's input with the whole budget. When it is
-   accepted (within budget, faster), its usage u₈ is reserved: the structural stages
-   must keep usage ≤ 1 − 1.5·u₈ (the stages' errors roughly add). int8's own accuracy
-   control judges on the fitting samples; where the held-out ones put it over budget by
-   u < ``int8_retry`` (4)×, it runs again at the same ``max_drop`` with its control made
-   to float at least one more of its prefix cuts than the rejected answer had
-   (``min_float_prefix``), up to ``int8_retries`` (2) times — unless its control did not
-   hold ``max_drop`` even with its most float (then more changes nothing). A retry only
-   ever floats more, whatever the noise in the control's drops: on captcha_det they were
-   flat over the first prefixes (0.0048, 0.0047), and the retries that cut ``max_drop``
-   instead (to 0.8/u of it, or 0.8 of the control's drop) landed on 1/16 or 5/16 by
-   noise. There: fully int8 0.9889 held out, the first cut (20 nodes) 0.9890, the
-   second (26 nodes) within budget. Its control
-   may float up to ``int8_max_float`` (0.75) of the quantized nodes, more than the
-   pass's own default (0.5): the search times every trial anyway (on fused text_det, 0.75
-   gave eval cosine 0.9992 at 0.84× the latency, where 0.5 stopped at 0.9912, over the
-   held-out budget), and checks on 16 of the
-   fitting samples (the pass alone: 32; each int8 trial is timed, and its evaluations
-   would double, ~16 s more per text_det trial). The probe runs with the
-   pass's ``unfloat`` off: spending the slack would spend the structural stages' budget.
+   accepted (within budget, faster), ``int8_reserve`` × its usage u₈ is reserved: the
+   structural stages must keep usage ≤ 1 − 1.5·u₈ (the stages' errors roughly add).
+   int8's own accuracy control judges on the fitting samples; where the held-out ones put
+   it over budget by u < ``int8_retry_below`` (4)×, it runs again at the same
+   ``max_drop`` with its control made to float at least one more of its prefix cuts than
+   the rejected answer had (``min_float_prefix``), up to ``int8_retries`` (2) times —
+   unless its control did not hold ``max_drop`` even with its most float. A retry only
+   ever floats more: cutting ``max_drop`` instead lands wherever the control's flat,
+   noisy drops fall. Its control may float up to ``int8_max_float`` (0.75) of the
+   quantized nodes, more than the pass's own default (0.5), because the search times
+   every trial anyway, and checks on 16 of the fitting samples (each int8 trial is also
+   timed). The probe runs with the pass's ``unfloat`` off: spending the slack would
+   spend the structural stages' budget.
 2. *prune*: Conv-MACs budgets ``prune_levels`` (0.85, 0.7, 0.55, 0.4) in turn. The prune
    pass spends a budget by removing, across all channel groups, the channels whose
-   activation importance per MAC saved (measured on the calibration data) is smallest,
-   then refits the layers after them by least squares (activation importance stands in
-   for sensitivity; prune's ``sensitivity`` option, which weighs groups by measured
-   output error, is off). The first level over the budget ends the stage, after one
-   bisection between it and the last level within budget — none where the first level
-   of all is over by more than ``bisect_max_usage`` (4)×: there the error has a floor
-   (captcha_det: prune 0.85 at 32× the budget, 0.925 still at 28×). Prune and lowrank refit on
-   at most ``refit_elements`` input values' worth of samples (their time grows with it).
-3. *lowrank*: ``lowrank_levels`` (0.85, 0.7, 0.65) of the K×K conv MACs, likewise (on
-   text_det, whitened, 0.6 was within the budget held out, usage 0.85, and over it on the
-   eval set, cosine 0.9882; 0.65 has eval cosine 0.9925).
+   group-normalized activation importance (measured on the calibration data) is
+   smallest, then refits the layers after them by least squares. The first level over
+   the budget ends the stage, after one bisection between it and the last level within
+   budget — none where the first level of all is over by more than ``bisect_max_usage``
+   (4)×: there the error has a floor. Prune and lowrank refit on at most
+   ``refit_elements`` input values' worth of samples (their time grows with it).
+3. *lowrank*: ``lowrank_levels`` (0.85, 0.7, 0.65) of the K×K conv MACs, likewise.
 4. *int8* on the fastest accepted structural model with ``max_drop`` scaled to what the
    budget has left (its own accuracy control returns the most sensitive layers to float;
    its latency guard keeps float where int8 does not pay); if that does not beat the best
-   so far, on the next fastest (``int8_starts`` in all); skipped when the probe did not pay.
-   The same retry as the probe's. Here ``unfloat`` is on: on text_det, int8 on lowrank
-   (0.65) had 10/16 of its nodes float at a drop of 0.0017 against 0.004 left and was not
-   faster than its input; with the slack spent, int8 on lowrank (0.7, 0.0073 left) kept
-   78 of its nodes float instead of 156 and ran 0.62–0.68× of the search's input.
+   so far, on the next fastest (``int8_starts`` in all); skipped when the probe did not
+   pay. The same retry as the probe's. Here ``unfloat`` is on: the slack left after the
+   structural stages is int8's to spend.
 
 The answer is the fastest accepted trial; where none is faster than the model as given,
-that model itself, unchanged. Time: a trial starts only when the time it is
-expected to take (the previous trial of its stage) fits in what is left of
-``time_budget`` after the time reserved for the final int8 step (the probe's).
+that model itself, unchanged. Time: a trial starts only when the time it is expected to
+take (the previous trial of its stage) fits in what is left of ``time_budget`` after the
+time reserved for the final int8 step (the probe's). The measurements behind these
+choices: docs/decisions/search.md.
 """
 
 from __future__ import annotations
@@ -137,7 +121,7 @@ class SearchOptions:
     refit_elements: float = field(default=1e7, metadata={
         "help": "prune and lowrank refit on at most this many input values' worth of samples"})
     int8_starts: int = field(default=2, metadata={"help": "structural results int8 is tried on, fastest first"})
-    int8_retry: float = field(default=4.0, metadata={
+    int8_retry_below: float = field(default=4.0, metadata={
         "help": "an int8 trial over budget held out by less than this factor is retried with more of it float"})
     int8_retries: int = field(default=2, metadata={"help": "most such int8 retries"})
     int8_max_float: float = field(default=0.75, metadata={
@@ -472,8 +456,8 @@ class Search:
                 final_reserve: float) -> Trial:
         """Try ``levels`` in order from ``best``; bisect once after the first over budget,
         unless that was the first level and it used more than ``bisect_max_usage``× the
-        budget (the error does not halve with the removal: on captcha_det prune at 0.85
-        used 32× the budget and 0.925 still 28×, 68 s for nothing). When the time budget
+        budget (there the error has a floor: it does not halve with the removal, and the
+        bisection would cost a trial for nothing). When the time budget
         leaves no room for a trial, the stage stops there with the best level so far."""
         start = (best.index, self.models[best.index])
         expected = 0.0
@@ -543,13 +527,13 @@ class Search:
 
             def int8_trial(max_drop: float, label: str, start: Trial, expected: float, unfloat: bool = True) -> Trial:
                 """int8 judged on the held-out samples; where it misses the budget there by
-                less than ``int8_retry``× (its own control judged it on the fitting
+                less than ``int8_retry_below``× (its own control judged it on the fitting
                 samples), again with at least one more of its control's float-prefix cuts
                 than the rejected one had, at most ``int8_retries`` times."""
                 t = self._trial("int8", f"max_drop={max_drop:.4g}{label}", int8_pass(max_drop, unfloat),
                                 (start.index, self.models[start.index]), start.latency_ratio, 0.0, expected)
                 for _ in range(self.opts.int8_retries):
-                    if t.step is None or t.within_budget or not 1.0 < t.usage < self.opts.int8_retry:
+                    if t.step is None or t.within_budget or not 1.0 < t.usage < self.opts.int8_retry_below:
                         break
                     control = t.step.stats.get("accuracy", {})
                     if control.get("met") is False:
@@ -589,8 +573,7 @@ class Search:
 
             # 4. int8 on the structural results with what the budget has left: the fastest
             # structural model first; if int8 on it does not beat the best so far, the next
-            # (int8 does not pay alike on every structure: on captcha_det's split convs it
-            # ran 0.72× one time, 0.44× another)
+            # (int8 does not pay alike on every structure)
             if probe is not None and probe.accepted:
                 starts = sorted((t for t in self.trials if t.accepted and t.stage in ("prune", "lowrank")),
                                 key=lambda t: t.latency_ratio)[: self.opts.int8_starts]

@@ -307,15 +307,10 @@ def column_cosine(sums: np.ndarray) -> np.ndarray:
     (added up over batches); 1 where both columns are zero.
 
     Pooled over the samples, not a mean of per-sample cosines: a detector's objectness
-    column on an image with nothing to detect holds only background values near zero
-    (captcha_det: 29 of the 64 eval images, 11 of the 32 calibration ones), whose cosine
-    measures the pattern of that noise, not the detections. Two int8 models of
-    captcha_det (eval recall 0.978 and 0.975) had per-image means 0.9932 and 0.9890 on the
-    eval set, their eight lowest images all without a detection, and the second had 0.9931
-    on the calibration set; pooled: 0.9963 and 0.9954 on eval, 0.9949 and 0.9955 on
-    calibration. Each image weighs by its column's energy, so a lost or invented
-    detection still counts in full (a fully int8 model that lost 9% of the detections:
-    pooled 0.987)."""
+    column on an image with nothing to detect holds only background values near zero,
+    whose cosine measures the pattern of that noise, not the detections. Each image
+    weighs by its column's energy, so a lost or invented detection still counts in full
+    (docs/decisions/validation.md)."""
     dot, aa, bb = sums
     with np.errstate(invalid="ignore", divide="ignore"):
         cos = np.where((aa == 0) & (bb == 0), 1.0, dot / np.maximum(np.sqrt(aa * bb), 1e-300))
@@ -608,9 +603,8 @@ def measure_latency(
     (at most ``max_runs`` rounds).
 
     Compare two models per call: every ratio the passes, the search and the benchmarks
-    quote comes from a pair. With more models in one call the ratios are not reliable:
-    four identical copies of textline_cls (batch 8) came out 0.81–1.16× of one another,
-    two copies 0.97–1.01× (2 cores, shared machine).
+    quote comes from a pair. With more models in one call the ratios are not reliable
+    (docs/decisions/validation.md).
     """
     import time
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 from collections import Counter
 
 import numpy as np
@@ -98,8 +100,10 @@ def test_initializer_inputs_dropped_on_ir4() -> None:
     rng = np.random.default_rng(0)
     w = tensor(rng, "w", (2,))
     m = make_model([helper.make_node("Add", ["x", "w"], ["y"])], [fvi("x", [2]), fvi("w", [2])], [fvi("y", [2])], [w])
-    res = Canonicalize().run(m, PassContext())
+    res = Canonicalize().run(copy.deepcopy(m), PassContext())
     assert [i.name for i in res.model.graph.input] == ["x"] and res.stats["initializer_inputs_removed"] == 1
+    kept = Canonicalize(Canonicalize.Options(weight_inputs=False)).run(m, PassContext())  # a user who feeds w
+    assert [i.name for i in kept.model.graph.input] == ["x", "w"] and kept.stats["initializer_inputs_removed"] == 0
 
 
 def test_ir3_constants_become_graph_inputs_too() -> None:

@@ -18,7 +18,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from .builders import fvi, make_model, tensor
 
-PASSES = "canonicalize,prune:ratio=0.3,lowrank:rank=2,int8:guard=false,max_drop=0,bias_correction=false,head_correction=false"
+PASSES = "canonicalize,prune:ratio=0.3,lowrank:rank=2,int8:guard=false,max_drop=0,experimental.bias_correction=false,experimental.head_correction=false"
 
 
 def conv_net(opset: int, dtype: int = TensorProto.FLOAT, seed: int = 0) -> onnx.ModelProto:

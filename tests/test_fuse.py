@@ -236,6 +236,9 @@ def test_gated_residual_folded_into_one_mul() -> None:
     onnx.checker.check_model(res.model)
     for x, ref in zip(xs, refs):
         np.testing.assert_allclose(run(res.model, {"x": x})[0], ref, rtol=1e-5, atol=1e-6 * float(np.abs(ref).max()))
+    off = Fuse(Fuse.Options(gate_residual=False)).run(_gated_residual_model("se"), PassContext())  # rule off
+    assert off.stats.get("gate_residual_folded", 0) == 0
+    assert sum(n.op_type == "Add" and "g" not in n.input for n in off.model.graph.node) == 1  # the full-size Add
 
 
 @pytest.mark.parametrize("gate_shape,extra_reader", [("full", False), ("se", True)])

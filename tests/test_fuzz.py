@@ -29,7 +29,7 @@ CASES = int(os.environ.get("ONNXCOMPRESS_FUZZ_CASES", "300"))
 REPLAY = os.environ.get("ONNXCOMPRESS_FUZZ_SEED")
 MODELS = ["resnet_block", "mobilenet_se", "concat_split"]
 PASSES = ("canonicalize,prune:ratio=0.3,lowrank,"
-          "int8:guard=false,max_drop=0,bias_correction=false,head_correction=false")
+          "int8:guard=false,max_drop=0,experimental.bias_correction=false,experimental.head_correction=false")
 TIME_LIMIT = 30
 OPS = ["Relu", "Add", "Conv", "Identity", "Mul", "Concat", "MaxPool", "Reshape", "NoSuchOp", "Sigmoid", "Gemm"]
 

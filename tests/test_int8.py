@@ -185,6 +185,40 @@ def test_guard_keeps_int8_when_faster(monkeypatch: pytest.MonkeyPatch) -> None:
     assert res.modified and res.stats["latency"]["ratio"] == 0.5
 
 
+@pytest.mark.parametrize("margin,kept", [(0.03, True), (0.2, False)])
+def test_guard_margin_is_the_gain_int8_must_show(monkeypatch: pytest.MonkeyPatch, margin: float, kept: bool) -> None:
+    """int8 timed at 0.9× fp32: kept with the default ``experimental.guard_margin`` (3%),
+    kept float where the margin asks for 20%."""
+    import onnxcompress.validate as validate
+
+    monkeypatch.setattr(validate, "measure_latency", lambda models, feeds, **kw: [2.0, 1.8])
+    m = _canon(FIXTURES / "resnet_block.onnx")
+    res = Int8(Int8Options(guard_margin=margin)).run(copy.deepcopy(m), _ctx(m, "resnet_block"))
+    assert res.modified is kept and res.stats["latency"]["ratio"] == pytest.approx(0.9)
+
+
+@pytest.mark.parametrize("float_tail", [True, False])
+def test_float_tail_keeps_the_nodes_after_the_last_conv_float(float_tail: bool) -> None:
+    """Conv → Relu → Conv → Sigmoid → output: the Sigmoid comes after the last compute layer.
+    With ``experimental.float_tail`` (the default) it reads a dequantized tensor and writes
+    float; without, its output is quantized too (QLinearSigmoid in onnxruntime)."""
+    rng = np.random.default_rng(3)
+    inits = [tensor(rng, "w1", (8, 3, 3, 3)), tensor(rng, "w2", (4, 8, 1, 1))]
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c1"], ["r1"], name="relu"),
+             helper.make_node("Conv", ["r1", "w2"], ["c2"], name="conv2"),
+             helper.make_node("Sigmoid", ["c2"], ["y"], name="sigmoid")]
+    m = make_model(nodes, [fvi("x", ["N", 3, 12, 12])], [fvi("y", ["N", 4, 12, 12])], inits)
+    assert qdq.tail_nodes(m) == {"sigmoid"}
+    x = rng.standard_normal((16, 3, 12, 12)).astype(np.float32)
+    res = Int8(Int8Options(guard=False, max_drop=0, float_tail=float_tail)).run(
+        copy.deepcopy(m), PassContext(calibration=[{"x": x}]))
+    sigmoid = next(n for n in res.model.graph.node if n.op_type == "Sigmoid")
+    readers = [n.op_type for n in res.model.graph.node if sigmoid.output[0] in n.input]
+    assert (readers == ["QuantizeLinear"]) is (not float_tail)
+    assert float(np.abs(run(res.model, {"x": x[:4]})[0] - run(m, {"x": x[:4]})[0]).mean()) < 0.02
+
+
 @pytest.mark.parametrize("confirm_ratio", [0.5, 1.2])
 def test_guard_confirms_the_choice_over_a_longer_window(monkeypatch: pytest.MonkeyPatch, confirm_ratio: float) -> None:
     """Every trial is timed over 0.6 s; the chosen variant once more over

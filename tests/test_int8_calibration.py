@@ -127,6 +127,20 @@ def test_other_methods_and_ranges() -> None:
     assert lo == 0.0 and hi > 0  # one-sided range for non-negative tensors
 
 
+def test_kl_guard_swaps_in_the_mse_threshold_where_kl_clips_too_much() -> None:
+    """On a Student-t(2) tensor, KL's threshold clips the heavy tail where the expected
+    squared error is far above the least achievable: ``experimental.kl_guard`` (1.25, the
+    default) uses the MSE threshold there; 0 keeps KL's."""
+    x = np.random.default_rng(0).standard_t(2, 200_000).astype(np.float32)
+    h = _hist(x)
+    _, kl = tensor_range(h, "kl", kl_guard=0.0)
+    _, guarded = tensor_range(h, "kl", kl_guard=1.25)
+    _, mse = tensor_range(h, "mse")
+    assert guarded == mse and kl < guarded / 2
+    laplace = _hist(np.random.default_rng(0).laplace(size=200_000).astype(np.float32))
+    assert tensor_range(laplace, "kl", kl_guard=1.25) == tensor_range(laplace, "kl", kl_guard=0.0)  # KL fine there
+
+
 def test_collect_histograms_on_a_model() -> None:
     import onnxruntime as ort
 

@@ -169,7 +169,7 @@ def test_data_energy_weights_components_by_input() -> None:
 
 def test_sensitivity_budget_meets_macs_and_measures_every_layer() -> None:
     m = oc.load_model(FIXTURES / "resnet_block.onnx")
-    _, rep = oc.optimize(m, "lowrank:macs_ratio=0.9:sensitivity=true:refit=none", calibration=FIXTURES / "resnet_block_calib.npz",
+    _, rep = oc.optimize(m, "lowrank:macs_ratio=0.9:experimental.sensitivity=true:refit=none", calibration=FIXTURES / "resnet_block_calib.npz",
                          validation=False, latency=False)
     st = rep.passes[-1].stats
     split = [layer for layer in st["layers"] if layer["decision"] == "split"]
@@ -225,7 +225,7 @@ def test_whiten_lowers_output_error_and_stays_exact_at_full_rank() -> None:
     ref = np.concatenate([run(m, h)[0] for h in held])
     err = {}
     for whiten in (False, True):
-        out, rep = oc.optimize(m, f"lowrank:rank=4:min_saving=0:refit=none:whiten={str(whiten).lower()}",
+        out, rep = oc.optimize(m, f"lowrank:rank=4:min_saving=0:refit=none:experimental.whiten={str(whiten).lower()}",
                                calibration=calib, validation=False, latency=False)
         assert rep.passes[-1].stats["split"] == 1
         got = np.concatenate([run(out, h)[0] for h in held])
@@ -244,3 +244,41 @@ def test_whiten_auto_follows_the_macs_budget() -> None:
     assert whitens(LowRankOptions(macs_ratio=0.7)) and not whitens(LowRankOptions(energy=0.9))
     assert whitens(LowRankOptions(energy=0.9, whiten="true")) and not whitens(LowRankOptions(macs_ratio=0.7, whiten="false"))
     assert not whitens(LowRankOptions(macs_ratio=0.7, data_energy=True))
+
+
+def test_ridge_measure_and_sensitivity_samples_take_effect(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``experimental.ridge``: a ridge far above the data's scale shrinks the refit factor
+    toward zero, so the output is worse than with the default; ``measure=true`` times every
+    candidate split and says so in its reason; ``experimental.sensitivity_samples`` is the
+    number of samples the sensitivity measurement runs on."""
+    import onnxcompress.validate as validate_mod
+
+    cos = {}
+    for ridge in ("0.01", "10000"):
+        _, rep = oc.optimize(FIXTURES / "resnet_block.onnx", f"lowrank:rank=8:experimental.ridge={ridge}",
+                             calibration=FIXTURES / "resnet_block_calib.npz",
+                             validation=FIXTURES / "resnet_block_val.npz", latency=False,
+                             thresholds=oc.Thresholds(cosine=None, top1=None, rel_range=None))
+        cos[ridge] = rep.validation.outputs[0].metrics["cosine_mean"]
+    assert cos["0.01"] > cos["10000"] + 1e-3
+    reasons = {}
+    for measure in ("false", "true"):  # every split the MACs allow is timed, and kept only if faster
+        _, rep = oc.optimize(FIXTURES / "resnet_block.onnx", f"lowrank:rank=8:measure={measure}:refit=none",
+                             validation=False, latency=False)
+        reasons[measure] = [(layer["decision"], layer["reason"]) for layer in rep.passes[-1].stats["layers"]]
+    assert not any("measured" in r for _, r in reasons["false"])
+    timed = [r for _, r in reasons["true"] if "measured" in r]
+    assert len(timed) == sum(d == "split" for d, _ in reasons["false"]) > 0
+    assert all("measured" in r for d, r in reasons["true"] if d == "split")
+    seen: list[int] = []
+    real = validate_mod.OutputDamage
+
+    def counting(model, data, samples, *a, **kw):  # type: ignore[no-untyped-def]
+        seen.append(samples)
+        return real(model, data, samples, *a, **kw)
+
+    monkeypatch.setattr(validate_mod, "OutputDamage", counting)
+    oc.optimize(FIXTURES / "resnet_block.onnx",
+                "lowrank:macs_ratio=0.9:experimental.sensitivity=true:experimental.sensitivity_samples=3:refit=none",
+                calibration=FIXTURES / "resnet_block_calib.npz", validation=False, latency=False)
+    assert seen == [3]

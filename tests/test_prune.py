@@ -269,7 +269,7 @@ def test_sensitivity_weighs_every_group_once(monkeypatch: pytest.MonkeyPatch) ->
 
     monkeypatch.setattr(validate, "make_session", counting)
     calib = FIXTURES / "mobilenet_se_calib.npz"
-    _, rep = oc.optimize(FIXTURES / "mobilenet_se.onnx", "prune:macs_ratio=0.8:sensitivity=true", calibration=calib,
+    _, rep = oc.optimize(FIXTURES / "mobilenet_se.onnx", "prune:macs_ratio=0.8:experimental.sensitivity=true", calibration=calib,
                          validation=False, latency=False)
     st = rep.passes[-1].stats
     assert len(st["sensitivity"]) == st["prunable_groups"] > 1
@@ -278,10 +278,29 @@ def test_sensitivity_weighs_every_group_once(monkeypatch: pytest.MonkeyPatch) ->
     first = sum(lb.startswith("prune sensitivity") for lb in labels)
     assert first >= st["prunable_groups"]
     labels.clear()
-    _, rep = oc.optimize(FIXTURES / "mobilenet_se.onnx", "prune:macs_ratio=0.7:sensitivity=true", calibration=calib,
+    _, rep = oc.optimize(FIXTURES / "mobilenet_se.onnx", "prune:macs_ratio=0.7:experimental.sensitivity=true", calibration=calib,
                          validation=False, latency=False)
     assert sum(lb.startswith("prune sensitivity") for lb in labels) == 0
     assert rep.passes[-1].stats["sensitivity"] == st["sensitivity"]
+    labels.clear()  # measured on other samples: measured again
+    _, rep = oc.optimize(FIXTURES / "mobilenet_se.onnx",
+                         "prune:macs_ratio=0.7:experimental.sensitivity=true:experimental.sensitivity_samples=4",
+                         calibration=calib, validation=False, latency=False)
+    assert sum(lb.startswith("prune sensitivity") for lb in labels) >= st["prunable_groups"]
+
+
+def test_a_large_ridge_shrinks_the_refit() -> None:
+    """``experimental.ridge`` far above the data's scale pulls the refit weights toward zero:
+    the pruned model agrees less with the original than with the default ridge."""
+    cos = {}
+    for ridge in ("0.01", "10000"):
+        _, rep = oc.optimize(FIXTURES / "resnet_block.onnx", f"prune:ratio=0.3:experimental.ridge={ridge}",
+                             calibration=FIXTURES / "resnet_block_calib.npz",
+                             validation=FIXTURES / "resnet_block_val.npz", latency=False,
+                             thresholds=oc.Thresholds(cosine=None, top1=None, rel_range=None))
+        assert rep.passes[-1].stats["recovery"] == "lstsq"
+        cos[ridge] = rep.validation.outputs[0].metrics["cosine_mean"]
+    assert cos["0.01"] > cos["10000"] + 1e-3
 
 
 @pytest.mark.parametrize("kind", ["dense", "bias"])

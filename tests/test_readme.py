@@ -4,6 +4,7 @@ folder holding the repository's fixtures (the quick-start commands themselves ru
 
 from __future__ import annotations
 
+import importlib.util
 import re
 import shlex
 import subprocess
@@ -59,3 +60,17 @@ def test_python_api_example_runs_as_written(workdir: Path) -> None:
     assert len(printed) == 3
     assert printed[1].startswith("True ")  # the fixed pipeline validated within its tolerance
     assert float(printed[1].split()[1]) < 0.9  # and removed MACs
+
+
+def test_pass_pages_list_the_options_the_code_has() -> None:
+    """docs/passes/<pass>.md carries its options table as docs/options.py writes it from
+    the options dataclasses (rerun that script after changing an option)."""
+    spec = importlib.util.spec_from_file_location("docs_options", FIXTURES.parent / "docs" / "options.py")
+    assert spec and spec.loader
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    from onnxcompress.registry import REGISTRY
+
+    for name in REGISTRY:
+        page = FIXTURES.parent / "docs" / "passes" / f"{name}.md"
+        assert page.read_text() == mod.render(page, name), f"{page} is stale: run python docs/options.py"

@@ -388,3 +388,101 @@ def test_a_result_slower_than_the_model_as_given_is_not_the_answer(monkeypatch: 
     monkeypatch.setattr(api_mod, "measure_latency", lambda models, *a, **k: next(timings))
     _, rep4 = oc.optimize(given, "canonicalize,fuse", calibration=[{"x": calib()}])
     assert rep4.fallback and "0.950× and 0.990×" in rep4.fallback
+
+
+def test_holdout_refit_elements_and_large_input_ms_set_the_search_up(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``holdout``: the fraction of the calibration samples judged and not fitted on;
+    ``refit_elements``: prune and lowrank refit on that many input values' worth of
+    samples (at least 8); ``large_input_ms``: inputs slower than that at batch 1 are timed
+    at batch 1 only."""
+    import onnxcompress.search as search_mod
+
+    bare = dict(prune_levels=(), lowrank_levels=(), int8=False)
+    x = [{"x": calib()}]  # 64 samples of 3·48·48 = 6912 values
+    _, rep = oc.optimize(wide_model(), calibration=x, latency=False,
+                         search=SearchOptions(holdout=0.5, refit_elements=10 * 6912, **bare))
+    assert rep.search.samples == 32 and rep.search.fit_samples == 32 and rep.search.refit_samples == 10
+    _, rep = oc.optimize(wide_model(), calibration=x, latency=False, search=SearchOptions(refit_elements=1, **bare))
+    assert rep.search.samples == 16 and rep.search.refit_samples == 8
+    real = search_mod.measure_latency
+    monkeypatch.setattr(search_mod, "measure_latency",  # one batch-1 run takes 30 ms
+                        lambda models, feeds, **kw: [30.0] if len(models) == 1 else real(models, feeds, **kw))
+    for limit, batches in ((20.0, [1]), (50.0, [1, 8])):
+        _, rep = oc.optimize(wide_model(), calibration=x, latency=False,
+                             search=SearchOptions(large_input_ms=limit, **bare))
+        assert rep.search.batches == batches
+
+
+def _staged_ratios(monkeypatch: pytest.MonkeyPatch, ratios: dict[str, float]) -> None:
+    """Time every trial by its stage: ``ratios[stage]`` against the model as given, and
+    the ratio of the two stages' figures against a start model."""
+    import onnxcompress.search as search_mod
+
+    def by_stage(self, ref, model, ref_label, trial):  # type: ignore[no-untyped-def]
+        r = ratios.get(trial.stage, 1.0) if trial.stage != "prune" else ratios["prune"] - 0.1 * len(
+            [t for t in self.trials if t.stage == "prune" and t.index < trial.index])
+        return {b: r for b in self.feeds}
+
+    monkeypatch.setattr(search_mod.Search, "_ratios", by_stage)
+
+
+@pytest.mark.parametrize("starts", [1, 2])
+def test_int8_starts_bounds_the_structural_results_int8_is_tried_on(monkeypatch: pytest.MonkeyPatch,
+                                                                    starts: int) -> None:
+    """Two accepted prune levels; int8 (a stand-in, timed at the probe's 0.5 on every
+    start) never beats the probe, so the search tries the next start, up to
+    ``int8_starts`` of them."""
+    import onnxcompress.passes.int8 as int8_mod
+
+    calls: list[Any] = []
+    monkeypatch.setattr(int8_mod, "Int8", stand_in("int8", int8_mod.Int8Options, lambda o: 0.0005, calls,
+                                                   lambda o: {"accuracy": {"met": True, "float_prefix": 0}}))
+    _staged_ratios(monkeypatch, {"int8": 0.5, "prune": 0.8})
+    opts = SearchOptions(prune_levels=(0.9, 0.8), lowrank_levels=(), int8_starts=starts, time_budget=300)
+    _, rep = oc.optimize(wide_model(), calibration=[{"x": calib()}], search=opts, latency=False)
+    on_starts = [t for t in rep.search.trials if t.stage == "int8" and " on #" in t.setting]
+    assert sum(t.stage == "prune" and t.accepted for t in rep.search.trials) == 2
+    assert len(on_starts) == starts
+
+
+@pytest.mark.parametrize("reserve,prune_ok", [(0.0, True), (2.5, False), (1000.0, None)])
+def test_int8_reserve_holds_back_budget_from_the_structural_stages(monkeypatch: pytest.MonkeyPatch,
+                                                                   reserve: float, prune_ok: bool | None) -> None:
+    """An int8 probe within budget (usage 0.3): the structural stages keep
+    ``int8_reserve`` × 0.3 of the budget free. With no reserve a prune level at usage 0.5
+    fits; with 2.5 × 0.3 = 0.75 reserved it does not, and says so; with the whole budget
+    reserved the structural stages do not run."""
+    import onnxcompress.passes.int8 as int8_mod
+    import onnxcompress.passes.prune as prune_mod
+
+    monkeypatch.setattr(int8_mod, "Int8", stand_in("int8", int8_mod.Int8Options, lambda o: 0.003, [],
+                                                   lambda o: {"accuracy": {"met": True, "float_prefix": 0}}))
+    monkeypatch.setattr(prune_mod, "Prune", stand_in("prune", prune_mod.PruneOptions, lambda o: 0.005, [], seed=3))
+    _staged_ratios(monkeypatch, {"int8": 0.5, "prune": 0.8})
+    opts = SearchOptions(prune_levels=(0.9,), lowrank_levels=(), int8_reserve=reserve, int8_starts=1, time_budget=300)
+    _, rep = oc.optimize(wide_model(), calibration=[{"x": calib()}], search=opts,
+                         thresholds={None: Thresholds(cosine=0.99)}, latency=False)
+    prune = next((t for t in rep.search.trials if t.stage == "prune"), None)
+    if prune_ok is None:
+        assert prune is None
+        return
+    assert prune is not None and prune.within_budget is prune_ok, prune.reason
+    if not prune_ok:
+        assert "reserved for int8" in prune.reason
+
+
+@pytest.mark.parametrize("below,tries", [(4.0, 2), (1.0, 1)])
+def test_int8_retry_below_is_how_far_over_budget_a_retry_is_worth(monkeypatch: pytest.MonkeyPatch, below: float,
+                                                                   tries: int) -> None:
+    """The probe is over budget held out by 1.5×: retried under the default
+    ``int8_retry_below`` (4), not where it is 1."""
+    import onnxcompress.passes.int8 as int8_mod
+
+    calls: list[Any] = []
+    monkeypatch.setattr(int8_mod, "Int8", stand_in(
+        "int8", int8_mod.Int8Options, lambda o: 0.015 if o.min_float_prefix == 0 else 0.005, calls,
+        lambda o: {"accuracy": {"met": True, "float_prefix": o.min_float_prefix}}))
+    opts = SearchOptions(prune_levels=(), lowrank_levels=(), int8_retry_below=below, time_budget=300)
+    _, rep = oc.optimize(wide_model(), calibration=[{"x": calib()}], search=opts,
+                         thresholds={None: Thresholds(cosine=0.99)}, latency=False)
+    assert len([t for t in rep.search.trials if t.stage == "int8"]) == tries

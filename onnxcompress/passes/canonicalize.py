@@ -46,12 +46,12 @@ FUSION_CHECK_BYTES = 512 * 2**20
 
 @dataclass(frozen=True)
 class CanonicalizeOptions:
-    constants: bool = field(default=True, metadata={"help": "turn Constant nodes into initializers"})
-    identities: bool = field(default=True, metadata={"help": "remove Identity nodes"})
+    constants: bool = field(default=True, metadata={"experimental": True, "help": "turn Constant nodes into initializers"})
+    identities: bool = field(default=True, metadata={"experimental": True, "help": "remove Identity nodes"})
     fold: bool = field(default=True, metadata={"help": "evaluate constant subgraphs into initializers"})
-    dedupe: bool = field(default=True, metadata={"help": "merge identical initializers"})
-    dead_code: bool = field(default=True, metadata={"help": "drop dead nodes and unused initializers"})
-    weight_inputs: bool = field(default=True, metadata={"help": "drop graph inputs that only expose initializers (IR >= 4)"})
+    dedupe: bool = field(default=True, metadata={"experimental": True, "help": "merge identical initializers"})
+    dead_code: bool = field(default=True, metadata={"experimental": True, "help": "drop dead nodes and unused initializers"})
+    weight_inputs: bool = field(default=True, metadata={"experimental": True, "help": "drop graph inputs that only expose initializers (IR >= 4)"})
     infer_shapes: bool = field(default=True, metadata={"help": "infer shapes into value_info"})
 
 

@@ -14,54 +14,46 @@ with the division on the Clip. Each such chain becomes ``HardSwish(x)`` (opset �
 
     relu6(x + 3)/6 = clip(x + 3, 0, 6)/6 = clip(x/6 + ½, 0, 1) = hardsigmoid(x).
 
-Only rounding changes: one rounding per activation instead of three or four. On the
-shared models the output moves by at most about as much as onnxruntime's own graph
-optimizations move the original (text_det: 1.2e-4 vs 1.1e-4 of the output range). The
-pass counts as exact, validated against a rounding tolerance of 1e-2 of the output range
-instead of canonicalize's 1e-4: on random inputs text_det's output is a saturated
-sigmoid of range 1e-4, and rounding moved it by 1.4e-3 of that.
+Only rounding changes: one rounding per activation instead of three or four, so the
+output moves by about as much as onnxruntime's own graph optimizations move the
+original. The pass counts as exact, validated against a rounding tolerance of 1e-2 of
+the output range instead of canonicalize's 1e-4: where an output is nearly constant (a
+saturated sigmoid on random inputs), rounding alone is a visible fraction of its range.
 
 Why it pays: onnxruntime's CPU kernels run convolutions in a blocked channel layout
 (NCHWc) and reorder tensors in and out of it around operators that do not support it,
 such as Div. A spelled-out hard-swish after every block thus costs two reorders plus four
-elementwise passes. Measured at 2 threads: textline_cls (18 hard-swishes) 0.62× the
-latency at batch 8, text_det (24) 0.93× at batch 1.
+elementwise passes. The measured gains of each rule: docs/passes/fuse.md.
 
 A chain is fused only when its inner tensors have no other reader and are not graph
 outputs.
 
 Affine folding (``affine``): ``Conv(x) · a + b`` with constants a, b that are scalars or
-vary only along the output channel — BatchNormalization exported as Mul/Add, PP-LCNetV3's
-learnable affine blocks — becomes one Conv with ``W'_c = a_c W_c``, ``b'_c = a_c b_c + b_c``
+vary only along the output channel — BatchNormalization exported as Mul/Add, learnable
+affine blocks — becomes one Conv with ``W'_c = a_c W_c``, ``b'_c = a_c b_c + b_c``
 (:func:`onnxcompress.passes.int8.prepare.fold_affine`, which int8 runs too), again exact
 up to rounding. onnxruntime does not fold a scalar Mul/Add into the Conv itself and
-reorders out of its blocked layout for each: text_det (56 such Mul/Add) ran 0.85× as
-long with them folded, after the hard-swish fusion. The same block after an activation,
+reorders out of its blocked layout for each. The same block after an activation,
 ``y = a·h + b`` read only by Convs that pad nothing (1×1), goes into those Convs:
 ``W'[o, c] = a_c·W[o, c]``, ``b'_o = b_o + Σ_{c,…} W[o, c, …]·b_c``
 (:func:`~onnxcompress.passes.int8.prepare.fold_affine_forward`; a padded Conv pads y
-with zeros, not with b, so it is left alone): 20 more Mul/Add in text_det, 0.91–0.93×
-the latency at batch 1 on top of the folding above. ConvTranspose takes its bias Add and
-a BatchNormalization after it too (onnxruntime folds BatchNormalization into Conv only):
-text_det's DB head, 0.96× at batch 8 and within timing noise at batch 1.
+with zeros, not with b, so it is left alone). ConvTranspose takes its bias Add and
+a BatchNormalization after it too (onnxruntime folds BatchNormalization into Conv only).
 
 Where neither fold applies — a scale/shift after a Conv's activation read by a padded
-Conv (PP-LCNetV3's learnable affine blocks before its depthwise 3×3/5×5 convs) —
+Conv (learnable affine blocks before depthwise 3×3/5×5 convs) —
 ``y = a·h + b`` becomes a depthwise 1×1 Conv, ``W[c] = a_c``, ``bias[c] = b_c``,
 ``group = C`` (``affine_depthwise``;
 :func:`~onnxcompress.passes.int8.prepare.affine_to_depthwise`): the same product and
 sum per value, but onnxruntime runs a Conv in its blocked layout where a Mul/Add costs a
-reorder out and back. text_det's 14 such blocks (28 Mul/Add): 0.88–0.90× the latency
-at batch 1 and 8 on top of the rewrites above. Only after a Conv or its activation (a
+reorder out and back. Only after a Conv or its activation (a
 tensor already in the blocked layout) and on 4-D tensors with spatial extent.
 
 Gated residuals (``gate_residual``): ``x + x·g`` with a gate g of one value per channel
-([N, C, 1, …], e.g. the hard-sigmoid of a squeeze-excite branch; PP-OCRv4's RSE-FPN writes
-its residual SE blocks so) becomes ``x·(g + 1)``, exact up to rounding: the full-size Add
+([N, C, 1, …], e.g. the hard-sigmoid of a squeeze-excite branch in a residual SE block)
+becomes ``x·(g + 1)``, exact up to rounding: the full-size Add
 is gone and the + 1 runs on the N·C gate values. A full-size Add costs onnxruntime its
-blocked layout like any elementwise op on both sides of a broadcast Mul; text_det (8 such
-blocks) ran 0.97× as long at batch 1 (three timings: 0.964–0.977) on top of the fusions
-above. Only where the Mul's output has no other reader and is not a graph output.
+blocked layout like any elementwise op on both sides of a broadcast Mul. Only where the Mul's output has no other reader and is not a graph output.
 
 Focus layers (``space_to_depth``): YOLOv5 (before v6) and YOLOX start with
 ``Concat(x[..., ::2, ::2], x[..., 1::2, ::2], x[..., ::2, 1::2], x[..., 1::2, 1::2])``
@@ -73,11 +65,8 @@ sub-grid starting at row a, column b supplies kernel rows 2i + a and columns 2j 
 Concat (derivation at :func:`fuse_space_to_depth`). Where a reader of the Concat is not
 such a Conv (dilated, ``auto_pad``), ``SpaceToDepth(x, 2)`` makes the same four
 sub-grids, as channel (2a + b)·C + c, and the Convs' weight input channels are reordered
-to match. Both exact: the same products and sums in another order. captcha_det, fp32, in
-paired timings against the original: 0.93–0.95× into the Conv, 0.975–1.0× as
-SpaceToDepth (0.4 ms of the 37 ms; the stem Conv went from 1.74 ms on the 12 channels to
-1.42 ms on the 6×6 kernel). With the first 2/16 of its nodes float and the rest int8,
-0.52–0.55× of the original against 0.54–0.57× with SpaceToDepth.
+to match. Both exact: the same products and sums in another order; folding into the
+Conv saves the most (one strided pass fewer).
 """
 
 from __future__ import annotations
@@ -108,15 +97,15 @@ class FuseOptions:
     affine: bool = field(default=True, metadata={
         "help": "fold a constant scale/shift (per channel or scalar) into the Conv/ConvTranspose before it "
                 "(and a BatchNormalization into a ConvTranspose), or into the unpadded Convs after it"})
-    affine_depthwise: bool = field(default=True, metadata={
+    affine_depthwise: bool = field(default=True, metadata={"experimental": True,
         "help": "a constant scale/shift after a Conv's activation that cannot be folded (padded readers) becomes "
                 "a depthwise 1x1 Conv, which onnxruntime runs in its blocked layout"})
-    gate_residual: bool = field(default=True, metadata={
+    gate_residual: bool = field(default=True, metadata={"experimental": True,
         "help": "x + x·g with a per-channel gate g ([N, C, 1, 1]) → x·(g + 1): one full-size Add fewer"})
     space_to_depth: bool = field(default=True, metadata={
         "help": "a Focus layer (four stride-2 Slices of x, Concat, Conv) → SpaceToDepth(x) and the Conv with its "
                 "input channels reordered"})
-    focus_conv: bool = field(default=True, metadata={
+    focus_conv: bool = field(default=True, metadata={"experimental": True,
         "help": "with space_to_depth: a Focus layer read only by Convs with explicit padding and dilation 1 goes "
                 "into them instead, a k×k Conv becoming a 2k×2k Conv at twice the stride on x"})
 

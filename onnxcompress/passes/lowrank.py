@@ -22,8 +22,7 @@ holds, so layers whose split costs more than the budget needs stay whole. ``whit
 (default with data and ``macs_ratio``): with Σ = L·Lᵀ the second moment of the layer's
 (C·Kh) input column patches, the SVD of Lᵀ·M gives M_r = L⁻ᵀ·SVD_r(Lᵀ·M), the minimiser
 of E‖(M − M_r)ᵀx‖² (cross-column terms ignored) where the plain SVD minimises ‖M − M_r‖_F
-as if every input direction were equally likely (text_det at 0.65 of the MACs: eval
-cosine 0.9865 → 0.9925). Ranks are rounded up to multiples of ``round_to``. A layer is
+as if every input direction were equally likely. Ranks are rounded up to multiples of ``round_to``. A layer is
 split only where the chain costs ``r·(C·Kh·H_out·W_in + N·Kw·H_out·W_out)`` MACs, at
 least ``min_saving`` less than the original ``N·C·Kh·Kw·H_out·W_out``; with
 ``measure=true`` only where onnxruntime runs the chain faster than the original conv.
@@ -62,22 +61,20 @@ class LowRankOptions:
     measure: bool = field(default=False, metadata={"help": "time original and split conv; keep the split only if faster"})
     refit: Literal["auto", "none", "lstsq"] = field(default="auto", metadata={
         "help": "auto = least-squares refit of the second factor when calibration data is given"})
-    ridge: float = field(default=1e-4, metadata={"help": "refit ridge, relative to the mean diagonal"})
-    positions: int = field(default=256, metadata={"help": "sampled output positions per image for the refit"})
-    sensitivity: bool = field(default=True, metadata={
+    ridge: float = field(default=1e-4, metadata={"experimental": True, "help": "refit ridge, relative to the mean diagonal"})
+    positions: int = field(default=256, metadata={"experimental": True, "help": "sampled output positions per image for the refit"})
+    sensitivity: bool = field(default=True, metadata={"experimental": True,
         "help": "with macs_ratio and calibration data: allocate ranks, and which layers to split at all, by the "
                 "measured output error of splitting each layer alone (a few ranks per layer) instead of by "
                 "weight energy"})
-    sensitivity_samples: int = field(default=8, metadata={"help": "calibration samples used to measure sensitivity"})
-    data_energy: bool = field(default=False, metadata={
+    sensitivity_samples: int = field(default=8, metadata={"experimental": True, "help": "calibration samples used to measure sensitivity"})
+    data_energy: bool = field(default=False, metadata={"experimental": True,
         "help": "with calibration data, weigh each plain-SVD component by the input energy it sees (instead of "
                 "whiten)"})
-    whiten: Literal["auto", "true", "false"] = field(default="auto", metadata={
+    whiten: Literal["auto", "true", "false"] = field(default="auto", metadata={"experimental": True,
         "help": "with calibration data, choose each layer's subspace by the SVD of Lᵀ·M (Σ = L·Lᵀ the second "
                 "moment of the layer's input patches) instead of M: the rank-r optimum of the output error; "
                 "auto = with macs_ratio (data_energy=true turns it off)"})
-    refit_scope: Literal["split", "all"] = field(default="split", metadata={
-        "help": "refit only the split layers, or every layer after them too (slower, corrects accumulated error)"})
 
     def check(self) -> None:
         if self.rank < 0 or self.round_to < 1:
@@ -270,7 +267,7 @@ class LowRank(Pass):
 
             counts = sequential_refit(original, model, ctx.calibration, provider=ctx.provider, seed=ctx.seed,
                                       ridge=opts.ridge, positions=opts.positions, progress=ctx.progress,
-                                      only={c.node.output[0] for c in split} if opts.refit_scope == "split" else None)
+                                      only={c.node.output[0] for c in split})
             stats["refit_counts"] = counts
         model, _ = infer_shapes(model)
         return PassResult(model, True, stats)
@@ -288,9 +285,8 @@ class LowRank(Pass):
     @staticmethod
     def _whitens(opts: LowRankOptions) -> bool:
         """auto: with a MACs budget, where ranks are allocated by the output error they
-        measure (text_det at 0.65: eval cosine 0.9865 → 0.9925); not at a fixed energy,
-        where the least-squares refit already adapts the plain split to the data and did
-        better (text_det at energy 0.9: 0.9986 plain, 0.9978 whitened)."""
+        measure; not at a fixed energy, where the least-squares refit already adapts the
+        plain split to the data and did as well or better (docs/passes/lowrank.md)."""
         if opts.data_energy or opts.whiten == "false":
             return False
         return opts.whiten == "true" or bool(opts.macs_ratio)

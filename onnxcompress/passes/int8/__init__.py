@@ -27,39 +27,34 @@ an accuracy control and a latency guard.
    (``float_tail``, :func:`qdq.tail_nodes`).
 4. **Head correction** (``head_correction``, on): the last quantized Conv/Gemm before
    each output gets its bias shifted by minus its total mean error per channel on the
-   check samples (upstream error included — nothing downstream absorbs it). On
-   captcha_det the objectness logits of true detections sat 0.34 too low on average.
-   Kept only if agreement does not get worse.
+   check samples (upstream error included — nothing downstream absorbs it): a detector's
+   objectness logits otherwise sit systematically low or high. Kept only if agreement does not get worse.
    **Bias correction** (``bias_correction``): each quantized Conv/Gemm's bias is shifted
    by minus the mean error per output channel its own quantized weights and bias add
    (against a float twin reading the same dequantized input, on the check samples;
    the empirical correction of Nagel et al. 2019). Kept only if agreement does not get
-   worse: on text_det it helped (cosine 0.975 → 0.977 on the check samples), on
-   captcha_det it hurt (0.9975 → 0.972, almost all from the first Conv, whose uncentred
-   0–255 input turns tiny weight errors into a large mean shift) and is dropped there.
-   Correcting each layer's total error (upstream included) at once over-corrects (0.77).
+   worse: it helps some models and hurts others (a first Conv on an uncentred 0–255
+   input turns tiny weight errors into a large mean shift). Correcting each layer's total
+   error (upstream included) at once over-corrects.
 5. **Accuracy control** (``max_drop``): agreement with the float model on held-out
    calibration samples, ``1 − min over outputs of the mean per-sample cosine`` and
    ``1 −`` top-1 agreement for class scores, and with ``columns`` (on) ``1 −`` the worst
-   cosine of a feature table's single column over all samples (see :func:`agreement`: on
-   captcha_det the table's cosine was 0.9985 on the eval set with its objectness column
-   at 0.975 as a per-image mean, and 8% of the detections were lost). If it exceeds
+   cosine of a feature table's single column over all samples (see :func:`agreement`: one
+   cosine over a detection table hides a lost objectness column). If it exceeds
    ``max_drop`` the other range methods are tried on the same histograms; then the first
-   1/16, 2/16, … of the quantized nodes in graph order go float (error made early is amplified by every later
-   layer: on text_det the first ~35% float lifts eval IoU from 0.91 to 0.96), each cut
+   1/16, 2/16, … of the quantized nodes in graph order go float (error made early is
+   amplified by every later layer), each cut
    moved by up to half a sixteenth to where the fewest tensors cross (:func:`prefix_cuts`),
    each prefix kept only if agreement improves (at least ``min_float_prefix`` of them
    float regardless); then, from the best prefix, the Q/DQ pairs that bury
    the most signal (mean over channels of min(1, (s²/12)/E[x_c²]), from per-channel mean squares
    kept during calibration) are taken out — their producers and readers go float — a
    chunk (1/32 of them) at a time, greedily: a chunk stays float only if agreement
-   improves (moving a float boundary can make it worse: on text_det, floating the top
-   28 tensors at once dropped cosine from 0.975 to 0.88), until the drop holds,
-   ``float_steps`` chunks were tried, or ``max_float`` of the quantized nodes are float.
+   improves (moving a float boundary can make it worse), until the drop holds,
+   ``FLOAT_STEPS`` (12) chunks were tried, or ``max_float`` of the quantized nodes are float.
    Where the float set holds agreement within half of ``max_drop`` (a prefix that
    overshot), its graph-order sixteenths return to int8 one at a time, the most MACs
-   first, each kept while agreement holds (``unfloat``; fused text_det: 168 → 60 float
-   nodes, drop 0.0003 → 0.0065 at ``max_drop=0.01``).
+   first, each kept while agreement holds (``unfloat``).
 6. **Latency guard** (``guard``): fp32 and int8 timed in one process (ABBA blocks,
    medians). The usual culprits are tried in float one group at a time, each kept only
    if it makes int8 at least ``guard_margin`` faster: depthwise convs (onnxruntime's
@@ -74,10 +69,8 @@ an accuracy control and a latency guard.
    used is in the report. Before the float variants, one that quantizes *more* is
    tried: Concats whose inputs' ranges differ by more than ``concat_spread`` (4) but at
    most ``guard_concat_spread`` (16), with their readers, under one shared scale. Kept
-   like the others, only if faster and within the drop limit: text_det's head conv
-   (96 → 24, 3×3 at a quarter of the input resolution, 11% of its fp32 time) reads a
-   Concat of ranges 841 to 4560 wide; quantized, the int8 model ran 0.82× instead of 0.87×
-   of fp32 at the same eval cosine (0.9992).
+   like the others, only if faster and within the drop limit: a heavy conv after an FPN
+   Concat otherwise stays float.
 """
 
 from __future__ import annotations
@@ -122,7 +115,7 @@ class Int8Options:
     method: Literal["kl", "minmax", "percentile", "mse"] = field(default="kl", metadata={
         "help": "activation range: kl (TensorRT entropy, 2048 bins), minmax, percentile, mse"})
     percentile: float = field(default=99.99, metadata={"help": "percentile of |x| for method=percentile"})
-    kl_guard: float = field(default=1.25, metadata={
+    kl_guard: float = field(default=1.25, metadata={"experimental": True,
         "help": "kl: use the MSE threshold where KL's expected error exceeds this × the least (0 = pure KL)"})
     activations: Literal["uint8", "int8"] = field(default="uint8", metadata={
         "help": "uint8 asymmetric (onnxruntime CPU fast path) or int8 symmetric (TensorRT)"})
@@ -135,49 +128,46 @@ class Int8Options:
         "help": "largest allowed drop of agreement with the float model on calibration samples (0 = off)"})
     max_float: float = field(default=0.5, metadata={
         "help": "accuracy control returns at most this fraction of the quantized nodes to float"})
-    unfloat: bool = field(default=True, metadata={
+    unfloat: bool = field(default=True, metadata={"experimental": True,
         "help": "accuracy control: when the float set holds agreement within half of max_drop, return its "
                 "graph-order sixteenths to int8 (most MACs first) while agreement holds"})
-    min_float_prefix: int = field(default=0, metadata={
+    min_float_prefix: int = field(default=0, metadata={"experimental": True,
         "help": "accuracy control: float at least this many of its prefix cuts, even where agreement already "
                 "holds (the default pipeline raises it when held-out samples reject a result)"})
-    float_steps: int = field(default=12, metadata={
-        "help": "accuracy control: most chunks of Q/DQ pairs tried in float (each costs one evaluation)"})
     check_samples: int = field(default=32, metadata={
         "help": "first calibration samples the accuracy check (and bias correction, guard timing) runs on"})
     samples: int = field(default=0, metadata={"help": "calibration samples used for ranges (0 = all)"})
-    head_correction: bool = field(default=True, metadata={
+    head_correction: bool = field(default=True, metadata={"experimental": True,
         "help": "shift the bias of the last quantized Conv/Gemm before each output by its mean total error"})
-    bias_correction: bool = field(default=True, metadata={
+    bias_correction: bool = field(default=True, metadata={"experimental": True,
         "help": "shift each quantized Conv/Gemm bias by the mean error its own quantization adds (kept only if "
                 "agreement does not get worse)"})
-    refit: bool = field(default=False, metadata={
+    refit: bool = field(default=False, metadata={"experimental": True,
         "help": "last step: refit each int8 Conv, in graph order, to the float model's output from the input the "
                 "int8 model gives it (least squares on the check samples; kept only if agreement improves)"})
     guard: bool = field(default=True, metadata={"help": "time fp32 vs int8 and never return a slower model"})
     guard_batches: str = field(default="1,8", metadata={
         "help": "comma-separated batch sizes the guard times; int8 must be faster at every one "
                 "(a model with a fixed batch dimension is timed at that size only)"})
-    guard_trials: int = field(default=6, metadata={"help": "most region-removal timings the guard tries"})
-    guard_confirm_seconds: float = field(default=2.0, metadata={
+    guard_confirm_seconds: float = field(default=2.0, metadata={"experimental": True,
         "help": "the chosen int8 variant is timed once more against fp32 for at least this long per batch size "
                 "(each trial before it: 0.6 s), and the worse of its two ratios decides"})
-    guard_margin: float = field(default=0.03, metadata={
+    guard_margin: float = field(default=0.03, metadata={"experimental": True,
         "help": "int8 must be at least this fraction faster than fp32 to be kept (timing noise)"})
-    float_tail: bool = field(default=True, metadata={
+    float_tail: bool = field(default=True, metadata={"experimental": True,
         "help": "keep float the nodes after the last Conv/Gemm/MatMul (on the way to the outputs)"})
     gptq: bool = field(default=True, metadata={
         "help": "round each layer's int8 weights by GPTQ on its input statistics (check samples) instead of nearest"})
-    through: bool = field(default=True, metadata={
+    through: bool = field(default=True, metadata={"experimental": True,
         "help": "a tensor read only by SiLU/HardSwish gets its low end from the error after the activation"})
-    decompose: bool = field(default=True, metadata={
+    decompose: bool = field(default=True, metadata={"experimental": True,
         "help": "rewrite HardSigmoid/HardSwish as Mul/Add/Clip so int8 regions do not break at them"})
-    columns: bool = field(default=True, metadata={
+    columns: bool = field(default=True, metadata={"experimental": True,
         "help": "feature-table outputs ([N, rows, F]: boxes, objectness, scores): max_drop also holds each "
                 "column's mean cosine"})
-    concat_spread: float = field(default=4.0, metadata={
+    concat_spread: float = field(default=4.0, metadata={"experimental": True,
         "help": "keep a Concat float when its inputs' range widths differ by more than this factor"})
-    guard_concat_spread: float = field(default=16.0, metadata={
+    guard_concat_spread: float = field(default=16.0, metadata={"experimental": True,
         "help": "the latency guard first tries quantizing the Concats (and their readers) whose inputs' range "
                 "widths differ by up to this factor; kept if faster by guard_margin and its drop stays within "
                 "max(max_drop, the drop before the guard) (0 = off)"})
@@ -188,6 +178,8 @@ class Int8Options:
 PREFIX_LEVELS = 16  #: the accuracy control tries floating the first 1/16, 2/16, … of the nodes
 UNFLOAT_SLACK = 0.5  #: the float set is thinned only when agreement is within this fraction of max_drop
 GUARD_TRIAL_SECONDS = 0.6  #: the latency guard times each variant at least this long per batch size
+GUARD_TRIALS = 6  #: most float-region variants the latency guard times
+FLOAT_STEPS = 12  #: most chunks of Q/DQ pairs the accuracy control tries in float (one evaluation each)
 
 
 def nodes_of_names(names: Iterable[str], p: qdq.Plan) -> set[str]:
@@ -204,9 +196,7 @@ def prefix_cuts(g: onnx.GraphProto, order: list[str], p: qdq.Plan, levels: int =
     half a sixteenth to where the fewest tensors cross from the prefix to quantized nodes
     after it (nearest first), never before the previous cut. A ragged cut costs a
     Q/DQ and a layout change per crossing tensor and leaves residual Adds float beside
-    int8 branches: on captcha_det the ragged 2/16 prefix (about 32 nodes, through Conv_70) ran 6–9% slower
-    than one-tensor cuts 9–12 nodes before it (float through Concat_60 or Conv_61's
-    SiLU)."""
+    int8 branches, which runs measurably slower than a one-tensor cut a few nodes away."""
     n = len(order)
     pos = {name: i for i, name in enumerate(order)}
     pos.update({f: pos[src] for f, src in p.fused.items() if src in pos})
@@ -692,9 +682,8 @@ class Int8(Pass):
            moved to where few tensors cross (:func:`prefix_cuts`), within ``max_float``,
            until one holds ``max_drop``; at least ``min_float_prefix`` of them (kept even if
            agreement is no better: held-out samples rejected fewer). Rounding error made early is
-           amplified by every layer after it: on text_det, floating the first 35% of the
-           nodes lifts eval cosine from 0.963 to 0.987 (IoU 0.908 to 0.957) at 0.77× fp32
-           latency, where no choice of single tensors came close.
+           amplified by every layer after it, and no choice of single tensors comes as
+           close as a float prefix.
         2. Then, from the best prefix, the Q/DQ pairs that bury the most signal, a chunk at
            a time. A tensor's damage is the mean over its channels of
            min(1, (s²/12) / E[x_c²]): per-tensor scales wipe out the small channels of a
@@ -760,7 +749,7 @@ class Int8(Pass):
                 best, best_rung = (q2, p2, acc2, trial), rung
         # 2. greedy, a chunk of tensors at a time in ranked order
         chunk = max(1, len(ranked) // 32)
-        for i in range(0, min(len(ranked), chunk * opts.float_steps), chunk):
+        for i in range(0, min(len(ranked), chunk * FLOAT_STEPS), chunk):
             if best[2]["drop"] <= opts.max_drop:
                 break
             trial = best[3] | nodes_of(ranked[i : i + chunk])
@@ -832,7 +821,7 @@ class Int8(Pass):
         """Time int8 against fp32; try the usual culprits in float; keep a variant only if it
         is faster by ``guard_margin`` and its agreement drop stays within
         max(``max_drop``, the drop before the guard) — moving a float boundary can cost
-        accuracy (text_det: cosine 0.98 → 0.92 with its elementwise-only regions float)."""
+        accuracy."""
         from ...validate import measure_latency
 
         drop_limit = max(opts.max_drop, drop_now) + 1e-4 if opts.max_drop > 0 else None
@@ -907,7 +896,7 @@ class Int8(Pass):
         if best_ratio >= 1.0 - opts.guard_margin:
             _, p_now = best
             regs = sorted(self._regions(state, p_now), key=len)
-            for reg in regs[: opts.guard_trials]:
+            for reg in regs[:GUARD_TRIALS]:
                 q2, p2 = self._build(state, opts, method, floated, drop | reg, spread)
                 if not any(nodes[x].op_type in qdq.COMPUTE for x in p2.nodes):
                     continue  # nothing heavy left in int8: that is the float model
@@ -915,10 +904,8 @@ class Int8(Pass):
                 if r < best_ratio * (1.0 - opts.guard_margin) and accurate(q2, f"region of {len(reg)} nodes float"):
                     best_ratio, best, drop = r, (q2, p2), drop | reg
         if best_ratio < 1.0 - opts.guard_margin:
-            # the best of several noisy timings is optimistic (textline_cls: chosen at 0.957×,
-            # then 1.21× at batch 8 in the benchmark): time the choice again, over a longer
-            # window (doc_orientation, 2.4 ms at batch 1: a fluke timed it 0.65× over 0.6 s,
-            # the benchmark 1.23×), and keep the worse
+            # the best of several noisy timings is optimistic: time the choice again, over
+            # a longer window, and keep the worse
             best_ratio = max(best_ratio, timed(best[0], "the chosen variant, timed again", opts.guard_confirm_seconds))
         stats["latency"] = {"batches": sizes, "provider": ctx.provider, "trials": trials,
                             "ratio": round(best_ratio, 3), "rejected_for_accuracy": rejected}

@@ -9,8 +9,8 @@ The signed min and max are kept too (minmax, and to tell non-negative tensors ap
 
 Pushforward. y = f(x) for an elementwise f (SiLU x·σ(x), HardSwish) is not binned: its
 histogram is x's signed one mapped through f (:func:`pushforward`), which matches binning
-y to about a bin. On captcha_det (SiLU) and doc_orientation (HardSwish) these products
-are half of the values calibration would otherwise bin.
+y to about a bin. In SiLU and HardSwish networks these products are about half of the
+values calibration would otherwise bin.
 
 KL (TensorRT entropy calibration). For each candidate i = q … bins (q = 128 quantized
 levels for a symmetric int8 range, 256 for a non-negative tensor on uint8):
@@ -62,8 +62,8 @@ import numpy as np
 KL_EPS = 1e-10
 _CHUNK = 1 << 16  #: values per histogram step (fits in L2 with its index buffer)
 _LANES = 4  #: interleaved histogram copies per update
-#: values per batch behind the per-channel mean squares (captcha_det and doc_orientation:
-#: the same ranking of tensors by noise as from 4× as many, Spearman 0.9995; top ten equal)
+#: values per batch behind the per-channel mean squares (the same ranking of tensors by
+#: noise as from 4× as many: docs/decisions/int8-findings.md)
 _CHANNEL_SAMPLE = 1 << 14
 
 
@@ -151,8 +151,8 @@ class StreamingHistogram:
             self.max = max(self.max, float(finite.max()))
             # a fresh uniform random sample per batch (positions reused across batches
             # miss rare large activations of localized objects, and a strided sample
-            # follows the feature-map grid: both made KL thresholds, and captcha_det's
-            # cosine, swing between 0.967 and 0.996 from seed to seed)
+            # follows the feature-map grid: both made KL thresholds, and the int8 model's
+            # cosine, swing from seed to seed)
             xs = finite[(rng or np.random.default_rng(0)).integers(0, finite.size, cap)]
         # slot t = trunc(x·bins/R) in chunks that stay in cache (min/max too), through
         # reused buffers. bins/R is a power of two, so the product is exact, and the
@@ -524,11 +524,10 @@ def collect_histograms(model, names: list[str], data, *, provider: str = "cpu", 
 
     Where a sub-batch's exposed activations fit in ``overlap_limit`` bytes, onnxruntime
     computes the next sub-batch while a worker thread bins the last one: numpy's binning
-    is single-threaded, so a core would idle otherwise (captcha_det: 5.2 s → 3.8 s).
-    Then two sub-batches are alive at once, and onnxruntime's threads do not spin while
-    idle: they share the cores with the worker (captcha_det, onnxruntime-bound, median
-    of five 2.81 s against 2.98 s with one thread less; doc_orientation, binning-bound,
-    the same either way). Sub-batches are binned in order, one at a time: the histograms
+    is single-threaded, so a core would idle otherwise. Then two sub-batches are alive at
+    once, and onnxruntime's threads do not spin while idle: they share the cores with the
+    worker (no slower than one onnxruntime thread less, in an onnxruntime-bound and a
+    binning-bound model). Sub-batches are binned in order, one at a time: the histograms
     are the same either way."""
     from ...model import with_outputs
     from ...progress import NullProgress
@@ -604,8 +603,8 @@ def collect_histograms(model, names: list[str], data, *, provider: str = "cpu", 
 
 def _run(sess, feeds) -> list[np.ndarray]:
     """Run the calibration session; on CPU through OrtValues, whose ``numpy()`` views
-    onnxruntime's own buffers (``run`` allocates every exposed output afresh: doc_orientation's
-    64 samples, 0.82 G values, ran in 0.39 s this way against 0.53–1.30 s)."""
+    onnxruntime's own buffers (``run`` allocates every exposed output afresh, which costs
+    more than the run when many activations are exposed)."""
     from ...data import model_feeds
     from ...validate import run_session
 

@@ -461,8 +461,8 @@ def decompose_hard_activations(model: onnx.ModelProto, record: list[HardActivati
 def recompose_hard_activations(model: onnx.ModelProto, acts: list[HardActivation], quantized: set[str]) -> int:
     """Put back as one node each decomposed activation none of whose parts is in
     ``quantized``; the number put back. Decomposed, a float HardSwish is four kernels and
-    three intermediate tensors where onnxruntime has one kernel (on text_det, an int8 model
-    with its first third in float ran 1.26× slower than the float model it came from).
+    three intermediate tensors where onnxruntime has one kernel: a model with many float
+    decomposed activations runs slower than the float model it came from.
     Reads the first part's input, whatever Q/DQ insertion renamed it to."""
     g = model.graph
     index = {n.name: i for i, n in enumerate(g.node)}

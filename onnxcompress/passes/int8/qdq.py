@@ -35,9 +35,8 @@ user excluded between int8 layers ran as a QLinearConv (5 of 5 on a five-Conv ch
 the middle one excluded). Such a node (``keep_float``) reads a DequantizeLinear of its own
 with per-channel (axis 1) vectors of the same scale and zero point, which is not matched.
 Float nodes the pass chooses itself are left to onnxruntime: its accuracy control and
-latency guard time and score the graph onnxruntime runs, and on text_det keeping its 6
-such Convs float cost 0.815 → 0.921 of fp32 latency (the guard's timings, one run
-each) for the same agreement (drop 0.0106).
+latency guard time and score the graph onnxruntime runs, and forcing them float costs
+latency for the same agreement.
 """
 
 from __future__ import annotations
@@ -352,14 +351,9 @@ class Derived:
 
     ``sigmoid``: σ of the source's seen min and max, not of its quantization range: a
     float Sigmoid (read by a quantized Mul) sees values outside the latter, and σ
-    saturates, so the wider range costs little. On
-    captcha_det this takes its 80 sigmoid outputs, a third of the tensors and values,
-    out of calibration (3.3 → 2.4 s for 32 samples). Their own KL ranges had clipped σ at
-    0.98–0.998. In seven paired runs (calibration subsets of 8–32 samples, full int8),
-    derived − own eval cosine of the objectness column averaged +0.002 (−0.001 to +0.008)
-    and detection recall +0.018 (−0.04 to +0.10): no worse, within the spread from subset
-    to subset (recall 0.85–0.98 either way). An earlier single comparison (recall 0.919 →
-    0.885) had been read as a loss.
+    saturates, so the wider range costs little; sigmoids leave calibration, and their own
+    KL ranges would clip σ short of 1. Measured no worse than binning them
+    (docs/decisions/int8-findings.md).
 
     ``product``: y = x · g(x), g a chain of the elementwise kinds above starting from x
     (SiLU: x·σ(x); HardSwish after decomposition: x·clip(x/6 + 1/2, 0, 1)). y gets a
@@ -473,9 +467,8 @@ def derived_tensors(model: onnx.ModelProto) -> dict[str, Derived]:
 def tail_nodes(model: onnx.ModelProto) -> set[str]:
     """Nodes after the last compute layer: no Conv/ConvTranspose/Gemm/MatMul reads what they
     write, directly or further down. Quantized, they only add requantization and layout
-    work on the way out, and their rounding reaches the outputs unfiltered (captcha_det's
-    head: Sigmoid → Concat → Reshape → Concat → Transpose; with them float the int8 model
-    ran 0.43× instead of 0.49× of fp32, objectness column cosine 0.976 vs 0.973)."""
+    work on the way out, and their rounding reaches the outputs unfiltered (a detector's
+    Sigmoid → Concat → Reshape → Transpose head)."""
     g = model.graph
     layers = COMPUTE | {"ConvTranspose"}
     readers = _readers(g.node)

@@ -15,13 +15,9 @@ patches at sampled output positions of the check samples,
 scales max|W'|/qmax (GPTQ on E[x̂·x̂ᵀ]), b' to int32 at s_x̂·s_W', and the next layer's
 x̂ is read from the model with this layer's new weights. In order, each layer corrects
 what reaches it: fitting every layer from one run of the unrefitted int8 model
-compounds the corrections (captcha_det's mean cosine fell from 0.995 to 0.70).
-
-Measured (fused models, fully int8, GPTQ, no bias correction; damp 0.1): text_det
-(8 check samples) eval cosine 0.969 → 0.980, text-mask IoU 0.925 → 0.944; captcha_det
-(16) mean cosine 0.9949 → 0.9996, but its pooled objectness column stays at ≈0.989: its
-error there is a few anchors that flip between neighbouring cells, which any small
-perturbation flips (the top 20 anchors of 227,136 carry 35% of it).
+compounds the corrections. Experimental (``experimental.refit``): it lowers the mean
+error but not a detector's worst column, whose error sits at a few anchors that any
+small perturbation flips (docs/decisions/int8-findings.md).
 """
 
 from __future__ import annotations

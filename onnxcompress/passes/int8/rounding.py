@@ -14,11 +14,9 @@ time and moves each one's rounding error onto the columns not yet rounded, along
 format, scales and kernels: only which integer each weight rounds to changes.
 
 H comes from the float model on the check samples: input patches at up to 256 random
-output positions per image (Conv, per group), input rows (Gemm/MatMul). On captcha_det,
-whose first Conv reads raw 0–255 pixels (an uncentred input that turns small weight
-errors into large output errors), weight quantization alone (activations float) cost
-0.998 → 0.9995 cosine of the objectness column with nearest → GPTQ rounding on the eval
-set, and the model's cosine 0.9994 → 0.99998.
+output positions per image (Conv, per group), input rows (Gemm/MatMul). It pays most
+where a layer's input is uncentred (a first Conv on raw 0–255 pixels), which turns small
+weight errors into large output errors.
 """
 
 from __future__ import annotations

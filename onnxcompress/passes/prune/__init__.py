@@ -12,7 +12,7 @@
 
 3. ``ratio`` of each group's classes (or, with ``global=true``, of all classes ranked
    together on group-normalized scores; or, with ``macs_ratio``, the classes with the
-   least score per MAC saved until the Conv MACs meet the budget) are removed, within
+   least group-normalized score, across all groups, until the Conv MACs meet the budget) are removed, within
    ``max_ratio`` and ``min_channels``, and kept counts rounded to a multiple of ``round_to``
    (onnxruntime's CPU kernels only speed up at multiples of 8, or 16 with AVX-512). With
    ``macs_ratio``, calibration data and ``sensitivity=true`` (off by default), group g's normalized
@@ -95,18 +95,15 @@ class PruneOptions:
     round_to: int = field(default=0, metadata={"help": "kept counts multiple of this (0 = 16 with AVX-512, else 8; 1 = off)"})
     recovery: Literal["auto", "none", "bias", "lstsq"] = field(
         default="auto", metadata={"help": "auto = lstsq with calibration data, else bias from BN statistics"})
-    ridge: float = field(default=1e-2, metadata={"help": "least-squares ridge, relative to the mean diagonal"})
-    positions: int = field(default=256, metadata={"help": "sampled output positions per image for the refit"})
+    ridge: float = field(default=1e-2, metadata={"experimental": True, "help": "least-squares ridge, relative to the mean diagonal"})
+    positions: int = field(default=256, metadata={"experimental": True, "help": "sampled output positions per image for the refit"})
     macs_ratio: float = field(default=0.0, metadata={
-        "help": "if > 0: keep this fraction of Conv MACs, removing the channels with the least importance per MAC saved "
+        "help": "if > 0: keep this fraction of Conv MACs, removing the channels with the least group-normalized importance "
                 "across all groups (ratio is then ignored)"})
-    cost_power: float = field(default=0.0, metadata={
-        "help": "with macs_ratio: rank by importance / (MACs saved)^cost_power (0 = importance only)"})
-    sensitivity: bool = field(default=False, metadata={
+    sensitivity: bool = field(default=False, metadata={"experimental": True,
         "help": "with macs_ratio and calibration data: weigh each group's channels by the measured output error "
-                "per MAC saved of pruning that group alone (max_ratio of it, bias-compensated); off by default "
-                "(in a full results run the search then kept textline_cls unpruned)"})
-    sensitivity_samples: int = field(default=8, metadata={"help": "calibration samples used to measure sensitivity"})
+                "per MAC saved of pruning that group alone (max_ratio of it, bias-compensated)"})
+    sensitivity_samples: int = field(default=8, metadata={"experimental": True, "help": "calibration samples used to measure sensitivity"})
 
     def check(self) -> None:
         if not 0 <= self.ratio < 1:
@@ -288,48 +285,20 @@ class MacModel:
                 total += base * self._kept(out_a, gone) * self._kept(in_a, gone)
         return total
 
-    def atom_costs(self) -> np.ndarray:
-        """MACs saved by removing each atom alone (first order)."""
-        cost = np.zeros(self.n_atoms)
-        none = np.zeros(self.n_atoms, dtype=bool)
-        for base, out_a, in_a, dw in self.layers:
-            if dw:
-                if not isinstance(in_a, (int, np.integer)):
-                    np.add.at(cost, in_a[in_a >= 0], base)
-                continue
-            k_in, k_out = self._kept(in_a, none), self._kept(out_a, none)
-            if not isinstance(out_a, (int, np.integer)):
-                np.add.at(cost, out_a[out_a >= 0], base * k_in)
-            if not isinstance(in_a, (int, np.integer)):
-                np.add.at(cost, in_a[in_a >= 0], base * k_out)
-        return cost
-
 
 def choose_by_macs(an: Analysis, groups: list[Group], scores: dict[int, np.ndarray], opts: PruneOptions, round_to: int,
                    weights: dict[int, float] | None = None) -> tuple[dict[int, np.ndarray], float, float]:
-    """Remove the classes with the least importance per MAC saved until the Conv MACs
+    """Remove the classes with the least group-normalized importance until the Conv MACs
     are at most ``opts.macs_ratio`` of the original; returns (removed, before, after)."""
     mm = MacModel(an)
     none = np.zeros(len(an.parent), dtype=bool)
     total = mm.macs(none)
-    atom_cost = mm.atom_costs()
     entries = []  # (priority, group id, class index)
-    costs: dict[int, np.ndarray] = {}
     for g in groups:
-        index = {int(c): i for i, c in enumerate(g.classes)}
-        cost = np.zeros(g.size)
-        for p in g.producers:
-            atoms = an.producers[p].atoms
-            np.add.at(cost, [index[int(r)] for r in an.parent[atoms]], atom_cost[atoms])
-        costs[g.id] = cost
-    mean_cost = max(float(np.mean(np.concatenate(list(costs.values())))), 1e-12) if costs else 1.0
-    for g in groups:
-        s = scores[g.id] / max(float(scores[g.id].mean()), 1e-12)
+        s = scores[g.id] / max(float(scores[g.id].mean()), 1e-12)  # normalized within the group
         if weights is not None:
             s = s * weights[g.id]
-        cost = np.maximum(costs[g.id] / mean_cost, 1e-6)  # MACs saved, relative to the average class
-        prio = s / cost ** opts.cost_power
-        entries.extend((float(prio[i]), g.id, i) for i in range(g.size))
+        entries.extend((float(s[i]), g.id, i) for i in range(g.size))
     entries.sort()
     caps = {g.id: g.size - max(min(opts.min_channels, g.size), g.size - int(np.floor(opts.max_ratio * g.size)))
             for g in groups}
