@@ -55,11 +55,14 @@ class PassContext:
 
 @dataclass
 class PassResult:
-    """What a pass returns: the (possibly new) model, whether it changed, statistics."""
+    """What a pass returns: the (possibly new) model, whether it changed, statistics for
+    the report, and ``outcome``: a typed result (a frozen dataclass the pass defines) for
+    callers that act on it, such as the search; stats are for reading, not for code."""
 
     model: onnx.ModelProto
     modified: bool
     stats: dict[str, Any] = field(default_factory=dict)
+    outcome: Any = None
 
 
 @dataclass
@@ -71,9 +74,11 @@ class PassReport:
     modified: bool
     stats: dict[str, Any]
     seconds: float
+    outcome: Any = field(default=None, repr=False)  #: the pass's typed result (not in the JSON report)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return {f.name: getattr(self, f.name) if f.name != "options" else dict(self.options)
+                for f in dataclasses.fields(self) if f.name != "outcome"}
 
 
 @dataclass(frozen=True)
@@ -98,7 +103,17 @@ class Pass(abc.ABC):
             options = self.Options()
         elif not isinstance(options, self.Options):
             raise OptionError(f"pass '{self.name}': options must be {self.Options.__name__}, got {type(options).__name__}")
+        check = getattr(options, "check", None)  # the one validation point of an options class
+        if callable(check):
+            try:
+                check()
+            except ValueError as exc:
+                raise OptionError(f"pass '{self.name}': {exc}") from None
         self.options = options
+
+    def check_context(self, ctx: PassContext) -> None:
+        """Raise :class:`OptionError` where the pass cannot run with ``ctx`` (e.g. it needs
+        calibration data); the pipeline asks every pass before it runs the first."""
 
     @classmethod
     def from_mapping(cls, raw: Mapping[str, Any]) -> "Pass":
@@ -260,16 +275,9 @@ def parse_options(pass_name: str, options_cls: type, raw: Mapping[str, Any]) -> 
         name = fields[key].name
         values[name] = _convert(pass_name, key, hints[name], value)
     try:
-        opts = options_cls(**values)
+        return options_cls(**values)  # checked where the pass is made (Pass.__init__)
     except (TypeError, ValueError) as exc:
         raise OptionError(f"pass '{pass_name}': {exc}") from None
-    check = getattr(opts, "check", None)
-    if callable(check):
-        try:
-            check()
-        except ValueError as exc:
-            raise OptionError(f"pass '{pass_name}': {exc}") from None
-    return opts
 
 
 # ----------------------------------------------------------------------------- pipeline
@@ -293,6 +301,8 @@ class Pipeline:
 
     def run(self, model: onnx.ModelProto, ctx: PassContext | None = None) -> tuple[onnx.ModelProto, list[PassReport]]:
         ctx = ctx or PassContext()
+        for p in self.passes:  # every pass can run here, before the first one does
+            p.check_context(ctx)
         reports: list[PassReport] = []
         for p in self.passes:
             start = time.perf_counter()
@@ -317,6 +327,7 @@ class Pipeline:
                     modified=result.modified,
                     stats=result.stats,
                     seconds=time.perf_counter() - start,
+                    outcome=result.outcome,
                 )
             )
         return model, reports

@@ -493,7 +493,7 @@ class Search:
         """Search from ``model`` (canonicalized and fused); ``original``: the model as the
         user gave it, which every trial is timed against and which is the answer where
         nothing is faster (default: ``model``)."""
-        from .passes.int8 import Int8, Int8Options
+        from .passes.int8 import AccuracyControl, Int8, Int8Options
         from .passes.lowrank import LowRank, LowRankOptions
         from .passes.prune import Prune, PruneOptions
 
@@ -535,10 +535,10 @@ class Search:
                 for _ in range(self.opts.int8_retries):
                     if t.step is None or t.within_budget or not 1.0 < t.usage < self.opts.int8_retry_below:
                         break
-                    control = t.step.stats.get("accuracy", {})
-                    if control.get("met") is False:
+                    control = t.step.outcome
+                    if not isinstance(control, AccuracyControl) or not control.met:
                         break  # its control could not hold max_drop even with its most float: more changes nothing
-                    floor = int(control.get("float_prefix", 0)) + 1
+                    floor = control.float_prefix + 1
                     t = self._trial("int8", f"max_drop={max_drop:.4g}{label} float prefix ≥ {floor} (retry: "
                                     f"#{t.index} over budget held out)", int8_pass(max_drop, unfloat, floor),
                                     (start.index, self.models[start.index]), start.latency_ratio, 0.0, t.seconds)

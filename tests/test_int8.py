@@ -638,6 +638,7 @@ def test_min_float_prefix_floats_prefixes_even_when_agreement_holds(monkeypatch:
     acc = res.stats["accuracy"]
     tried = [s for s in acc["steps"] if "float_prefix" in s]
     assert acc["float_prefix"] == 2 and [s["rung"] for s in tried] == [2] and tried[0]["kept"]
+    assert res.outcome == int8_mod.AccuracyControl(met=True, drop=0.001, float_prefix=2)  # what the search reads
     assert not any("unfloat_segment" in s for s in acc["steps"])  # the floor is not handed back
     assert res.stats["quantized_nodes"] < plain.stats["quantized_nodes"]
     with pytest.raises(OptionError, match="min_float_prefix"):

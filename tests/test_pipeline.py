@@ -54,8 +54,16 @@ def test_parse_options_takes_typed_values() -> None:
     ],
 )
 def test_parse_options_errors(raw: dict, message: str) -> None:
-    with pytest.raises(OptionError, match=message):
-        parse_options("demo", DemoOptions, raw)
+    class Demo(Pass):
+        name = "demo"
+        summary = "demo"
+        Options = DemoOptions
+
+        def run(self, model, ctx):  # type: ignore[no-untyped-def]
+            return PassResult(model, False)
+
+    with pytest.raises(OptionError, match=message):  # types when parsed, constraints where the pass is made
+        Demo.from_mapping(raw)
 
 
 def test_describe_options() -> None:
@@ -210,3 +218,23 @@ def test_at_most_40_options_are_shown_and_every_option_is_named_in_a_test() -> N
     names += [f.name for f in dataclasses.fields(SearchOptions)]
     missing = sorted({n for n in names if not re.search(rf"\b{re.escape(n)}\b", tests)})
     assert not missing, missing
+
+
+def test_options_and_context_are_checked_before_any_pass_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One validation point per options class (its ``check``, run where the pass is made,
+    from a spec or in Python), and every pass's needs are asked before the first runs."""
+    from onnxcompress.passes.int8 import Int8, Int8Options
+
+    with pytest.raises(OptionError, match="pass 'int8': percentile=0.0 must be in"):
+        Int8(Int8Options(percentile=0.0))
+    with pytest.raises(OptionError, match="pass 'int8': guard_batches='1,x' is not a list of integers"):
+        build_pipeline("canonicalize,int8:guard_batches='1,x'")
+    with pytest.raises(OptionError, match="exclude pattern"):
+        build_pipeline("int8:exclude=Conv(")
+    ran: list[str] = []
+    monkeypatch.setattr(Canonicalize, "run", lambda self, m, ctx: ran.append("canonicalize"))
+    with pytest.raises(OptionError, match="needs calibration data"):
+        build_pipeline("canonicalize,prune:recovery=lstsq").run(load_model(FIXTURES / "resnet_block.onnx"), PassContext())
+    with pytest.raises(OptionError, match="needs calibration data"):
+        build_pipeline("canonicalize,int8").run(load_model(FIXTURES / "resnet_block.onnx"), PassContext())
+    assert ran == []

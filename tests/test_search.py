@@ -16,6 +16,7 @@ import pytest
 from onnx import helper, numpy_helper
 
 import onnxcompress as oc
+from onnxcompress.passes.int8 import AccuracyControl
 from onnxcompress.pipeline import Pass, PassResult
 from onnxcompress.search import SearchOptions, _tighten, _usage, default_thresholds
 from onnxcompress.validate import OutputStats, Thresholds
@@ -75,11 +76,11 @@ def shifted_logits(model: onnx.ModelProto, x: np.ndarray, direction: np.ndarray,
 
 
 def stand_in(name: str, options: type, error: Callable[[Any], float], calls: list[Any],
-             stats: dict[str, Any] | Callable[[Any], dict[str, Any]] | None = None, seed: int = 7) -> type[Pass]:
+             outcome: Callable[[Any], Any] | None = None, seed: int = 7) -> type[Pass]:
     """A pass named ``name`` (options of type ``options``) that records its options in
     ``calls`` and moves the logits' bias along a seeded direction until their mean cosine
-    on its calibration data drops by ``error(its options)``; its stats are ``stats`` (or
-    ``stats(its options)``)."""
+    on its calibration data drops by ``error(its options)``; its typed outcome is
+    ``outcome(its options)``."""
     direction = np.random.default_rng(seed).standard_normal(10).astype(np.float32)
 
     class StandIn(Pass):
@@ -90,8 +91,8 @@ def stand_in(name: str, options: type, error: Callable[[Any], float], calls: lis
         def run(self, model: onnx.ModelProto, ctx) -> PassResult:  # type: ignore[no-untyped-def]
             calls.append(self.options)
             x = np.concatenate([b["x"] for b in ctx.calibration])
-            got = stats(self.options) if callable(stats) else stats
-            return PassResult(shifted_logits(model, x, direction, error(self.options)), True, dict(got or {}))
+            return PassResult(shifted_logits(model, x, direction, error(self.options)), True, {},
+                              outcome(self.options) if outcome else None)
 
     StandIn.name = name
     return StandIn
@@ -253,7 +254,7 @@ def test_int8_over_budget_held_out_is_retried_with_more_float(monkeypatch: pytes
     calls: list[Any] = []
     monkeypatch.setattr(int8_mod, "Int8", stand_in(
         "int8", int8_mod.Int8Options, lambda o: 0.015 if o.min_float_prefix == 0 else 0.005, calls,
-        lambda o: {"accuracy": {"met": met, "float_prefix": o.min_float_prefix}}))
+        lambda o: AccuracyControl(met, 0.0, o.min_float_prefix)))
     opts = SearchOptions(prune_levels=(), lowrank_levels=(), time_budget=300)
     thresholds = {None: Thresholds(cosine=0.99)}
     _, rep = oc.optimize(wide_model(), calibration=[{"x": calib()}], search=opts, thresholds=thresholds,
@@ -286,7 +287,7 @@ def test_int8_retries_until_within_budget_held_out(monkeypatch: pytest.MonkeyPat
     calls: list[Any] = []
     errors = {0: 0.015, 1: 0.0125}
     floor = stand_in("int8", int8_mod.Int8Options, lambda o: errors.get(o.min_float_prefix, 0.005), calls,
-                     lambda o: {"accuracy": {"met": True, "float_prefix": max(1, o.min_float_prefix)}})
+                     lambda o: AccuracyControl(True, 0.0, max(1, o.min_float_prefix)))
     monkeypatch.setattr(int8_mod, "Int8", floor)
     opts = SearchOptions(prune_levels=(), lowrank_levels=(), time_budget=300, int8_retries=retries)
     _, rep = oc.optimize(wide_model(), calibration=[{"x": calib()}], search=opts,
@@ -436,7 +437,7 @@ def test_int8_starts_bounds_the_structural_results_int8_is_tried_on(monkeypatch:
 
     calls: list[Any] = []
     monkeypatch.setattr(int8_mod, "Int8", stand_in("int8", int8_mod.Int8Options, lambda o: 0.0005, calls,
-                                                   lambda o: {"accuracy": {"met": True, "float_prefix": 0}}))
+                                                   lambda o: AccuracyControl(True, 0.0, 0)))
     _staged_ratios(monkeypatch, {"int8": 0.5, "prune": 0.8})
     opts = SearchOptions(prune_levels=(0.9, 0.8), lowrank_levels=(), int8_starts=starts, time_budget=300)
     _, rep = oc.optimize(wide_model(), calibration=[{"x": calib()}], search=opts, latency=False)
@@ -456,7 +457,7 @@ def test_int8_reserve_holds_back_budget_from_the_structural_stages(monkeypatch: 
     import onnxcompress.passes.prune as prune_mod
 
     monkeypatch.setattr(int8_mod, "Int8", stand_in("int8", int8_mod.Int8Options, lambda o: 0.003, [],
-                                                   lambda o: {"accuracy": {"met": True, "float_prefix": 0}}))
+                                                   lambda o: AccuracyControl(True, 0.0, 0)))
     monkeypatch.setattr(prune_mod, "Prune", stand_in("prune", prune_mod.PruneOptions, lambda o: 0.005, [], seed=3))
     _staged_ratios(monkeypatch, {"int8": 0.5, "prune": 0.8})
     opts = SearchOptions(prune_levels=(0.9,), lowrank_levels=(), int8_reserve=reserve, int8_starts=1, time_budget=300)
@@ -481,7 +482,7 @@ def test_int8_retry_below_is_how_far_over_budget_a_retry_is_worth(monkeypatch: p
     calls: list[Any] = []
     monkeypatch.setattr(int8_mod, "Int8", stand_in(
         "int8", int8_mod.Int8Options, lambda o: 0.015 if o.min_float_prefix == 0 else 0.005, calls,
-        lambda o: {"accuracy": {"met": True, "float_prefix": o.min_float_prefix}}))
+        lambda o: AccuracyControl(True, 0.0, o.min_float_prefix)))
     opts = SearchOptions(prune_levels=(), lowrank_levels=(), int8_retry_below=below, time_budget=300)
     _, rep = oc.optimize(wide_model(), calibration=[{"x": calib()}], search=opts,
                          thresholds={None: Thresholds(cosine=0.99)}, latency=False)

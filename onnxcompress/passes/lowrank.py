@@ -189,6 +189,10 @@ class LowRank(Pass):
     Options = LowRankOptions
     exact = False
 
+    def check_context(self, ctx: PassContext) -> None:
+        if self.options.refit == "lstsq" and ctx.calibration is None:
+            raise OptionError("pass 'lowrank': refit=lstsq needs calibration data (--calib)")
+
     def run(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
         opts: LowRankOptions = self.options
         shapes, _ = all_shapes(model, ctx.calibration_shapes())
@@ -233,8 +237,7 @@ class LowRank(Pass):
         original = None
         refit = opts.refit if opts.refit != "auto" else ("lstsq" if ctx.calibration is not None else "none")
         if refit == "lstsq":
-            if ctx.calibration is None:
-                raise OptionError("pass 'lowrank': refit=lstsq needs calibration data (--calib)")
+            self.check_context(ctx)
             original = onnx.ModelProto()
             original.CopyFrom(model)
         split = [c for c in cands if c.decision == "split"]

@@ -172,6 +172,25 @@ class Int8Options:
                 "widths differ by up to this factor; kept if faster by guard_margin and its drop stays within "
                 "max(max_drop, the drop before the guard) (0 = off)"})
 
+    def check(self) -> None:
+        """Every option's own constraint, before any pass runs (Pass.__init__)."""
+        if not 0 < self.percentile <= 100:
+            raise ValueError(f"percentile={self.percentile} must be in (0, 100]")
+        if not self.guard_confirm_seconds > 0:
+            raise ValueError(f"guard_confirm_seconds={self.guard_confirm_seconds} must be > 0")
+        if not 0 <= self.max_float <= 1:
+            raise ValueError(f"max_float={self.max_float} must be in [0, 1]")
+        if not 0 <= self.min_float_prefix <= PREFIX_LEVELS:
+            raise ValueError(f"min_float_prefix={self.min_float_prefix} must be in [0, {PREFIX_LEVELS}]")
+        if self.check_samples < 1 or self.samples < 0:
+            raise ValueError(f"check_samples must be ≥ 1 and samples ≥ 0, got {self.check_samples}, {self.samples}")
+        guard_batch_sizes(self.guard_batches)
+        for t in (t.strip() for t in self.exclude.split(",") if t.strip()):
+            try:
+                re.compile(t)
+            except re.error as exc:
+                raise ValueError(f"exclude pattern '{t}' is not a valid regex: {exc}") from None
+
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -268,16 +287,22 @@ def _shift_biases(state: "_State", runs: Iterable[tuple[dict[str, np.ndarray], d
     return shifted
 
 
+def guard_batch_sizes(spec: str) -> list[int]:
+    """``guard_batches`` as sorted batch sizes; ValueError naming the option otherwise."""
+    try:
+        sizes = sorted({int(b) for b in spec.split(",") if b.strip()})
+    except ValueError:
+        raise ValueError(f"guard_batches='{spec}' is not a list of integers") from None
+    if not sizes or min(sizes) < 1:
+        raise ValueError(f"guard_batches='{spec}' needs sizes ≥ 1")
+    return sizes
+
+
 def _guard_sizes(opts: Int8Options, model: onnx.ModelProto) -> list[int]:
     """The batch sizes the latency guard times (checked before any work is done)."""
     from ...data import input_specs
 
-    try:
-        sizes = sorted({int(b) for b in opts.guard_batches.split(",") if b.strip()})
-    except ValueError:
-        raise OptionError(f"pass 'int8': guard_batches='{opts.guard_batches}' is not a list of integers") from None
-    if not sizes or min(sizes) < 1:
-        raise OptionError(f"pass 'int8': guard_batches='{opts.guard_batches}' needs sizes ≥ 1")
+    sizes = guard_batch_sizes(opts.guard_batches)
     fixed = {sp.static_batch for sp in input_specs(model) if sp.static_batch is not None}
     return sorted(fixed) if fixed else sizes
 
@@ -358,24 +383,30 @@ def _record_target(model: onnx.ModelProto, target: Mapping[str, Any]) -> None:
                                         isa.META_WEIGHT_BITS: str(target["weight_bits"])})
 
 
+@dataclass(frozen=True)
+class AccuracyControl:
+    """What the accuracy control reached, for the search to act on: whether it held
+    ``max_drop`` on its check samples, its drop there, and how many of its prefix cuts
+    it floated."""
+
+    met: bool
+    drop: float
+    float_prefix: int
+
+
 class Int8(Pass):
     name = "int8"
     summary = "QDQ int8 quantization: streaming KL calibration, accuracy control, never slower than its input"
     Options = Int8Options
     exact = False
 
-    def run(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
-        opts: Int8Options = self.options
+    def check_context(self, ctx: PassContext) -> None:
         if ctx.calibration is None:
             raise OptionError("pass 'int8' needs calibration data (--calib)")
-        if not 0 < opts.percentile <= 100:
-            raise OptionError(f"pass 'int8': percentile={opts.percentile} must be in (0, 100]")
-        if not opts.guard_confirm_seconds > 0:
-            raise OptionError(f"pass 'int8': guard_confirm_seconds={opts.guard_confirm_seconds} must be > 0")
-        if not 0 <= opts.max_float <= 1:
-            raise OptionError(f"pass 'int8': max_float={opts.max_float} must be in [0, 1]")
-        if not 0 <= opts.min_float_prefix <= PREFIX_LEVELS:
-            raise OptionError(f"pass 'int8': min_float_prefix={opts.min_float_prefix} must be in [0, {PREFIX_LEVELS}]")
+
+    def run(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
+        opts: Int8Options = self.options
+        self.check_context(ctx)
         guard_sizes = _guard_sizes(opts, model) if opts.guard else []
         stats: dict[str, Any] = {}
         done = sorted({n.op_type for n in model.graph.node if n.op_type in ALREADY_QUANTIZED})
@@ -463,9 +494,10 @@ class Int8(Pass):
         prefix = 0
         if opts.max_drop > 0 and (acc["drop"] > opts.max_drop or opts.min_float_prefix > 0):
             q, p, acc, prefix = self._return_to_float(state, opts, method, q, p, acc, floated, steps, evaluate)
-        stats["accuracy"] = {"method": method, "max_drop": opts.max_drop, "drop": round(acc["drop"], 6),
-                             "met": acc["drop"] <= opts.max_drop or opts.max_drop == 0, "float_prefix": prefix,
-                             "steps": steps}
+        control = AccuracyControl(met=acc["drop"] <= opts.max_drop or opts.max_drop == 0,
+                                  drop=round(float(acc["drop"]), 6), float_prefix=prefix)
+        stats["accuracy"] = {"method": method, "max_drop": opts.max_drop, "drop": control.drop, "met": control.met,
+                             "float_prefix": prefix, "steps": steps}
         if opts.max_drop > 0 and acc["drop"] > opts.max_drop:
             log.warning("int8: agreement drop %.4f on calibration samples exceeds max_drop %.4f even with %d "
                         "nodes in float", acc["drop"], opts.max_drop, len(floated))
@@ -477,7 +509,7 @@ class Int8(Pass):
             if best is None:
                 stats.update(decision="kept float", seconds=round(time.perf_counter() - t_start, 3),
                              summary=f"kept float: {stats.get('reason', '')}")
-                return PassResult(model, False, stats)
+                return PassResult(model, False, stats, control)
             q, p = best
         if opts.refit:
             q, acc = self._refit(state, q, check, ctx, acc, evaluate, stats)
@@ -490,7 +522,7 @@ class Int8(Pass):
                                else "")
                             + (f", {lat:.3f}× fp32 latency" if lat is not None else ""))
         stats["seconds"] = round(time.perf_counter() - t_start, 3)
-        return PassResult(q, True, stats)
+        return PassResult(q, True, stats, control)
 
     # -- steps
 

@@ -441,6 +441,12 @@ class Prune(Pass):
     Options = PruneOptions
     exact = False
 
+    def check_context(self, ctx: PassContext) -> None:
+        opts: PruneOptions = self.options
+        if ctx.calibration is None and (opts.criterion == "act" or opts.recovery == "lstsq"):
+            which = "criterion=act" if opts.criterion == "act" else "recovery=lstsq"
+            raise OptionError(f"pass 'prune': {which} needs calibration data (--calib)")
+
     def run(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
         opts: PruneOptions = self.options
         round_to = opts.round_to or default_round_to()
@@ -457,10 +463,7 @@ class Prune(Pass):
         }
         criterion = opts.criterion if opts.criterion != "auto" else ("act" if ctx.calibration is not None else "l1")
         recovery = opts.recovery if opts.recovery != "auto" else ("lstsq" if ctx.calibration is not None else "bias")
-        if criterion == "act" and ctx.calibration is None:
-            raise OptionError("pass 'prune': criterion=act needs calibration data (--calib)")
-        if recovery == "lstsq" and ctx.calibration is None:
-            raise OptionError("pass 'prune': recovery=lstsq needs calibration data (--calib)")
+        self.check_context(ctx)
         cstats = None
         if ctx.calibration is not None and groups and (criterion == "act" or recovery in ("lstsq", "bias")):
             uses = [u for u in an.uses if u.kind in CONSUMER_KINDS]

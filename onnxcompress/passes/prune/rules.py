@@ -1,0 +1,398 @@
+"""Per-op channel rules for :func:`~onnxcompress.passes.prune.groups.analyze`.
+
+One rule per op family (Torch-Pruning's table of per-op handlers): given the atom lists
+of a node's inputs (see groups.py), a rule writes its outputs' atom lists, records the
+uses pruning must rewrite, unites atoms that must go together, or returns a
+:data:`Block` verdict: the atoms it stops and why. An op without a rule blocks what it
+reads. Adding an op means adding a rule here and, where it rewrites weights, a use kind
+in apply.py.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from ...graph import topological_order
+from .groups import CHANNELWISE, ELEMENTWISE, NORMS, REDUCES, SHAPE_ONLY, Producer, Use, _UnionFind
+
+
+def _attrs(node: onnx.NodeProto) -> dict[str, Any]:
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
+#: a rule's verdict where the node stops the channels it reads: (the atoms to block, why)
+Block = tuple[np.ndarray, str]
+
+
+class _Walk:
+    """The state of one walk over the graph: atoms per tensor, uses, the union-find over
+    atoms and the blocked producers. The per-op rules below read and extend it."""
+
+    def __init__(self, model: onnx.ModelProto, shapes: dict[str, list[int]]) -> None:
+        g = model.graph
+        self.model, self.shapes = model, shapes
+        self.inits = {t.name: t for t in g.initializer}
+        self.graph_inputs = {i.name for i in g.input}
+        self.uf = _UnionFind()
+        self.producers: list[Producer] = []
+        self.atom_owner: list[int] = []
+        self.atoms: dict[str, np.ndarray] = {}
+        self.uses: list[Use] = []
+        self.blocked: dict[int, str] = {}
+
+    def const(self, name: str) -> np.ndarray | None:
+        if name in self.inits and name not in self.graph_inputs:
+            return numpy_helper.to_array(self.inits[name])
+        return None
+
+    def block(self, lst: np.ndarray | None, reason: str) -> None:
+        if lst is None:
+            return
+        for a in np.unique(lst[lst >= 0]):
+            self.blocked.setdefault(self.atom_owner[int(a)], reason)
+
+    def new_producer(self, idx: int, node: onnx.NodeProto, channels: int) -> np.ndarray:
+        first = self.uf.add(channels)
+        self.atom_owner.extend([len(self.producers)] * channels)
+        self.producers.append(Producer(idx, node.name or node.output[0], node.op_type, channels, first,
+                                       node.output[0]))
+        return np.arange(first, first + channels)
+
+    def channels_of(self, name: str) -> int | None:
+        s = self.shapes.get(name)
+        return s[1] if s is not None and len(s) >= 2 else None
+
+    def rank(self, name: str) -> int:
+        return len(self.shapes.get(name, []))
+
+
+@dataclass
+class _Node:
+    """What a rule sees of one node: its index, the node, a label for reasons, its
+    attributes, the atom list of each input (None: not tracked) and the tracked inputs."""
+
+    idx: int
+    node: onnx.NodeProto
+    label: str
+    attrs: dict[str, Any]
+    ins: list[np.ndarray | None]
+    tracked: list[int]
+
+    @property
+    def out0(self) -> str:
+        return self.node.output[0] if self.node.output else ""
+
+    @property
+    def x(self) -> np.ndarray:
+        """The first input's atoms (rules that read it have checked it is tracked)."""
+        x = self.ins[0]
+        assert x is not None
+        return x
+
+    def all_tracked(self) -> np.ndarray:
+        return np.concatenate([a for a in self.ins if a is not None])
+
+    def only_first_tracked(self, what: str) -> Block | None:
+        return None if self.tracked == [0] else (self.all_tracked(), f"{self.label} reads a tracked {what}")
+
+
+def _axis(value: Any, rank: int) -> int:
+    v = int(value)
+    return v + rank if v < 0 else v
+
+
+def _conv(w: _Walk, n: _Node) -> Block | None:
+    """Conv/ConvTranspose: group 1 makes a producer (its input channels a contracting
+    use), a depthwise Conv passes its input's atoms on, a grouped one blocks."""
+    node, op = n.node, n.node.op_type
+    weight = w.const(node.input[1]) if len(node.input) > 1 else None
+    group = int(n.attrs.get("group", 1))
+    x = n.ins[0]
+    for k in n.tracked[1:]:
+        w.block(n.ins[k], f"{n.label} reads it as a weight or bias")
+    if weight is None:
+        return (x, f"{n.label} has non-constant weights") if x is not None else None
+    if weight.ndim < 3:
+        return (x, f"{n.label} has a weight of rank {weight.ndim}") if x is not None else None
+    if weight.dtype.kind == "f" and not np.all(np.isfinite(weight)):
+        return (x, f"{n.label} has NaN or Inf weights") if x is not None else None
+    cout, cin = ((weight.shape[0], weight.shape[1] * group) if op == "Conv"
+                 else (weight.shape[1] * group, weight.shape[0]))
+    if x is not None and len(x) != cin:
+        return x, f"{n.label}: channel count mismatch"
+    if group == 1:
+        if x is not None:
+            w.uses.append(Use(n.idx, 0, "consumer-conv" if op == "Conv" else "consumer-convT", x))
+        w.atoms[n.out0] = w.new_producer(n.idx, node, cout)
+        return None
+    if op == "Conv" and group == cin == cout and x is not None:
+        w.uses.append(Use(n.idx, 0, "depthwise", x))
+        w.atoms[n.out0] = x
+        return None
+    return (x, f"{n.label} is a grouped convolution (group={group})") if x is not None else None
+
+
+def _channelwise(w: _Walk, n: _Node) -> Block | None:
+    """Activations and pooling: each channel on its own; extra inputs must be scalars."""
+    if n.node.op_type == "MaxPool" and len(n.node.output) > 1 and n.node.output[1]:
+        return n.ins[0], f"{n.label} returns indices"  # type: ignore[return-value]
+    if any(k != 0 for k in n.tracked):
+        return n.all_tracked(), f"{n.label} reads a tracked tensor as a parameter"
+    for i in n.node.input[1:]:
+        c = w.const(i) if i else None
+        if i and (c is None or c.size != 1):
+            return n.x, f"{n.label} has non-scalar parameters"
+    w.atoms[n.out0] = n.x
+    return None
+
+
+def _norm(w: _Walk, n: _Node) -> Block | None:
+    """BatchNormalization/InstanceNormalization with constant per-channel parameters."""
+    if n.tracked != [0] or any(w.const(i) is None for i in n.node.input[1:]):
+        return n.all_tracked(), f"{n.label} has non-constant parameters"
+    w.uses.append(Use(n.idx, 0, "norm", n.x))
+    w.atoms[n.out0] = n.x
+    return None
+
+
+def _elementwise(w: _Walk, n: _Node) -> Block | None:
+    """Add/Mul/...: tracked inputs of full channel width unite their atoms position by
+    position; constants vary per channel (a use) or broadcast; untracked computed tensors
+    must broadcast over channels."""
+    c_out, out_rank = w.channels_of(n.out0), w.rank(n.out0)
+    if c_out is None:
+        return n.all_tracked(), f"{n.label}: output shape unknown"
+    full = [k for k in n.tracked if len(n.ins[k]) == c_out]  # type: ignore[arg-type]
+    if len(full) != len(n.tracked):
+        return n.all_tracked(), f"{n.label} broadcasts a tracked tensor over channels"
+    first = n.ins[full[0]]
+    assert first is not None
+    for k, name in enumerate(n.node.input):
+        if not name or k in n.tracked:
+            continue
+        c = w.const(name)
+        if c is not None:
+            ax = 1 - (out_rank - c.ndim)
+            if c.size == 1 or ax < 0 or c.shape[ax] == 1:
+                continue
+            if c.shape[ax] == c_out:
+                w.uses.append(Use(n.idx, k, "const", first))
+                continue
+            return n.all_tracked(), f"{n.label} has a constant of shape {list(c.shape)}"
+        shp = w.shapes.get(name)  # a computed tensor we do not track: fine only if it broadcasts over channels
+        if shp is not None:
+            ax = 1 - (out_rank - len(shp))
+            if ax < 0 or shp[ax] == 1:
+                continue
+        return n.all_tracked(), f"{n.label} mixes in untracked tensor '{name}'"
+    for k in full[1:]:
+        for a, b in zip(first, n.ins[k]):  # type: ignore[arg-type]
+            if a >= 0 and b >= 0:
+                w.uf.union(int(a), int(b))
+            elif a != b:
+                w.block(np.array([a, b]), f"{n.label} adds a channel that cannot be pruned")
+    w.atoms[n.out0] = first
+    return None
+
+
+def _concat(w: _Walk, n: _Node) -> Block | None:
+    """Concat on the channel axis: the atom lists in order (-1 for untracked inputs)."""
+    axis = _axis(n.attrs.get("axis", 0), w.rank(n.node.input[n.tracked[0]]))
+    if axis != 1:
+        return n.all_tracked(), f"{n.label} concatenates on axis {axis}"
+    parts = []
+    for k, name in enumerate(n.node.input):
+        a = n.ins[k]
+        c = w.channels_of(name) if a is None else len(a)
+        if c is None:
+            return n.all_tracked(), f"{n.label}: input shape unknown"
+        parts.append(a if a is not None else np.full(c, -1, dtype=np.int64))
+    w.atoms[n.out0] = np.concatenate(parts)
+    return None
+
+
+def _split(w: _Walk, n: _Node) -> Block | None:
+    """Split on the channel axis: consecutive sub-lists; on other axes every output keeps all."""
+    bad = n.only_first_tracked("split size")
+    if bad:
+        return bad
+    x = n.x
+    if _axis(n.attrs.get("axis", 0), w.rank(n.node.input[0])) != 1:
+        for o in n.node.output:
+            w.atoms[o] = x
+        return None
+    sizes = [w.channels_of(o) for o in n.node.output]
+    if any(s is None for s in sizes) or sum(s or 0 for s in sizes) != len(x):
+        return x, f"{n.label}: output shapes unknown"
+    w.uses.append(Use(n.idx, 0, "split", x))
+    start = 0
+    for o, size in zip(n.node.output, sizes):
+        w.atoms[o] = x[start : start + (size or 0)]
+        start += size or 0
+    return None
+
+
+def _slice(w: _Walk, n: _Node) -> Block | None:
+    """Slice with constant bounds: a channel range with step 1, or no channel axis at all."""
+    bad = n.only_first_tracked("slice bound")
+    if bad:
+        return bad
+    x, node = n.x, n.node
+    vals = [w.const(i) if i else None for i in node.input[1:5]]
+    if len(node.input) < 3 or vals[0] is None or vals[1] is None or any(
+            node.input[k] and vals[k - 1] is None for k in range(3, len(node.input))):
+        return x, f"{n.label} has non-constant bounds"
+    starts, ends = vals[0], vals[1]
+    rank = w.rank(node.input[0])
+    axes_v = vals[2] if len(vals) > 2 and vals[2] is not None else np.arange(len(starts))
+    steps = vals[3] if len(vals) > 3 and vals[3] is not None else np.ones(len(starts), np.int64)
+    axes = [_axis(ax, rank) for ax in axes_v]
+    if 1 not in axes:
+        w.atoms[n.out0] = x
+        return None
+    k = axes.index(1)
+    if int(steps[k]) != 1:
+        return x, f"{n.label} slices channels with a step"
+    s, e, _ = slice(int(starts[k]), int(ends[k])).indices(len(x))
+    w.uses.append(Use(n.idx, 0, "slice", x))
+    w.atoms[n.out0] = x[s:e]
+    return None
+
+
+def _resize(w: _Walk, n: _Node) -> Block | None:
+    """Resize/Upsample with constant scales or sizes that leave the channel axis alone."""
+    bad = n.only_first_tracked("parameter")
+    if bad:
+        return bad
+    node, op = n.node, n.node.op_type
+    scales_name = node.input[2] if op == "Resize" and len(node.input) > 2 else (
+        node.input[1] if op == "Upsample" else "")
+    sc = w.const(scales_name) if scales_name else None
+    if scales_name and sc is not None and sc.size >= 2 and float(sc[1]) != 1.0:
+        return n.x, f"{n.label} scales the channel axis"
+    if scales_name and sc is None:
+        return n.x, f"{n.label} has non-constant scales"
+    sizes_name = node.input[3] if op == "Resize" and len(node.input) > 3 else ""
+    if sizes_name:
+        if w.const(sizes_name) is None:
+            return n.x, f"{n.label} has non-constant sizes"
+        w.uses.append(Use(n.idx, 3, "resize", n.x))
+    w.atoms[n.out0] = n.x
+    return None
+
+
+def _pad(w: _Walk, n: _Node) -> Block | None:
+    """Pad with constant pads that leave the channel axis alone."""
+    node, x = n.node, n.ins[0]
+    pads = w.const(node.input[1]) if len(node.input) > 1 and node.input[1] else np.asarray(n.attrs.get("pads", []))
+    axes_in = w.const(node.input[3]) if len(node.input) > 3 and node.input[3] else None
+    if n.tracked != [0] or pads is None or x is None:
+        return n.all_tracked(), f"{n.label} has non-constant pads"
+    rank = w.rank(node.input[0])
+    n_ax = rank if axes_in is None else len(axes_in)
+    axes = list(range(rank)) if axes_in is None else [_axis(v, rank) for v in axes_in]
+    if 1 in axes:
+        k = axes.index(1)
+        if int(pads[k]) != 0 or int(pads[k + n_ax]) != 0:
+            return x, f"{n.label} pads the channel axis"
+    w.atoms[n.out0] = x
+    return None
+
+
+def _reduce(w: _Walk, n: _Node) -> Block | None:
+    """A reduction over spatial axes only, with the channel axis kept in place."""
+    x = n.ins[0]
+    if x is None:
+        return n.all_tracked(), f"{n.label} reads a tracked axes input"
+    axes_val = n.attrs.get("axes")
+    if axes_val is None and len(n.node.input) > 1 and n.node.input[1]:
+        c = w.const(n.node.input[1])
+        axes_val = None if c is None else [int(v) for v in c]
+    if axes_val is None:
+        return x, f"{n.label} reduces over all axes"
+    axes = [_axis(v, w.rank(n.node.input[0])) for v in axes_val]
+    if 1 in axes or 0 in axes or (not int(n.attrs.get("keepdims", 1)) and min(axes) < 1):
+        return x, f"{n.label} reduces the channel axis"
+    w.atoms[n.out0] = x
+    return None
+
+
+def _flatten(w: _Walk, n: _Node) -> Block | None:
+    """Flatten (axis 1) or a flatten-like Reshape to [N, C·H·W]: each atom repeats H·W
+    times, so the Gemm/MatMul after it loses a block of rows per channel."""
+    bad = n.only_first_tracked("shape")
+    if bad:
+        return bad
+    x, op = n.x, n.node.op_type
+    in_shape, out_shape = w.shapes.get(n.node.input[0]), w.shapes.get(n.out0)
+    if op == "Flatten" and int(n.attrs.get("axis", 1)) != 1:
+        return x, f"{n.label} flattens from axis {n.attrs.get('axis')}"
+    if in_shape is None or out_shape is None or len(out_shape) != 2 or len(in_shape) < 2:
+        return x, f"{n.label} reshapes channels"
+    hw = int(np.prod(in_shape[2:], dtype=np.int64))
+    if out_shape[1] != len(x) * hw or out_shape[0] != in_shape[0]:
+        return x, f"{n.label} reshapes channels"
+    if op == "Reshape":
+        w.uses.append(Use(n.idx, 1, "reshape", x))
+    w.atoms[n.out0] = np.repeat(x, hw)
+    return None
+
+
+def _matrix(w: _Walk, n: _Node) -> Block | None:
+    """Gemm/MatMul with a constant 2-D weight on a 2-D input: a contracting use (rows)."""
+    node, op = n.node, n.node.op_type
+    weight = w.const(node.input[1]) if len(node.input) > 1 else None
+    if n.tracked != [0] or weight is None or weight.ndim != 2 or w.rank(node.input[0]) != 2:
+        return n.all_tracked(), f"{n.label} is not a constant-weight matrix product"
+    if op == "Gemm" and int(n.attrs.get("transA", 0)):
+        return n.x, f"{n.label} transposes its input"
+    w.uses.append(Use(n.idx, 0, "gemm" if op == "Gemm" else "matmul", n.x))
+    return None
+
+
+def _shape_only(w: _Walk, n: _Node) -> Block | None:
+    return None  # reads the shape, which pruning changes consistently
+
+
+Rule = Callable[[_Walk, _Node], "Block | None"]
+
+#: op type → the rule that maps the channels it reads to what it writes (or blocks them)
+RULES: dict[str, Rule] = {
+    "Conv": _conv, "ConvTranspose": _conv,
+    **{op: _channelwise for op in CHANNELWISE}, **{op: _norm for op in NORMS},
+    **{op: _elementwise for op in ELEMENTWISE}, **{op: _reduce for op in REDUCES},
+    **{op: _shape_only for op in SHAPE_ONLY},
+    "Concat": _concat, "Split": _split, "Slice": _slice, "Resize": _resize, "Upsample": _resize, "Pad": _pad,
+    "Flatten": _flatten, "Reshape": _flatten, "Gemm": _matrix, "MatMul": _matrix,
+}
+
+
+def walk(model: onnx.ModelProto, shapes: dict[str, list[int]]) -> _Walk:
+    """Every node in topological order through its op's rule; the walk's final state."""
+    g = model.graph
+    w = _Walk(model, shapes)
+    for idx in topological_order(g):
+        node = g.node[idx]
+        ins = [w.atoms.get(i) if i else None for i in node.input]
+        n = _Node(idx, node, f"{node.op_type} '{node.name or node.output[0]}'", _attrs(node), ins,
+                  [k for k, a in enumerate(ins) if a is not None])
+        if node.domain not in ("", "ai.onnx"):
+            for k in n.tracked:
+                w.block(ins[k], f"{n.label} (domain {node.domain})")
+            continue
+        if not n.tracked and node.op_type not in ("Conv", "ConvTranspose"):
+            continue  # nothing of ours flows through this node
+        rule = RULES.get(node.op_type)
+        verdict = rule(w, n) if rule else (n.all_tracked(), f"{n.label} is not supported on a channel path")
+        if verdict is not None:
+            w.block(*verdict)
+    for o in g.output:
+        if o.name in w.atoms:
+            w.block(w.atoms[o.name], f"reaches graph output '{o.name}'")
+    return w
