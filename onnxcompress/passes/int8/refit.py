@@ -50,8 +50,8 @@ def refit_convs(float_model: onnx.ModelProto, q: onnx.ModelProto, batches: Seque
     docstring); ``float_model`` is the float model ``q`` was built from (same node and
     tensor names; ``qmax``: the largest |q| of the refitted weights). Returns the number of
     layers refitted."""
-    from ...validate import make_session, run_session
     from ...fitting import patches_at, sample_patches
+    from ...validate import make_session, run_session
 
     qi, fi = _inits(q), _inits(float_model)
     prod = {o: n for n in q.graph.node for o in n.output}

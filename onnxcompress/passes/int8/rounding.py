@@ -131,9 +131,8 @@ def input_hessians(model: onnx.ModelProto, nodes: Iterable[onnx.NodeProto], batc
     """{node: E[x·xᵀ] per group ([g, n, n])} of each Conv/Gemm/MatMul's input on the float
     ``model``, from input patches (rows) at up to ``positions`` sampled output positions per
     image of ``batches``."""
-    from ...validate import make_session
-    from ...validate import run_named
     from ...fitting import sample_patches
+    from ...validate import make_session, run_named
 
     inits = {t.name: t for t in model.graph.initializer}
     todo = []
