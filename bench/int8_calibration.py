@@ -76,6 +76,7 @@ def worker(side: str, shared: Path, name: str, samples: int) -> dict:
         import onnxcompress as oc
         from onnxcompress.data import open_data
         from onnxcompress.passes.int8 import Int8, Int8Options, qdq
+        from onnxcompress.passes.int8 import ranges as derived
         from onnxcompress.passes.int8.calibration import collect_histograms, tensor_range
         from onnxcompress.pipeline import PassContext
         from onnxcompress.registry import build_pipeline
@@ -87,12 +88,12 @@ def worker(side: str, shared: Path, name: str, samples: int) -> dict:
         ctx = PassContext(calibration=open_data(shared / "data" / f"{name}_calib.npz", model, limit=1))
         state = p._prepare(model, ctx, p.options, {})
         widest = qdq.plan(state.model, state.allowed)
-        names = qdq.calibrated_tensors(widest.tensors, state.derived)
+        names = derived.calibrated_tensors(widest.tensors, state.derived)
         x, b = _calibration_set(shared, name, graph_input)
         base = _rss_mb()
         t0 = time.perf_counter()
         hists = collect_histograms(state.model, names, ({input_name: v} for v in _batches(x, b, samples)),
-                                   channels=True, functions=qdq.pushed_forward(state.derived, names))
+                                   channels=True, functions=derived.pushed_forward(state.derived, names))
         ranges = {n: tensor_range(h, "kl", kl_guard=p.options.kl_guard) for n, h in hists.items()}
         seconds = time.perf_counter() - t0
         return {"side": side, "model": name, "samples": samples, "tensors": len(ranges), "seconds": seconds,

@@ -3,11 +3,14 @@ initializers by name, names defined in a graph, topological order. It never impo
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
+from collections.abc import Mapping
 
 import onnx
+from onnx import numpy_helper
 
-from .model import iter_graphs
+from .model import iter_graphs, node_attr
 
 
 def topological_order(graph: onnx.GraphProto) -> list[int]:
@@ -114,3 +117,26 @@ def remove_dead_code(g: onnx.GraphProto) -> tuple[int, int]:
         del g.initializer[:]
         g.initializer.extend(kept_inits)
     return dead, unused
+
+
+def drop_unused_initializers(model: onnx.ModelProto) -> None:
+    """Remove the initializers no node reads and no graph output names."""
+    g = model.graph
+    used = {i for n in g.node for i in n.input} | {o.name for o in g.output}
+    keep = [t for t in g.initializer if t.name in used]
+    del g.initializer[:]
+    g.initializer.extend(keep)
+
+
+def clip_bounds(node: onnx.NodeProto, inits: Mapping[str, onnx.TensorProto]) -> tuple[float, float] | None:
+    """(min, max) of a Clip (attributes before opset 11, constant inputs after), else None."""
+    lo, hi = node_attr(node, "min", None), node_attr(node, "max", None)
+    vals: list[float | None] = [lo, hi]
+    for k, idx in ((0, 1), (1, 2)):
+        if len(node.input) > idx and node.input[idx]:
+            if node.input[idx] not in inits:
+                return None
+            vals[k] = float(numpy_helper.to_array(inits[node.input[idx]]))
+    lo_v = -math.inf if vals[0] is None else float(vals[0])
+    hi_v = math.inf if vals[1] is None else float(vals[1])
+    return lo_v, hi_v

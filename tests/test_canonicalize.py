@@ -148,7 +148,7 @@ def test_real_exports_canonical_and_exact(name: str) -> None:
 
 def test_canonicalize_reports_onnxruntime_fusions_it_loses(monkeypatch) -> None:  # noqa: ANN001
     import onnxcompress.passes.canonicalize as canon_mod
-    import onnxcompress.validate as validate_mod
+    import onnxcompress.runtime as runtime_mod
     from onnxcompress.passes import Canonicalize
     from onnxcompress.pipeline import PassContext
 
@@ -160,6 +160,6 @@ def test_canonicalize_reports_onnxruntime_fusions_it_loses(monkeypatch) -> None:
     assert res.stats["identities_removed"] == 1 and res.stats["runtime_fusions_lost"] == ""
     counts = iter([{"com.microsoft:FusedConv": 1}, {}])  # before, after: as if the rewrite broke the fusion
     monkeypatch.setattr(canon_mod, "runtime_fusions", lambda model, provider="cpu": next(counts))
-    monkeypatch.setattr(validate_mod, "runtime_fusions", lambda model, provider="cpu": next(counts))
+    monkeypatch.setattr(runtime_mod, "runtime_fusions", lambda model, provider="cpu": next(counts))
     res = Canonicalize().run(m, PassContext())
     assert res.stats["runtime_fusions_lost"] == "com.microsoft:FusedConv 1 → 0"

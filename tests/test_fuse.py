@@ -124,10 +124,10 @@ def test_a_rule_that_loses_an_onnxruntime_fusion_is_declined(monkeypatch: pytest
         calls.append(len(model.graph.node))
         return {"LayerNormalization": 2 if len(model.graph.node) == 3 else 1}
 
-    import onnxcompress.validate as validate_mod
+    import onnxcompress.runtime as runtime_mod
 
     monkeypatch.setattr(fuse_mod, "runtime_fusions", fewer)
-    monkeypatch.setattr(validate_mod, "runtime_fusions", fewer)
+    monkeypatch.setattr(runtime_mod, "runtime_fusions", fewer)
     res = Fuse().run(m, PassContext())
     assert not res.modified and res.stats["affine_folded"] == 0
     assert res.stats["declined"] == {"affine": "loses onnxruntime's fusions: LayerNormalization 2 → 1"}

@@ -11,10 +11,11 @@ import pytest
 from onnx import helper, numpy_helper
 
 import onnxcompress as oc
+from onnxcompress import folds
+import onnxcompress.passes.int8 as int8_mod
 from onnxcompress.data import open_data
 from onnxcompress.errors import OptionError
-import onnxcompress.passes.int8 as int8_mod
-from onnxcompress.passes.int8 import Int8, Int8Options, agreement, prepare, qdq
+from onnxcompress.passes.int8 import Int8, Int8Options, agreement, prepare, qdq, ranges, write
 from onnxcompress.pipeline import PassContext
 from onnxcompress.registry import build_pipeline
 
@@ -66,8 +67,8 @@ def test_prepare_rewrites_are_exact() -> None:
     x = np.random.default_rng(1).standard_normal((2, 3, 10, 10)).astype(np.float32)
     ref = run(m, {"x": x})[0]
     p = copy.deepcopy(m)
-    assert prepare.fold_batchnorm(p) == 1
-    assert prepare.fold_affine(p) == 2
+    assert folds.fold_batchnorm(p) == 1
+    assert folds.fold_affine(p) == 2
     assert prepare.div_to_mul(p) == 1
     ops = [n.op_type for n in p.graph.node]
     assert ops == ["Conv", "Relu", "Conv", "Mul"], ops
@@ -76,7 +77,7 @@ def test_prepare_rewrites_are_exact() -> None:
 
 def test_plan_fuses_relu_and_quantizes_all_convs() -> None:
     m = conv_bn_affine_model()
-    prepare.fold_batchnorm(m)
+    folds.fold_batchnorm(m)
     prepare.name_nodes(m)
     m = onnx.shape_inference.infer_shapes(m)
     p = qdq.plan(m)
@@ -88,20 +89,20 @@ def test_plan_fuses_relu_and_quantizes_all_convs() -> None:
 def test_weight_quantization_is_per_channel_within_half_a_step() -> None:
     w = np.random.default_rng(2).standard_normal((6, 4, 3, 3)).astype(np.float32)
     w[2] *= 100  # one wide channel must not coarsen the others
-    q, s = qdq.quantize_weight(w, 0)
+    q, s = write.quantize_weight(w, 0)
     assert q.dtype == np.int8 and s.shape == (6,) and np.abs(q).max() <= 127
     err = np.abs(q.astype(np.float32) * s.reshape(-1, 1, 1, 1) - w)
     assert np.all(err <= s.reshape(-1, 1, 1, 1) / 2 + 1e-7)
     assert s[0] < s[2] / 20
-    qt, st = qdq.quantize_weight(w, None)
+    qt, st = write.quantize_weight(w, None)
     assert st.shape == () and np.abs(qt.astype(np.float32) * st - w).max() <= st / 2 + 1e-6
 
 
 def test_act_params_cover_the_range_with_zero_exact() -> None:
-    s, z = qdq.act_params(-1.0, 3.0, "uint8")
+    s, z = write.act_params(-1.0, 3.0, "uint8")
     assert z == round(1.0 / s) and abs(255 * s - 4.0) < 1e-6
-    assert qdq.act_params(0.0, 6.0, "uint8")[1] == 0  # non-negative: zero point at the bottom (Relu fusion)
-    s8, z8 = qdq.act_params(-1.0, 3.0, "int8")
+    assert write.act_params(0.0, 6.0, "uint8")[1] == 0  # non-negative: zero point at the bottom (Relu fusion)
+    s8, z8 = write.act_params(-1.0, 3.0, "int8")
     assert z8 == 0 and abs(s8 * 127 - 3.0) < 1e-6
 
 
@@ -112,7 +113,7 @@ def test_fixture_quantizes_fuses_and_agrees(name: str) -> None:
     assert res.modified and res.stats["decision"] == "quantized"
     q = res.model
     onnx.checker.check_model(q, full_check=True)
-    fused = qdq.fused_ops(q)
+    fused = write.fused_ops(q)
     convs = sum(n.op_type == "Conv" for n in m.graph.node)
     assert fused.get("QLinearConv", 0) == convs, fused  # every Conv runs as an integer kernel
     assert "Conv" not in fused and "FusedConv" not in fused
@@ -209,7 +210,7 @@ def test_float_tail_keeps_the_nodes_after_the_last_conv_float(float_tail: bool) 
              helper.make_node("Conv", ["r1", "w2"], ["c2"], name="conv2"),
              helper.make_node("Sigmoid", ["c2"], ["y"], name="sigmoid")]
     m = make_model(nodes, [fvi("x", ["N", 3, 12, 12])], [fvi("y", ["N", 4, 12, 12])], inits)
-    assert qdq.tail_nodes(m) == {"sigmoid"}
+    assert ranges.tail_nodes(m) == {"sigmoid"}
     x = rng.standard_normal((16, 3, 12, 12)).astype(np.float32)
     res = Int8(Int8Options(guard=False, max_drop=0, float_tail=float_tail)).run(
         copy.deepcopy(m), PassContext(calibration=[{"x": x}]))
@@ -285,7 +286,7 @@ def test_textline_opset11_quantizes_and_loads() -> None:
     a = run(m, {m.graph.input[0].name: x}, optimize=True)[0]
     b = run(res.model, {m.graph.input[0].name: x}, optimize=True)[0]
     assert (a.argmax(1) == b.argmax(1)).mean() >= 0.98
-    assert "QLinearConv" in qdq.fused_ops(res.model)
+    assert "QLinearConv" in write.fused_ops(res.model)
 
 
 def _hard_activations(seed: int) -> tuple[onnx.ModelProto, np.ndarray, np.ndarray]:
@@ -387,7 +388,7 @@ def test_int8_keeps_excluded_hard_swish_as_one_node() -> None:
     names = {n.name for n in res.model.graph.node}
     assert set(hard) <= names
     assert not any(n.endswith(("_mul_alpha", "_add_beta", "_clip", "_mul_x")) for n in names)
-    assert "QLinearConv" in qdq.fused_ops(res.model)
+    assert "QLinearConv" in write.fused_ops(res.model)
 
 
 def _derived_model() -> onnx.ModelProto:
@@ -408,25 +409,25 @@ def _derived_model() -> onnx.ModelProto:
 
 def test_derived_ranges_follow_their_sources_and_are_not_binned() -> None:
     m = _derived_model()
-    d = qdq.derived_tensors(m)
+    d = ranges.derived_tensors(m)
     assert {t: (v.kind, v.sources) for t, v in d.items()} == {
         "s": ("sigmoid", ("c1",)), "m": ("scale", ("c2",)), "p": ("same", ("m",)), "cat": ("hull", ("s", "p"))}
     assert d["m"].k == 0.25
     widest = qdq.plan(m)
     assert {"s", "m", "p", "cat"} <= widest.tensors
-    assert qdq.calibrated_tensors(widest.tensors, d) == ["c1", "c2", "x", "y"]  # the rest follows
-    ranges = {"x": (0.0, 1.0), "c1": (-2.0, 3.0), "c2": (-4.0, 8.0)}
+    assert ranges.calibrated_tensors(widest.tensors, d) == ["c1", "c2", "x", "y"]  # the rest follows
+    found = {"x": (0.0, 1.0), "c1": (-2.0, 3.0), "c2": (-4.0, 8.0)}
     seen = {"x": (0.0, 1.0), "c1": (-2.5, 3.5), "c2": (-4.0, 9.0)}
-    qdq.resolve_ranges(ranges, d, seen)
-    np.testing.assert_allclose(ranges["s"], (1 / (1 + np.exp(2.5)), 1 / (1 + np.exp(-3.5))), rtol=1e-12)  # of c1's seen
-    assert ranges["m"] == (-1.0, 2.0) and ranges["p"] == (-1.0, 2.0)
-    assert ranges["cat"] == (-1.0, 2.0)
+    ranges.resolve_ranges(found, d, seen)
+    np.testing.assert_allclose(found["s"], (1 / (1 + np.exp(2.5)), 1 / (1 + np.exp(-3.5))), rtol=1e-12)  # of c1's seen
+    assert found["m"] == (-1.0, 2.0) and found["p"] == (-1.0, 2.0)
+    assert found["cat"] == (-1.0, 2.0)
     kept = {"c2": (-4.0, 8.0), "m": (-3.0, 3.0)}  # a tensor with its own range keeps it
-    qdq.resolve_ranges(kept, d, seen)
+    ranges.resolve_ranges(kept, d, seen)
     assert kept["m"] == (-3.0, 3.0) and kept["p"] == (-1.0, 2.25)  # cut to m's seen values (c2's ÷ 4)
     # quantization ranges include 0; a source is cut to the values seen before mapping
     neg = {"c2": (-20.0, 0.0)}
-    qdq.resolve_ranges(neg, d, {"c2": (-24.0, -1.6)})
+    ranges.resolve_ranges(neg, d, {"c2": (-24.0, -1.6)})
     assert neg["m"] == (-5.0, -0.4)
 
 
@@ -441,7 +442,7 @@ def test_int8_with_derived_ranges_agrees_in_every_placement(floated: set[str]) -
     p = Int8(Int8Options(guard=False, max_drop=0, exclude=",".join(sorted(floated))))
     res = p.run(copy.deepcopy(m), ctx)
     assert res.stats["calibration"]["tensors"] == 4  # x, c1, c2, y: the rest is derived
-    ops = qdq.fused_ops(res.model)
+    ops = write.fused_ops(res.model)
     assert ops.get("QLinearConv", 0) == 3
     x = rng.uniform(0, 1, (4, 3, 8, 8)).astype(np.float32)
     a, b = run(m, {"x": x})[0], run(res.model, {"x": x})[0]
@@ -459,7 +460,7 @@ def test_a_fused_activation_goes_float_with_its_producer() -> None:
     relu = next(n.name for n in state.model.graph.node if n.op_type == "Relu")
     assert relu in state.widest.fused  # fused into conv1: its input is never binned
     from onnxcompress.passes.int8.calibration import collect_histograms
-    names = qdq.calibrated_tensors(state.widest.tensors, state.derived)
+    names = ranges.calibrated_tensors(state.widest.tensors, state.derived)
     assert not set(names) & state.widest.inner
     state.hists = collect_histograms(state.model, names, iter([{"x": np.ones((2, 3, 10, 10), np.float32)}]))
     _, plan = p._build(state, p.options, "minmax", {relu})
@@ -485,25 +486,25 @@ def test_derivation_never_adds_a_tensor_to_bin() -> None:
                    [tensor(rng, "w1", (4, 3, 1, 1)), tensor(rng, "w2", (4, 4, 1, 1)), tensor(rng, "w3", (2, 4, 1, 1)),
                     *consts])
     m = onnx.shape_inference.infer_shapes(m)
-    d = qdq.derived_tensors(m)
+    d = ranges.derived_tensors(m)
     assert d["a"].kind == "shift" and d["a"].k == 3.0 and d["c"].bounds == (0.0, 6.0)
     assert d["r"].kind == "clamp" and d["hs"].kind == "scale"
     widest = qdq.plan(m)
     assert "relu" in widest.fused and "clip" in widest.fused
     assert d["m"].kind == "product" and d["m"].sources == ("h",)
-    names = qdq.calibrated_tensors(widest.tensors, d)
+    names = ranges.calibrated_tensors(widest.tensors, d)
     assert names == ["h", "r", "x", "y"]
-    pushed = qdq.pushed_forward(d, names)
+    pushed = ranges.pushed_forward(d, names)
     assert list(pushed) == ["m"] and pushed["m"][0] == "h"
     v = np.linspace(-5, 5, 41)
     np.testing.assert_allclose(pushed["m"][1](v), v * np.clip(v + 3, 0, 6))
-    assert qdq.pushed_forward(d, names + ["m"]) == {}  # binned itself: not pushed
+    assert ranges.pushed_forward(d, names + ["m"]) == {}  # binned itself: not pushed
     lo, hi = d["m"].apply([(-5.0, 4.0)])
     assert lo == pytest.approx(-2.25, abs=1e-3) and hi == pytest.approx(24.0)  # min at x = −1.5
-    ranges = {"h": (-5.0, 4.0), "m": (-0.4, 20.0), "r": (0.0, 2.0), "x": (0.0, 1.0), "y": (-1.0, 1.0)}
-    qdq.resolve_ranges(ranges, d, {t: r for t, r in ranges.items()})
-    assert ranges["c"] == (0.0, 6.0) and ranges["a"] == (-2.0, 7.0)
-    np.testing.assert_allclose(ranges["hs"], (-0.4 / 6, 20.0 / 6))
+    found = {"h": (-5.0, 4.0), "m": (-0.4, 20.0), "r": (0.0, 2.0), "x": (0.0, 1.0), "y": (-1.0, 1.0)}
+    ranges.resolve_ranges(found, d, {t: r for t, r in found.items()})
+    assert found["c"] == (0.0, 6.0) and found["a"] == (-2.0, 7.0)
+    np.testing.assert_allclose(found["hs"], (-0.4 / 6, 20.0 / 6))
 
 
 def _spread_concat_model() -> onnx.ModelProto:
@@ -719,7 +720,7 @@ def test_an_excluded_conv_between_int8_layers_stays_float_in_onnxruntime(tmp_pat
     np.savez(tmp_path / "fit.npz", x=rng.standard_normal((16, 3, 12, 12)).astype(np.float32))
     ctx = PassContext(calibration=open_data(tmp_path / "fit.npz", m, batch_size=1))
     q = Int8(Int8Options(guard=False, max_drop=0, exclude="conv2")).run(copy.deepcopy(m), ctx).model
-    assert qdq.fused_ops(q).get("QLinearConv") == 4  # conv0, 1, 3, 4; 5 without the per-channel DQ
+    assert write.fused_ops(q).get("QLinearConv") == 4  # conv0, 1, 3, 4; 5 without the per-channel DQ
     conv2 = next(n for n in q.graph.node if n.name == "conv2")
     dq = next(n for n in q.graph.node if conv2.input[0] in n.output)
     assert dq.op_type == "DequantizeLinear" and [a.i for a in dq.attribute if a.name == "axis"] == [1]

@@ -8,7 +8,13 @@ import numpy as np
 import pytest
 
 from onnxcompress.passes.int8.calibration import (
-    StreamingHistogram, kl_divergences, kl_threshold, mse_threshold, percentile_threshold, tensor_range)
+    StreamingHistogram,
+    kl_divergences,
+    kl_threshold,
+    mse_threshold,
+    percentile_threshold,
+    tensor_range,
+)
 
 
 def reference_kl_threshold(hist: np.ndarray, bin_width: float, nq: int = 128) -> float:
@@ -299,7 +305,7 @@ def test_calibration_pushes_hardswish_outputs_forward() -> None:
     binning them."""
     from onnxcompress.data import open_data
     from onnxcompress.model import load_model
-    from onnxcompress.passes.int8 import Int8, Int8Options, qdq
+    from onnxcompress.passes.int8 import Int8, Int8Options, qdq, ranges
     from onnxcompress.passes.int8.calibration import collect_histograms
     from onnxcompress.pipeline import PassContext
     from onnxcompress.registry import build_pipeline
@@ -310,8 +316,8 @@ def test_calibration_pushes_hardswish_outputs_forward() -> None:
     data = open_data(FIXTURES / "mobilenet_se_calib.npz", m, batch_size=8)
     p = Int8(Int8Options())
     state = p._prepare(m, PassContext(calibration=data), p.options, {})
-    names = qdq.calibrated_tensors(qdq.plan(state.model, state.allowed).tensors, state.derived)
-    funcs = qdq.pushed_forward(state.derived, names)
+    names = ranges.calibrated_tensors(qdq.plan(state.model, state.allowed).tensors, state.derived)
+    funcs = ranges.pushed_forward(state.derived, names)
     assert len(funcs) == 4 and not set(funcs) & set(names)
     pushed = collect_histograms(state.model, names, data, channels=True, functions=funcs)
     direct = collect_histograms(state.model, names + list(funcs), data, channels=True)

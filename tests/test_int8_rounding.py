@@ -10,7 +10,7 @@ from onnx import helper, numpy_helper
 
 import onnxcompress as oc
 from onnxcompress.data import open_data
-from onnxcompress.passes.int8 import Int8, Int8Options, qdq
+from onnxcompress.passes.int8 import Int8, Int8Options, ranges, write
 from onnxcompress.passes.int8.calibration import StreamingHistogram, low_through
 from onnxcompress.passes.int8.rounding import GptqRounder, gptq_round, input_hessians
 from onnxcompress.pipeline import PassContext
@@ -70,7 +70,7 @@ def test_rounder_handles_grouped_convs_and_keeps_the_layout() -> None:
         n_in = 8 // group * 9
         assert hs["conv"].shape == (group, n_in, n_in)
         w = numpy_helper.to_array(m.graph.initializer[0])
-        q0, s = qdq.quantize_weight(w, 0)
+        q0, s = write.quantize_weight(w, 0)
         q = GptqRounder(hs)(node, w, s, 0)
         assert q is not None and q.shape == w.shape and q.dtype == np.int8
         wq = q.astype(np.float32) * s[:, None, None, None]
@@ -139,7 +139,7 @@ def _silu_tail_model() -> onnx.ModelProto:
 
 def test_through_activations_only_where_silu_is_the_only_reader() -> None:
     m = _silu_tail_model()
-    through = qdq.through_activations(m, qdq.derived_tensors(m))
+    through = ranges.through_activations(m, ranges.derived_tensors(m))
     assert set(through) == {"z1"}  # z2 is read by a Relu too
     v = np.linspace(-6, 6, 13)
     np.testing.assert_allclose(through["z1"](v), _silu(v), rtol=1e-12, atol=1e-15)
@@ -147,7 +147,7 @@ def test_through_activations_only_where_silu_is_the_only_reader() -> None:
 
 def test_tail_nodes_are_those_after_the_last_compute_layer() -> None:
     m = _silu_tail_model()
-    assert qdq.tail_nodes(m) == {"sig_out", "reshape", "relu2"}
+    assert ranges.tail_nodes(m) == {"sig_out", "reshape", "relu2"}
 
 
 def test_a_second_run_with_the_same_context_reuses_the_gptq_statistics() -> None:

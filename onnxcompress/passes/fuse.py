@@ -31,12 +31,12 @@ outputs.
 Affine folding (``affine``): ``Conv(x) · a + b`` with constants a, b that are scalars or
 vary only along the output channel — BatchNormalization exported as Mul/Add, learnable
 affine blocks — becomes one Conv with ``W'_c = a_c W_c``, ``b'_c = a_c b_c + b_c``
-(:func:`onnxcompress.passes.int8.prepare.fold_affine`, which int8 runs too), again exact
+(:func:`onnxcompress.folds.fold_affine`, which int8 runs too), again exact
 up to rounding. onnxruntime does not fold a scalar Mul/Add into the Conv itself and
 reorders out of its blocked layout for each. The same block after an activation,
 ``y = a·h + b`` read only by Convs that pad nothing (1×1), goes into those Convs:
 ``W'[o, c] = a_c·W[o, c]``, ``b'_o = b_o + Σ_{c,…} W[o, c, …]·b_c``
-(:func:`~onnxcompress.passes.int8.prepare.fold_affine_forward`; a padded Conv pads y
+(:func:`~onnxcompress.folds.fold_affine_forward`; a padded Conv pads y
 with zeros, not with b, so it is left alone). ConvTranspose takes its bias Add and
 a BatchNormalization after it too (onnxruntime folds BatchNormalization into Conv only).
 
@@ -44,7 +44,7 @@ Where neither fold applies — a scale/shift after a Conv's activation read by a
 Conv (learnable affine blocks before depthwise 3×3/5×5 convs) —
 ``y = a·h + b`` becomes a depthwise 1×1 Conv, ``W[c] = a_c``, ``bias[c] = b_c``,
 ``group = C`` (``affine_depthwise``;
-:func:`~onnxcompress.passes.int8.prepare.affine_to_depthwise`): the same product and
+:func:`~onnxcompress.folds.affine_to_depthwise`): the same product and
 sum per value, but onnxruntime runs a Conv in its blocked layout where a Mul/Add costs a
 reorder out and back. Only after a Conv or its activation (a
 tensor already in the blocked layout) and on 4-D tensors with spatial extent.
@@ -81,11 +81,16 @@ import onnx
 from onnx import helper, numpy_helper
 
 from ..errors import OnnxCompressError
-from ..graph import drop_stale_value_info, graph_index
+from ..folds import (
+    affine_to_depthwise,
+    fold_affine,
+    fold_affine_forward,
+    fold_batchnorm,
+)
+from ..graph import clip_bounds, drop_stale_value_info, graph_index
 from ..model import node_attr
 from ..pipeline import Pass, PassContext, PassResult
 from ..validate import lost_fusions, runtime_fusions
-from .int8.qdq import clip_bounds
 
 log = logging.getLogger(__name__)
 
@@ -120,8 +125,6 @@ class Fuse(Pass):
     rel_range = 1e-2
 
     def run(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
-        from .int8.prepare import affine_to_depthwise, fold_affine, fold_affine_forward, fold_batchnorm
-
         opts: FuseOptions = self.options
 
         def affine(m: onnx.ModelProto) -> dict[str, int]:

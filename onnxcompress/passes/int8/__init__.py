@@ -15,7 +15,7 @@ an accuracy control and a latency guard.
    edge back to float, graph outputs), and graph inputs (raw data: pixels), get their
    min/max: clipping there reaches the output directly. A tensor whose range follows
    from a binned one (scalar Mul/Add, Clip/Relu, Sigmoid, data movement, Concat:
-   :func:`qdq.derived_tensors`) is not binned itself.
+   :func:`ranges.derived_tensors`) is not binned itself.
    A tensor read only by SiLU/HardSwish (``through``) gets its low end from the error
    after the activation (:func:`calibration.low_through`).
    **Weights** are 7-bit (|q| ≤ 63) for ``target=portable`` (the default) and ``avx2``,
@@ -24,7 +24,7 @@ an accuracy control and a latency guard.
    the target goes into the model's metadata. They are rounded by GPTQ (``gptq``, :mod:`rounding`): each layer's columns in
    turn, the rounding error moved onto the columns not yet rounded along H⁻¹, H = E[x·xᵀ]
    of its input on the check samples. Nodes after the last compute layer stay float
-   (``float_tail``, :func:`qdq.tail_nodes`).
+   (``float_tail``, :func:`ranges.tail_nodes`).
 4. **Head correction** (``head_correction``, on): the last quantized Conv/Gemm before
    each output gets its bias shifted by minus its total mean error per channel on the
    check samples (upstream error included — nothing downstream absorbs it): a detector's
@@ -88,8 +88,9 @@ import onnx
 from ... import isa
 from ...data import LimitedSource, take_samples
 from ...errors import OptionError
+from ...folds import fold_affine, fold_batchnorm
 from ...pipeline import Pass, PassContext, PassResult
-from . import prepare, qdq
+from . import prepare, qdq, ranges, write
 from .calibration import collect_histograms, low_through, tensor_range
 from .control import (
     AccuracyControl,
@@ -162,9 +163,9 @@ class Int8(ControlSteps, GuardSteps, Pass):
         widest = state.widest = qdq.plan(state.model, state.allowed)
         if not widest.nodes:
             return False
-        names = qdq.calibrated_tensors(widest.tensors, state.derived)
+        names = ranges.calibrated_tensors(widest.tensors, state.derived)
         t0 = time.perf_counter()
-        pushed = qdq.pushed_forward(state.derived, names)
+        pushed = ranges.pushed_forward(state.derived, names)
         state.hists = collect_histograms(state.model, names, LimitedSource(ctx.calibration, opts.samples),
                                          provider=ctx.provider, seed=ctx.seed, progress=ctx.progress,
                                          channels=opts.max_drop > 0, functions=pushed)
@@ -292,8 +293,8 @@ class Int8(ControlSteps, GuardSteps, Pass):
                 stats["opset"] = f"kept {opset}: upgrade failed ({why}); weights per tensor"
                 log.warning("int8: opset %d could not be upgraded to 13 (%s); weights are quantized per tensor",
                             opset, why)
-        stats["batchnorm_folded"] = prepare.fold_batchnorm(m)
-        stats["affine_folded"] = prepare.fold_affine(m)
+        stats["batchnorm_folded"] = fold_batchnorm(m)
+        stats["affine_folded"] = fold_affine(m)
         stats["div_to_mul"] = prepare.div_to_mul(m)
         hard: list[prepare.HardActivation] = []
         if opts.decompose:
@@ -304,20 +305,20 @@ class Int8(ControlSteps, GuardSteps, Pass):
         excluded = _excluded(m, opts.exclude)
         allowed = {n.name for n in m.graph.node} - excluded
         if opts.float_tail:
-            tail = qdq.tail_nodes(m) & allowed
+            tail = ranges.tail_nodes(m) & allowed
             allowed -= tail
             stats["tail_float"] = len(tail)
         bounds = {}
         for n in m.graph.node:
             if n.op_type in qdq.FUSED_ACTIVATIONS and n.output:
                 bounds[n.output[0]] = qdq.fused_bounds(n, inits)
-        derived = qdq.derived_tensors(m)
+        derived = ranges.derived_tensors(m)
         target = isa.resolve_target(opts.target, ctx.provider)
         bits = 7 if isa.WEIGHT_MAX[target] < 127 else 8
         stats["target"] = {"option": opts.target, "resolved": target, "host": isa.describe_host(), "weight_bits": bits}
         stats["weights"] = f"{bits}-bit for {target}"  # the report's one-line form
         return State(m, inits, allowed, {}, bounds, per_channel, hard=hard, derived=derived,
-                      through=qdq.through_activations(m, derived) if opts.through else {}, excluded=excluded,
+                      through=ranges.through_activations(m, derived) if opts.through else {}, excluded=excluded,
                       weight_max=isa.WEIGHT_MAX[target])
 
     def _ranges(self, state: State, opts: Int8Options, method: str, p: qdq.Plan | None = None,
@@ -336,7 +337,7 @@ class Int8(ControlSteps, GuardSteps, Pass):
                         base[t] = (low_through(state.hists[t], f, lo, hi), hi)
         out = dict(state.base_ranges[method])
         seen = {t: (h.min, h.max) for t, h in state.hists.items() if h.signed is not None}
-        qdq.resolve_ranges(out, state.derived, seen)
+        ranges.resolve_ranges(out, state.derived, seen)
         if p is not None:
             read = set()
             for n in state.model.graph.node:
@@ -345,7 +346,7 @@ class Int8(ControlSteps, GuardSteps, Pass):
             edge = (p.tensors - read) | {i.name for i in state.model.graph.input}
             if edge & p.tensors:
                 mm = {t: tensor_range(h, "minmax", symmetric=sym) for t, h in state.hists.items()}
-                qdq.resolve_ranges(mm, state.derived, seen)
+                ranges.resolve_ranges(mm, state.derived, seen)
                 out.update({t: mm[t] for t in edge & p.tensors if t in mm})
         return out
 
@@ -362,8 +363,8 @@ class Int8(ControlSteps, GuardSteps, Pass):
             if missing:
                 raise RuntimeError(f"int8: no calibrated range for {missing[:3]} (internal error)")
         ranges = self._ranges(state, opts, method, p)
-        params = qdq.tensor_params(p, ranges, opts.activations, state.bounds)
-        q = qdq.insert_qdq(state.model, p, params, act_type=opts.activations, per_channel=state.per_channel,
+        params = write.tensor_params(p, ranges, opts.activations, state.bounds)
+        q = write.insert_qdq(state.model, p, params, act_type=opts.activations, per_channel=state.per_channel,
                            bias=opts.bias, bias_shift=state.bias_shift, rounding=state.rounder,
                            keep_float=state.excluded, weight_max=state.weight_max)
         prepare.recompose_hard_activations(q, state.hard, p.nodes)

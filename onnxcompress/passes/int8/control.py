@@ -23,7 +23,7 @@ from ...validate import (
     is_class_scores,
     is_feature_table,
 )
-from . import qdq
+from . import qdq, write
 from .options import FLOAT_STEPS, PREFIX_LEVELS, UNFLOAT_SLACK, Int8Options
 from .refit import refit_convs
 from .state import State, _round
@@ -233,7 +233,7 @@ class ControlSteps:
         A step of 1-2 is kept only if agreement improves (moving float boundaries can also
         make it worse)."""
         ranges = self._ranges(state, opts, method, p)
-        params = qdq.tensor_params(p, ranges, opts.activations, state.bounds)
+        params = write.tensor_params(p, ranges, opts.activations, state.bounds)
         scores = {}
         for t in p.tensors:
             d = state.derived.get(t)

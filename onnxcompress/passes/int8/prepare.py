@@ -27,14 +27,13 @@
 from __future__ import annotations
 
 import logging
-from collections import defaultdict
 from dataclasses import dataclass
 
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from ...graph import graph_index
+from ...graph import drop_unused_initializers
 from ...model import default_opset, node_attr
 
 log = logging.getLogger(__name__)
@@ -62,327 +61,6 @@ def upgrade_opset(model: onnx.ModelProto, target: int = PER_CHANNEL_OPSET) -> on
     return new
 
 
-def _absorb(g: onnx.GraphProto, conv: onnx.NodeProto, w: np.ndarray, b: np.ndarray, follower: onnx.NodeProto,
-            tag: str) -> None:
-    """Give ``conv`` the new weights and bias and ``follower``'s output; drop ``follower``."""
-    wname, bname = f"{conv.name}_W_{tag}", f"{conv.name}_B_{tag}"
-    g.initializer.extend([numpy_helper.from_array(w, wname), numpy_helper.from_array(b, bname)])
-    conv.input[1] = wname
-    if len(conv.input) > 2:
-        conv.input[2] = bname
-    else:
-        conv.input.append(bname)
-    conv.output[0] = follower.output[0]
-    g.node.remove(follower)
-
-
-def fold_batchnorm(model: onnx.ModelProto, producers: tuple[str, ...] = ("Conv", "ConvTranspose")) -> int:
-    """Fold every BatchNormalization that reads the sole output of a node of ``producers``
-    (Conv, ConvTranspose); the number folded."""
-    g = model.graph
-    inits = {t.name: t for t in g.initializer}
-    readers: dict[str, int] = defaultdict(int)
-    for n in g.node:
-        for i in n.input:
-            readers[i] += 1
-    outputs = {o.name for o in g.output}
-    producer = {o: n for n in g.node for o in n.output}
-    folded = 0
-    for bn in list(g.node):
-        if bn.op_type != "BatchNormalization" or len(bn.output) != 1 or any(x not in inits for x in bn.input[1:5]):
-            continue
-        conv = producer.get(bn.input[0])
-        if conv is None or conv.op_type not in producers or len(conv.input) < 2:
-            continue
-        if readers[bn.input[0]] != 1 or bn.input[0] in outputs or conv.input[1] not in inits:
-            continue
-        if len(conv.input) > 2 and conv.input[2] and conv.input[2] not in inits:
-            continue
-        w = numpy_helper.to_array(inits[conv.input[1]]).astype(np.float64)
-        gamma, beta, mean, var = (numpy_helper.to_array(inits[x]).astype(np.float64) for x in bn.input[1:5])
-        eps = float(node_attr(bn, "epsilon", 1e-5))
-        with np.errstate(invalid="ignore", divide="ignore"):
-            k = gamma / np.sqrt(var + eps)
-        if not np.all(np.isfinite(k)):
-            continue  # a negative variance or zero-width BN: leave it to run as it is
-        if conv.op_type == "Conv":
-            if w.shape[0] != k.size:
-                continue
-            w2 = w * k.reshape(-1, *([1] * (w.ndim - 1)))
-        else:
-            group = int(node_attr(conv, "group", 1))
-            per = w.shape[1]
-            if per * group != k.size:
-                continue
-            w2 = w.reshape(group, w.shape[0] // group, per, *w.shape[2:]) * k.reshape(group, 1, per, *([1] * (w.ndim - 2)))
-            w2 = w2.reshape(w.shape)
-        b = numpy_helper.to_array(inits[conv.input[2]]).astype(np.float64) if len(conv.input) > 2 and conv.input[2] else 0.0
-        b2 = k * (b - mean) + beta
-        dtype = numpy_helper.to_array(inits[conv.input[1]]).dtype
-        _absorb(g, conv, w2.astype(dtype), b2.astype(dtype), bn, f"bnfold{folded}")
-        folded += 1
-    if folded:
-        _drop_unused_initializers(model)
-    return folded
-
-
-def _channel_vector(c: np.ndarray, out_rank: int, channels: int) -> np.ndarray | None:
-    """``c`` as a length-``channels`` vector if it broadcasts only along axis 1 of a rank-``out_rank`` tensor."""
-    if c.ndim > out_rank:
-        return None
-    if c.size == 1:
-        return np.full(channels, float(c.reshape(())), dtype=np.float64)
-    shape = [1] * (out_rank - c.ndim) + list(c.shape)
-    if shape[1] != channels or any(d != 1 for i, d in enumerate(shape) if i != 1):
-        return None
-    return c.reshape(-1).astype(np.float64)
-
-
-def _constant_operand(n: onnx.NodeProto | None, inits: dict[str, onnx.TensorProto]) -> tuple[str, np.ndarray] | None:
-    """(data input, float32 constant) if ``n`` is a Mul/Add of one tensor and one constant."""
-    if n is None or n.op_type not in ("Mul", "Add") or len(n.input) != 2:
-        return None
-    const = [i for i in n.input if i in inits]
-    data = [i for i in n.input if i not in inits]
-    if len(const) != 1 or len(data) != 1:
-        return None
-    arr = numpy_helper.to_array(inits[const[0]])
-    return (data[0], arr) if arr.dtype == np.float32 else None
-
-
-def _compose(chain: list[tuple[onnx.NodeProto, np.ndarray]], channels: int) -> tuple[np.ndarray, np.ndarray]:
-    """(a, b) with ``y = a·h + b`` for a chain of Mul/Add given from y back to h, each with
-    its per-channel constant."""
-    a, b = np.ones(channels), np.zeros(channels)
-    for n, vec in reversed(chain):  # from h forward
-        if n.op_type == "Mul":
-            a, b = a * vec, b * vec
-        else:
-            b = b + vec
-    return a, b
-
-
-def fold_affine(model: onnx.ModelProto) -> int:
-    """Fold constant per-channel Mul/Add that follow a Conv or ConvTranspose into it; the
-    number folded. (ConvTranspose's weights are [C_in, C_out/group, …]: output channel
-    g·C_out/group + j is column j of group g's rows.)"""
-    g = model.graph
-    folded = 0
-    changed = True
-    while changed:
-        changed = False
-        inits, readers, outputs = graph_index(g)
-        for conv in g.node:
-            if conv.op_type not in ("Conv", "ConvTranspose") or len(conv.input) < 2 or conv.input[1] not in inits:
-                continue
-            y = conv.output[0]
-            nxt = readers.get(y, [])
-            if len(nxt) != 1 or y in outputs:
-                continue
-            op = nxt[0]
-            if op.op_type not in ("Mul", "Add") or len(op.input) != 2:
-                continue
-            other = op.input[1] if op.input[0] == y else op.input[0]
-            if other not in inits or other == y:
-                continue
-            if len(conv.input) > 2 and conv.input[2] and conv.input[2] not in inits:
-                continue
-            w = numpy_helper.to_array(inits[conv.input[1]])
-            if w.dtype != np.float32:
-                continue
-            group = int(node_attr(conv, "group", 1))
-            cout = w.shape[0] if conv.op_type == "Conv" else w.shape[1] * group
-            c = _channel_vector(numpy_helper.to_array(inits[other]), w.ndim, cout)
-            if c is None:
-                continue
-            b = (numpy_helper.to_array(inits[conv.input[2]]).astype(np.float64)
-                 if len(conv.input) > 2 and conv.input[2] else np.zeros(cout))
-            if op.op_type == "Mul":
-                if conv.op_type == "Conv":
-                    w2 = (w.astype(np.float64) * c.reshape(-1, *([1] * (w.ndim - 1)))).astype(np.float32)
-                else:
-                    gw = w.astype(np.float64).reshape(group, w.shape[0] // group, *w.shape[1:])
-                    w2 = (gw * c.reshape(group, 1, -1, *([1] * (w.ndim - 2)))).reshape(w.shape).astype(np.float32)
-                b2 = b * c
-            else:
-                w2 = w
-                b2 = b + c
-            _absorb(g, conv, w2, b2.astype(np.float32), op, f"affine{folded}")
-            folded += 1
-            changed = True
-            break
-    if folded:
-        _drop_unused_initializers(model)
-    return folded
-
-
-def _unpadded(conv: onnx.NodeProto) -> bool:
-    """True when ``conv`` pads nothing (explicit zero pads, VALID, or no padding attribute)."""
-    auto = node_attr(conv, "auto_pad", b"NOTSET")
-    auto = auto.decode() if isinstance(auto, bytes) else str(auto)
-    if auto not in ("NOTSET", "VALID"):
-        return False
-    return all(int(p) == 0 for p in node_attr(conv, "pads", []) or [])
-
-
-def fold_affine_forward(model: onnx.ModelProto) -> int:
-    """Fold ``y = a·h + b`` (a chain of constant Mul/Add, each constant a scalar or varying
-    only along axis 1) into the Convs that read ``y``, when every reader of ``y`` is an
-    unpadded Conv with constant weights reading it as its input:
-    ``W'[o, c, …] = W[o, c, …]·a[c]``, ``bias'[o] = bias[o] + Σ_{c,…} W[o, c, …]·b[c]``
-    (c the input channel of o's group). Exact only without padding: a padded Conv pads y
-    with zeros, which are not a·0 + b. Returns the number of Mul/Add removed."""
-    g = model.graph
-    removed = 0
-    changed = True
-    while changed:
-        changed = False
-        inits, readers, outputs = graph_index(g)
-        producer = {o: n for n in g.node for o in n.output}
-        for last in g.node:
-            if last.op_type not in ("Mul", "Add") or len(last.input) != 2:
-                continue
-            y = last.output[0]
-            convs = readers.get(y, [])
-            if not convs or y in outputs or any(
-                    c.op_type != "Conv" or list(c.input).count(y) != 1 or c.input[0] != y or len(c.input) < 2
-                    or c.input[1] not in inits or (len(c.input) > 2 and c.input[2] and c.input[2] not in inits)
-                    or not _unpadded(c) for c in convs):
-                continue
-            ws = [numpy_helper.to_array(inits[c.input[1]]) for c in convs]
-            if any(w.dtype != np.float32 or w.ndim < 3 for w in ws):
-                continue
-            channels = {w.shape[1] * int(node_attr(c, "group", 1)) for w, c in zip(ws, convs)}
-            if len(channels) != 1:
-                continue
-            cin, rank = channels.pop(), ws[0].ndim
-            # walk back through the chain: steps from h to y, each reading only its predecessor
-            chain: list[tuple[onnx.NodeProto, np.ndarray]] = []
-            node = last
-            while (op := _constant_operand(node, inits)) is not None:
-                vec = _channel_vector(op[1], rank, cin)
-                if vec is None:
-                    break
-                chain.append((node, vec))
-                prev = producer.get(op[0])
-                if (prev is None or len(readers.get(op[0], [])) != 1 or op[0] in outputs):
-                    break
-                node = prev
-            if not chain:
-                continue
-            h = next(i for i in chain[-1][0].input if i not in inits)
-            a, b = _compose(chain, cin)
-            for k, (conv, w) in enumerate(zip(convs, ws)):
-                group = int(node_attr(conv, "group", 1))
-                per_o = np.repeat(np.arange(group), w.shape[0] // group)  # group of each output channel
-                a_o = a.reshape(group, -1)[per_o]  # [O, C/G]
-                b_o = b.reshape(group, -1)[per_o]
-                wd = w.astype(np.float64)
-                w2 = wd * a_o.reshape(*a_o.shape, *([1] * (rank - 2)))
-                bias = (numpy_helper.to_array(inits[conv.input[2]]).astype(np.float64)
-                        if len(conv.input) > 2 and conv.input[2] else np.zeros(w.shape[0]))
-                bias2 = bias + (wd.sum(axis=tuple(range(2, rank))) * b_o).sum(axis=1)
-                tag = f"affine_in{removed}_{k}"  # unique even for unnamed Convs
-                wname, bname = f"{conv.name}_W_{tag}", f"{conv.name}_B_{tag}"
-                g.initializer.extend([numpy_helper.from_array(w2.astype(np.float32), wname),
-                                      numpy_helper.from_array(bias2.astype(np.float32), bname)])
-                conv.input[0], conv.input[1] = h, wname
-                if len(conv.input) > 2:
-                    conv.input[2] = bname
-                else:
-                    conv.input.append(bname)
-            for n, _ in chain:
-                g.node.remove(n)
-            removed += len(chain)
-            changed = True
-            break
-    if removed:
-        _drop_unused_initializers(model)
-    return removed
-
-
-ACTIVATIONS_AFTER_CONV = frozenset({"Relu", "Clip", "Sigmoid", "HardSigmoid", "HardSwish", "LeakyRelu", "Tanh"})
-
-
-def _after_conv(name: str, producer: dict[str, onnx.NodeProto]) -> bool:
-    """``name`` is a Conv's output or an activation of one (hard-swish as x·HardSigmoid(x)
-    included): onnxruntime keeps such a tensor in its blocked layout."""
-    n = producer.get(name)
-    if n is None:
-        return False
-    if n.op_type == "Conv":
-        return True
-    if n.op_type in ACTIVATIONS_AFTER_CONV:
-        src = producer.get(n.input[0])
-        return src is not None and src.op_type == "Conv"
-    if n.op_type == "Mul" and len(n.input) == 2:  # x·HardSigmoid(x)
-        for a, b in ((0, 1), (1, 0)):
-            hs = producer.get(n.input[b])
-            if hs is not None and hs.op_type == "HardSigmoid" and hs.input[0] == n.input[a]:
-                src = producer.get(n.input[a])
-                return src is not None and src.op_type == "Conv"
-    return False
-
-
-def affine_to_depthwise(model: onnx.ModelProto) -> int:
-    """Rewrite ``y = a·h + b`` (a chain of constant Mul/Add, each constant a scalar or
-    varying only along axis 1) after a Conv's activation as one depthwise 1×1 Conv:
-    ``W[c, 0, 0, 0] = a[c]``, ``bias[c] = b[c]``, ``group = C`` — the same products and
-    sums, for any reader (padded ones included, which :func:`fold_affine_forward` must
-    leave alone). h must be 4-D with a known channel count. Returns the number of
-    Mul/Add replaced."""
-    g = model.graph
-    inits, readers, outputs = graph_index(g)
-    producer = {o: n for n in g.node for o in n.output}
-    shapes = {v.name: v.type.tensor_type.shape for v in [*g.value_info, *g.input]
-              if v.type.HasField("tensor_type") and v.type.tensor_type.HasField("shape")}
-
-    replaced = 0
-    replace: dict[int, onnx.NodeProto] = {}
-    drop: set[int] = set()
-    for last in g.node:
-        if _constant_operand(last, inits) is None:
-            continue
-        y = last.output[0]
-        nxt = readers.get(y, [])
-        if len(nxt) == 1 and y not in outputs and _constant_operand(nxt[0], inits) is not None:
-            continue  # not the end of its chain
-        chain: list[tuple[onnx.NodeProto, np.ndarray]] = []  # from y back to h
-        node: onnx.NodeProto | None = last
-        while (op := _constant_operand(node, inits)) is not None:
-            chain.append((node, op[1]))
-            h = op[0]
-            prev = producer.get(h)
-            if _constant_operand(prev, inits) is None or len(readers.get(h, [])) != 1 or h in outputs:
-                break
-            node = prev
-        sh = shapes.get(h)
-        if (sh is None or len(sh.dim) != 4 or not sh.dim[1].HasField("dim_value") or sh.dim[1].dim_value < 1
-                or all(d.HasField("dim_value") and d.dim_value == 1 for d in sh.dim[2:])  # [N, C, 1, 1]: no gain
-                or not _after_conv(h, producer)):
-            continue
-        cin = sh.dim[1].dim_value
-        per_channel = [(n, v) for n, arr in chain if (v := _channel_vector(arr, 4, cin)) is not None]
-        if len(per_channel) != len(chain):
-            continue
-        a, b = _compose(per_channel, cin)
-        tag = f"{last.name or y}_depthwise"
-        wname, bname = f"{tag}_W", f"{tag}_B"
-        g.initializer.extend([numpy_helper.from_array(a.reshape(cin, 1, 1, 1).astype(np.float32), wname),
-                              numpy_helper.from_array(b.astype(np.float32), bname)])
-        replace[id(last)] = helper.make_node("Conv", [h, wname, bname], [y], name=tag, group=cin,
-                                             kernel_shape=[1, 1])
-        drop.update(id(n) for n, _ in chain[1:])
-        replaced += len(chain)
-    if not replace:
-        return 0
-    nodes = [replace.get(id(n), n) for n in g.node if id(n) not in drop]
-    del g.node[:]
-    g.node.extend(nodes)
-    _drop_unused_initializers(model)
-    return replaced
-
-
 def div_to_mul(model: onnx.ModelProto) -> int:
     """Rewrite ``Div(x, c)`` with a constant float ``c`` (no zeros) as ``Mul(x, 1/c)``."""
     g = model.graph
@@ -400,7 +78,7 @@ def div_to_mul(model: onnx.ModelProto) -> int:
         n.input[1] = name
         done += 1
     if done:
-        _drop_unused_initializers(model)
+        drop_unused_initializers(model)
     return done
 
 
@@ -485,16 +163,8 @@ def recompose_hard_activations(model: onnx.ModelProto, acts: list[HardActivation
     kept = [n for n in kept if n is not None and not (n.op_type == "DequantizeLinear" and n.output[0] not in read)]
     del g.node[:]
     g.node.extend(kept)
-    _drop_unused_initializers(model)
+    drop_unused_initializers(model)
     return sum(1 for v in replace.values() if v is not None)
-
-
-def _drop_unused_initializers(model: onnx.ModelProto) -> None:
-    g = model.graph
-    used = {i for n in g.node for i in n.input} | {o.name for o in g.output}
-    keep = [t for t in g.initializer if t.name in used]
-    del g.initializer[:]
-    g.initializer.extend(keep)
 
 
 def opset_of(model: onnx.ModelProto) -> int:

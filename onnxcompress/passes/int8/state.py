@@ -15,7 +15,7 @@ import onnx
 
 from ... import isa
 from ...errors import OptionError
-from . import prepare, qdq
+from . import prepare, qdq, ranges
 from .calibration import StreamingHistogram
 from .rounding import GptqRounder
 
@@ -37,7 +37,7 @@ class State:
     readers: dict[str, list[onnx.NodeProto]] = field(default_factory=dict)  # tensor → nodes reading it
     hard: list[prepare.HardActivation] = field(default_factory=list)  # decomposed, put back where float
     widest: qdq.Plan | None = None  # the placement with every allowed node quantized
-    derived: dict[str, qdq.Derived] = field(default_factory=dict)  # ranges that follow from others'
+    derived: dict[str, ranges.Derived] = field(default_factory=dict)  # ranges that follow from others'
     through: dict[str, Callable[[np.ndarray], np.ndarray]] = field(default_factory=dict)  # x read only by f(x)
     rounder: GptqRounder | None = None  # GPTQ weight rounding (None: nearest)
     macs: dict[str, int] = field(default_factory=dict)  # Conv/Gemm/MatMul → MACs per check sample
