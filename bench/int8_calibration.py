@@ -77,7 +77,8 @@ def worker(side: str, shared: Path, name: str, samples: int) -> dict:
         from onnxcompress.data import open_data
         from onnxcompress.passes.int8 import Int8, Int8Options, qdq
         from onnxcompress.passes.int8 import ranges as derived
-        from onnxcompress.passes.int8.calibration import collect_histograms, tensor_range
+        from onnxcompress.passes.int8.calibration import collect_histograms
+        from onnxcompress.passes.int8.thresholds import tensor_range
         from onnxcompress.pipeline import PassContext
         from onnxcompress.registry import build_pipeline
 

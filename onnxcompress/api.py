@@ -156,17 +156,8 @@ def _optimize(model: ModelLike, passes: PassesLike, calibration: DataLike | None
         log.warning("no calibration data: the default pipeline only canonicalizes; give calibration data to compress")
     # fail early, naming the input, if onnxruntime cannot load the original at all
     make_session(original, provider, optimize=False, label=f"{in_path or 'input model'}")
-    open_kw = dict(batch_size=batch_size, image_options=image_options, nonfinite=nonfinite)
-    calib = open_data(calibration, original, limit=calib_limit, **open_kw) if calibration is not None else None  # type: ignore[arg-type]
-    if validation is False:
-        val: DataSource | None = None
-    elif validation is not None:
-        val = open_data(validation, original, limit=val_limit, **open_kw)  # type: ignore[arg-type]
-    elif calib is not None:
-        val = calib if val_limit is None else open_data(calibration, original, limit=val_limit, **open_kw)  # type: ignore[arg-type]
-    else:
-        val = RandomSource(input_specs(original), num_samples=val_limit or 8, batch_size=batch_size, seed=seed, shapes=input_shapes)
-
+    calib, val = _sources(original, calibration, validation, calib_limit, val_limit, batch_size, image_options,
+                          nonfinite, seed, input_shapes)
     sample = first_batch(val) if val is not None else (first_batch(calib) if calib is not None else None)
     shapes = dict(input_shapes or {})
     if sample is not None:
@@ -194,25 +185,10 @@ def _optimize(model: ModelLike, passes: PassesLike, calibration: DataLike | None
     fallback = None
     latency_result = None
     if latency and sample is not None:
-        feeds = batch_of(sample, latency_batch, original)
-        # at least 9 interleaved rounds, twice where the rewrite is kept: the answer is the
-        # model as given unless the rewrite is KEEP_GAIN faster in both (one timing on a
-        # shared machine is off by a few percent, more on a model that runs in microseconds)
-        n = next(iter(feeds.values())).shape[0] if feeds else 1
-        ratios: list[float] = []
-        for _ in range(1 if allow_slower or result is original else 2):
-            b, a = measure_latency([original, result], feeds, provider=provider, runs=max(latency_runs, 45),
-                                   min_seconds=1.0, threads=threads, progress=progress,
-                                   labels=["original model", "optimized model"])
-            ratios.append(a / b)
-            if ratios[-1] > 1 - KEEP_GAIN:
-                break
-        if max(ratios) > 1 - KEEP_GAIN and result is not original and not allow_slower:
-            fallback = (f"the rewritten model ran {' and '.join(f'{r:.3f}×' for r in ratios)} the time of the model "
-                        f"as given (batch {n}), not {KEEP_GAIN:.0%} faster: the model as given is the answer")
-            log.warning("%s", fallback)
-            result, steps, thresholds, a = original, [], Thresholds.exact(), b
-        latency_result = LatencyResult(provider, n, b, a)
+        latency_result, fallback = _time_against_given(original, result, batch_of(sample, latency_batch, original),
+                                                       provider, latency_runs, threads, progress, allow_slower)
+        if fallback:
+            result, steps, thresholds = original, [], Thresholds.exact()
     after = summarize(result, shapes)
 
     report = OptimizeReport(passes=steps, before=before, after=after, input_path=in_path,
@@ -232,6 +208,48 @@ def _optimize(model: ModelLike, passes: PassesLike, calibration: DataLike | None
         else:
             log.warning("validation failed; %s not written (keep_failed writes it anyway)", output)
     return result, report
+
+
+def _sources(original: onnx.ModelProto, calibration: DataLike | None, validation: DataLike | Literal[False] | None,
+             calib_limit: int | None, val_limit: int | None, batch_size: int, image_options: ImageOptions | None,
+             nonfinite: Literal["error", "skip"], seed: int, input_shapes: Mapping[str, Sequence[int]] | None,
+             ) -> tuple[DataSource | None, DataSource | None]:
+    """The calibration source, and the validation source: the one given, else the
+    calibration data, else seeded random inputs (None: validation off)."""
+    open_kw: dict[str, Any] = dict(batch_size=batch_size, image_options=image_options, nonfinite=nonfinite)
+    calib = open_data(calibration, original, limit=calib_limit, **open_kw) if calibration is not None else None
+    if validation is False:
+        return calib, None
+    if validation is not None:
+        return calib, open_data(validation, original, limit=val_limit, **open_kw)
+    if calib is not None:
+        return calib, calib if val_limit is None else open_data(calibration, original, limit=val_limit, **open_kw)
+    return calib, RandomSource(input_specs(original), num_samples=val_limit or 8, batch_size=batch_size, seed=seed,
+                               shapes=input_shapes)
+
+
+def _time_against_given(original: onnx.ModelProto, result: onnx.ModelProto, feeds: dict[str, Any], provider: str,
+                        latency_runs: int, threads: int | None, progress: Progress, allow_slower: bool,
+                        ) -> tuple[LatencyResult, str | None]:
+    """Time the result against the model as given; where it is not ``KEEP_GAIN`` faster in
+    two timings of at least 9 interleaved rounds (one timing on a shared machine is off by
+    a few percent, more on a model that runs in microseconds), the reason the model as
+    given is the answer (None: the result stands). The latency reported is of the answer."""
+    n = next(iter(feeds.values())).shape[0] if feeds else 1
+    ratios: list[float] = []
+    for _ in range(1 if allow_slower or result is original else 2):
+        b, a = measure_latency([original, result], feeds, provider=provider, runs=max(latency_runs, 45),
+                               min_seconds=1.0, threads=threads, progress=progress,
+                               labels=["original model", "optimized model"])
+        ratios.append(a / b)
+        if ratios[-1] > 1 - KEEP_GAIN:
+            break
+    if max(ratios) > 1 - KEEP_GAIN and result is not original and not allow_slower:
+        fallback = (f"the rewritten model ran {' and '.join(f'{r:.3f}×' for r in ratios)} the time of the model "
+                    f"as given (batch {n}), not {KEEP_GAIN:.0%} faster: the model as given is the answer")
+        log.warning("%s", fallback)
+        return LatencyResult(provider, n, b, b), fallback
+    return LatencyResult(provider, n, b, a), None
 
 
 def validate_models(

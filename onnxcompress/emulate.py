@@ -31,6 +31,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from .graph import producers
 from .model import node_attr
 
 log = logging.getLogger(__name__)
@@ -77,7 +78,7 @@ def quantized_layers(model: onnx.ModelProto) -> list[Layer]:
     """The model's U8S8 layers (Conv/MatMul/Gemm reading DQ(uint8) and DQ(int8 const)),
     each with its weight pairs that can saturate, in graph order."""
     vals = _init_or_const(model)
-    prod = {o: n for n in model.graph.node for o in n.output}
+    prod = producers(model.graph)
     out = []
     for n in model.graph.node:
         if n.op_type not in ("Conv", "MatMul", "Gemm") or len(n.input) < 2:

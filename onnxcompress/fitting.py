@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
 from .data import DataSource
-from .graph import remove_dead_code
+from .graph import initializers, producers, remove_dead_code
 from .model import node_attr, with_outputs
 from .progress import NullProgress, Progress
 from .validate import make_session, run_named
@@ -97,7 +98,7 @@ def _consumer_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
 
 def _levels(model: onnx.ModelProto, consumers: list[onnx.NodeProto]) -> list[list[onnx.NodeProto]]:
     """Consumers grouped so that none in a level reads another's output, directly or not."""
-    producer = {o: n for n in model.graph.node for o in n.output if o}
+    producer = producers(model.graph)
     cons_out = {n.output[0] for n in consumers}
     memo: dict[str, int] = {}
 
@@ -182,40 +183,17 @@ def sequential_refit(
     counts = {"dense": 0, "depthwise": 0, "bias": 0, "skip": 0, "levels": len(levels)}
     orig_out = sorted({n.output[0] for n in consumers})
     orig_sess = make_session(with_outputs(original, orig_out), provider, label="original model (refit)")
-    # Cache the calibration batches and the original outputs when they are small: every
-    # level then runs only the pruned model. Otherwise everything streams, level by level.
-    batches: list[dict[str, np.ndarray]] | None = []
-    refs: list[dict[str, np.ndarray]] | None = []
-    in_bytes = out_bytes = 0
-    for batch in data:
-        if batches is None or refs is None:
-            break
-        in_bytes += sum(v.nbytes for v in batch.values())
-        ref = dict(zip(orig_out, run_named(orig_sess, orig_out, batch)))
-        out_bytes += sum(v.nbytes for v in ref.values())
-        if in_bytes > CACHE_INPUT_BYTES or out_bytes > CACHE_OUTPUT_BYTES:
-            batches = refs = None
-            break
-        batches.append(batch)
-        refs.append(ref)
+    batches, refs = _cached_references(data, orig_sess, orig_out)
     with progress.task("refitting (prune)", len(levels)) as task:
         for level in levels:
-            inits = {t.name: t for t in pruned.graph.initializer}
+            inits = initializers(pruned.graph)
             names = list(dict.fromkeys([x for n in level for x in (n.input[0], n.output[0])]))
             sess = make_session(_truncated(pruned, names), provider, label="pruned model (refit)")
             level_out = [n.output[0] for n in level]
             if refs is None:  # streaming: the original network up to this level only
                 orig_sess = make_session(_truncated(original, level_out), provider, label="original model (refit)")
-            accs = {}
-            for n in level:
-                w = numpy_helper.to_array(inits[n.input[1]])
-                group = int(node_attr(n, "group", 1))  # type: ignore[arg-type]
-                if n.op_type == "Conv" and group > 1:
-                    kind = "depthwise" if group == w.shape[0] and w.shape[1] == 1 else "bias"
-                else:
-                    d = int(np.prod(w.shape[1:])) + 1 if n.op_type == "Conv" else w.shape[1 if n.op_type == "Gemm" and int(node_attr(n, "transB", 0)) else 0] + 1  # type: ignore[arg-type]
-                    kind = "dense" if d <= max_dim else "bias"
-                accs[n.output[0]] = _Acc(n, kind)
+            accs = {n.output[0]: _Acc(n, _refit_kind(n, numpy_helper.to_array(inits[n.input[1]]), max_dim))
+                    for n in level}
             for i, batch in enumerate(batches if batches is not None else data):
                 new_vals = dict(zip(names, run_named(sess, names, batch)))
                 ref_vals = refs[i] if refs is not None else dict(zip(level_out, run_named(orig_sess, level_out, batch)))
@@ -237,6 +215,38 @@ def sequential_refit(
             task.advance()
     remove_dead_code(pruned.graph)  # biases moved to new initializers leave old ones unused
     return counts
+
+
+def _cached_references(data: DataSource, orig_sess: Any, orig_out: list[str],
+                       ) -> tuple[list[dict[str, np.ndarray]] | None, list[dict[str, np.ndarray]] | None]:
+    """The calibration batches and the original layers' outputs on them, where both are
+    small: every level then runs only the pruned model. (None, None) otherwise: then
+    everything streams, level by level."""
+    batches: list[dict[str, np.ndarray]] = []
+    refs: list[dict[str, np.ndarray]] = []
+    in_bytes = out_bytes = 0
+    for batch in data:
+        in_bytes += sum(v.nbytes for v in batch.values())
+        ref = dict(zip(orig_out, run_named(orig_sess, orig_out, batch)))
+        out_bytes += sum(v.nbytes for v in ref.values())
+        if in_bytes > CACHE_INPUT_BYTES or out_bytes > CACHE_OUTPUT_BYTES:
+            return None, None
+        batches.append(batch)
+        refs.append(ref)
+    return batches, refs
+
+
+def _refit_kind(n: onnx.NodeProto, w: np.ndarray, max_dim: int) -> str:
+    """How a layer is refit: ``dense`` least squares where its input dimension fits the
+    normal equations, ``depthwise`` per channel, else ``bias`` correction only."""
+    group = int(node_attr(n, "group", 1))  # type: ignore[arg-type]
+    if n.op_type == "Conv" and group > 1:
+        return "depthwise" if group == w.shape[0] and w.shape[1] == 1 else "bias"
+    if n.op_type == "Conv":
+        d = int(np.prod(w.shape[1:])) + 1
+    else:
+        d = w.shape[1 if n.op_type == "Gemm" and int(node_attr(n, "transB", 0)) else 0] + 1  # type: ignore[arg-type]
+    return "dense" if d <= max_dim else "bias"
 
 
 def _kept_target(y_ref: np.ndarray, y_new: np.ndarray, kept: np.ndarray | None) -> np.ndarray | None:

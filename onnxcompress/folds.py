@@ -24,7 +24,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .graph import drop_unused_initializers, graph_index
+from .graph import drop_unused_initializers, graph_index, initializers, producers
 from .model import node_attr
 
 log = logging.getLogger(__name__)
@@ -44,23 +44,23 @@ def _absorb(g: onnx.GraphProto, conv: onnx.NodeProto, w: np.ndarray, b: np.ndarr
     g.node.remove(follower)
 
 
-def fold_batchnorm(model: onnx.ModelProto, producers: tuple[str, ...] = ("Conv", "ConvTranspose")) -> int:
-    """Fold every BatchNormalization that reads the sole output of a node of ``producers``
+def fold_batchnorm(model: onnx.ModelProto, kinds: tuple[str, ...] = ("Conv", "ConvTranspose")) -> int:
+    """Fold every BatchNormalization that reads the sole output of a node of ``kinds``
     (Conv, ConvTranspose); the number folded."""
     g = model.graph
-    inits = {t.name: t for t in g.initializer}
+    inits = initializers(g)
     readers: dict[str, int] = defaultdict(int)
     for n in g.node:
         for i in n.input:
             readers[i] += 1
     outputs = {o.name for o in g.output}
-    producer = {o: n for n in g.node for o in n.output}
+    producer = producers(g)
     folded = 0
     for bn in list(g.node):
         if bn.op_type != "BatchNormalization" or len(bn.output) != 1 or any(x not in inits for x in bn.input[1:5]):
             continue
         conv = producer.get(bn.input[0])
-        if conv is None or conv.op_type not in producers or len(conv.input) < 2:
+        if conv is None or conv.op_type not in kinds or len(conv.input) < 2:
             continue
         if readers[bn.input[0]] != 1 or bn.input[0] in outputs or conv.input[1] not in inits:
             continue
@@ -206,7 +206,7 @@ def fold_affine_forward(model: onnx.ModelProto) -> int:
     while changed:
         changed = False
         inits, readers, outputs = graph_index(g)
-        producer = {o: n for n in g.node for o in n.output}
+        producer = producers(g)
         for last in g.node:
             if last.op_type not in ("Mul", "Add") or len(last.input) != 2:
                 continue
@@ -301,7 +301,7 @@ def affine_to_depthwise(model: onnx.ModelProto) -> int:
     Mul/Add replaced."""
     g = model.graph
     inits, readers, outputs = graph_index(g)
-    producer = {o: n for n in g.node for o in n.output}
+    producer = producers(g)
     shapes = {v.name: v.type.tensor_type.shape for v in [*g.value_info, *g.input]
               if v.type.HasField("tensor_type") and v.type.tensor_type.HasField("shape")}
 

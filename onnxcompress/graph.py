@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import onnx
 from onnx import numpy_helper
@@ -43,7 +43,7 @@ def graph_index(g: onnx.GraphProto) -> tuple[dict[str, onnx.TensorProto], dict[s
     for n in g.node:
         for i in n.input:
             readers[i].append(n)
-    return {t.name: t for t in g.initializer}, readers, {o.name for o in g.output}
+    return initializers(g), readers, {o.name for o in g.output}
 
 
 def defined_in(graph: onnx.GraphProto) -> set[str]:
@@ -140,3 +140,30 @@ def clip_bounds(node: onnx.NodeProto, inits: Mapping[str, onnx.TensorProto]) -> 
     lo_v = -math.inf if vals[0] is None else float(vals[0])
     hi_v = math.inf if vals[1] is None else float(vals[1])
     return lo_v, hi_v
+
+
+def initializers(g: onnx.GraphProto) -> dict[str, onnx.TensorProto]:
+    """The graph's initializers by name."""
+    return {t.name: t for t in g.initializer}
+
+
+def producers(g: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
+    """Each tensor's producing node, by tensor name."""
+    return {o: n for n in g.node for o in n.output if o}
+
+
+def fresh_namer(g: onnx.GraphProto) -> Callable[[str], str]:
+    """A function returning names not yet used in ``g`` (tensors, inputs, initializers,
+    nodes): ``base``, else ``base_1``, ``base_2``, …; each name it returns is taken."""
+    taken = ({o for n in g.node for o in n.output} | {i for n in g.node for i in n.input} | {i.name for i in g.input}
+             | {t.name for t in g.initializer} | {n.name for n in g.node})
+
+    def fresh(base: str) -> str:
+        name, k = base, 0
+        while name in taken:
+            k += 1
+            name = f"{base}_{k}"
+        taken.add(name)
+        return name
+
+    return fresh

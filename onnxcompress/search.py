@@ -80,7 +80,6 @@ import logging
 import math
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -90,183 +89,14 @@ from .data import Batch, LimitedSource, batch_of, input_specs, model_shapes, tak
 from .errors import OnnxCompressError, OptionError
 from .pipeline import Pass, PassContext, PassReport, Pipeline
 from .report import count_macs
-from .validate import OutputStats, Thresholds, is_class_scores, is_feature_table, judge, make_session, measure_latency, run_session
+from .validate import OutputStats, Thresholds, judge, make_session, measure_latency, run_session
+
+from .trials import (AGREEMENT, SearchOptions, SearchReport, Trial, _checked, _tighten, _usage,  # noqa: F401
+                     default_thresholds, describe_budget)
 
 log = logging.getLogger(__name__)
 
 INT8_CHECK_SAMPLES = 16  #: samples int8's accuracy control checks on inside the search
-
-
-@dataclass(frozen=True)
-class SearchOptions:
-    """Settings of the default pipeline's search (``optimize`` without ``--passes``)."""
-
-    max_drop: float = field(default=0.01, metadata={
-        "help": "accuracy budget: agreement with the model as given may drop by this much (see the module doc)"})
-    time_budget: float = field(default=300.0, metadata={"help": "seconds the search may take"})
-    samples: int = field(default=256, metadata={"help": "most calibration samples a trial is judged on"})
-    batches: tuple[int, ...] = field(default=(1, 8), metadata={
-        "help": "batch sizes every trial is timed at; its latency ratio is the worst of them"})
-    large_input_ms: float = field(default=20.0, metadata={
-        "help": "time at batch 1 only where one batch-1 run of the model takes longer than this (ms)"})
-    min_gain: float = field(default=0.03, metadata={
-        "help": "a step is accepted only if it is this fraction faster than the model it starts from"})
-    prune_levels: tuple[float, ...] = field(default=(0.85, 0.7, 0.55, 0.4), metadata={
-        "help": "prune's Conv-MACs budgets, tried in turn"})
-    lowrank_levels: tuple[float, ...] = field(default=(0.85, 0.7, 0.65), metadata={
-        "help": "lowrank's K×K conv MACs budgets, tried in turn"})
-    int8: bool = field(default=True, metadata={"help": "try int8 (a probe first, then on the structural results)"})
-    int8_reserve: float = field(default=1.5, metadata={
-        "help": "the structural stages keep this many times the int8 probe's budget usage free for it"})
-    refit_elements: float = field(default=1e7, metadata={
-        "help": "prune and lowrank refit on at most this many input values' worth of samples"})
-    int8_starts: int = field(default=2, metadata={"help": "structural results int8 is tried on, fastest first"})
-    int8_retry_below: float = field(default=4.0, metadata={
-        "help": "an int8 trial over budget held out by less than this factor is retried with more of it float"})
-    int8_retries: int = field(default=2, metadata={"help": "most such int8 retries"})
-    int8_max_float: float = field(default=0.75, metadata={
-        "help": "int8's accuracy control may return at most this fraction of its nodes to float"})
-    holdout: float = field(default=0.25, metadata={"help": "fraction of the calibration samples held out for judging"})
-    bisect_max_usage: float = field(default=4.0, metadata={
-        "help": "no bisection after a first level that used more than this many times the budget"})
-
-    def __post_init__(self) -> None:
-        self.check()
-
-    def check(self) -> None:
-        if not 0 < self.max_drop < 1:
-            raise OptionError(f"max_drop must be in (0, 1), got {self.max_drop}")
-        if not self.time_budget > 0:
-            raise OptionError(f"time budget must be > 0 seconds, got {self.time_budget}")
-        if self.samples < 1:
-            raise OptionError(f"search samples must be ≥ 1, got {self.samples}")
-        if not 0 <= self.int8_max_float <= 1:
-            raise OptionError(f"int8_max_float must be in [0, 1], got {self.int8_max_float}")
-        if self.int8_retries < 0:
-            raise OptionError(f"int8_retries must be ≥ 0, got {self.int8_retries}")
-        if not self.bisect_max_usage > 0:
-            raise OptionError(f"bisect_max_usage must be > 0, got {self.bisect_max_usage}")
-        if not 0 < self.holdout < 1:
-            raise OptionError(f"holdout must be in (0, 1), got {self.holdout}")
-        if not self.batches or min(self.batches) < 1:
-            raise OptionError(f"search batch sizes must be ≥ 1, got {list(self.batches)}")
-        for name, levels in (("prune", self.prune_levels), ("lowrank", self.lowrank_levels)):
-            if any(not 0 < v < 1 for v in levels):
-                raise OptionError(f"{name} levels must be in (0, 1), got {list(levels)}")
-
-
-@dataclass
-class Trial:
-    """One candidate model the search built, measured and judged."""
-
-    index: int
-    stage: str
-    setting: str
-    macs_ratio: float | None = None
-    latency: dict[int, float] = field(default_factory=dict)  # batch size → ratio to the input
-    metrics: dict[str, float] = field(default_factory=dict)  # output → the budget's metric
-    usage: float = math.nan
-    within_budget: bool = False
-    accepted: bool = False
-    chosen: bool = False
-    reason: str = ""
-    seconds: float = 0.0
-    base: int | None = None  # the trial this one started from (None: the input)
-    step: PassReport | None = None
-
-    @property
-    def latency_ratio(self) -> float:
-        return max(self.latency.values()) if self.latency else math.nan
-
-    @property
-    def drop(self) -> float:
-        """1 − the worst agreement metric its budget checks (NaN when it was not judged)."""
-        return 1.0 - min(self.metrics.values()) if self.metrics else math.nan
-
-    def to_dict(self) -> dict[str, Any]:
-        d = {k: v for k, v in dataclasses.asdict(self).items() if k != "step"}
-        d["latency"] = {str(k): round(v, 4) for k, v in self.latency.items()}
-        d["latency_ratio"] = round(self.latency_ratio, 4) if self.latency else None
-        d["drop"] = self.drop
-        d["pass_stats"] = self.step.stats if self.step is not None else None
-        return d
-
-
-@dataclass
-class SearchReport:
-    options: dict[str, Any]
-    thresholds: dict[str, dict[str, Any]]
-    samples: int
-    checked_samples: int
-    fit_samples: int
-    refit_samples: int
-    batches: list[int]
-    trials: list[Trial]
-    seconds: float
-    stopped: list[str] = field(default_factory=list)  # stages cut short by the time budget
-
-    @property
-    def chosen(self) -> Trial:
-        return next(t for t in self.trials if t.chosen)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"options": self.options, "thresholds": self.thresholds, "samples": self.samples,
-                "checked_samples": self.checked_samples, "fit_samples": self.fit_samples, "refit_samples": self.refit_samples,
-                "batches": self.batches, "seconds": round(self.seconds, 2), "stopped": self.stopped,
-                "chosen": self.chosen.index, "trials": [t.to_dict() for t in self.trials]}
-
-
-#: the Thresholds fields a trial's budget usage is computed from
-AGREEMENT = ("cosine", "top1", "feature_cosine")
-
-#: class-score outputs: the share of max_drop their mean cosine may lose (see the module docstring)
-CLASS_COSINE_SHARE = 0.1
-
-
-def default_thresholds(max_drop: float, outputs: Mapping[str, np.ndarray]) -> dict[str | None, Thresholds]:
-    """Mean cosine ≥ 1 − max_drop; class-score outputs: top-1 ≥ 1 − max_drop and mean
-    cosine ≥ 1 − max_drop · CLASS_COSINE_SHARE; feature tables: also each column's
-    cosine over all samples ≥ 1 − max_drop."""
-    result: dict[str | None, Thresholds] = {None: Thresholds(cosine=1 - max_drop)}
-    for name, arr in outputs.items():
-        if is_class_scores(arr.shape):
-            result[name] = Thresholds(top1=1 - max_drop, cosine=1 - max_drop * CLASS_COSINE_SHARE)
-        elif is_feature_table(arr.shape):
-            result[name] = Thresholds(cosine=1 - max_drop, feature_cosine=1 - max_drop)
-        else:
-            result[name] = Thresholds(cosine=1 - max_drop)
-    return result
-
-
-def describe_budget(thresholds: Mapping[str, Mapping[str, Any]]) -> str:
-    """'output: cosine ≥ 0.99, top1 ≥ 0.99; ...' from ``SearchReport.thresholds``."""
-    return "; ".join(f"{name}: " + ", ".join(f"{m} ≥ {v:g}" for m, v in t.items() if m in AGREEMENT and v is not None)
-                     for name, t in thresholds.items())
-
-
-def _checked(metrics: Mapping[str, Any], t: Thresholds) -> list[tuple[float, float]]:
-    """(value, threshold) of each agreement metric ``t`` checks on one output."""
-    out = []
-    if t.top1 is not None and "top1" in metrics:
-        out.append((float(metrics["top1"]), t.top1))
-    if t.cosine is not None:
-        out.append((float(metrics["cosine_mean"]), t.cosine))
-    if t.feature_cosine is not None and "feature_cosine_min" in metrics:
-        out.append((float(metrics["feature_cosine_min"]), t.feature_cosine))
-    return out
-
-
-def _usage(value: float, threshold: float) -> float:
-    allowance = 1.0 - threshold
-    return (1.0 - value) / allowance if allowance > 0 else (0.0 if value >= 1.0 else math.inf)
-
-
-def _tighten(t: Thresholds, reserve: float) -> Thresholds:
-    """Thresholds with only (1 − reserve) of each agreement allowance left."""
-    def f(v: float | None) -> float | None:
-        return None if v is None else 1.0 - (1.0 - v) * (1.0 - reserve)
-
-    return t.updated(**{k: f(getattr(t, k)) for k in AGREEMENT})
 
 
 class _Stopped(Exception):
@@ -493,103 +323,20 @@ class Search:
         """Search from ``model`` (canonicalized and fused); ``original``: the model as the
         user gave it, which every trial is timed against and which is the answer where
         nothing is faster (default: ``model``)."""
-        from .passes.int8 import AccuracyControl, Int8, Int8Options
-        from .passes.lowrank import LowRank, LowRankOptions
-        from .passes.prune import Prune, PruneOptions
-
         self.start = time.perf_counter()
         given = original if original is not None else model
         with self.ctx.progress.task("search", None) as self.task:
             self._prepare(model, given)
-            batches = ",".join(str(b) for b in self.batches)
-            as_given = Trial(index=0, stage="input", setting="as given", macs_ratio=1.0,
-                             latency={b: 1.0 for b in self.batches}, metrics={n: 1.0 for n in self.names}, usage=0.0,
-                             within_budget=True, accepted=True, reason="the model as given")
-            self.trials.append(as_given)
-            self.models[as_given.index] = given
-            best = as_given
-            fused = as_given
-            if model is not given:
-                # the stages start from the canonicalized, fused model whether or not it is
-                # faster itself; it is an answer only where it is
-                fused = self._trial("input", "canonicalized, fused", None, (0, model), 1.0, 0.0, -math.inf)
-                self.models[fused.index] = model
-                if fused.accepted:
-                    best = fused
-                elif fused.latency:
-                    fused.reason = (f"{fused.latency_ratio:.3f}× the model as given: not an answer by itself "
-                                    "(the stages start from it)")
-
-            def int8_pass(max_drop: float, unfloat: bool, floor: int = 0) -> Pass:
-                return Int8(Int8Options(max_drop=round(max_drop, 5), guard_batches=batches,
-                                        max_float=self.opts.int8_max_float, unfloat=unfloat,
-                                        check_samples=INT8_CHECK_SAMPLES, min_float_prefix=floor))
-
-            def int8_trial(max_drop: float, label: str, start: Trial, expected: float, unfloat: bool = True) -> Trial:
-                """int8 judged on the held-out samples; where it misses the budget there by
-                less than ``int8_retry_below``× (its own control judged it on the fitting
-                samples), again with at least one more of its control's float-prefix cuts
-                than the rejected one had, at most ``int8_retries`` times."""
-                t = self._trial("int8", f"max_drop={max_drop:.4g}{label}", int8_pass(max_drop, unfloat),
-                                (start.index, self.models[start.index]), start.latency_ratio, 0.0, expected)
-                for _ in range(self.opts.int8_retries):
-                    if t.step is None or t.within_budget or not 1.0 < t.usage < self.opts.int8_retry_below:
-                        break
-                    control = t.step.outcome
-                    if not isinstance(control, AccuracyControl) or not control.met:
-                        break  # its control could not hold max_drop even with its most float: more changes nothing
-                    floor = control.float_prefix + 1
-                    t = self._trial("int8", f"max_drop={max_drop:.4g}{label} float prefix ≥ {floor} (retry: "
-                                    f"#{t.index} over budget held out)", int8_pass(max_drop, unfloat, floor),
-                                    (start.index, self.models[start.index]), start.latency_ratio, 0.0, t.seconds)
-                return t
-
-            # 1. probe int8 with the whole budget
-            probe: Trial | None = None
-            reserve = 0.0
-            int8_seconds = 0.0
-            if self.opts.int8:
-                try:
-                    probe = int8_trial(self.opts.max_drop, " (probe)", fused, 0.0, unfloat=False)
-                except _Stopped:
-                    self.stopped.append("int8")
-                if probe is not None:
-                    int8_seconds = probe.seconds
-                    if probe.accepted:
-                        reserve = min(1.0, self.opts.int8_reserve * probe.usage)
-                        best = probe if probe.latency_ratio < best.latency_ratio else best
+            best, fused = self._inputs(model, given)
+            probe, reserve, int8_seconds = self._probe(fused)           # 1. int8 with the whole budget
+            if probe is not None and probe.accepted and probe.latency_ratio < best.latency_ratio:
+                best = probe
             final_reserve = int8_seconds if probe is not None and probe.accepted else 0.0
-            structural = fused
-
-            # 2-3. prune, then lowrank, from the best structural model so far
-            stages = (("prune", lambda r: Prune(PruneOptions(macs_ratio=r)), self.opts.prune_levels),
-                      ("lowrank", lambda r: LowRank(LowRankOptions(macs_ratio=r)), self.opts.lowrank_levels))
-            for stage, make, levels in stages:
-                if reserve >= 1.0:
-                    break
-                structural = self._levels(stage, make, levels, structural, reserve, final_reserve)
+            structural = self._structural(fused, reserve, final_reserve)  # 2-3. prune, lowrank
             if structural.latency_ratio < best.latency_ratio:
                 best = structural
-
-            # 4. int8 on the structural results with what the budget has left: the fastest
-            # structural model first; if int8 on it does not beat the best so far, the next
-            # (int8 does not pay alike on every structure)
-            if probe is not None and probe.accepted:
-                starts = sorted((t for t in self.trials if t.accepted and t.stage in ("prune", "lowrank")),
-                                key=lambda t: t.latency_ratio)[: self.opts.int8_starts]
-                for start in starts:
-                    left = self.opts.max_drop * (1.0 - start.usage)
-                    if left <= 0.0005:
-                        continue
-                    try:
-                        t = int8_trial(left, f" on #{start.index}", start,
-                                       int8_seconds if start is not starts[0] else 0.0)
-                    except _Stopped:
-                        self.stopped.append("int8")
-                        break
-                    if t.accepted and t.latency_ratio < best.latency_ratio:
-                        best = t
-                        break
+            if probe is not None and probe.accepted:                       # 4. int8 on them
+                best = self._int8_on_structural(best, int8_seconds)
             best.chosen = True
         report = SearchReport(
             options=dataclasses.asdict(self.opts),
@@ -598,6 +345,99 @@ class Search:
             refit_samples=self.refit_samples, batches=list(self.batches), trials=self.trials,
             seconds=time.perf_counter() - self.start, stopped=self.stopped)
         return self.models[best.index], report
+
+    def _inputs(self, model: onnx.ModelProto, given: onnx.ModelProto) -> tuple[Trial, Trial]:
+        """Trial 0, the model as given, and trial 1, the canonicalized and fused model the
+        stages start from whether or not it is faster itself (it is an answer only where it
+        is); the best of them and the start of the stages."""
+        as_given = Trial(index=0, stage="input", setting="as given", macs_ratio=1.0,
+                         latency={b: 1.0 for b in self.batches}, metrics={n: 1.0 for n in self.names}, usage=0.0,
+                         within_budget=True, accepted=True, reason="the model as given")
+        self.trials.append(as_given)
+        self.models[as_given.index] = given
+        if model is given:
+            return as_given, as_given
+        fused = self._trial("input", "canonicalized, fused", None, (0, model), 1.0, 0.0, -math.inf)
+        self.models[fused.index] = model
+        if fused.accepted:
+            return fused, fused
+        if fused.latency:
+            fused.reason = (f"{fused.latency_ratio:.3f}× the model as given: not an answer by itself "
+                            "(the stages start from it)")
+        return as_given, fused
+
+    def _int8_trial(self, max_drop: float, label: str, start: Trial, expected: float, unfloat: bool = True) -> Trial:
+        """int8 judged on the held-out samples; where it misses the budget there by less
+        than ``int8_retry_below``× (its own control judged it on the fitting samples),
+        again with at least one more of its control's float-prefix cuts than the rejected
+        one had, at most ``int8_retries`` times."""
+        from .passes.int8 import AccuracyControl, Int8, Int8Options
+
+        def make(floor: int) -> Pass:
+            return Int8(Int8Options(max_drop=round(max_drop, 5), guard_batches=",".join(str(b) for b in self.batches),
+                                    max_float=self.opts.int8_max_float, unfloat=unfloat,
+                                    check_samples=INT8_CHECK_SAMPLES, min_float_prefix=floor))
+
+        source = (start.index, self.models[start.index])
+        t = self._trial("int8", f"max_drop={max_drop:.4g}{label}", make(0), source, start.latency_ratio, 0.0, expected)
+        for _ in range(self.opts.int8_retries):
+            if t.step is None or t.within_budget or not 1.0 < t.usage < self.opts.int8_retry_below:
+                break
+            control = t.step.outcome
+            if not isinstance(control, AccuracyControl) or not control.met:
+                break  # its control could not hold max_drop even with its most float: more changes nothing
+            floor = control.float_prefix + 1
+            t = self._trial("int8", f"max_drop={max_drop:.4g}{label} float prefix ≥ {floor} (retry: "
+                            f"#{t.index} over budget held out)", make(floor), source, start.latency_ratio, 0.0,
+                            t.seconds)
+        return t
+
+    def _probe(self, fused: Trial) -> tuple[Trial | None, float, float]:
+        """int8 on the stages' start with the whole budget, its control's slack kept
+        (``unfloat`` off); (the probe, the share of the budget reserved for int8, its seconds)."""
+        if not self.opts.int8:
+            return None, 0.0, 0.0
+        try:
+            probe = self._int8_trial(self.opts.max_drop, " (probe)", fused, 0.0, unfloat=False)
+        except _Stopped:
+            self.stopped.append("int8")
+            return None, 0.0, 0.0
+        reserve = min(1.0, self.opts.int8_reserve * probe.usage) if probe.accepted else 0.0
+        return probe, reserve, probe.seconds
+
+    def _structural(self, fused: Trial, reserve: float, final_reserve: float) -> Trial:
+        """prune, then lowrank, each from the best structural model so far, within what
+        the int8 reserve leaves of the budget."""
+        from .passes.lowrank import LowRank, LowRankOptions
+        from .passes.prune import Prune, PruneOptions
+
+        structural = fused
+        stages = (("prune", lambda r: Prune(PruneOptions(macs_ratio=r)), self.opts.prune_levels),
+                  ("lowrank", lambda r: LowRank(LowRankOptions(macs_ratio=r)), self.opts.lowrank_levels))
+        for stage, make, levels in stages:
+            if reserve >= 1.0:
+                break
+            structural = self._levels(stage, make, levels, structural, reserve, final_reserve)
+        return structural
+
+    def _int8_on_structural(self, best: Trial, int8_seconds: float) -> Trial:
+        """int8 with what the budget has left on the fastest accepted structural result; if
+        it does not beat the best so far, on the next (int8 does not pay alike on every
+        structure), ``int8_starts`` in all."""
+        starts = sorted((t for t in self.trials if t.accepted and t.stage in ("prune", "lowrank")),
+                        key=lambda t: t.latency_ratio)[: self.opts.int8_starts]
+        for start in starts:
+            left = self.opts.max_drop * (1.0 - start.usage)
+            if left <= 0.0005:
+                continue
+            try:
+                t = self._int8_trial(left, f" on #{start.index}", start, int8_seconds if start is not starts[0] else 0.0)
+            except _Stopped:
+                self.stopped.append("int8")
+                break
+            if t.accepted and t.latency_ratio < best.latency_ratio:
+                return t
+        return best
 
     def chain(self, report: SearchReport) -> list[PassReport]:
         """The pass steps from the input to the chosen model, in order."""

@@ -56,6 +56,7 @@ def test_hardswish_left_alone_when_an_inner_tensor_is_read_elsewhere() -> None:
     m.graph.output.append(fvi("c", [2, 8, 16, 16]))  # the relu6 is also a graph output
     res = Fuse().run(m, PassContext())
     assert res.stats["hardswish_fused"] == 0 and any(n.op_type == "Div" for n in res.model.graph.node)
+    assert list(res.stats["declined_matches"]["hardswish"].values()) == [1]  # one candidate, declined with why
 
 
 @pytest.mark.shared
@@ -247,6 +248,8 @@ def test_gated_residual_left_alone(gate_shape: str, extra_reader: bool) -> None:
     res = Fuse().run(_gated_residual_model(gate_shape, extra_reader), PassContext())
     assert res.stats["gate_residual_folded"] == 0
     assert [n.op_type for n in res.model.graph.node][-3:] == ["Mul", "Add", "Conv"]
+    why = "the Mul has other readers" if extra_reader else "the gate has more than one value per channel"
+    assert res.stats["declined_matches"]["gate_residual"] == {why: 1}  # declined with its reason
 
 
 def test_gated_residual_constant_takes_the_gate_element_type() -> None:
@@ -408,3 +411,6 @@ def test_focus_left_alone(offsets: list[tuple[int, int]], extra_reader: bool) ->
     res = Fuse().run(_focus_model(offsets, extra_reader=extra_reader), PassContext())
     assert res.stats["space_to_depth"] == 0
     assert Counter(n.op_type for n in res.model.graph.node)["Slice"] == 8
+    why = ("read by something other than group-1 Convs with constant 4-D weights" if extra_reader
+           else "a sub-grid appears twice")
+    assert res.stats["declined_matches"]["space_to_depth"] == {why: 1}

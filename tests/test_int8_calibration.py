@@ -7,8 +7,8 @@ import time
 import numpy as np
 import pytest
 
-from onnxcompress.passes.int8.calibration import (
-    StreamingHistogram,
+from onnxcompress.passes.int8.calibration import StreamingHistogram
+from onnxcompress.passes.int8.thresholds import (
     kl_divergences,
     kl_threshold,
     mse_threshold,

@@ -11,7 +11,8 @@ from onnx import helper, numpy_helper
 import onnxcompress as oc
 from onnxcompress.data import open_data
 from onnxcompress.passes.int8 import Int8, Int8Options, ranges, write
-from onnxcompress.passes.int8.calibration import StreamingHistogram, low_through
+from onnxcompress.passes.int8.calibration import StreamingHistogram
+from onnxcompress.passes.int8.thresholds import low_through
 from onnxcompress.passes.int8.rounding import GptqRounder, gptq_round, input_hessians
 from onnxcompress.pipeline import PassContext
 from onnxcompress.registry import build_pipeline

@@ -17,7 +17,7 @@ an accuracy control and a latency guard.
    from a binned one (scalar Mul/Add, Clip/Relu, Sigmoid, data movement, Concat:
    :func:`ranges.derived_tensors`) is not binned itself.
    A tensor read only by SiLU/HardSwish (``through``) gets its low end from the error
-   after the activation (:func:`calibration.low_through`).
+   after the activation (:func:`thresholds.low_through`).
    **Weights** are 7-bit (|q| ≤ 63) for ``target=portable`` (the default) and ``avx2``,
    8-bit for ``vnni``: x86 CPUs without VNNI add pairs of uint8·int8 products into
    saturating int16 sums, which 7-bit weights never overflow (:mod:`onnxcompress.isa`);
@@ -89,9 +89,10 @@ from ... import isa
 from ...data import LimitedSource, take_samples
 from ...errors import OptionError
 from ...folds import fold_affine, fold_batchnorm
+from ...graph import initializers
 from ...pipeline import Pass, PassContext, PassResult
 from . import prepare, qdq, ranges, write
-from .calibration import collect_histograms, low_through, tensor_range
+from .calibration import collect_histograms
 from .control import (
     AccuracyControl,
     ControlSteps,
@@ -103,6 +104,7 @@ from .guard import GuardSteps, _guard_sizes
 from .options import ALREADY_QUANTIZED, Int8Options
 from .rounding import GptqRounder, input_hessians
 from .state import State, _excluded, _layer_macs, _record_target, _round
+from .thresholds import low_through, tensor_range
 
 log = logging.getLogger(__name__)
 
@@ -301,7 +303,7 @@ class Int8(ControlSteps, GuardSteps, Pass):
             stats["hard_activations_decomposed"] = prepare.decompose_hard_activations(m, hard)
         prepare.name_nodes(m)
         m = onnx.shape_inference.infer_shapes(m)
-        inits = {t.name: t for t in m.graph.initializer}
+        inits = initializers(m.graph)
         excluded = _excluded(m, opts.exclude)
         allowed = {n.name for n in m.graph.node} - excluded
         if opts.float_tail:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -232,17 +232,7 @@ class ControlSteps:
            most MACs first, each kept while agreement holds ``max_drop``.
         A step of 1-2 is kept only if agreement improves (moving float boundaries can also
         make it worse)."""
-        ranges = self._ranges(state, opts, method, p)
-        params = write.tensor_params(p, ranges, opts.activations, state.bounds)
-        scores = {}
-        for t in p.tensors:
-            d = state.derived.get(t)
-            src, k = (d.sources[0], d.k) if t not in state.hists and d is not None and d.kind == "scale" else (t, 1.0)
-            h = state.hists.get(src)  # y = k·x: y's step s buries x's signal as x's step s/k would
-            v = h.noise_to_signal(params[t][0] / k) if h is not None else None
-            if v is not None:
-                scores[t] = v
-        ranked = sorted(scores, key=lambda t: -scores[t])
+        ranked = self._noise_ranked(state, opts, method, p)
 
         def nodes_of(tensors: list[str]) -> set[str]:
             out: set[str] = set()
@@ -286,38 +276,70 @@ class ControlSteps:
                 best, best_rung = (q2, p2, acc2, trial), rung
         # 2. greedy, a chunk of tensors at a time in ranked order
         chunk = max(1, len(ranked) // 32)
-        for i in range(0, min(len(ranked), chunk * FLOAT_STEPS), chunk):
+        chunks = [nodes_of(ranked[i : i + chunk]) for i in range(0, min(len(ranked), chunk * FLOAT_STEPS), chunk)]
+        best = self._float_noisiest(state, opts, method, floated, best, chunks, chunk, budget, cost, steps, evaluate)
+        # 3. spend the slack (a prefix that overshot: agreement within half the limit): graph-order
+        #    segments of the float set back to int8, most MACs first, while agreement holds
+        if opts.unfloat and not floor and best[3] and best[2]["drop"] <= UNFLOAT_SLACK * opts.max_drop:
+            segments = [(j, sixteenths(j, j + 1) & best[3]) for j in range(PREFIX_LEVELS)]
+            best = self._unfloat(state, opts, method, floated, best, segments, steps, evaluate)
+        floated |= best[3]
+        return best[0], best[1], best[2], best_rung
+
+    def _float_noisiest(self, state: State, opts: Int8Options, method: str, floated: set[str],
+                        best: tuple[onnx.ModelProto, qdq.Plan, dict[str, float], set[str]], chunks: list[set[str]],
+                        chunk: int, budget: int, cost: Callable[[set[str]], int], steps: list[dict[str, Any]],
+                        evaluate,  # type: ignore[no-untyped-def]
+                        ) -> tuple[onnx.ModelProto, qdq.Plan, dict[str, float], set[str]]:
+        """From the best prefix, the nodes around the noisiest tensors go float a chunk at a
+        time, each kept only if agreement improves, until it holds or the budget is spent."""
+        for i, nodes in enumerate(chunks):
             if best[2]["drop"] <= opts.max_drop:
                 break
-            trial = best[3] | nodes_of(ranked[i : i + chunk])
+            trial = best[3] | nodes
             if cost(trial) > budget:
                 break
             q2, p2 = self._build(state, opts, method, floated | trial)
             acc2 = evaluate(q2)
-            steps.append({"method": method, "float_tensors": i + chunk, "float_nodes": len(trial), **_round(acc2),
-                          "kept": acc2["drop"] < best[2]["drop"] - 1e-5})
-            if acc2["drop"] < best[2]["drop"] - 1e-5:
+            better = acc2["drop"] < best[2]["drop"] - 1e-5
+            steps.append({"method": method, "float_tensors": (i + 1) * chunk, "float_nodes": len(trial),
+                          **_round(acc2), "kept": better})
+            if better:
                 best = (q2, p2, acc2, trial)
-        # 3. spend the slack (a prefix that overshot: agreement within half the limit): graph-order
-        #    segments of the float set back to int8, most MACs first, while agreement holds
-        if opts.unfloat and not floor and best[3] and best[2]["drop"] <= UNFLOAT_SLACK * opts.max_drop:
-            segments = []
-            for j in range(PREFIX_LEVELS):
-                seg = sixteenths(j, j + 1) & best[3]
-                work = sum(state.macs.get(n, 0) for n in seg)
-                if work > 0:
-                    segments.append((work, j, seg))
-            for work, j, seg in sorted(segments, key=lambda s: (-s[0], s[1])):
-                trial = best[3] - seg
-                q2, p2 = self._build(state, opts, method, floated | trial)
-                acc2 = evaluate(q2)
-                kept = acc2["drop"] <= opts.max_drop
-                steps.append({"method": method, "unfloat_segment": f"{j + 1}/{PREFIX_LEVELS}", "macs": work,
-                              "float_nodes": len(trial), **_round(acc2), "kept": kept})
-                if kept:
-                    best = (q2, p2, acc2, trial)
-        floated |= best[3]
-        return best[0], best[1], best[2], best_rung
+        return best
+
+    def _noise_ranked(self, state: State, opts: Int8Options, method: str, p: qdq.Plan) -> list[str]:
+        """The plan's tensors, most buried signal first: the mean over channels of
+        min(1, (s²/12) / E[x_c²]) at the step s its range gives it."""
+        ranges = self._ranges(state, opts, method, p)
+        params = write.tensor_params(p, ranges, opts.activations, state.bounds)
+        scores = {}
+        for t in p.tensors:
+            d = state.derived.get(t)
+            src, k = (d.sources[0], d.k) if t not in state.hists and d is not None and d.kind == "scale" else (t, 1.0)
+            h = state.hists.get(src)  # y = k·x: y's step s buries x's signal as x's step s/k would
+            v = h.noise_to_signal(params[t][0] / k) if h is not None else None
+            if v is not None:
+                scores[t] = v
+        return sorted(scores, key=lambda t: -scores[t])
+
+    def _unfloat(self, state: State, opts: Int8Options, method: str, floated: set[str],
+                 best: tuple[onnx.ModelProto, qdq.Plan, dict[str, float], set[str]],
+                 segments: list[tuple[int, set[str]]], steps: list[dict[str, Any]], evaluate,  # type: ignore[no-untyped-def]
+                 ) -> tuple[onnx.ModelProto, qdq.Plan, dict[str, float], set[str]]:
+        """Spend the slack of a float set that overshot: its graph-order segments (those
+        with MACs in them) back to int8, most MACs first, each kept while agreement holds."""
+        work = [(sum(state.macs.get(n, 0) for n in seg), j, seg) for j, seg in segments]
+        for macs, j, seg in sorted((w for w in work if w[0] > 0), key=lambda s: (-s[0], s[1])):
+            trial = best[3] - seg
+            q2, p2 = self._build(state, opts, method, floated | trial)
+            acc2 = evaluate(q2)
+            kept = acc2["drop"] <= opts.max_drop
+            steps.append({"method": method, "unfloat_segment": f"{j + 1}/{PREFIX_LEVELS}", "macs": macs,
+                          "float_nodes": len(trial), **_round(acc2), "kept": kept})
+            if kept:
+                best = (q2, p2, acc2, trial)
+        return best
 
     def _refit(self, state: State, q: onnx.ModelProto, check: list[dict[str, np.ndarray]], ctx: PassContext,
                acc: dict[str, float], evaluate, stats: dict[str, Any],  # type: ignore[no-untyped-def]

@@ -4,7 +4,9 @@ than fp32 at every guarded batch size (see the package docstring, step 6)."""
 from __future__ import annotations
 
 import logging
+import math
 from collections import defaultdict
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -28,6 +30,30 @@ def _guard_sizes(opts: Int8Options, model: onnx.ModelProto) -> list[int]:
     sizes = guard_batch_sizes(opts.guard_batches)
     fixed = {sp.static_batch for sp in input_specs(model) if sp.static_batch is not None}
     return sorted(fixed) if fixed else sizes
+
+
+def _timer(original: onnx.ModelProto, check: list[dict[str, np.ndarray]], sizes: list[int], provider: str,
+           trials: list[dict[str, Any]]) -> Callable[..., float]:
+    """A function that times a candidate against fp32 at every guarded batch size (on the
+    check samples; the worst ratio counts) and records each timing in ``trials``."""
+    from ...validate import measure_latency
+
+    pool = {k: np.concatenate([b[k] for b in check]) for k in check[0]}
+    feeds_by_batch = {bsz: batch_of(pool, bsz) for bsz in sizes}
+
+    def timed(cand: onnx.ModelProto, label: str, seconds: float = GUARD_TRIAL_SECONDS) -> float:
+        worst = 0.0
+        row: dict[str, Any] = {"variant": label}
+        for bsz, feeds in feeds_by_batch.items():
+            t_f, t_q = measure_latency([original, cand], feeds, provider=provider, runs=20,
+                                       min_seconds=seconds, labels=["fp32 model", f"int8 model ({label})"])
+            row[f"b{bsz}"] = {"fp32_ms": round(t_f, 3), "int8_ms": round(t_q, 3), "ratio": round(t_q / t_f, 3)}
+            worst = max(worst, t_q / t_f)
+        row["ratio"] = round(worst, 3)
+        trials.append(row)
+        return worst
+
+    return timed
 
 
 class GuardSteps:
@@ -59,11 +85,8 @@ class GuardSteps:
         is faster by ``guard_margin`` and its agreement drop stays within
         max(``max_drop``, the drop before the guard) — moving a float boundary can cost
         accuracy."""
-        from ...validate import measure_latency
-
         drop_limit = max(opts.max_drop, drop_now) + 1e-4 if opts.max_drop > 0 else None
         rejected: list[str] = []
-
         accepted_acc: list[dict[str, float]] = []  # agreement of the variant last accepted
 
         def accurate(cand: onnx.ModelProto, label: str) -> bool:
@@ -76,51 +99,21 @@ class GuardSteps:
             accepted_acc[:] = [a]
             return True
 
-        pool = {k: np.concatenate([b[k] for b in check]) for k in check[0]}
-        feeds_by_batch = {bsz: batch_of(pool, bsz) for bsz in sizes}
         trials: list[dict[str, Any]] = []
-
-        def timed(cand: onnx.ModelProto, label: str, seconds: float = GUARD_TRIAL_SECONDS) -> float:
-            worst = 0.0
-            row: dict[str, Any] = {"variant": label}
-            for bsz, feeds in feeds_by_batch.items():
-                t_f, t_q = measure_latency([original, cand], feeds, provider=ctx.provider, runs=20,
-                                           min_seconds=seconds, labels=["fp32 model", f"int8 model ({label})"])
-                row[f"b{bsz}"] = {"fp32_ms": round(t_f, 3), "int8_ms": round(t_q, 3), "ratio": round(t_q / t_f, 3)}
-                worst = max(worst, t_q / t_f)
-            row["ratio"] = round(worst, 3)
-            trials.append(row)
-            return worst
-
+        timed = _timer(original, check, sizes, ctx.provider, trials)
         best_ratio = timed(q, "all quantized")
         best = (q, p)
         spread = opts.concat_spread
         if opts.guard_concat_spread > spread and any("mixes ranges" in r for r in p.declined.values()):
+            # quantize more first: Concats of ranges up to guard_concat_spread apart, under one scale
             q2, p2 = self._build(state, opts, method, floated, spread=opts.guard_concat_spread)
             label = f"Concats spread up to {opts.guard_concat_spread:g}x quantized"
-            if len(p2.nodes) > len(p.nodes):
-                r = timed(q2, label)
-                if r < best_ratio * (1.0 - opts.guard_margin) and accurate(q2, label):
-                    best_ratio, best, spread = r, (q2, p2), opts.guard_concat_spread
-                    p = p2
-        regions = self._regions(state, p)
+            r = timed(q2, label) if len(p2.nodes) > len(p.nodes) else math.inf
+            if r < best_ratio * (1.0 - opts.guard_margin) and accurate(q2, label):
+                best_ratio, best, spread, p = r, (q2, p2), opts.guard_concat_spread, p2
         nodes = {n.name: n for n in state.model.graph.node}
-
-        def depthwise(n: onnx.NodeProto) -> bool:
-            if n.op_type != "Conv":
-                return False
-            w = state.inits.get(n.input[1])
-            return w is not None and int(node_attr(n, "group", 1)) > 1 and w.dims[1] == 1
-
-        no_compute = set().union(*[r for r in regions if not any(nodes[x].op_type in qdq.COMPUTE for x in r)] or [set()])
-        dw = {x for x in p.nodes if depthwise(nodes[x])}
-        dw |= {f for f, src in p.fused.items() if src in dw}
-        moving = {x for x in p.nodes if nodes[x].op_type in qdq.PASSTHROUGH and nodes[x].op_type != "Reshape"}
-        se = self._squeeze_excite(state, p)
         drop: set[str] = set()
-        for label, cand_set in (("depthwise convs float", dw), ("squeeze-excite float", se),
-                                ("pooling/resize/data movement float", moving),
-                                ("elementwise-only regions float", no_compute)):
+        for label, cand_set in self._culprits(state, p, nodes):
             cand_set = cand_set - drop
             if not cand_set:
                 continue
@@ -130,15 +123,14 @@ class GuardSteps:
             r = timed(q2, label)
             if r < best_ratio * (1.0 - opts.guard_margin) and accurate(q2, label):
                 best_ratio, best, drop = r, (q2, p2), drop | cand_set
-        if best_ratio >= 1.0 - opts.guard_margin:
-            _, p_now = best
-            regs = sorted(self._regions(state, p_now), key=len)
-            for reg in regs[:GUARD_TRIALS]:
+        if best_ratio >= 1.0 - opts.guard_margin:  # still not faster: regions back to float, smallest first
+            for reg in sorted(self._regions(state, best[1]), key=len)[:GUARD_TRIALS]:
                 q2, p2 = self._build(state, opts, method, floated, drop | reg, spread)
+                label = f"region of {len(reg)} nodes float"
                 if not any(nodes[x].op_type in qdq.COMPUTE for x in p2.nodes):
                     continue  # nothing heavy left in int8: that is the float model
-                r = timed(q2, f"region of {len(reg)} nodes float")
-                if r < best_ratio * (1.0 - opts.guard_margin) and accurate(q2, f"region of {len(reg)} nodes float"):
+                r = timed(q2, label)
+                if r < best_ratio * (1.0 - opts.guard_margin) and accurate(q2, label):
                     best_ratio, best, drop = r, (q2, p2), drop | reg
         if best_ratio < 1.0 - opts.guard_margin:
             # the best of several noisy timings is optimistic: time the choice again, over
@@ -149,11 +141,29 @@ class GuardSteps:
         if best_ratio >= 1.0 - opts.guard_margin:
             log.warning("int8: no quantized variant is faster than the float model (best %.3f×); keeping float",
                         best_ratio)
-            stats["reason"] = (f"int8 not faster (best {best_ratio:.3f}× of fp32; needs < {1 - opts.guard_margin:.2f}×)")
+            stats["reason"] = f"int8 not faster (best {best_ratio:.3f}× of fp32; needs < {1 - opts.guard_margin:.2f}×)"
             return None
         if drop or spread != opts.concat_spread:
             stats["accuracy"]["after_guard"] = _round(accepted_acc[0] if accepted_acc else evaluate(best[0]))
         return best
+
+    def _culprits(self, state: State, p: qdq.Plan, nodes: dict[str, onnx.NodeProto]) -> list[tuple[str, set[str]]]:
+        """The usual causes of slow int8 in onnxruntime, each a set of nodes to try in float:
+        depthwise convs, squeeze-excite branches, pooling/resize/data movement, and
+        quantized regions without a Conv/Gemm/MatMul."""
+        def depthwise(n: onnx.NodeProto) -> bool:
+            if n.op_type != "Conv":
+                return False
+            w = state.inits.get(n.input[1])
+            return w is not None and int(node_attr(n, "group", 1)) > 1 and w.dims[1] == 1
+
+        regions = self._regions(state, p)
+        no_compute = set().union(*[r for r in regions if not any(nodes[x].op_type in qdq.COMPUTE for x in r)] or [set()])
+        dw = {x for x in p.nodes if depthwise(nodes[x])}
+        dw |= {f for f, src in p.fused.items() if src in dw}
+        moving = {x for x in p.nodes if nodes[x].op_type in qdq.PASSTHROUGH and nodes[x].op_type != "Reshape"}
+        return [("depthwise convs float", dw), ("squeeze-excite float", self._squeeze_excite(state, p)),
+                ("pooling/resize/data movement float", moving), ("elementwise-only regions float", no_compute)]
 
     def _squeeze_excite(self, state: State, p: qdq.Plan) -> set[str]:
         """Quantized nodes of squeeze-excite branches: from a GlobalAveragePool through the

@@ -33,7 +33,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from ...graph import drop_unused_initializers
+from ...graph import drop_unused_initializers, initializers
 from ...model import default_opset, node_attr
 
 log = logging.getLogger(__name__)
@@ -64,7 +64,7 @@ def upgrade_opset(model: onnx.ModelProto, target: int = PER_CHANNEL_OPSET) -> on
 def div_to_mul(model: onnx.ModelProto) -> int:
     """Rewrite ``Div(x, c)`` with a constant float ``c`` (no zeros) as ``Mul(x, 1/c)``."""
     g = model.graph
-    inits = {t.name: t for t in g.initializer}
+    inits = initializers(g)
     done = 0
     for n in g.node:
         if n.op_type != "Div" or len(n.input) != 2 or n.input[1] not in inits:

@@ -51,7 +51,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
 
-from ...graph import clip_bounds, topological_order
+from ...graph import clip_bounds, initializers, topological_order
 from ...model import node_attr
 
 log = logging.getLogger(__name__)
@@ -184,62 +184,89 @@ def plan(model: onnx.ModelProto, allowed: Iterable[str] | None = None,
     output, and every node that would read those tensors through a DequantizeLinear
     stay float."""
     g = model.graph
-    inits = {t.name: t for t in g.initializer}
+    inits = initializers(g)
     types = _float_types(model)
     allowed_set = {n.name for n in g.node} if allowed is None else set(allowed)
     order = [g.node[i] for i in topological_order(g)]
     readers = _readers(order)
-    producer = {o: n for n in order for o in n.output if o}
     outputs = {o.name for o in g.output}
     p = Plan()
+    mixed = _mixed_concats(order, ranges, concat_spread) if ranges is not None else {}
+    _place_kernels(p, order, inits, types, allowed_set, mixed)  # 1. compute/binary/unary/concat
+    _fuse_activations(p, order, inits, readers, outputs, allowed_set)  # 2. Relu/Clip(min 0) ride along
+    quantized: set[str] = set()  # 3. tensors of quantized nodes
+    for n in order:
+        if n.name in p.nodes and n.name not in p.fused and n.op_type not in PASSTHROUGH:
+            quantized.update(data_inputs(n, inits))
+        if n.name in p.nodes:
+            quantized.update(o for o in n.output if o and o not in p.inner)
+    sources = quantized | ({i.name for i in g.input} - set(inits))  # slicing an image in uint8 is cheaper
+    _place_data_movement(p, order, readers, outputs, allowed_set, mixed, types, sources, quantized)  # 4.
+    _share_scales(p, order, quantized)  # 5.
+    for n in order:
+        if n.op_type in QUANTIZABLE and n.name not in p.nodes and n.name not in p.declined and n.name in allowed_set:
+            if n.op_type in FUSED_ACTIVATIONS:
+                continue  # a standalone Relu/Clip simply runs in float
+            p.declined[n.name] = "not quantizable here"
+    return p
 
-    def is_float(name: str) -> bool:
-        return types.get(name) == TensorProto.FLOAT
 
+def _mixed_concats(order: list[onnx.NodeProto], ranges: Mapping[str, tuple[float, float]],
+                   concat_spread: float) -> dict[str, str]:
+    """Tensors written by a Concat whose inputs' range widths differ by more than
+    ``concat_spread``×, or moved from one, with the reason."""
     mixed: dict[str, str] = {}
-    if ranges is not None:
-        for n in order:
-            if n.op_type in CONCAT:
-                ins = [x for x in n.input if x]
-                widths = [ranges[x][1] - ranges[x][0] for x in ins if x in ranges]
-                bad = [x for x in ins if x in mixed]
-                if bad:
-                    mixed[n.output[0]] = mixed[bad[0]]
-                elif widths and max(widths) > concat_spread * max(min(widths), 1e-12):
-                    mixed[n.output[0]] = (f"it concatenates ranges of width {min(widths):.3g} to {max(widths):.3g} "
-                                          f"(spread over {concat_spread:g}x)")
-            elif n.op_type in PASSTHROUGH and n.input and n.input[0] in mixed:
-                mixed[n.output[0]] = mixed[n.input[0]]
+    for n in order:
+        if n.op_type in CONCAT:
+            ins = [x for x in n.input if x]
+            widths = [ranges[x][1] - ranges[x][0] for x in ins if x in ranges]
+            bad = [x for x in ins if x in mixed]
+            if bad:
+                mixed[n.output[0]] = mixed[bad[0]]
+            elif widths and max(widths) > concat_spread * max(min(widths), 1e-12):
+                mixed[n.output[0]] = (f"it concatenates ranges of width {min(widths):.3g} to {max(widths):.3g} "
+                                      f"(spread over {concat_spread:g}x)")
+        elif n.op_type in PASSTHROUGH and n.input and n.input[0] in mixed:
+            mixed[n.output[0]] = mixed[n.input[0]]
+    return mixed
 
-    # 1. compute / binary / unary / concat nodes whose activations are float32
+
+def _place_kernels(p: Plan, order: list[onnx.NodeProto], inits: Mapping[str, TensorProto], types: dict[str, int],
+                   allowed: set[str], mixed: dict[str, str]) -> None:
+    """Compute, binary, unary and Concat nodes whose activations are float32 go int8, or
+    are declined with the reason."""
     for n in order:
         op = n.op_type
         if op not in QUANTIZABLE or op in PASSTHROUGH or op in FUSED_ACTIVATIONS:
             continue
-        if n.name not in allowed_set:
+        if n.name not in allowed:
             p.declined[n.name] = "excluded"
             continue
         acts = data_inputs(n, inits)
-        if not acts or not all(is_float(x) for x in acts) or not all(is_float(o) for o in n.output):
+        if not acts or not all(types.get(x) == TensorProto.FLOAT for x in [*acts, *n.output]):
             p.declined[n.name] = "not float32 (or type unknown)"
             continue
         bad = [x for x in acts if x in mixed] + [o for o in n.output if o in mixed and op in CONCAT]
         if bad:
             p.declined[n.name] = f"'{bad[0]}' mixes ranges: {mixed[bad[0]]}"
             continue
-        if op in COMPUTE:
-            why = _compute_ok(n, inits)
-            if why:
-                p.declined[n.name] = why
-                continue
+        why = _compute_ok(n, inits) if op in COMPUTE else None
+        if why:
+            p.declined[n.name] = why
+            continue
         if op in BINARY and any(x in inits and inits[x].data_type != TensorProto.FLOAT for x in n.input[:2]):
             p.declined[n.name] = "constant operand is not float32"
             continue
         p.nodes.add(n.name)
 
-    # 2. Relu / Clip(min 0) fused into the quantized node whose only reader they are
+
+def _fuse_activations(p: Plan, order: list[onnx.NodeProto], inits: Mapping[str, TensorProto],
+                      readers: dict[str, list[onnx.NodeProto]], outputs: set[str], allowed: set[str]) -> None:
+    """A Relu, or a Clip with min 0, that is the only reader of a quantized node's output
+    is fused into it (onnxruntime's saturating requantize)."""
+    producer = {o: n for n in order for o in n.output if o}
     for n in order:
-        if n.op_type not in FUSED_ACTIVATIONS or n.name not in allowed_set:
+        if n.op_type not in FUSED_ACTIVATIONS or n.name not in allowed:
             continue
         src = producer.get(n.input[0])
         if src is None or src.name not in p.nodes or src.name in p.fused:
@@ -254,26 +281,17 @@ def plan(model: onnx.ModelProto, allowed: Iterable[str] | None = None,
         p.fused[n.name] = src.name
         p.inner.add(n.input[0])
 
-    def out_tensor(n: onnx.NodeProto) -> list[str]:
-        return [o for o in n.output if o and o not in p.inner]
 
-    # 3. tensors of quantized nodes
-    quantized: set[str] = set()
-    for n in order:
-        if n.name in p.nodes and n.name not in p.fused and n.op_type not in PASSTHROUGH:
-            quantized.update(data_inputs(n, inits))
-        if n.name in p.nodes:
-            quantized.update(out_tensor(n))
-
-    # 4. data movement between quantized tensors: forward (input quantized), then keep
-    #    only those with a quantized reader (backward, to a fixed point)
-    #    (a graph input counts as quantized here: slicing an image in uint8 is cheaper)
+def _place_data_movement(p: Plan, order: list[onnx.NodeProto], readers: dict[str, list[onnx.NodeProto]],
+                         outputs: set[str], allowed: set[str], mixed: dict[str, str], types: dict[str, int],
+                         sources: set[str], quantized: set[str]) -> None:
+    """Data movement between quantized tensors: forward (its input quantized), then only
+    those with a quantized reader are kept (backward, to a fixed point)."""
     moving: list[onnx.NodeProto] = []
-    sources = quantized | ({i.name for i in g.input} - set(inits))
     for n in order:
-        if n.op_type in PASSTHROUGH and n.name in allowed_set and n.input and n.input[0] in sources \
-                and n.input[0] not in mixed \
-                and len(n.output) == 1 and is_float(n.input[0]) and is_float(n.output[0]):
+        if n.op_type in PASSTHROUGH and n.name in allowed and n.input and n.input[0] in sources \
+                and n.input[0] not in mixed and len(n.output) == 1 \
+                and types.get(n.input[0]) == TensorProto.FLOAT and types.get(n.output[0]) == TensorProto.FLOAT:
             moving.append(n)
             sources.add(n.output[0])
     active = {n.name for n in moving}
@@ -296,10 +314,12 @@ def plan(model: onnx.ModelProto, allowed: Iterable[str] | None = None,
         if n.name in active:
             p.nodes.add(n.name)
             quantized.update((n.input[0], n.output[0]))
-        elif n.name in allowed_set:
+        elif n.name in allowed:
             p.declined[n.name] = "no quantized neighbour on both sides"
 
-    # 5. shared scales: data movement (output = input) and Concat (inputs = output)
+
+def _share_scales(p: Plan, order: list[onnx.NodeProto], quantized: set[str]) -> None:
+    """Shared scales: data movement (output = input) and Concat (inputs = output)."""
     uf = UnionFind()
     produced_by_sharing: set[str] = set()
     for n in order:
@@ -316,9 +336,3 @@ def plan(model: onnx.ModelProto, allowed: Iterable[str] | None = None,
     p.tensors = quantized
     p.share = {t: uf.find(t) for t in quantized}
     p.sources = {t for t in quantized if t not in produced_by_sharing}
-    for n in order:
-        if n.op_type in QUANTIZABLE and n.name not in p.nodes and n.name not in p.declined and n.name in allowed_set:
-            if n.op_type in FUSED_ACTIVATIONS:
-                continue  # a standalone Relu/Clip simply runs in float
-            p.declined[n.name] = "not quantizable here"
-    return p

@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
 
-from ...graph import clip_bounds, topological_order
+from ...graph import clip_bounds, initializers, producers, topological_order
 from ...model import node_attr
 from .qdq import COMPUTE, FUSED_ACTIVATIONS, PASSTHROUGH, _float_types, _readers
 
@@ -95,7 +95,7 @@ def derived_tensors(model: onnx.ModelProto) -> dict[str, Derived]:
     input's scale anyway: the derived range is what its output gets when the node is
     float and a quantized node reads it."""
     g = model.graph
-    inits = {t.name: t for t in g.initializer}
+    inits = initializers(g)
     types = _float_types(model)
     out: dict[str, Derived] = {}
 
@@ -165,10 +165,10 @@ def tail_nodes(model: onnx.ModelProto) -> set[str]:
 def through_activations(model: onnx.ModelProto, derived: Mapping[str, Derived]) -> dict[str, Callable[[np.ndarray], np.ndarray]]:
     """{x: f} for each activation x read only by an elementwise ``product`` f(x) = x·g(x)
     (SiLU, decomposed HardSwish): the Mul itself and the first link of g. x's range is
-    then chosen by the error after f (:func:`calibration.low_through`)."""
+    then chosen by the error after f (:func:`thresholds.low_through`)."""
     g = model.graph
     readers = _readers(g.node)
-    producer = {o: n for n in g.node for o in n.output if o}
+    producer = producers(g)
     outputs = {o.name for o in g.output}
     out: dict[str, Callable[[np.ndarray], np.ndarray]] = {}
     for y, d in derived.items():

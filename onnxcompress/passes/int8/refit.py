@@ -29,6 +29,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from ...graph import initializers, producers
 from ...model import node_attr, with_outputs
 from .rounding import gptq_round
 
@@ -40,7 +41,7 @@ BUDGET = 128 * 2**20  #: most float32 values of float-model patches held at once
 
 
 def _inits(m: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
-    return {t.name: t for t in m.graph.initializer}
+    return initializers(m.graph)
 
 
 def refit_convs(float_model: onnx.ModelProto, q: onnx.ModelProto, batches: Sequence[dict[str, np.ndarray]], *,
@@ -54,7 +55,7 @@ def refit_convs(float_model: onnx.ModelProto, q: onnx.ModelProto, batches: Seque
     from ...validate import make_session, run_session
 
     qi, fi = _inits(q), _inits(float_model)
-    prod = {o: n for n in q.graph.node for o in n.output}
+    prod = producers(q.graph)
     fnodes = {n.name: n for n in float_model.graph.node}
 
     def dq_of(t: str) -> onnx.NodeProto | None:
@@ -110,38 +111,47 @@ def refit_convs(float_model: onnx.ModelProto, q: onnx.ModelProto, batches: Seque
         k = len(outs) if extra else outs.index(n.input[0])
         xh = np.concatenate([patches_at(n, run_session(sq, b, "int8 refit: int8 model")[k], ys, w.shape, *wh)
                              .reshape(len(wh[0]), -1) for b, wh, ys in zip(batches, where[n.name], yshape[n.name])])
-        xh = xh.astype(np.float64)
         x = np.concatenate(fx.pop(n.name)).astype(np.float64)
-        w2 = w.reshape(w.shape[0], -1).astype(np.float64)
         b = numpy_helper.to_array(fi[f.input[2]]).astype(np.float64) if len(n.input) > 2 and n.input[2] else None
-        # a Conv without a bias keeps none (a float bias input would stop onnxruntime's QLinearConv fusion)
-        a = np.concatenate([xh, np.ones((len(xh), 1))], 1) if b is not None else xh
-        h = a.T @ a / len(a)
-        hx = h[:-1, :-1] if b is not None else h
-        lam = damp * float(np.mean(np.diag(hx)))
-        reg = np.full(len(h), lam)
-        if b is not None:
-            reg[-1] = 0.0
-        r = (x - xh) @ w2.T  # what the upstream rounding changed in this layer's output
-        try:
-            d = np.linalg.solve(h + np.diag(reg), a.T @ r / len(a))
-        except np.linalg.LinAlgError:
-            log.debug("int8 refit: %s: singular statistics, left as it is", n.name)
-            continue
-        if not np.all(np.isfinite(d)):
-            continue
-        w_new = w2 + (d[:-1] if b is not None else d).T
-        old_scale = numpy_helper.to_array(qi[wdq.input[1]])
-        amax = np.abs(w_new).max(axis=1) if old_scale.size > 1 else np.full(len(w_new), np.abs(w_new).max())
-        scale = np.maximum(amax, 1e-12) / qmax
-        qw = gptq_round(w_new, hx, scale, qmax=qmax)
-        qi[wdq.input[0]].CopyFrom(numpy_helper.from_array(qw.reshape(w.shape).astype(np.int8), wdq.input[0]))
-        new_scale = (scale if old_scale.size > 1 else scale[:1].reshape(old_scale.shape)).astype(np.float32)
-        qi[wdq.input[1]].CopyFrom(numpy_helper.from_array(new_scale, wdq.input[1]))
-        if b is not None:
-            _write_bias(qi, prod, n, b + d[-1], new_scale, prod[n.input[0]])
-        done += 1
+        if _refit_layer(n, wdq, w, xh.astype(np.float64), x, b, qi, prod, damp, qmax):
+            done += 1
     return done
+
+
+def _refit_layer(n: onnx.NodeProto, wdq: onnx.NodeProto, w: np.ndarray, xh: np.ndarray, x: np.ndarray,
+                 b: np.ndarray | None, qi: dict[str, onnx.TensorProto], prod: dict[str, onnx.NodeProto],
+                 damp: float, qmax: int) -> bool:
+    """One layer: the weight (and bias) change that maps the int8 input patches ``xh`` to
+    what the float input ``x`` gave, by damped least squares, then GPTQ-rounded at new
+    scales and written into ``q``'s initializers; False where the statistics are singular."""
+    w2 = w.reshape(w.shape[0], -1).astype(np.float64)
+    # a Conv without a bias keeps none (a float bias input would stop onnxruntime's QLinearConv fusion)
+    a = np.concatenate([xh, np.ones((len(xh), 1))], 1) if b is not None else xh
+    h = a.T @ a / len(a)
+    hx = h[:-1, :-1] if b is not None else h
+    lam = damp * float(np.mean(np.diag(hx)))
+    reg = np.full(len(h), lam)
+    if b is not None:
+        reg[-1] = 0.0
+    r = (x - xh) @ w2.T  # what the upstream rounding changed in this layer's output
+    try:
+        d = np.linalg.solve(h + np.diag(reg), a.T @ r / len(a))
+    except np.linalg.LinAlgError:
+        log.debug("int8 refit: %s: singular statistics, left as it is", n.name)
+        return False
+    if not np.all(np.isfinite(d)):
+        return False
+    w_new = w2 + (d[:-1] if b is not None else d).T
+    old_scale = numpy_helper.to_array(qi[wdq.input[1]])
+    amax = np.abs(w_new).max(axis=1) if old_scale.size > 1 else np.full(len(w_new), np.abs(w_new).max())
+    scale = np.maximum(amax, 1e-12) / qmax
+    qw = gptq_round(w_new, hx, scale, qmax=qmax)
+    qi[wdq.input[0]].CopyFrom(numpy_helper.from_array(qw.reshape(w.shape).astype(np.int8), wdq.input[0]))
+    new_scale = (scale if old_scale.size > 1 else scale[:1].reshape(old_scale.shape)).astype(np.float32)
+    qi[wdq.input[1]].CopyFrom(numpy_helper.from_array(new_scale, wdq.input[1]))
+    if b is not None:
+        _write_bias(qi, prod, n, b + d[-1], new_scale, prod[n.input[0]])
+    return True
 
 
 def _write_bias(qi: dict[str, onnx.TensorProto], prod: dict[str, onnx.NodeProto], n: onnx.NodeProto,

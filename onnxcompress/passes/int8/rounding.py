@@ -28,6 +28,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from ...graph import initializers
 from ...model import node_attr, with_outputs
 
 log = logging.getLogger(__name__)
@@ -134,7 +135,7 @@ def input_hessians(model: onnx.ModelProto, nodes: Iterable[onnx.NodeProto], batc
     from ...fitting import sample_patches
     from ...validate import make_session, run_named
 
-    inits = {t.name: t for t in model.graph.initializer}
+    inits = initializers(model.graph)
     todo = []
     for n in nodes:
         if len(n.input) < 2 or n.input[1] not in inits:

@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Mapping
-from typing import Literal
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from ...graph import topological_order
+from ...graph import initializers, producers, topological_order
 from ...model import node_attr
 from .qdq import BINARY, COMPUTE, FLOAT_SUFFIX, ActType, Plan
 
@@ -100,6 +101,29 @@ def _float_reader_channels(n: onnx.NodeProto, x: str, plan_: Plan, inits: Mappin
     return c if c > 1 else None
 
 
+@dataclass
+class _Writer:
+    """What :func:`insert_qdq` adds to a graph: initializers and nodes, written at the end."""
+
+    g: onnx.GraphProto
+    inits: dict[str, TensorProto]
+    act_type: ActType
+    new_inits: list[TensorProto] = field(default_factory=list)
+    new_nodes: list[onnx.NodeProto] = field(default_factory=list)
+
+    @property
+    def npq(self) -> type:
+        return np.uint8 if self.act_type == "uint8" else np.int8
+
+    def init(self, arr: np.ndarray, name: str) -> str:
+        self.new_inits.append(numpy_helper.from_array(arr, name))
+        return name
+
+    def dequantize(self, inputs: list[str], output: str, name: str, **attrs: Any) -> str:
+        self.new_nodes.append(helper.make_node("DequantizeLinear", inputs, [output], name=name, **attrs))
+        return output
+
+
 def insert_qdq(model: onnx.ModelProto, plan_: Plan, params: Mapping[str, tuple[float, int]], *,
                act_type: ActType = "uint8", per_channel: bool = True, bias: Literal["int32", "float"] = "int32",
                bias_shift: Mapping[str, np.ndarray] | None = None,
@@ -111,134 +135,28 @@ def insert_qdq(model: onnx.ModelProto, plan_: Plan, params: Mapping[str, tuple[f
     ``rounding``: (node, W, final scales, axis) → int8 weights, or None for nearest
     rounding — :class:`rounding.GptqRounder`; ``keep_float``: float nodes that must stay
     float in onnxruntime, see the module docstring)."""
-    bias_shift = bias_shift or {}
     m = onnx.ModelProto()
     m.CopyFrom(model)
     g = m.graph
-    inits = {t.name: t for t in g.initializer}
-    npq = np.uint8 if act_type == "uint8" else np.int8
-    new_inits: list[TensorProto] = []
-    new_nodes: list[onnx.NodeProto] = []
-    producer = {o: n for n in g.node for o in n.output if o}
-    float_names = set(keep_float)
-    must_float = [n for n in g.node if n.name in float_names]  # looked at for every quantized tensor
-
-    def add_init(arr: np.ndarray, name: str) -> str:
-        new_inits.append(numpy_helper.from_array(arr, name))
-        return name
-
+    w = _Writer(g, initializers(g), act_type)
     # weights, biases and constant operands of quantized nodes
-    def x_name(n: onnx.NodeProto) -> str:
-        return n.input[0]
-
     for n in list(g.node):
         if n.name not in plan_.nodes:
             continue
-        if n.op_type in COMPUTE and len(n.input) > 1 and n.input[1] in inits:
-            w = numpy_helper.to_array(inits[n.input[1]])
-            axis = weight_axis(n) if per_channel else None
-            q, ws = quantize_weight(w, axis, weight_max)
-            b_name = n.input[2] if len(n.input) > 2 and n.input[2] else None
-            if b_name is None and n.name in bias_shift and bias == "int32" and n.op_type == "Conv":
-                b_name = f"{n.name}_bias_zero"  # a bias to carry the correction
-                inits[b_name] = numpy_helper.from_array(np.zeros(w.shape[0], np.float32), b_name)
-                n.input.append(b_name)
-            if b_name is not None and bias == "int32" and b_name in inits:
-                b = numpy_helper.to_array(inits[b_name]).astype(np.float64)
-                if n.name in bias_shift:
-                    b = b + bias_shift[n.name]
-                sx = params[x_name(n)][0]
-                # raise a weight scale where the bias would not fit int32
-                need = np.abs(b) / (sx * (2**31 - 1))
-                if axis is None:
-                    need_s = float(np.max(need)) if need.size else 0.0
-                    if need_s > float(ws):
-                        ws = np.asarray(need_s, dtype=np.float32)
-                        q = np.clip(np.round(w / ws), -weight_max, weight_max).astype(np.int8)
-                else:
-                    grow = need > ws
-                    if np.any(grow):
-                        ws = np.where(grow, need, ws).astype(np.float32)
-                        shape = [1] * w.ndim
-                        shape[axis] = -1
-                        q = np.clip(np.round(w / ws.reshape(shape)), -weight_max, weight_max).astype(np.int8)
-                bs = (sx * ws.astype(np.float64)).astype(np.float32)
-                qb = np.clip(np.round(b / bs), -(2**31 - 1), 2**31 - 1).astype(np.int32)
-                base = f"{n.name}_bias"
-                bsn = add_init(bs.reshape(-1) if axis is not None else bs.reshape(()), f"{base}_scale")
-                bzn = add_init(np.zeros(bs.shape, dtype=np.int32).reshape(-1) if axis is not None
-                               else np.array(0, dtype=np.int32), f"{base}_zero_point")
-                bq = add_init(qb, f"{base}_quantized")
-                attrs = {"axis": 0} if axis is not None else {}
-                new_nodes.append(helper.make_node("DequantizeLinear", [bq, bsn, bzn], [f"{base}_dequantized"],
-                                                  name=f"{base}_DequantizeLinear", **attrs))
-                n.input[2] = f"{base}_dequantized"
-            if rounding is not None:
-                rq = rounding(n, w, ws, axis)
-                q = rq if rq is not None else q
-            base = f"{n.name}_weight"
-            wq = add_init(q, f"{base}_quantized")
-            wsn = add_init(ws.reshape(-1) if axis is not None else np.asarray(ws, np.float32).reshape(()), f"{base}_scale")
-            wzn = add_init(np.zeros(ws.size, dtype=np.int8) if axis is not None else np.array(0, dtype=np.int8),
-                           f"{base}_zero_point")
-            attrs = {"axis": axis} if axis is not None else {}
-            new_nodes.append(helper.make_node("DequantizeLinear", [wq, wsn, wzn], [f"{base}_dequantized"],
-                                              name=f"{base}_DequantizeLinear", **attrs))
-            n.input[1] = f"{base}_dequantized"
+        if n.op_type in COMPUTE and len(n.input) > 1 and n.input[1] in w.inits:
+            _quantize_weights(w, n, params[n.input[0]][0] if n.input[0] in params else None, per_channel, bias,
+                              (bias_shift or {}).get(n.name), rounding, weight_max)
         elif n.op_type in BINARY:
-            for i, x in enumerate(n.input[:2]):
-                if x not in inits:
-                    continue
-                c = numpy_helper.to_array(inits[x]).astype(np.float32)
-                s, z = act_params(float(c.min(initial=0.0)), float(c.max(initial=0.0)), act_type)
-                lo, hi = (0, 255) if act_type == "uint8" else (-128, 127)
-                qc = np.clip(np.round(c / s) + z, lo, hi).astype(npq)
-                base = f"{n.name}_const{i}"
-                names = [add_init(qc, f"{base}_quantized"), add_init(np.array(s, np.float32), f"{base}_scale"),
-                         add_init(np.array(z, npq), f"{base}_zero_point")]
-                new_nodes.append(helper.make_node("DequantizeLinear", names, [f"{base}_dequantized"],
-                                                  name=f"{base}_DequantizeLinear"))
-                n.input[i] = f"{base}_dequantized"
+            _quantize_constants(w, n)
     # activations (after the weights: a graph input's readers are renamed here)
+    producer = producers(g)
+    float_names = set(keep_float)
+    must_float = [n for n in g.node if n.name in float_names]  # looked at for every quantized tensor
     for t in sorted(plan_.tensors):
-        s, z = params[t]
-        sn = add_init(np.array(s, dtype=np.float32), f"{t}_scale")
-        zn = add_init(np.array(z, dtype=npq), f"{t}_zero_point")
-        if t in producer:
-            src = t + FLOAT_SUFFIX
-            node = producer[t]
-            for i, o in enumerate(node.output):
-                if o == t:
-                    node.output[i] = src
-            dq_out = t
-        else:  # graph input
-            src = t
-            dq_out = t + "__dq"
-            for n in g.node:
-                for i, x in enumerate(n.input):
-                    if x == t:
-                        n.input[i] = dq_out
-        new_nodes.append(helper.make_node("QuantizeLinear", [src, sn, zn], [t + "__q"], name=f"{t}_QuantizeLinear"))
-        new_nodes.append(helper.make_node("DequantizeLinear", [t + "__q", sn, zn], [dq_out], name=f"{t}_DequantizeLinear"))
-        for n in must_float:
-            c = _float_reader_channels(n, dq_out, plan_, inits)
-            if c is None:
-                continue
-            # onnxruntime's WeightBiasQuantization turns a float Conv/ConvTranspose/Gemm whose
-            # input comes from a per-tensor DequantizeLinear into an int8 one (its own
-            # per-tensor weights): the node would not run float. A per-channel DQ of
-            # equal scales gives the same values and is not matched.
-            name = f"{t}__float_reader_{n.name}"
-            sv = add_init(np.full(c, s, dtype=np.float32), f"{name}_scale")
-            zv = add_init(np.full(c, z, dtype=npq), f"{name}_zero_point")
-            new_nodes.append(helper.make_node("DequantizeLinear", [t + "__q", sv, zv], [name],
-                                              name=f"{name}_DequantizeLinear", axis=1))
-            n.input[0] = name
-
-    g.initializer.extend(new_inits)
-    g.node.extend(new_nodes)
-    order = topological_order(g)
-    nodes = [g.node[i] for i in order]
+        _quantize_activation(w, t, params[t], producer, must_float, plan_)
+    g.initializer.extend(w.new_inits)
+    g.node.extend(w.new_nodes)
+    nodes = [g.node[i] for i in topological_order(g)]
     del g.node[:]
     g.node.extend(nodes)
     used = {x for n in g.node for x in n.input} | {o.name for o in g.output}
@@ -248,6 +166,120 @@ def insert_qdq(model: onnx.ModelProto, plan_: Plan, params: Mapping[str, tuple[f
     # value_info of renamed producer outputs is stale; let shape inference redo it
     del g.value_info[:]
     return m
+
+
+def _quantize_weights(w_: _Writer, n: onnx.NodeProto, sx: float | None, per_channel: bool,
+                      bias: Literal["int32", "float"], shift: np.ndarray | None,
+                      rounding: Callable[[onnx.NodeProto, np.ndarray, np.ndarray, int | None], np.ndarray | None] | None,
+                      weight_max: int) -> None:
+    """A compute node's weights as int8 (per output channel, or per tensor) behind a
+    DequantizeLinear, and its bias as int32 at scale s_x·s_w (``shift`` added first)."""
+    inits = w_.inits
+    w = numpy_helper.to_array(inits[n.input[1]])
+    axis = weight_axis(n) if per_channel else None
+    q, ws = quantize_weight(w, axis, weight_max)
+    b_name = n.input[2] if len(n.input) > 2 and n.input[2] else None
+    if b_name is None and shift is not None and bias == "int32" and n.op_type == "Conv":
+        b_name = f"{n.name}_bias_zero"  # a bias to carry the correction
+        inits[b_name] = numpy_helper.from_array(np.zeros(w.shape[0], np.float32), b_name)
+        n.input.append(b_name)
+    if b_name is not None and bias == "int32" and b_name in inits and sx is not None:
+        q, ws = _quantize_bias(w_, n, b_name, w, q, ws, axis, sx, shift, weight_max)
+    if rounding is not None:
+        rq = rounding(n, w, ws, axis)
+        q = rq if rq is not None else q
+    base = f"{n.name}_weight"
+    wq = w_.init(q, f"{base}_quantized")
+    wsn = w_.init(ws.reshape(-1) if axis is not None else np.asarray(ws, np.float32).reshape(()), f"{base}_scale")
+    wzn = w_.init(np.zeros(ws.size, dtype=np.int8) if axis is not None else np.array(0, dtype=np.int8),
+                  f"{base}_zero_point")
+    attrs = {"axis": axis} if axis is not None else {}
+    n.input[1] = w_.dequantize([wq, wsn, wzn], f"{base}_dequantized", f"{base}_DequantizeLinear", **attrs)
+
+
+def _quantize_bias(w_: _Writer, n: onnx.NodeProto, b_name: str, w: np.ndarray, q: np.ndarray, ws: np.ndarray,
+                   axis: int | None, sx: float, shift: np.ndarray | None, weight_max: int,
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """The bias as int32 at scale s_x·s_w behind a DequantizeLinear; a weight scale is
+    raised where the bias would not fit int32 (the weights requantized): (q, scales)."""
+    b = numpy_helper.to_array(w_.inits[b_name]).astype(np.float64)
+    if shift is not None:
+        b = b + shift
+    need = np.abs(b) / (sx * (2**31 - 1))
+    if axis is None:
+        need_s = float(np.max(need)) if need.size else 0.0
+        if need_s > float(ws):
+            ws = np.asarray(need_s, dtype=np.float32)
+            q = np.clip(np.round(w / ws), -weight_max, weight_max).astype(np.int8)
+    else:
+        grow = need > ws
+        if np.any(grow):
+            ws = np.where(grow, need, ws).astype(np.float32)
+            shape = [1] * w.ndim
+            shape[axis] = -1
+            q = np.clip(np.round(w / ws.reshape(shape)), -weight_max, weight_max).astype(np.int8)
+    bs = (sx * ws.astype(np.float64)).astype(np.float32)
+    qb = np.clip(np.round(b / bs), -(2**31 - 1), 2**31 - 1).astype(np.int32)
+    base = f"{n.name}_bias"
+    bsn = w_.init(bs.reshape(-1) if axis is not None else bs.reshape(()), f"{base}_scale")
+    bzn = w_.init(np.zeros(bs.shape, dtype=np.int32).reshape(-1) if axis is not None
+                  else np.array(0, dtype=np.int32), f"{base}_zero_point")
+    bq = w_.init(qb, f"{base}_quantized")
+    attrs = {"axis": 0} if axis is not None else {}
+    n.input[2] = w_.dequantize([bq, bsn, bzn], f"{base}_dequantized", f"{base}_DequantizeLinear", **attrs)
+    return q, ws
+
+
+def _quantize_constants(w_: _Writer, n: onnx.NodeProto) -> None:
+    """A binary node's constant operands at the activation type, behind DequantizeLinear."""
+    for i, x in enumerate(n.input[:2]):
+        if x not in w_.inits:
+            continue
+        c = numpy_helper.to_array(w_.inits[x]).astype(np.float32)
+        s, z = act_params(float(c.min(initial=0.0)), float(c.max(initial=0.0)), w_.act_type)
+        lo, hi = (0, 255) if w_.act_type == "uint8" else (-128, 127)
+        qc = np.clip(np.round(c / s) + z, lo, hi).astype(w_.npq)
+        base = f"{n.name}_const{i}"
+        names = [w_.init(qc, f"{base}_quantized"), w_.init(np.array(s, np.float32), f"{base}_scale"),
+                 w_.init(np.array(z, w_.npq), f"{base}_zero_point")]
+        n.input[i] = w_.dequantize(names, f"{base}_dequantized", f"{base}_DequantizeLinear")
+
+
+def _quantize_activation(w_: _Writer, t: str, sz: tuple[float, int], producer: dict[str, onnx.NodeProto],
+                         must_float: list[onnx.NodeProto], plan_: Plan) -> None:
+    """One Q → DQ pair on tensor ``t``: its producer writes ``t__float`` and the
+    DequantizeLinear writes ``t`` again (a graph input's readers are renamed instead)."""
+    s, z = sz
+    sn = w_.init(np.array(s, dtype=np.float32), f"{t}_scale")
+    zn = w_.init(np.array(z, dtype=w_.npq), f"{t}_zero_point")
+    if t in producer:
+        src = t + FLOAT_SUFFIX
+        node = producer[t]
+        for i, o in enumerate(node.output):
+            if o == t:
+                node.output[i] = src
+        dq_out = t
+    else:  # graph input
+        src = t
+        dq_out = t + "__dq"
+        for n in w_.g.node:
+            for i, x in enumerate(n.input):
+                if x == t:
+                    n.input[i] = dq_out
+    w_.new_nodes.append(helper.make_node("QuantizeLinear", [src, sn, zn], [t + "__q"], name=f"{t}_QuantizeLinear"))
+    w_.dequantize([t + "__q", sn, zn], dq_out, f"{t}_DequantizeLinear")
+    for n in must_float:
+        c = _float_reader_channels(n, dq_out, plan_, w_.inits)
+        if c is None:
+            continue
+        # onnxruntime's WeightBiasQuantization turns a float Conv/ConvTranspose/Gemm whose
+        # input comes from a per-tensor DequantizeLinear into an int8 one (its own
+        # per-tensor weights): the node would not run float. A per-channel DQ of
+        # equal scales gives the same values and is not matched.
+        name = f"{t}__float_reader_{n.name}"
+        sv = w_.init(np.full(c, s, dtype=np.float32), f"{name}_scale")
+        zv = w_.init(np.full(c, z, dtype=w_.npq), f"{name}_zero_point")
+        n.input[0] = w_.dequantize([t + "__q", sv, zv], name, f"{name}_DequantizeLinear", axis=1)
 
 
 def fused_ops(model: onnx.ModelProto, provider: str = "cpu") -> dict[str, int]:

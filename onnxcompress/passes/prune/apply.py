@@ -21,8 +21,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from ...graph import remove_dead_code
-from ...model import node_attr
+from ...graph import initializers, remove_dead_code
+from ...model import default_opset, node_attr
 from ...shapes import infer_shapes as infer_model_shapes
 from .groups import Analysis, Use
 
@@ -38,7 +38,7 @@ class _Edits:
 
     def __init__(self, graph: onnx.GraphProto) -> None:
         self.graph = graph
-        self.inits = {t.name: t for t in graph.initializer}
+        self.inits = initializers(graph)
         self.names = {t.name for t in graph.initializer} | {o for n in graph.node for o in n.output} | {
             i.name for i in graph.input}
         self.cur: dict[tuple[int, int], np.ndarray] = {}
@@ -121,7 +121,7 @@ def apply_removal(
             ed.set(idx, k, arr)
         else:
             ed.add_input(idx, k, arr, f"{node.name or node.output[0]}_bias")
-    opset = next((i.version for i in model.opset_import if i.domain in ("", "ai.onnx")), 13)
+    opset = default_opset(model) or 13
     for p in an.producers:
         km = np.flatnonzero(~gone[p.atoms])
         if len(km) == p.channels:

@@ -29,6 +29,7 @@ from onnx import numpy_helper
 
 from ...data import DataSource
 from ...fitting import weight_2d, weight_dtype
+from ...graph import initializers, producers
 from ...model import node_attr, with_outputs
 from ...progress import NullProgress, Progress
 from ...validate import make_session, run_named
@@ -75,7 +76,7 @@ def collect(
     """Stream ``data`` through the original model; per-channel input statistics for ``uses``."""
     progress = progress or NullProgress()
     g = an.model.graph
-    inits = {t.name: t for t in g.initializer}
+    inits = initializers(g)
     stats = CalibrationStats()
     names: list[str] = []
     for use in uses:
@@ -123,7 +124,7 @@ def bias_compensation(an: Analysis, gone: np.ndarray, stats: CalibrationStats | 
     """New biases of the consumers that lose channels: the removed channels' mean
     contribution (measured in ``stats``, else from BatchNormalization statistics)."""
     g = an.model.graph
-    inits = {t.name: t for t in g.initializer}
+    inits = initializers(g)
     res = RecoveryResult({})
     for use in an.uses:
         if use.kind not in CONSUMER_KINDS:
@@ -166,8 +167,8 @@ def bias_compensation(an: Analysis, gone: np.ndarray, stats: CalibrationStats | 
 def bn_mean_estimate(an: Analysis, use: Use) -> np.ndarray | None:
     """E[x] per input channel of a consumer from BN statistics (BN or Relu(BN))."""
     g = an.model.graph
-    producer = {o: n for n in g.node for o in n.output}
-    inits = {t.name: t for t in g.initializer}
+    producer = producers(g)
+    inits = initializers(g)
     name = g.node[use.node].input[0]
     node = producer.get(name)
     relu = False

@@ -18,7 +18,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from ...graph import topological_order
+from ...graph import initializers, topological_order
 from .groups import CHANNELWISE, ELEMENTWISE, NORMS, REDUCES, SHAPE_ONLY, Producer, Use, _UnionFind
 
 
@@ -37,7 +37,7 @@ class _Walk:
     def __init__(self, model: onnx.ModelProto, shapes: dict[str, list[int]]) -> None:
         g = model.graph
         self.model, self.shapes = model, shapes
-        self.inits = {t.name: t for t in g.initializer}
+        self.inits = initializers(g)
         self.graph_inputs = {i.name for i in g.input}
         self.uf = _UnionFind()
         self.producers: list[Producer] = []

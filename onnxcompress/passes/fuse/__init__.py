@@ -5,7 +5,8 @@ of the model afterwards (its optimized graph, extended level: FusedConv, FusedMa
 LayerNormalization, Gelu, Attention, SkipLayerNormalization, …, counted before and after
 the rule): a rewrite that breaks onnxruntime's LayerNorm or attention fusion costs more
 than it saves. ``stats["declined"]`` names each rule left out and the fusion it would
-have lost.
+have lost; ``stats["declined_matches"]`` counts, per rule and reason, the candidates a
+rule looked at and declined (onnxscript's ``MatchResult.fail`` style, :class:`MatchResult`).
 
 Hard-swish, h(x) = x·relu6(x + 3)/6, is written by paddle2onnx (opsets < 14) as
 ``Div(Mul(x, Clip(Add(x, 3), 0, 6)), 6)``, and by other exporters with ``Mul`` by 1/6 or
@@ -55,23 +56,14 @@ becomes ``x·(g + 1)``, exact up to rounding: the full-size Add
 is gone and the + 1 runs on the N·C gate values. A full-size Add costs onnxruntime its
 blocked layout like any elementwise op on both sides of a broadcast Mul. Only where the Mul's output has no other reader and is not a graph output.
 
-Focus layers (``space_to_depth``): YOLOv5 (before v6) and YOLOX start with
-``Concat(x[..., ::2, ::2], x[..., 1::2, ::2], x[..., ::2, 1::2], x[..., 1::2, 1::2])``
-and a Conv, exported as eight Slices and a Concat. onnxruntime's Slices copy one strided
-element at a time. A k×k Conv (strides s, pads p) on the four sub-grids is one 2k×2k Conv
-(strides 2s, pads 2p) on x (``focus_conv``, as YOLOv5 v6 rewrote its stem by hand): the
-sub-grid starting at row a, column b supplies kernel rows 2i + a and columns 2j + b, so
-``W'[o, c, 2i + a, 2j + b] = W[o, g·C + c, i, j]`` for the sub-grid's place g in the
-Concat (derivation at :func:`fuse_space_to_depth`). Where a reader of the Concat is not
-such a Conv (dilated, ``auto_pad``), ``SpaceToDepth(x, 2)`` makes the same four
-sub-grids, as channel (2a + b)·C + c, and the Convs' weight input channels are reordered
-to match. Both exact: the same products and sums in another order; folding into the
-Conv saves the most (one strided pass fewer).
+Focus layers (``space_to_depth``, ``focus_conv``): a YOLOv5/YOLOX Focus becomes one strided
+Conv or a SpaceToDepth, exact; the derivation is in focus.py.
 """
 
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -80,17 +72,19 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from ..errors import OnnxCompressError
-from ..folds import (
+from ...errors import OnnxCompressError
+from ...folds import (
     affine_to_depthwise,
     fold_affine,
     fold_affine_forward,
     fold_batchnorm,
 )
-from ..graph import clip_bounds, drop_stale_value_info, graph_index
-from ..model import node_attr
-from ..pipeline import Pass, PassContext, PassResult
-from ..validate import lost_fusions, runtime_fusions
+from ...graph import clip_bounds, drop_stale_value_info, fresh_namer, initializers
+from ...model import default_opset
+from ...pipeline import Pass, PassContext, PassResult
+from ...validate import lost_fusions, runtime_fusions
+from .focus import fuse_space_to_depth
+from .match import MatchResult, _decline, _index, _splice, _std
 
 log = logging.getLogger(__name__)
 
@@ -145,15 +139,19 @@ class Fuse(Pass):
                 drop_stale_value_info(m.graph)
             return {"affine_depthwise": n}
 
+        declines: dict[str, Counter[str]] = {"hardswish": Counter(), "gate_residual": Counter(),
+                                             "space_to_depth": Counter()}
+
         def focus(m: onnx.ModelProto) -> dict[str, int]:
-            a, b = fuse_space_to_depth(m, opts.focus_conv)
+            a, b = fuse_space_to_depth(m, opts.focus_conv, declines["space_to_depth"])
             return {"space_to_depth": a, "focus_conv": b}
 
         rules: list[tuple[str, bool, Callable[[onnx.ModelProto], dict[str, int]]]] = [
-            ("hardswish", opts.hardswish, lambda m: {"hardswish_fused": fuse_hardswish(m)}),
+            ("hardswish", opts.hardswish, lambda m: {"hardswish_fused": fuse_hardswish(m, declines["hardswish"])}),
             ("affine", opts.affine, affine),
             ("affine_depthwise", opts.affine and opts.affine_depthwise, depthwise),
-            ("gate_residual", opts.gate_residual, lambda m: {"gate_residual_folded": fold_gate_residual(m)}),
+            ("gate_residual", opts.gate_residual,
+             lambda m: {"gate_residual_folded": fold_gate_residual(m, declines["gate_residual"])}),
             ("space_to_depth", opts.space_to_depth, focus),
         ]
         stats: dict[str, Any] = {}
@@ -184,59 +182,16 @@ class Fuse(Pass):
         if changed:
             log.info("fuse: %s", ", ".join(f"{k} {v}" for k, v in stats.items() if v))
         stats["declined"] = declined
+        stats["declined_matches"] = {rule: dict(c) for rule, c in declines.items() if c}
         return PassResult(model, changed, stats)
 
 
-def _std(n: onnx.NodeProto | None, op: str) -> bool:
-    """``n`` is a standard-domain ``op`` node."""
-    return n is not None and n.op_type == op and n.domain in ("", "ai.onnx")
-
-
-def _index(g: onnx.GraphProto) -> tuple[dict[str, onnx.NodeProto], dict[str, int]]:
-    """(tensor → its producer, tensor → how many nodes read it; a graph output counts as a
-    reader, so it is never an inner tensor)."""
-    producer = {o: n for n in g.node for o in n.output if o}
-    readers: dict[str, int] = {}
-    for n in g.node:
-        for x in n.input:
-            readers[x] = readers.get(x, 0) + 1
-    for o in g.output:
-        readers[o.name] = readers.get(o.name, 0) + 1
-    return producer, readers
-
-
-def _namer(g: onnx.GraphProto) -> Callable[[str], str]:
-    """A function returning a tensor name not yet used in ``g`` (``base`` plus underscores)."""
-    taken = {o for n in g.node for o in n.output} | {i.name for i in g.input} | {t.name for t in g.initializer}
-
-    def fresh(base: str) -> str:
-        while base in taken:
-            base += "_"
-        taken.add(base)
-        return base
-
-    return fresh
-
-
-def _splice(g: onnx.GraphProto, replace: dict[int, list[onnx.NodeProto]], drop: set[int]) -> None:
-    """Put ``replace[id(n)]`` where node n was, leave out the nodes in ``drop``, and forget
-    the shapes of tensors no node produces any more."""
-    nodes: list[onnx.NodeProto] = []
-    for n in g.node:
-        if id(n) in replace:
-            nodes.extend(replace[id(n)])
-        elif id(n) not in drop:
-            nodes.append(n)
-    del g.node[:]
-    g.node.extend(nodes)
-    drop_stale_value_info(g)
-
-
-def fold_gate_residual(model: onnx.ModelProto) -> int:
+def fold_gate_residual(model: onnx.ModelProto, declines: Counter[str] | None = None) -> int:
     """Rewrite ``Add(x, Mul(x, g))`` (either operand order) as ``Mul(x, Add(g, 1))`` where
     g has one value per channel: its inferred shape is known, of rank ≥ 3, and 1 on every
     axis after the channel axis; the number rewritten. The Mul must be read by that Add
-    alone and not be a graph output."""
+    alone and not be a graph output. A candidate that fails is counted in ``declines`` by
+    reason."""
     g = model.graph
     producer, readers = _index(g)
     shapes = {v.name: v.type.tensor_type.shape for v in [*g.value_info, *g.input, *g.output]
@@ -251,177 +206,57 @@ def fold_gate_residual(model: onnx.ModelProto) -> int:
             return False
         return all(d.HasField("dim_value") and d.dim_value == 1 for d in sh.dim[2:])
 
-    fresh = _namer(g)
+    def match(add: onnx.NodeProto, a: int, b: int) -> MatchResult | None:
+        """``add.input[a] + Mul(add.input[a], gate)`` (None: not that pattern at all)."""
+        x, m = add.input[a], add.input[b]
+        mul = producer.get(m)
+        if not _std(mul, "Mul") or x not in mul.input or id(mul) in drop:
+            return None
+        gate = mul.input[1] if mul.input[0] == x else mul.input[0]
+        if readers.get(m) != 1:
+            return MatchResult.fail("the Mul has other readers")
+        if gate == x or not per_channel(gate):
+            return MatchResult.fail("the gate has more than one value per channel")
+        if per_channel(x):
+            return MatchResult.fail("x itself is per channel (no full-size Add to save)")
+        if dtypes.get(gate) not in floats:
+            return MatchResult.fail("the gate's element type is unknown or not floating point")
+        return MatchResult((x, gate, mul))
+
+    fresh = fresh_namer(g)
     replace: dict[int, list[onnx.NodeProto]] = {}
     drop: set[int] = set()
     ones: dict[int, str] = {}  # the constant 1 per element type (the gate's)
     for add in g.node:
         if not _std(add, "Add") or len(add.input) != 2:
             continue
-        for a, b in ((0, 1), (1, 0)):
-            x, m = add.input[a], add.input[b]
-            mul = producer.get(m)
-            if not _std(mul, "Mul") or readers.get(m) != 1 or id(mul) in drop or x not in mul.input:
-                continue
-            gate = mul.input[1] if mul.input[0] == x else mul.input[0]
-            if gate == x or not per_channel(gate) or per_channel(x) or dtypes.get(gate) not in floats:
-                continue
-            et = dtypes[gate]
-            if et not in ones:
-                ones[et] = fresh("gate_residual_one")
-                g.initializer.append(helper.make_tensor(ones[et], et, [], [1.0]))
-            one = ones[et]
-            g1 = fresh(f"{gate}_plus_one")
-            name = add.name or add.output[0]
-            replace[id(add)] = [helper.make_node("Add", [gate, one], [g1], name=f"{name}_gate_plus_one"),
-                                helper.make_node("Mul", [x, g1], list(add.output), name=f"{name}_gated")]
-            drop.add(id(mul))
-            break
+        results = [r for r in (match(add, 0, 1), match(add, 1, 0)) if r is not None]
+        found = next((r for r in results if r.ok), None)
+        if found is None:
+            for r in results:
+                _decline(declines, "gate_residual", add.name or add.output[0], r)
+            continue
+        x, gate, mul = found.value
+        et = dtypes[gate]
+        if et not in ones:
+            ones[et] = fresh("gate_residual_one")
+            g.initializer.append(helper.make_tensor(ones[et], et, [], [1.0]))
+        g1 = fresh(f"{gate}_plus_one")
+        name = add.name or add.output[0]
+        replace[id(add)] = [helper.make_node("Add", [gate, ones[et]], [g1], name=f"{name}_gate_plus_one"),
+                            helper.make_node("Mul", [x, g1], list(add.output), name=f"{name}_gated")]
+        drop.add(id(mul))
     if replace:
         _splice(g, replace, drop)
     return len(replace)
 
 
-_OPEN_END = 2**31 - 1  #: a Slice end at least this large runs to the end of the axis
-
-
-def _focus_branch(t: str, producer: dict[str, onnx.NodeProto], readers: dict[str, int],
-                  inits: dict[str, onnx.TensorProto]) -> tuple[str, tuple[int, int], list[onnx.NodeProto]] | None:
-    """``t`` = ``x[:, :, a::2, b::2]`` through one or two Slices of a 4-D ``x``, each
-    inner tensor read once: (x, (a, b), the Slices), or None."""
-    spec: dict[int, int] = {}
-    nodes: list[onnx.NodeProto] = []
-    x = t
-    while len(nodes) < 2:
-        n = producer.get(x)
-        if not _std(n, "Slice") or len(n.input) != 5 or readers.get(x) != 1:
-            break
-        vals = []
-        for name in n.input[1:]:
-            if name not in inits:
-                return None
-            vals.append(numpy_helper.to_array(inits[name]).reshape(-1).tolist())
-        starts, ends, axes, steps = vals
-        if not len(starts) == len(ends) == len(axes) == len(steps):
-            return None
-        for st, en, ax, sp in zip(starts, ends, axes, steps):
-            ax = ax + 4 if ax < 0 else ax  # 4-D: the Convs reading the Concat must have 4-D weights
-            if ax not in (2, 3) or ax in spec or sp != 2 or st not in (0, 1) or en < _OPEN_END:
-                return None
-            spec[ax] = st
-        nodes.append(n)
-        x = n.input[0]
-    if set(spec) != {2, 3}:
-        return None
-    return x, (spec[2], spec[3]), nodes
-
-
-def _plain_conv(c: onnx.NodeProto) -> bool:
-    """A 2-D Conv with explicit (or no) padding and dilation 1: one that a Focus layer
-    can go into as a kernel twice the size at twice the stride."""
-    return (node_attr(c, "auto_pad", "NOTSET") == "NOTSET"
-            and all(int(d) == 1 for d in node_attr(c, "dilations", [1, 1])))
-
-
-def fuse_space_to_depth(model: onnx.ModelProto, strided: bool = True) -> tuple[int, int]:
-    """Rewrite a Focus layer (YOLOv5 before v6, YOLOX): ``Concat(x[..., a::2, b::2] for
-    the four (a, b) ∈ {0, 1}², axis=1)`` read only by Convs (group 1, constant weights).
-
-    With ``strided`` and every such Conv plain (explicit padding, dilation 1), the Focus
-    goes into the Convs: a k×k Conv with strides s, pads p on the Concat becomes a 2k×2k
-    Conv with strides 2s, pads 2p on x, ``W'[o, c, 2i + a, 2j + b] = W[o, g(a, b)·C + c,
-    i, j]`` (g: the branch's place in the Concat). Output row y of the Concat's Conv reads
-    Concat row s·y + i − p, i.e. x row 2(s·y + i − p) + a = 2s·y + (2i + a) − 2p, which is
-    the new Conv's kernel row 2i + a; the output sizes agree because H is even.
-    Otherwise the Concat becomes ``SpaceToDepth(x, blocksize=2)``, whose channel
-    (2a + b)·C + c holds the Concat's channel g(a, b)·C + c; each Conv's weight input
-    channels are reordered to match. Either way the same products and sums, in another
-    order. (Focus layers rewritten as SpaceToDepth, Focus layers gone into Convs.)
-
-    Both need even H and W (the Concat's inputs differ in size otherwise). The slices must
-    run to the end of their axes (end ≥ 2³¹ − 1) and each inner tensor have one reader."""
-    g = model.graph
-    producer, readers = _index(g)
-    inits, users, outputs = graph_index(g)
-    fresh = _namer(g)
-    replace: dict[int, list[onnx.NodeProto]] = {}
-    drop: set[int] = set()
-    released: set[str] = set()  # initializers the rewrite stops reading (dropped if nothing else does)
-    into_convs = 0
-    for cat in g.node:
-        if not _std(cat, "Concat") or len(cat.input) != 4 or int(node_attr(cat, "axis", 0)) != 1:
-            continue
-        y = cat.output[0]
-        branches = [_focus_branch(t, producer, readers, inits) for t in cat.input]
-        if any(b is None for b in branches) or len({b[0] for b in branches}) != 1:  # type: ignore[index]
-            continue
-        place = {b[1]: k for k, b in enumerate(branches)}  # type: ignore[index]
-        if len(place) != 4 or y in outputs:
-            continue
-        convs = users.get(y, [])
-        ok = bool(convs)
-        for c in convs:
-            w = inits.get(c.input[1]) if len(c.input) > 1 else None
-            if (not _std(c, "Conv") or c.input[0] != y or y in c.input[1:] or int(node_attr(c, "group", 1)) != 1
-                    or w is None or len(w.dims) != 4 or w.dims[1] % 4):
-                ok = False
-        if not ok:
-            continue
-        x = branches[0][0]  # type: ignore[index]
-        slices = [n for b in branches for n in b[2]]  # type: ignore[index]
-        drop.update(id(n) for n in slices)
-        released.update(i for n in slices for i in n.input[1:])
-        if strided and all(_plain_conv(c) for c in convs):
-            for c in convs:
-                w = numpy_helper.to_array(inits[c.input[1]])
-                ch = w.shape[1] // 4
-                new = np.zeros((w.shape[0], ch, 2 * w.shape[2], 2 * w.shape[3]), w.dtype)
-                for (a, b), k in place.items():
-                    new[:, :, a::2, b::2] = w[:, k * ch:(k + 1) * ch]
-                name = fresh(f"{c.input[1]}_strided")
-                g.initializer.append(numpy_helper.from_array(new, name))
-                released.add(c.input[1])
-                c.input[0], c.input[1] = x, name
-                k_h, k_w = (int(v) for v in w.shape[2:])
-                s_h, s_w = (int(v) for v in node_attr(c, "strides", [1, 1]))
-                pads = [2 * int(v) for v in node_attr(c, "pads", [0, 0, 0, 0])]
-                for attr in list(c.attribute):
-                    if attr.name in ("kernel_shape", "strides", "pads", "auto_pad"):
-                        c.attribute.remove(attr)
-                c.attribute.extend([helper.make_attribute("kernel_shape", [2 * k_h, 2 * k_w]),
-                                    helper.make_attribute("strides", [2 * s_h, 2 * s_w]),
-                                    helper.make_attribute("pads", pads)])
-            replace[id(cat)] = []
-            into_convs += 1
-            continue
-        s2d = fresh(f"{y}_space_to_depth")
-        for c in convs:
-            w = numpy_helper.to_array(inits[c.input[1]])
-            ch = w.shape[1] // 4
-            new = np.empty_like(w)
-            for (a, b), k in place.items():
-                new[:, (2 * a + b) * ch:(2 * a + b + 1) * ch] = w[:, k * ch:(k + 1) * ch]
-            name = fresh(f"{c.input[1]}_space_to_depth")
-            g.initializer.append(numpy_helper.from_array(new, name))
-            released.add(c.input[1])
-            c.input[0], c.input[1] = s2d, name
-        replace[id(cat)] = [helper.make_node("SpaceToDepth", [x], [s2d], name=f"{cat.name or y}_space_to_depth",
-                                             blocksize=2)]
-    if replace:
-        _splice(g, replace, drop)
-        used = {i for n in g.node for i in n.input} | {i.name for i in g.input} | outputs
-        keep = [t for t in g.initializer if t.name in used or t.name not in released]
-        del g.initializer[:]
-        g.initializer.extend(keep)
-    return len(replace) - into_convs, into_convs
-
-
-def fuse_hardswish(model: onnx.ModelProto) -> int:
+def fuse_hardswish(model: onnx.ModelProto, declines: Counter[str] | None = None) -> int:
     """Fuse ``Div(Mul(x, Clip(Add(x, 3), 0, 6)), 6)`` (Div may be Mul by 1/6, and the
     Div may sit on the Clip instead) into one hard-swish; the number fused."""
     g = model.graph
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
-    inits = {t.name: t for t in g.initializer}
+    opset = default_opset(model) or 0
+    inits = initializers(g)
     producer, readers = _index(g)
 
     def scalar(name: str) -> float | None:
@@ -456,7 +291,7 @@ def fuse_hardswish(model: onnx.ModelProto) -> int:
 
     replace: dict[int, list[onnx.NodeProto]] = {}
     drop: set[int] = set()
-    fresh = _namer(g)
+    fresh = fresh_namer(g)
     for last in g.node:
         # form 1: (x · relu6(x+3)) / 6        form 2: x · (relu6(x+3) / 6)
         inner = sixth(last)
@@ -477,6 +312,9 @@ def fuse_hardswish(model: onnx.ModelProto) -> int:
                     found = (r6[0], [last, div, *r6[1]])
                     break
         if found is None:
+            if inner is not None and _std(producer.get(inner), "Mul"):
+                _decline(declines, "hardswish", last.name or last.output[0], MatchResult.fail(
+                    "a product divided by 6 that is not x·clip(x + 3, 0, 6) with each inner tensor read once"))
             continue
         x, chain = found
         if any(id(n) in drop for n in chain):
