@@ -18,7 +18,7 @@ and ``int8`` (both exact up to float rounding):
 from __future__ import annotations
 
 import logging
-from collections import defaultdict
+from collections import Counter, defaultdict
 
 import numpy as np
 import onnx
@@ -130,15 +130,17 @@ def _compose(chain: list[tuple[onnx.NodeProto, np.ndarray]], channels: int) -> t
     return a, b
 
 
-def fold_affine(model: onnx.ModelProto) -> int:
+def fold_affine(model: onnx.ModelProto, declines: Counter[str] | None = None) -> int:
     """Fold constant per-channel Mul/Add that follow a Conv or ConvTranspose into it; the
     number folded. (ConvTranspose's weights are [C_in, C_out/group, …]: output channel
-    g·C_out/group + j is column j of group g's rows.)"""
+    g·C_out/group + j is column j of group g's rows.) A Conv → constant Mul/Add left
+    alone is counted in ``declines`` by reason."""
     g = model.graph
     folded = 0
     changed = True
     while changed:
         changed = False
+        why: Counter[str] = Counter()  # the last sweep's (it finds every candidate left)
         inits, readers, outputs = graph_index(g)
         for conv in g.node:
             if conv.op_type not in ("Conv", "ConvTranspose") or len(conv.input) < 2 or conv.input[1] not in inits:
@@ -154,14 +156,17 @@ def fold_affine(model: onnx.ModelProto) -> int:
             if other not in inits or other == y:
                 continue
             if len(conv.input) > 2 and conv.input[2] and conv.input[2] not in inits:
+                why["the conv's bias is not a constant"] += 1
                 continue
             w = numpy_helper.to_array(inits[conv.input[1]])
             if w.dtype != np.float32:
+                why["the conv's weights are not float32"] += 1
                 continue
             group = int(node_attr(conv, "group", 1))
             cout = w.shape[0] if conv.op_type == "Conv" else w.shape[1] * group
             c = _channel_vector(numpy_helper.to_array(inits[other]), w.ndim, cout)
             if c is None:
+                why["the constant varies along an axis other than the channels"] += 1
                 continue
             b = (numpy_helper.to_array(inits[conv.input[2]]).astype(np.float64)
                  if len(conv.input) > 2 and conv.input[2] else np.zeros(cout))
@@ -179,6 +184,8 @@ def fold_affine(model: onnx.ModelProto) -> int:
             folded += 1
             changed = True
             break
+    if declines is not None:
+        declines.update(why)
     if folded:
         drop_unused_initializers(model)
     return folded

@@ -102,6 +102,18 @@ def test_affine_after_conv_folded() -> None:
     np.testing.assert_allclose(run(res.model, {"x": x})[0], ref, rtol=1e-5, atol=1e-6 * float(np.abs(ref).max()))
 
 
+def test_an_affine_fold_that_does_not_apply_is_declined_with_its_reason() -> None:
+    """Conv → Mul by a constant that varies along the rows ([1, 1, 8, 1]): not one value per
+    channel, so it stays a Mul, and the stats say why."""
+    rng = np.random.default_rng(10)
+    nodes = [helper.make_node("Conv", ["x", "w"], ["h"], pads=[1, 1, 1, 1]), helper.make_node("Mul", ["h", "s"], ["y"])]
+    inits = [tensor(rng, "w", (8, 3, 3, 3)), tensor(rng, "s", (1, 1, 8, 1))]
+    m = make_model(nodes, [fvi("x", [2, 3, 8, 8])], [fvi("y", [2, 8, 8, 8])], inits)
+    res = Fuse().run(m, PassContext())
+    assert res.stats["affine_folded"] == 0 and [n.op_type for n in res.model.graph.node] == ["Conv", "Mul"]
+    assert res.stats["declined_matches"]["affine"] == {"the constant varies along an axis other than the channels": 1}
+
+
 def test_a_rule_that_loses_an_onnxruntime_fusion_is_declined(monkeypatch: pytest.MonkeyPatch) -> None:
     """onnxruntime fuses Conv + Relu into FusedConv; a rule after which it makes fewer of
     its fusions is left out, and the stats say which and why (here the count is faked

@@ -126,7 +126,7 @@ class Fuse(Pass):
             # did worse on the folded graph (docs/decisions). A BatchNormalization may follow
             # only after the ConvTranspose's bias Add is folded.
             bn = fold_batchnorm(m, ("ConvTranspose",))
-            folded = fold_affine(m)
+            folded = fold_affine(m, declines["affine"])
             bn += fold_batchnorm(m, ("ConvTranspose",))
             forward = fold_affine_forward(m)
             if folded or forward or bn:
@@ -139,7 +139,7 @@ class Fuse(Pass):
                 drop_stale_value_info(m.graph)
             return {"affine_depthwise": n}
 
-        declines: dict[str, Counter[str]] = {"hardswish": Counter(), "gate_residual": Counter(),
+        declines: dict[str, Counter[str]] = {"hardswish": Counter(), "affine": Counter(), "gate_residual": Counter(),
                                              "space_to_depth": Counter()}
 
         def focus(m: onnx.ModelProto) -> dict[str, int]:
