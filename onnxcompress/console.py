@@ -17,9 +17,8 @@ from rich.table import Table
 
 from .errors import OptionError
 from .report import OptimizeReport
-from .search import SearchReport, describe_budget
+from .trials import SearchReport, describe_budget
 from .validate import ValidationReport
-
 
 out = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 160)
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import OptionError
-from .search import SearchReport, describe_budget
+from .trials import SearchReport, describe_budget
 
 _MARKERS = {"input": ("s", "black"), "prune": ("o", "tab:blue"), "lowrank": ("^", "tab:orange"),
             "int8": ("D", "tab:green")}

@@ -73,12 +73,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from ...errors import OnnxCompressError
-from ...folds import (
-    affine_to_depthwise,
-    fold_affine,
-    fold_affine_forward,
-    fold_batchnorm,
-)
+from ...folds import affine_to_depthwise, fold_affine, fold_affine_forward, fold_batchnorm
 from ...graph import clip_bounds, drop_stale_value_info, fresh_namer, initializers
 from ...model import default_opset
 from ...pipeline import Pass, PassContext, PassResult

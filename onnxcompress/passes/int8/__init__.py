@@ -93,13 +93,7 @@ from ...graph import initializers
 from ...pipeline import Pass, PassContext, PassResult
 from . import prepare, qdq, ranges, write
 from .calibration import collect_histograms
-from .control import (
-    AccuracyControl,
-    ControlSteps,
-    agreement,
-    nodes_of_names,
-    prefix_cuts,
-)
+from .control import AccuracyControl, ControlSteps, agreement, nodes_of_names, prefix_cuts
 from .guard import GuardSteps, _guard_sizes
 from .options import ALREADY_QUANTIZED, Int8Options
 from .rounding import GptqRounder, input_hessians

@@ -16,13 +16,7 @@ import onnx
 
 from ...model import with_outputs
 from ...pipeline import PassContext
-from ...validate import (
-    column_cosine,
-    column_sums,
-    cosine,
-    is_class_scores,
-    is_feature_table,
-)
+from ...validate import column_cosine, column_sums, cosine, is_class_scores, is_feature_table
 from . import qdq, write
 from .options import FLOAT_STEPS, PREFIX_LEVELS, UNFLOAT_SLACK, Int8Options
 from .refit import refit_convs

@@ -16,7 +16,6 @@ from ...data import batch_of
 from ...model import node_attr
 from ...pipeline import PassContext
 from . import qdq
-from .control import agreement, nodes_of_names  # noqa: F401
 from .options import GUARD_TRIAL_SECONDS, GUARD_TRIALS, Int8Options, guard_batch_sizes
 from .state import State, _round
 

@@ -49,8 +49,6 @@ log = logging.getLogger(__name__)
 __all__ = ["Prune", "PruneOptions", "analyze", "default_round_to"]
 
 
-
-
 class Prune(Pass):
     name = "prune"
     summary = "structured filter pruning: remove whole Conv output channels and everything coupled to them"
