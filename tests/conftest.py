@@ -16,6 +16,18 @@ SHARED = Path(os.environ.get("ONNXCOMPRESS_SHARED", ROOT.parent / "shared"))
 SHARED_MODELS = ["textline_cls", "doc_orientation", "text_det", "captcha_det"]
 
 
+def on_resnet_block(spec: str):  # type: ignore[no-untyped-def]
+    """``spec`` run on the resnet_block fixture with its calibration data, judged on its
+    validation data with no tolerance (every metric is reported, none fails): the report
+    and the output's mean cosine."""
+    import onnxcompress as oc
+
+    _, rep = oc.optimize(FIXTURES / "resnet_block.onnx", spec, calibration=FIXTURES / "resnet_block_calib.npz",
+                         validation=FIXTURES / "resnet_block_val.npz", latency=False,
+                         thresholds=oc.Thresholds(cosine=None, top1=None, rel_range=None))
+    return rep, rep.validation.outputs[0].metrics["cosine_mean"]
+
+
 def shared_path(*parts: str) -> Path:
     p = SHARED.joinpath(*parts)
     if not p.exists():

@@ -16,7 +16,7 @@ from onnxcompress.pipeline import PassContext
 from onnxcompress.registry import build_pipeline
 
 from .builders import run
-from .conftest import FIXTURES, SHARED_MODELS, shared_path
+from .conftest import FIXTURES, SHARED_MODELS, on_resnet_block, shared_path
 
 
 def conv_model(k, stride=1, dil=1, pads=None, auto=None, c=6, n=10, hw=(13, 17), seed=0) -> onnx.ModelProto:
@@ -111,12 +111,8 @@ def test_options_checked() -> None:
 def test_refit_beats_pure_svd_on_fixture() -> None:
     cos = {}
     for refit in ("none", "lstsq"):
-        _, rep = oc.optimize(FIXTURES / "resnet_block.onnx", f"lowrank:rank=8:refit={refit}",
-                             calibration=FIXTURES / "resnet_block_calib.npz",
-                             validation=FIXTURES / "resnet_block_val.npz", latency=False,
-                             thresholds=oc.Thresholds(cosine=None, top1=None))
+        rep, cos[refit] = on_resnet_block(f"lowrank:rank=8:refit={refit}")
         assert rep.passes[-1].stats["split"] > 0
-        cos[refit] = rep.validation.outputs[0].metrics["cosine_mean"]
     assert cos["lstsq"] > cos["none"]
 
 
@@ -253,13 +249,7 @@ def test_ridge_measure_and_sensitivity_samples_take_effect(monkeypatch: pytest.M
     number of samples the sensitivity measurement runs on."""
     import onnxcompress.validate as validate_mod
 
-    cos = {}
-    for ridge in ("0.01", "10000"):
-        _, rep = oc.optimize(FIXTURES / "resnet_block.onnx", f"lowrank:rank=8:experimental.ridge={ridge}",
-                             calibration=FIXTURES / "resnet_block_calib.npz",
-                             validation=FIXTURES / "resnet_block_val.npz", latency=False,
-                             thresholds=oc.Thresholds(cosine=None, top1=None, rel_range=None))
-        cos[ridge] = rep.validation.outputs[0].metrics["cosine_mean"]
+    cos = {ridge: on_resnet_block(f"lowrank:rank=8:experimental.ridge={ridge}")[1] for ridge in ("0.01", "10000")}
     assert cos["0.01"] > cos["10000"] + 1e-3
     reasons = {}
     for measure in ("false", "true"):  # every split the MACs allow is timed, and kept only if faster

@@ -28,7 +28,7 @@ from onnxcompress.registry import build_pipeline
 from onnxcompress.shapes import all_shapes
 
 from .builders import fvi, make_model, run, tensor
-from .conftest import FIXTURES, SHARED_MODELS, shared_path
+from .conftest import FIXTURES, SHARED_MODELS, on_resnet_block, shared_path
 
 FIXTURE_MODELS = ["resnet_block", "mobilenet_se", "concat_split"]
 
@@ -294,12 +294,8 @@ def test_a_large_ridge_shrinks_the_refit() -> None:
     the pruned model agrees less with the original than with the default ridge."""
     cos = {}
     for ridge in ("0.01", "10000"):
-        _, rep = oc.optimize(FIXTURES / "resnet_block.onnx", f"prune:ratio=0.3:experimental.ridge={ridge}",
-                             calibration=FIXTURES / "resnet_block_calib.npz",
-                             validation=FIXTURES / "resnet_block_val.npz", latency=False,
-                             thresholds=oc.Thresholds(cosine=None, top1=None, rel_range=None))
+        rep, cos[ridge] = on_resnet_block(f"prune:ratio=0.3:experimental.ridge={ridge}")
         assert rep.passes[-1].stats["recovery"] == "lstsq"
-        cos[ridge] = rep.validation.outputs[0].metrics["cosine_mean"]
     assert cos["0.01"] > cos["10000"] + 1e-3
 
 
