@@ -121,8 +121,8 @@ def optimize(
     :mod:`onnxcompress.search`. Without calibration data only ``canonicalize`` runs.
 
     The result is timed against the model as given (``latency_batch``); where it is not
-    ``KEEP_GAIN`` (3%) faster in two timings, the model as given is the answer and
-    ``report.fallback`` says why, unless ``allow_slower``.
+    ``KEEP_GAIN`` (3%) faster in two of at most three timings, the model as given is the
+    answer and ``report.fallback`` says why, unless ``allow_slower``.
 
     ``batch_axes``: ``{input: axis or None}`` where the inferred batch axes are wrong (None:
     the input is held constant), see :mod:`onnxcompress.data`.
@@ -232,21 +232,28 @@ def _time_against_given(original: onnx.ModelProto, result: onnx.ModelProto, feed
                         latency_runs: int, threads: int | None, progress: Progress, allow_slower: bool,
                         ) -> tuple[LatencyResult, str | None]:
     """Time the result against the model as given; where it is not ``KEEP_GAIN`` faster in
-    two timings of at least 9 interleaved rounds (one timing on a shared machine is off by
-    a few percent, more on a model that runs in microseconds), the reason the model as
-    given is the answer (None: the result stands). The latency reported is of the answer."""
+    two of at most three timings of at least 9 interleaved rounds, the reason the model as
+    given is the answer (None: the result stands). One timing on a shared machine is off by
+    a few percent, and now and then by 2× for one of the two sessions (a core taken from
+    onnxruntime's thread pool): one odd timing decides nothing. The latency reported is of
+    the answer, from the timing with the median ratio."""
     n = next(iter(feeds.values())).shape[0] if feeds else 1
-    ratios: list[float] = []
-    for _ in range(1 if allow_slower or result is original else 2):
+    timings: list[tuple[float, float]] = []
+    votes = {True: 0, False: 0}
+    for _ in range(1 if allow_slower or result is original else 3):
         b, a = measure_latency([original, result], feeds, provider=provider, runs=max(latency_runs, 45),
                                min_seconds=1.0, threads=threads, progress=progress,
                                labels=["original model", "optimized model"])
-        ratios.append(a / b)
-        if ratios[-1] > 1 - KEEP_GAIN:
+        timings.append((b, a))
+        votes[a / b <= 1 - KEEP_GAIN] += 1
+        if max(votes.values()) >= 2:
             break
-    if max(ratios) > 1 - KEEP_GAIN and result is not original and not allow_slower:
-        fallback = (f"the rewritten model ran {' and '.join(f'{r:.3f}×' for r in ratios)} the time of the model "
-                    f"as given (batch {n}), not {KEEP_GAIN:.0%} faster: the model as given is the answer")
+    timings_by_ratio = sorted(timings, key=lambda t: t[1] / t[0])
+    b, a = timings_by_ratio[(len(timings) - 1) // 2]
+    if votes[False] >= 1 and votes[True] < 2 and result is not original and not allow_slower:
+        fallback = (f"the rewritten model ran {' and '.join(f'{a / b:.3f}×' for b, a in timings)} the time of the "
+                    f"model as given (batch {n}), not {KEEP_GAIN:.0%} faster in two timings: the model as given "
+                    "is the answer")
         log.warning("%s", fallback)
         return LatencyResult(provider, n, b, b), fallback
     return LatencyResult(provider, n, b, a), None
