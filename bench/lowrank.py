@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 import onnxcompress as oc  # noqa: E402
 from _common import check_and_run  # noqa: E402
-from onnxcompress.passes.lowrank import LowRank, LowRankOptions, split_conv  # noqa: E402
+from onnxcompress.passes.lowrank import LowRank, LowRankOptions, split_layer  # noqa: E402
 from onnxcompress.pipeline import PassContext  # noqa: E402
 from onnxcompress.registry import build_pipeline  # noqa: E402
 from onnxcompress.validate import measure_latency  # noqa: E402
@@ -55,7 +55,7 @@ def exactness(rows: list[dict]) -> Table:
         t.add_column(col)
     for name, kw in CASES.items():
         m = conv_model(**kw)
-        split = split_conv(copy.deepcopy(m), "conv")
+        split = split_layer(copy.deepcopy(m), "conv")
         errs = []
         for seed in range(3):
             x = np.random.default_rng(seed).standard_normal((1, 6, 13, 17)).astype(np.float32)

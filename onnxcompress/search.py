@@ -174,7 +174,8 @@ class Search:
     def _judge(self, model: onnx.ModelProto, trial: Trial, reserve: float) -> None:
         """Agreement on the held-out samples and on all checked samples; the worse counts."""
         sess = make_session(model, self.ctx.provider, threads=self.threads, label=f"trial {trial.index}")
-        sets = {"held-out": [OutputStats(n) for n in self.names], "all": [OutputStats(n) for n in self.names]}
+        sets = {k: [OutputStats(n, sequence=True if self._threshold(n).ctc is not None else None) for n in self.names]
+                for k in ("held-out", "all")}
         for (batch, held), ref in zip(self.samples, self.ref):
             for i, new in enumerate(run_session(sess, batch, f"trial {trial.index}")):
                 a, b = np.asarray(ref[i]), np.asarray(new)

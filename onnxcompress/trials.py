@@ -137,7 +137,7 @@ class SearchReport:
 
 
 #: the Thresholds fields a trial's budget usage is computed from
-AGREEMENT = ("cosine", "top1", "feature_cosine")
+AGREEMENT = ("cosine", "top1", "feature_cosine", "ctc")
 
 
 #: class-score outputs: the share of max_drop their mean cosine may lose (see the module docstring)
@@ -174,6 +174,8 @@ def _checked(metrics: Mapping[str, Any], t: Thresholds) -> list[tuple[float, flo
         out.append((float(metrics["cosine_mean"]), t.cosine))
     if t.feature_cosine is not None and "feature_cosine_min" in metrics:
         out.append((float(metrics["feature_cosine_min"]), t.feature_cosine))
+    if t.ctc is not None and "ctc" in metrics:
+        out.append((float(metrics["ctc"]), t.ctc))
     return out
 
 

@@ -14,6 +14,10 @@ Per output, accumulated batch by batch (nothing but running sums is kept):
 * ``top1``: argmax agreement, for outputs shaped like class scores ([N, C] with
   2 ≤ C ≤ 100000), over the samples whose reference top-1 leads the runner-up by more than
   the noise floor
+* ``ctc``: for sequence outputs ([N, T, C] probabilities, or any [N, T, C] output given a
+  ``ctc`` tolerance), 1 − the edit distance between the two models' greedy CTC decodes
+  over the reference decode's length; ``ctc_lines``: the share of samples decoded
+  identically (:mod:`onnxcompress.ctc`)
 
 A :class:`Thresholds` per output decides pass/fail; the defaults depend on whether the
 rewrite is exact (``rel_range ≤ 1e-4``) or approximate (mean cosine ≥ 0.99, top-1 ≥ 0.99).
@@ -30,6 +34,7 @@ from typing import Any
 import numpy as np
 import onnx
 
+from .ctc import is_sequence_probabilities, sequence_agreement
 from .data import DataSource
 from .errors import OptionError, RuntimeModelError
 from .progress import NullProgress, Progress
@@ -60,6 +65,7 @@ class Thresholds:
     cosine: float | None = None
     top1: float | None = None
     feature_cosine: float | None = None
+    ctc: float | None = None
     allow_nonfinite: bool = False
 
     @classmethod
@@ -80,7 +86,8 @@ def parse_tolerances(spec: str | None, base: Thresholds) -> dict[str | None, Thr
     """Parse ``"[output:]key=value[,key=value][;output:key=value...]"``.
 
     A group without an output name applies to every output; ``None`` is that default.
-    Keys: rel_range, max_abs, mean_abs, cosine, top1, feature_cosine (``none`` disables), allow_nonfinite.
+    Keys: rel_range, max_abs, mean_abs, cosine, top1, feature_cosine, ctc (``none`` disables),
+    allow_nonfinite.
     """
     result: dict[str | None, Thresholds] = {None: base}
     if not spec:
@@ -240,6 +247,10 @@ class OutputStats:
     margin: list[np.ndarray] = field(default_factory=list)  # per-sample reference top-1 − top-2
     classes: bool = False
     feature_sums: np.ndarray | None = None  # column_sums, added up over batches
+    sequence: bool | None = None  # decoded as CTC; None: decided by the first batch's reference
+    ctc_edits: int = 0
+    ctc_chars: int = 0
+    ctc_same: int = 0
 
     def update(self, ref: np.ndarray, new: np.ndarray) -> None:
         if ref.shape != new.shape:
@@ -286,6 +297,12 @@ class OutputStats:
             with np.errstate(invalid="ignore"):  # -inf − -inf where fewer than two scores are finite
                 lead = top2[:, 1] - top2[:, 0]
             self.margin.append(np.nan_to_num(lead, nan=0.0, posinf=np.inf, neginf=0.0))
+        if self.sequence is None:
+            self.sequence = is_sequence_probabilities(a)
+        if self.sequence and a.ndim == 3:
+            edits, chars, same = sequence_agreement(ca, cb)
+            self.ctc_edits, self.ctc_chars, self.ctc_same = self.ctc_edits + edits, self.ctc_chars + chars, \
+                self.ctc_same + same
 
     def metrics(self) -> dict[str, Any]:
         span = self.ref_max - self.ref_min if self.ref_max > self.ref_min else 0.0
@@ -313,6 +330,10 @@ class OutputStats:
             decided = margin > NOISE_FLOOR * span  # a tie within rounding noise has no top-1 to agree on
             m["top1"] = float(agree[decided].mean()) if decided.any() else 1.0
             m["top1_samples"] = int(decided.sum())
+        if self.sequence and self.samples:
+            m["ctc"] = 1.0 - self.ctc_edits / self.ctc_chars if self.ctc_chars else float(self.ctc_edits == 0)
+            m["ctc_lines"] = self.ctc_same / self.samples
+            m["ctc_edits"], m["ctc_chars"] = self.ctc_edits, self.ctc_chars
         if self.feature_sums is not None:
             per = column_cosine(self.feature_sums)
             m["feature_cosine"] = [round(float(v), 6) for v in per]
@@ -379,6 +400,8 @@ def judged_by(m: Mapping[str, Any], t: Thresholds) -> list[str]:
         out.append(f"each column's cosine ≥ {t.feature_cosine:g}")
     if t.top1 is not None and "top1" in m:
         out.append(f"top-1 ≥ {t.top1:g}")
+    if t.ctc is not None and "ctc" in m:
+        out.append(f"greedy CTC decodes agree ≥ {t.ctc:g} (1 − edits / characters)")
     return out
 
 
@@ -403,6 +426,9 @@ def judge(name: str, m: Mapping[str, Any], t: Thresholds) -> list[str]:
                      f" < {t.feature_cosine:g}")
     if t.top1 is not None and "top1" in m and m["top1"] < t.top1:
         fails.append(f"top-1 agreement {m['top1']:.4f} < {t.top1:g}")
+    if t.ctc is not None and "ctc" in m and m["ctc"] < t.ctc:
+        fails.append(f"greedy CTC decodes differ by {m['ctc_edits']} edits in {m['ctc_chars']} characters: "
+                     f"agreement {m['ctc']:.4f} < {t.ctc:g}")
     return fails
 
 
@@ -432,7 +458,8 @@ def compare_models(
     unknown = [k for k in thresholds if k is not None and k not in ref_names]
     if unknown:
         raise OptionError(f"tolerance for unknown output(s) {unknown}; outputs: {', '.join(ref_names)}")
-    stats = [OutputStats(n) for n in ref_names]
+    stats = [OutputStats(n, sequence=True if thresholds.get(n, thresholds[None]).ctc is not None else None)
+             for n in ref_names]
     samples = batches = 0
     with progress.task("validating", data.num_samples) as task:
         for batch in data:

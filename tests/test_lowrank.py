@@ -10,12 +10,13 @@ import pytest
 from onnx import helper, numpy_helper
 
 import onnxcompress as oc
+from onnxcompress.data import open_data
 from onnxcompress.errors import OptionError
-from onnxcompress.passes.lowrank import LowRank, LowRankOptions, split_conv, split_weights, svd_factors
+from onnxcompress.passes.lowrank import LowRank, LowRankOptions, split_layer, split_weights, svd_factors
 from onnxcompress.pipeline import PassContext
 from onnxcompress.registry import build_pipeline
 
-from .builders import run
+from .builders import hybrid_recognizer, run
 from .conftest import FIXTURES, SHARED_MODELS, on_resnet_block, shared_path
 
 
@@ -55,7 +56,7 @@ CASES = {
 @pytest.mark.parametrize("case", list(CASES))
 def test_full_rank_chain_is_exact(case: str) -> None:
     m = conv_model(**CASES[case])
-    split = split_conv(copy.deepcopy(m), "conv")
+    split = split_layer(copy.deepcopy(m), "conv")
     assert [n.op_type for n in split.graph.node] == ["Conv", "Conv"]
     onnx.checker.check_model(split)
     for seed in range(3):
@@ -77,9 +78,70 @@ def test_svd_factor_shapes_and_truncation_error() -> None:
 
 
 def test_1xk_and_kx1_and_grouped_are_left_alone() -> None:
-    for k in ((1, 7), (7, 1), (1, 1)):
+    for k in ((1, 7), (7, 1)):
         res = LowRank(LowRankOptions(rank=8)).run(conv_model(k=k), PassContext())
         assert not res.modified and res.stats["candidates"] == 0
+    # a 1×1 conv is a linear map: a candidate, kept where no rank saves MACs (6 → 10 channels)
+    res = LowRank(LowRankOptions(rank=8)).run(conv_model(k=(1, 1)), PassContext())
+    assert not res.modified and res.stats["candidates"] == 1 and "saves less" in res.stats["layers"][0]["reason"]
+
+
+def gemm_model(trans_b: int, seed: int = 0) -> onnx.ModelProto:
+    rng = np.random.default_rng(seed)
+    b = rng.standard_normal((24, 16) if trans_b else (16, 24)).astype(np.float32)
+    c = rng.standard_normal(24).astype(np.float32)
+    node = helper.make_node("Gemm", ["x", "B", "C"], ["y"], name="gemm", alpha=0.5, beta=2.0, transB=trans_b)
+    g = helper.make_graph([node], "t", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["n", 16])],
+                          [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["n", 24])],
+                          [numpy_helper.from_array(b, "B"), numpy_helper.from_array(c, "C")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    m.ir_version = 8
+    return m
+
+
+LINEAR = {  # model, node, input shape
+    "gemm": (lambda: gemm_model(0), "gemm", (5, 16)),
+    "gemm-transB": (lambda: gemm_model(1), "gemm", (5, 16)),
+    **{f"hybrid-{n}": (lambda: hybrid_recognizer(ctc=False), n, (2, 3, 8, 16))
+       for n in ("pointwise", "q", "v", "proj", "fc1", "fc2", "head")},
+}
+
+
+@pytest.mark.parametrize("case", list(LINEAR))
+def test_linear_layers_split_exactly_at_full_rank(case: str) -> None:
+    """MatMul, Gemm (transB, alpha, beta, C) and 1×1 Conv: W → A·B at full rank computes the
+    same outputs (onnxruntime, graph optimizations off, three seeded inputs), and the
+    bias Add after a MatMul is the one that was there."""
+    make, name, shape = LINEAR[case]
+    m = make()
+    split = split_layer(copy.deepcopy(m), name)
+    onnx.checker.check_model(split, full_check=True)
+    ops = [n.op_type for n in split.graph.node if n.name.startswith(f"{name}_lr")]
+    assert len(ops) == 2 and ops[0] == ("Conv" if name == "pointwise" else "MatMul")
+    if case.startswith("hybrid") and name != "pointwise":
+        out = next(n for n in split.graph.node if n.name == f"{name}_lr_b").output[0]
+        assert [n.op_type for n in split.graph.node if out in n.input] == ["Add"]
+    for seed in range(3):
+        x = np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+        ref, out = run(m, {"x": x})[0], run(split, {"x": x})[0]
+        assert float(np.abs(out - ref).max()) <= 1e-5 * float(np.abs(ref).max())
+
+
+def test_linear_layers_are_split_within_a_macs_budget_and_timed() -> None:
+    """On a transformer block: the MatMuls are candidates; at a MACs budget the pass splits
+    some and meets it, a split keeps the classifier's bias Add; ``measure`` (auto) times
+    each linear split at the model's shapes and says so."""
+    m = hybrid_recognizer(d=64, hidden=256, classes=200)
+    x = np.random.default_rng(0).standard_normal((8, 3, 8, 16)).astype(np.float32)
+    ctx = PassContext(calibration=open_data([{"x": x[:4]}, {"x": x[4:]}], m, batch_size=4))
+    res = LowRank(LowRankOptions(macs_ratio=0.8, measure="false")).run(copy.deepcopy(m), ctx)
+    kinds = {layer["node"]: layer["kernel"] for layer in res.stats["layers"] if "kernel" in layer}
+    assert {"q", "fc1", "fc2", "head"} <= set(kinds) and kinds["head"] == "MatMul" and kinds["pointwise"] == "1x1"
+    assert res.modified and res.stats["macs_ratio"] <= 0.8
+    assert any(n.name.endswith("_lr_a") and n.op_type == "MatMul" for n in res.model.graph.node)
+    timed = LowRank(LowRankOptions(rank=8)).run(copy.deepcopy(m), PassContext())
+    assert any("measured" in layer["reason"] for layer in timed.stats["layers"] if layer["decision"] == "split"
+               or "measured" in layer["reason"])
 
 
 def test_skip_when_not_cheaper_and_split_when_cheaper() -> None:

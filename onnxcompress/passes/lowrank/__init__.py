@@ -32,6 +32,7 @@ chain's output matches the original layer's.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from typing import Any
@@ -46,8 +47,8 @@ from ...model import node_attr
 from ...pipeline import Pass, PassContext, PassResult
 from ...report import layer_macs
 from ...shapes import all_shapes, infer_shapes
-from .factors import Candidate, LowRankOptions, _round_up, _split_node, split_weights, svd_factors
-from .ranks import _data_energy, _lower_ranks, _sensitivity_budget, _single_conv_model
+from .factors import Candidate, LowRankOptions, _round_up, _split_node, linear_view, split_weights, svd_factors
+from .ranks import _data_energy, _lower_ranks, _sensitivity_budget, _single_layer_model
 
 log = logging.getLogger(__name__)
 
@@ -73,8 +74,8 @@ class LowRank(Pass):
         self._choose_ranks(cands, opts, total_macs, budget=not by_sensitivity)
         if by_sensitivity:
             _sensitivity_budget(model, cands, opts, total_macs, ctx)
-        if opts.measure:
-            self._measure(cands, ctx.provider, shapes)
+        if opts.measure != "false":
+            self._measure([c for c in cands if opts.measure == "true" or c.linear], model, ctx.provider, shapes)
         original = None
         refit = opts.refit if opts.refit != "auto" else ("lstsq" if ctx.calibration is not None else "none")
         if refit == "lstsq":
@@ -87,7 +88,8 @@ class LowRank(Pass):
         after = total_macs - sum(c.original_macs - c.chain_macs(c.rank) for c in split)
         for c in cands:
             layers.append({
-                "node": c.node.name, "kernel": f"{c.w.shape[2]}x{c.w.shape[3]}", "in": int(c.w.shape[1]),
+                "node": c.label, "kernel": c.op if c.op != "Conv" else f"{c.w.shape[2]}x{c.w.shape[3]}",
+                "in": int(c.w.shape[1]),
                 "out": int(c.w.shape[0]), "rank": c.rank, "full_rank": c.full_rank,
                 "energy": round(c.energy(c.rank), 4) if c.rank else None, "macs_before": c.original_macs,
                 "macs_after": c.chain_macs(c.rank) if c.decision == "split" else c.original_macs,
@@ -130,26 +132,26 @@ class LowRank(Pass):
                 continue
             macs = _layer_macs(node, shapes, inits)
             total_macs += macs
-            if node.op_type != "Conv" or len(node.input) < 2 or node.input[1] not in inits:
+            if node.op_type == "ConvTranspose" or len(node.input) < 2 or node.input[1] not in inits:
                 continue
             w = numpy_helper.to_array(inits[node.input[1]])
             label = node.name or node.output[0]
-            if w.ndim != 4:
+            reason = _declines(node, w)
+            if reason:
+                if reason != "-":
+                    layers.append({"node": label, "decision": "kept", "reason": reason})
                 continue
-            if not np.all(np.isfinite(w)):
-                layers.append({"node": label, "decision": "kept", "reason": "weights have NaN or Inf values"})
-                continue
-            if int(node_attr(node, "group", 1)) != 1:
-                layers.append({"node": label, "decision": "kept", "reason": f"grouped (group={node_attr(node, 'group', 1)})"})
-                continue
-            if w.shape[2] < 2 or w.shape[3] < 2:
-                continue  # 1×1, 1×k, k×1: nothing to split
             x_shape, y_shape = shapes.get(node.input[0]), shapes.get(node.output[0])
             if x_shape is None or y_shape is None:
                 layers.append({"node": label, "decision": "kept", "reason": "shape unknown"})
                 continue
+            if node.op_type == "Conv":
+                out_hw, in_w = (y_shape[2], y_shape[3]), x_shape[3]
+            else:  # a linear map at each of the output's positions (all axes but the last)
+                w = linear_view(node, w)
+                out_hw, in_w = (int(np.prod(y_shape[:-1][1:], dtype=np.int64)), 1), 1
             u, s, vt = svd_factors(w)
-            cands.append(Candidate(idx, node, w, u, s, vt, (y_shape[2], y_shape[3]), x_shape[3], macs))
+            cands.append(Candidate(idx, node, w, u, s, vt, out_hw, in_w, macs, op=node.op_type, label=label))
         return cands, total_macs, layers
 
     # -- rank choice -------------------------------------------------------------------
@@ -206,18 +208,19 @@ class LowRank(Pass):
             c.reason = f"rank {c.rank}: chain {c.chain_macs(c.rank):,} MACs vs {c.original_macs:,}"
 
     @staticmethod
-    def _measure(cands: list[Candidate], provider: str, shapes: dict[str, list[int]]) -> None:
+    def _measure(cands: list[Candidate], model: onnx.ModelProto, provider: str, shapes: dict[str, list[int]]) -> None:
+        """Time each layer to split alone against its chain, at the model's shapes (batch 1)."""
         from ...validate import measure_latency
 
+        inits = initializers(model.graph)
         for c in cands:
             if c.decision != "split":
                 continue
             x_shape = [1, *shapes[c.node.input[0]][1:]]
-            single = _single_conv_model(c.node, c.w, x_shape)
+            single = _single_layer_model(c.node, inits, x_shape)
             chain = onnx.ModelProto()
             chain.CopyFrom(single)
-            cc = Candidate(0, chain.graph.node[0], c.w, c.u, c.s, c.vt, c.out_hw, c.in_w, c.original_macs, c.rank)
-            _split_node(chain, cc, c.rank)
+            _split_node(chain, dataclasses.replace(c, index=0, node=chain.graph.node[0]), c.rank)
             feeds = {"x": np.random.default_rng(0).standard_normal(x_shape).astype(np.float32)}
             t_orig, t_split = measure_latency([single, chain], feeds, provider=provider, runs=30, min_seconds=0.3)
             if t_split >= t_orig:
@@ -227,6 +230,23 @@ class LowRank(Pass):
                 c.reason += f"; measured {t_split:.3f} ms vs {t_orig:.3f} ms"
 
 
+def _declines(node: onnx.NodeProto, w: np.ndarray) -> str:
+    """Why a layer with constant weights is not a candidate ("-": silently, nothing to
+    split); "" where it is one."""
+    if not np.issubdtype(w.dtype, np.floating):
+        return "-"
+    if node.op_type == "Conv":
+        if w.ndim != 4 or (w.shape[2] == 1) != (w.shape[3] == 1):
+            return "-"  # 1-D, 3-D, 1×k and k×1 convolutions
+        if int(node_attr(node, "group", 1)) != 1:
+            return f"grouped (group={node_attr(node, 'group', 1)})"
+    elif w.ndim != 2 or (node.op_type == "Gemm" and int(node_attr(node, "transA", 0))):
+        return "-"
+    if not np.all(np.isfinite(w)):
+        return "weights have NaN or Inf values"
+    return ""
+
+
 def _layer_macs(node: onnx.NodeProto, shapes: dict[str, list[int]], inits: dict[str, onnx.TensorProto]) -> int:
     x = shapes.get(node.input[0])
     y = shapes.get(node.output[0])
@@ -234,18 +254,24 @@ def _layer_macs(node: onnx.NodeProto, shapes: dict[str, list[int]], inits: dict[
     return 0 if x is None or y is None or w is None else layer_macs(node, x, w, y)
 
 
-def split_conv(model: onnx.ModelProto, node_name: str, rank: int | None = None) -> onnx.ModelProto:
-    """Split the named Conv at ``rank`` (default: full rank) regardless of cost; in place."""
+def split_layer(model: onnx.ModelProto, node_name: str, rank: int | None = None) -> onnx.ModelProto:
+    """Split the named Conv, MatMul or Gemm at ``rank`` (default: full rank) regardless of
+    cost; in place."""
     inits = initializers(model.graph)
-    node = next((n for n in model.graph.node if n.name == node_name and n.op_type == "Conv"), None)
-    if node is None:
-        raise OptionError(f"no Conv node named '{node_name}'")
+    node = next((n for n in model.graph.node if n.name == node_name and n.op_type in ("Conv", "MatMul", "Gemm")),
+                None)
+    if node is None or len(node.input) < 2 or node.input[1] not in inits:
+        raise OptionError(f"no Conv, MatMul or Gemm node with constant weights named '{node_name}'")
     w = numpy_helper.to_array(inits[node.input[1]])
+    if _declines(node, w):
+        raise OptionError(f"node '{node_name}': nothing to split ({_declines(node, w).strip('-') or 'its shape'})")
+    if node.op_type != "Conv":
+        w = linear_view(node, w)
     u, s, vt = svd_factors(w)
-    cand = Candidate(0, node, w, u, s, vt, (0, 0), 0, 0)
+    cand = Candidate(0, node, w, u, s, vt, (0, 0), 0, 0, op=node.op_type)
     _split_node(model, cand, rank or len(s))
     remove_dead_code(model.graph)
     return model
 
 
-__all__ = ["Candidate", "LowRank", "LowRankOptions", "split_conv", "split_weights", "svd_factors"]
+__all__ = ["Candidate", "LowRank", "LowRankOptions", "split_layer", "split_weights", "svd_factors"]

@@ -1,5 +1,6 @@
 """The lowrank pass's options, and the split of one K×K weight into a Kh×1 and a 1×Kw
-factor by SVD (see the package docstring for the derivation)."""
+factor by SVD, or of one linear layer's weight into two thinner ones (see the package
+docstring for the derivation)."""
 
 from __future__ import annotations
 
@@ -25,7 +26,9 @@ class LowRankOptions:
     macs_ratio: float = field(default=0.0, metadata={"help": "whole-model MACs budget, e.g. 0.7 (0 = off)"})
     round_to: int = field(default=8, metadata={"help": "ranks rounded up to a multiple of this"})
     min_saving: float = field(default=0.15, metadata={"help": "split only if the chain needs this fraction fewer MACs"})
-    measure: bool = field(default=False, metadata={"help": "time original and split conv; keep the split only if faster"})
+    measure: Literal["auto", "true", "false"] = field(default="auto", metadata={
+        "help": "time each layer and its split at the model's shapes in onnxruntime; keep the split only if "
+                "faster (auto = linear layers: MatMul, Gemm, 1×1 Conv)"})
     refit: Literal["auto", "none", "lstsq"] = field(default="auto", metadata={
         "help": "auto = least-squares refit of the second factor when calibration data is given"})
     ridge: float = field(default=1e-4, metadata={"experimental": True, "help": "refit ridge, relative to the mean diagonal"})
@@ -85,6 +88,8 @@ class Candidate:
     in_w: int
     original_macs: int
     rank: int = 0
+    op: str = "Conv"  # Conv, MatMul or Gemm (w is then the [N, K, 1, 1] view of the [K, N] weight)
+    label: str = ""  # the layer's name before the split
     decision: str = ""
     reason: str = ""
     weights: np.ndarray | None = None  # per-component energy: σ_k² (weights) or σ_k²·E[(u_kᵀx)²]
@@ -93,6 +98,11 @@ class Candidate:
     @property
     def full_rank(self) -> int:
         return len(self.s)
+
+    @property
+    def linear(self) -> bool:
+        """A per-position linear map: MatMul, Gemm or 1×1 Conv."""
+        return self.op != "Conv" or self.w.shape[2:] == (1, 1)
 
     def chain_macs(self, r: int) -> int:
         n, c, kh, kw = self.w.shape
@@ -109,8 +119,18 @@ def _round_up(r: int, step: int, cap: int) -> int:
     return min(cap, int(math.ceil(r / step) * step)) if r > 0 else 0
 
 
+def linear_view(node: onnx.NodeProto, w: np.ndarray) -> np.ndarray:
+    """A MatMul's [K, N] weight (a Gemm's B, transposed where ``transB``) as the [N, K, 1, 1]
+    weight of the 1×1 convolution computing the same map, so one SVD serves both."""
+    if node.op_type == "Gemm" and int(node_attr(node, "transB", 0)):
+        w = w.T
+    return np.ascontiguousarray(w.T)[:, :, None, None]
+
+
 def _split_node(model: onnx.ModelProto, cand: Candidate, r: int) -> str:
-    """Replace the conv by the chain in ``model``; return the vertical conv's output name."""
+    """Replace the layer by the chain in ``model``; return the first factor's output name."""
+    if cand.op != "Conv":
+        return _split_linear(model, cand, r)
     g = model.graph
     node = cand.node
     vert, horiz = split_weights(cand.w, r, cand.u, cand.s, cand.vt)
@@ -137,4 +157,31 @@ def _split_node(model: onnx.ModelProto, cand: Candidate, r: int) -> str:
     g.node.insert(idx, h_node)
     g.node.insert(idx, v_node)
     cand.node = h_node
+    return mid
+
+
+def _split_linear(model: onnx.ModelProto, cand: Candidate, r: int) -> str:
+    """MatMul(x, W) → MatMul(MatMul(x, A), B) with W ≈ A·B ([K, r], [r, N]); a Gemm keeps
+    its C, alpha and beta on the second factor. The output name stays, so a following Add
+    (bias) and onnxruntime's MatMul + Add fusion stay as they were."""
+    g = model.graph
+    node = cand.node
+    vert, horiz = split_weights(cand.w, r, cand.u, cand.s, cand.vt)
+    a, b = np.ascontiguousarray(vert[:, :, 0, 0].T), np.ascontiguousarray(horiz[:, :, 0, 0].T)
+    base = node.name or node.output[0]
+    fresh = fresh_namer(g)
+    a_name, b_name, mid = fresh(f"{base}_lr_a"), fresh(f"{base}_lr_b"), fresh(f"{base}_lr_mid")
+    g.initializer.extend([numpy_helper.from_array(a, a_name), numpy_helper.from_array(b, b_name)])
+    first = helper.make_node("MatMul", [node.input[0], a_name], [mid], name=f"{base}_lr_a")
+    if node.op_type == "Gemm":
+        attrs = {k: node_attr(node, k, 1.0) for k in ("alpha", "beta")}
+        second = helper.make_node("Gemm", [mid, b_name, *node.input[2:]], [node.output[0]], name=f"{base}_lr_b",
+                                  **attrs)
+    else:
+        second = helper.make_node("MatMul", [mid, b_name], [node.output[0]], name=f"{base}_lr_b")
+    idx = list(g.node).index(node)
+    g.node.remove(node)
+    g.node.insert(idx, second)
+    g.node.insert(idx, first)
+    cand.node = second
     return mid

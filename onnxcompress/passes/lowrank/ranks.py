@@ -4,12 +4,13 @@ saved (see the package docstring)."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import helper
 
 from ...model import with_outputs
 from ...pipeline import PassContext
@@ -35,6 +36,13 @@ def _data_energy(model: onnx.ModelProto, cands: list[Candidate], ctx: PassContex
             vals = dict(zip(names, run_named(sess, names, batch)))
             for i, c in enumerate(cands):
                 x = np.asarray(vals[c.node.input[0]], np.float32)
+                if c.op != "Conv":  # rows of the input are the layer's "patches"
+                    rows_ = x.reshape(-1, x.shape[-1])
+                    pick = rng.choice(len(rows_), min(len(rows_), positions * x.shape[0]), replace=False)
+                    p = rows_[pick].astype(np.float64)
+                    moments[i] = moments.get(i, 0) + p.T @ p
+                    counts[i] = counts.get(i, 0) + len(p)
+                    continue
                 n_, cin, kh = c.w.shape[0], c.w.shape[1], c.w.shape[2]
                 _, _, strides, dil, pads = conv_geometry(c.node, x.shape, c.w.shape, (x.shape[0], n_, *c.out_hw))
                 ho = c.out_hw[0]
@@ -136,8 +144,7 @@ def _sensitivity_budget(model: onnx.ModelProto, cands: list[Candidate], opts: Lo
                 m = onnx.ModelProto()
                 m.CopyFrom(model)
                 node = next(nd for nd in m.graph.node if nd.output and nd.output[0] == c.node.output[0])
-                cc = Candidate(0, node, c.w, c.u, c.s, c.vt, c.out_hw, c.in_w, c.original_macs, r)
-                _split_node(m, cc, r)
+                _split_node(m, dataclasses.replace(c, index=0, node=node, rank=r), r)
                 errs.append(damage.of(m))
             curves[id(c)] = (np.array(ranks, dtype=float), np.array(errs))
             task.advance()
@@ -161,12 +168,14 @@ def _sensitivity_budget(model: onnx.ModelProto, cands: list[Candidate], opts: Lo
                         f"vs {c.original_macs:,}")
 
 
-def _single_conv_model(node: onnx.NodeProto, w: np.ndarray, x_shape: list[int]) -> onnx.ModelProto:
-    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-    n = helper.make_node("Conv", ["x", "w"], ["y"], name="conv", **attrs)
-    g = helper.make_graph([n], "one_conv", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, x_shape)],
-                          [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["n", "c", "h", "w"])],
-                          [numpy_helper.from_array(w.astype(np.float32), "w")])
+def _single_layer_model(node: onnx.NodeProto, inits: dict[str, onnx.TensorProto], x_shape: list[int]) -> onnx.ModelProto:
+    """The layer alone: input ``x`` of ``x_shape``, output ``y``, its constant inputs."""
+    n = onnx.NodeProto()
+    n.CopyFrom(node)
+    n.input[0], n.output[0] = "x", "y"
+    g = helper.make_graph([n], "one_layer", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, x_shape)],
+                          [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
+                          [inits[i] for i in n.input[1:] if i in inits])
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
     m.ir_version = 8
     return m
