@@ -90,7 +90,7 @@ from .errors import OnnxCompressError, OptionError
 from .pipeline import Pass, PassContext, PassReport, Pipeline
 from .report import count_macs
 from .trials import SearchOptions, SearchReport, Trial, _checked, _tighten, _usage, default_thresholds
-from .validate import OutputStats, Thresholds, judge, make_session, measure_latency, run_session
+from .validate import OutputStats, Thresholds, judges_decodes, judge, make_session, measure_latency, run_session
 
 log = logging.getLogger(__name__)
 
@@ -174,7 +174,7 @@ class Search:
     def _judge(self, model: onnx.ModelProto, trial: Trial, reserve: float) -> None:
         """Agreement on the held-out samples and on all checked samples; the worse counts."""
         sess = make_session(model, self.ctx.provider, threads=self.threads, label=f"trial {trial.index}")
-        sets = {k: [OutputStats(n, sequence=True if self._threshold(n).ctc is not None else None) for n in self.names]
+        sets = {k: [OutputStats(n, sequence=judges_decodes(self._threshold(n))) for n in self.names]
                 for k in ("held-out", "all")}
         for (batch, held), ref in zip(self.samples, self.ref):
             for i, new in enumerate(run_session(sess, batch, f"trial {trial.index}")):

@@ -14,6 +14,7 @@ import numpy as np
 
 from .errors import OptionError
 from .pipeline import PassReport
+from .ctc import is_sequence_probabilities
 from .validate import Thresholds, is_class_scores, is_feature_table
 
 
@@ -137,20 +138,28 @@ class SearchReport:
 
 
 #: the Thresholds fields a trial's budget usage is computed from
-AGREEMENT = ("cosine", "top1", "feature_cosine", "ctc")
+AGREEMENT = ("cosine", "top1", "feature_cosine", "ctc", "ctc_lines")
 
 
 #: class-score outputs: the share of max_drop their mean cosine may lose (see the module docstring)
 CLASS_COSINE_SHARE = 0.1
 
+#: sequence outputs: the share of max_drop their decodes' character agreement may lose
+CTC_SHARE = 0.5
+
 
 def default_thresholds(max_drop: float, outputs: Mapping[str, np.ndarray]) -> dict[str | None, Thresholds]:
     """Mean cosine ≥ 1 − max_drop; class-score outputs: top-1 ≥ 1 − max_drop and mean
     cosine ≥ 1 − max_drop · CLASS_COSINE_SHARE; feature tables: also each column's
-    cosine over all samples ≥ 1 − max_drop."""
+    cosine over all samples ≥ 1 − max_drop; sequence outputs ([N, T, C] probabilities,
+    :mod:`onnxcompress.ctc`): their greedy decodes, 1 − edits / characters ≥ 1 − max_drop ·
+    CTC_SHARE and the share of identically decoded samples ≥ 1 − max_drop, instead of a
+    cosine (which passes changes users read and fails changes they do not)."""
     result: dict[str | None, Thresholds] = {None: Thresholds(cosine=1 - max_drop)}
     for name, arr in outputs.items():
-        if is_class_scores(arr.shape):
+        if is_sequence_probabilities(arr):
+            result[name] = Thresholds(ctc=1 - max_drop * CTC_SHARE, ctc_lines=1 - max_drop)
+        elif is_class_scores(arr.shape):
             result[name] = Thresholds(top1=1 - max_drop, cosine=1 - max_drop * CLASS_COSINE_SHARE)
         elif is_feature_table(arr.shape):
             result[name] = Thresholds(cosine=1 - max_drop, feature_cosine=1 - max_drop)
@@ -176,6 +185,8 @@ def _checked(metrics: Mapping[str, Any], t: Thresholds) -> list[tuple[float, flo
         out.append((float(metrics["feature_cosine_min"]), t.feature_cosine))
     if t.ctc is not None and "ctc" in metrics:
         out.append((float(metrics["ctc"]), t.ctc))
+    if t.ctc_lines is not None and "ctc_lines" in metrics:
+        out.append((float(metrics["ctc_lines"]), t.ctc_lines))
     return out
 
 

@@ -66,6 +66,7 @@ class Thresholds:
     top1: float | None = None
     feature_cosine: float | None = None
     ctc: float | None = None
+    ctc_lines: float | None = None
     allow_nonfinite: bool = False
 
     @classmethod
@@ -86,8 +87,8 @@ def parse_tolerances(spec: str | None, base: Thresholds) -> dict[str | None, Thr
     """Parse ``"[output:]key=value[,key=value][;output:key=value...]"``.
 
     A group without an output name applies to every output; ``None`` is that default.
-    Keys: rel_range, max_abs, mean_abs, cosine, top1, feature_cosine, ctc (``none`` disables),
-    allow_nonfinite.
+    Keys: rel_range, max_abs, mean_abs, cosine, top1, feature_cosine, ctc, ctc_lines (``none``
+    disables), allow_nonfinite.
     """
     result: dict[str | None, Thresholds] = {None: base}
     if not spec:
@@ -402,6 +403,8 @@ def judged_by(m: Mapping[str, Any], t: Thresholds) -> list[str]:
         out.append(f"top-1 ≥ {t.top1:g}")
     if t.ctc is not None and "ctc" in m:
         out.append(f"greedy CTC decodes agree ≥ {t.ctc:g} (1 − edits / characters)")
+    if t.ctc_lines is not None and "ctc_lines" in m:
+        out.append(f"share of identically decoded samples ≥ {t.ctc_lines:g}")
     return out
 
 
@@ -429,7 +432,15 @@ def judge(name: str, m: Mapping[str, Any], t: Thresholds) -> list[str]:
     if t.ctc is not None and "ctc" in m and m["ctc"] < t.ctc:
         fails.append(f"greedy CTC decodes differ by {m['ctc_edits']} edits in {m['ctc_chars']} characters: "
                      f"agreement {m['ctc']:.4f} < {t.ctc:g}")
+    if t.ctc_lines is not None and "ctc_lines" in m and m["ctc_lines"] < t.ctc_lines:
+        fails.append(f"{m['ctc_lines']:.4f} of the samples decode identically < {t.ctc_lines:g}")
     return fails
+
+
+def judges_decodes(t: Thresholds) -> bool | None:
+    """True where ``t`` judges decodes (the output is decoded whatever its values); None:
+    decoded where it holds probabilities."""
+    return True if t.ctc is not None or t.ctc_lines is not None else None
 
 
 def compare_models(
@@ -458,8 +469,7 @@ def compare_models(
     unknown = [k for k in thresholds if k is not None and k not in ref_names]
     if unknown:
         raise OptionError(f"tolerance for unknown output(s) {unknown}; outputs: {', '.join(ref_names)}")
-    stats = [OutputStats(n, sequence=True if thresholds.get(n, thresholds[None]).ctc is not None else None)
-             for n in ref_names]
+    stats = [OutputStats(n, sequence=judges_decodes(thresholds.get(n, thresholds[None]))) for n in ref_names]
     samples = batches = 0
     with progress.task("validating", data.num_samples) as task:
         for batch in data:
