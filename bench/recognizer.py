@@ -107,7 +107,7 @@ def main() -> None:
         lat = [f"{r[k][0]:.2f}× ({r[k][1]:.2f}–{r[k][2]:.2f})" if k in r else "1" for k in ("b1", "b8")]
         table.add_row(r["run"], " → ".join(r.get("chain", [])), f"{r['macs']:.3f}", *lat, f"{r['cer']:.4f}",
                       f"{r['exact']:.3f}", f"{r['agree']:.4f}")
-    Console().print(table)
+    Console(width=200).print(table)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
 

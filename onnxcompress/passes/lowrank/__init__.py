@@ -1,4 +1,11 @@
-"""Pass ``lowrank``: split a K×K convolution into a Kh×1 → 1×Kw chain (Tai et al. 2016).
+"""Pass ``lowrank``: split a K×K convolution into a Kh×1 → 1×Kw chain (Tai et al. 2016),
+and a linear layer (MatMul, Gemm, 1×1 Conv; W [K, N]) into two thinner ones, W ≈ A·B.
+
+A linear layer is the K×K case with Kh = Kw = 1 on the [N, K, 1, 1] view of its weight,
+so one SVD (whitened, rank choice, refit) serves both; only the nodes written differ.
+The chain saves MACs where r·(K + N) < K·N, and two small MatMuls are not always faster
+than one in onnxruntime, so linear splits are timed alone at the model's shapes
+(``measure=auto``) and kept only where faster.
 
 For ``W`` of shape N×C×Kh×Kw (``group == 1``, Kh > 1 and Kw > 1) let
 ``M[(c, i), (n, j)] = W[n, c, i, j]``, a (C·Kh) × (N·Kw) matrix, and ``M = U Σ Vᵀ`` its
@@ -25,7 +32,7 @@ of E‖(M − M_r)ᵀx‖² (cross-column terms ignored) where the plain SVD min
 as if every input direction were equally likely. Ranks are rounded up to multiples of ``round_to``. A layer is
 split only where the chain costs ``r·(C·Kh·H_out·W_in + N·Kw·H_out·W_out)`` MACs, at
 least ``min_saving`` less than the original ``N·C·Kh·Kw·H_out·W_out``; with
-``measure=true`` only where onnxruntime runs the chain faster than the original conv.
+``measure=true`` (linear layers: ``auto``) only where onnxruntime runs it faster.
 With calibration data the second factor and bias are refit by least squares so the
 chain's output matches the original layer's.
 """
@@ -55,7 +62,7 @@ log = logging.getLogger(__name__)
 
 class LowRank(Pass):
     name = "lowrank"
-    summary = "split K×K convolutions into K×1 → 1×K chains (closed-form SVD), only where it pays"
+    summary = "split K×K convolutions into K×1 → 1×K chains and linear layers into two thinner ones (SVD), where it pays"
     Options = LowRankOptions
     exact = False
 
