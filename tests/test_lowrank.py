@@ -334,3 +334,25 @@ def test_ridge_measure_and_sensitivity_samples_take_effect(monkeypatch: pytest.M
                 "lowrank:macs_ratio=0.9:experimental.sensitivity=true:experimental.sensitivity_samples=3:refit=none",
                 calibration=FIXTURES / "resnet_block_calib.npz", validation=False, latency=False)
     assert seen == [3]
+
+
+def test_recognizer_linear_layers_split_exactly_at_full_rank() -> None:
+    """On the shared transformer-hybrid recognizer: its classifier MatMul, an attention
+    MatMul and a 480 → 480 pointwise conv, each split at full rank, leave the output within
+    1e-5 of its scale (onnxruntime, graph optimizations off, eval lines)."""
+    import onnxcompress.model as model_mod
+
+    m = model_mod.load_model(shared_path("models", "ppocrv5_rec.onnx"))
+    x = np.load(shared_path("data", "ppocrv5_rec_eval.npz"))["x"][:3]
+    feeds = {m.graph.input[0].name: x}
+    ref = run(m, feeds)[0]
+    inits = {t.name for t in m.graph.initializer}
+    linear = [n for n in m.graph.node if n.op_type == "MatMul" and n.input[1] in inits]
+    wide = max(linear, key=lambda n: next(np.prod(t.dims) for t in m.graph.initializer if t.name == n.input[1]))
+    pointwise = next(n for n in m.graph.node if n.op_type == "Conv" and any(
+        t.name == n.input[1] and list(t.dims) == [480, 480, 1, 1] for t in m.graph.initializer))
+    for name in (wide.name, linear[0].name, pointwise.name):
+        split = split_layer(copy.deepcopy(m), name)
+        assert sum(n.name.startswith(f"{name}_lr") for n in split.graph.node) == 2
+        out = run(split, feeds)[0]
+        assert float(np.abs(out - ref).max()) <= 1e-5 * float(np.abs(ref).max()), name
