@@ -58,8 +58,10 @@ def latency(original: onnx.ModelProto, model: onnx.ModelProto, x: np.ndarray, ba
             rounds: int) -> tuple[float, float, float]:
     """(median, min, max) of ``rounds`` interleaved timing ratios at ``batch``."""
     feeds = {original.graph.input[0].name: x[:batch]}
-    r = [(lambda t: t[1] / t[0])(measure_latency([original, model], feeds, runs=20, min_seconds=0.5))
-         for _ in range(rounds)]
+    r = []
+    for _ in range(rounds):
+        before, after = measure_latency([original, model], feeds, runs=20, min_seconds=0.5)
+        r.append(after / before)
     return float(np.median(r)), float(min(r)), float(max(r))
 
 

@@ -140,8 +140,7 @@ def test_linear_layers_are_split_within_a_macs_budget_and_timed() -> None:
     assert res.modified and res.stats["macs_ratio"] <= 0.8
     assert any(n.name.endswith("_lr_a") and n.op_type == "MatMul" for n in res.model.graph.node)
     timed = LowRank(LowRankOptions(rank=8)).run(copy.deepcopy(m), PassContext())
-    assert any("measured" in layer["reason"] for layer in timed.stats["layers"] if layer["decision"] == "split"
-               or "measured" in layer["reason"])
+    assert any("measured" in layer["reason"] for layer in timed.stats["layers"])
 
 
 def test_skip_when_not_cheaper_and_split_when_cheaper() -> None:

@@ -314,16 +314,18 @@ def fuse_hardswish(model: onnx.ModelProto, declines: Counter[str] | None = None)
         x, chain = found
         if any(id(n) in drop for n in chain):
             continue
-        y = last.output[0]
-        if opset >= 14:
-            new = [helper.make_node("HardSwish", [x], [y], name=f"{last.name or y}_hardswish")]
-        else:
-            hs = fresh(f"{y}_hardsigmoid")
-            new = [helper.make_node("HardSigmoid", [x], [hs], name=f"{last.name or y}_hardsigmoid",
-                                    alpha=1.0 / 6.0, beta=0.5),
-                   helper.make_node("Mul", [x, hs], [y], name=f"{last.name or y}_hardswish")]
-        replace[id(last)] = new
+        replace[id(last)] = _hardswish_nodes(x, last, opset, fresh)
         drop.update(id(n) for n in chain)
     if replace:
         _splice(g, replace, drop)
     return len(replace)
+
+
+def _hardswish_nodes(x: str, last: onnx.NodeProto, opset: int, fresh: Callable[[str], str]) -> list[onnx.NodeProto]:
+    """HardSwish(x) writing ``last``'s output (before opset 14: x · HardSigmoid(x))."""
+    y = last.output[0]
+    if opset >= 14:
+        return [helper.make_node("HardSwish", [x], [y], name=f"{last.name or y}_hardswish")]
+    hs = fresh(f"{y}_hardsigmoid")
+    return [helper.make_node("HardSigmoid", [x], [hs], name=f"{last.name or y}_hardsigmoid", alpha=1.0 / 6.0, beta=0.5),
+            helper.make_node("Mul", [x, hs], [y], name=f"{last.name or y}_hardswish")]

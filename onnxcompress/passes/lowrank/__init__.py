@@ -62,7 +62,8 @@ log = logging.getLogger(__name__)
 
 class LowRank(Pass):
     name = "lowrank"
-    summary = "split K×K convolutions into K×1 → 1×K chains and linear layers into two thinner ones (SVD), where it pays"
+    summary = ("split K×K convolutions into K×1 → 1×K chains and linear layers into two thinner ones (SVD), "
+               "where it pays")
     Options = LowRankOptions
     exact = False
 
@@ -270,8 +271,9 @@ def split_layer(model: onnx.ModelProto, node_name: str, rank: int | None = None)
     if node is None or len(node.input) < 2 or node.input[1] not in inits:
         raise OptionError(f"no Conv, MatMul or Gemm node with constant weights named '{node_name}'")
     w = numpy_helper.to_array(inits[node.input[1]])
-    if _declines(node, w):
-        raise OptionError(f"node '{node_name}': nothing to split ({_declines(node, w).strip('-') or 'its shape'})")
+    reason = _declines(node, w)
+    if reason:
+        raise OptionError(f"node '{node_name}': nothing to split ({reason.strip('-') or 'its shape'})")
     if node.op_type != "Conv":
         w = linear_view(node, w)
     u, s, vt = svd_factors(w)

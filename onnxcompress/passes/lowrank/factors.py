@@ -152,12 +152,17 @@ def _split_node(model: onnx.ModelProto, cand: Candidate, r: int) -> str:
     v_node = helper.make_node("Conv", [node.input[0], v_name], [mid], name=f"{base}_lr_v", **v_attrs)
     h_inputs = [mid, h_name] + ([node.input[2]] if len(node.input) > 2 and node.input[2] else [])
     h_node = helper.make_node("Conv", h_inputs, [node.output[0]], name=f"{base}_lr_h", **h_attrs)
-    idx = list(g.node).index(node)
-    g.node.remove(node)
-    g.node.insert(idx, h_node)
-    g.node.insert(idx, v_node)
-    cand.node = h_node
+    _replace(g, cand, v_node, h_node)
     return mid
+
+
+def _replace(g: onnx.GraphProto, cand: Candidate, first: onnx.NodeProto, second: onnx.NodeProto) -> None:
+    """Put the chain where the candidate's node was; the candidate now names its second node."""
+    idx = list(g.node).index(cand.node)
+    g.node.remove(cand.node)
+    g.node.insert(idx, second)
+    g.node.insert(idx, first)
+    cand.node = second
 
 
 def _split_linear(model: onnx.ModelProto, cand: Candidate, r: int) -> str:
@@ -179,9 +184,5 @@ def _split_linear(model: onnx.ModelProto, cand: Candidate, r: int) -> str:
                                   **attrs)
     else:
         second = helper.make_node("MatMul", [mid, b_name], [node.output[0]], name=f"{base}_lr_b")
-    idx = list(g.node).index(node)
-    g.node.remove(node)
-    g.node.insert(idx, second)
-    g.node.insert(idx, first)
-    cand.node = second
+    _replace(g, cand, first, second)
     return mid

@@ -23,7 +23,6 @@ def _data_energy(model: onnx.ModelProto, cands: list[Candidate], ctx: PassContex
                  whiten: bool = False) -> None:
     """Weigh component k of each candidate by σ_k²·E[(u_kᵀ x)²], x the (C·Kh) column patch
     of the layer's input at sampled output positions (second moment from calibration data)."""
-    from ...fitting import conv_geometry
     from ...validate import make_session, run_named
 
     names = list(dict.fromkeys(c.node.input[0] for c in cands))
@@ -35,28 +34,9 @@ def _data_energy(model: onnx.ModelProto, cands: list[Candidate], ctx: PassContex
         for batch in ctx.calibration or []:
             vals = dict(zip(names, run_named(sess, names, batch)))
             for i, c in enumerate(cands):
-                x = np.asarray(vals[c.node.input[0]], np.float32)
-                if c.op != "Conv":  # rows of the input are the layer's "patches"
-                    rows_ = x.reshape(-1, x.shape[-1])
-                    pick = rng.choice(len(rows_), min(len(rows_), positions * x.shape[0]), replace=False)
-                    p = rows_[pick].astype(np.float64)
-                    moments[i] = moments.get(i, 0) + p.T @ p
-                    counts[i] = counts.get(i, 0) + len(p)
-                    continue
-                n_, cin, kh = c.w.shape[0], c.w.shape[1], c.w.shape[2]
-                _, _, strides, dil, pads = conv_geometry(c.node, x.shape, c.w.shape, (x.shape[0], n_, *c.out_hw))
-                ho = c.out_hw[0]
-                xp = np.pad(x, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
-                b, wp = x.shape[0], xp.shape[3]
-                per = min(positions, ho * wp)
-                ni = np.repeat(np.arange(b), per)
-                flat = np.concatenate([rng.choice(ho * wp, per, replace=False) for _ in range(b)])
-                oy, col = flat // wp, flat % wp
-                rows = oy[:, None] * strides[0] + np.arange(kh)[None, :] * dil[0]
-                patches = xp[ni[:, None, None], np.arange(cin)[None, :, None], rows[:, None, :], col[:, None, None]]
-                p = patches.reshape(len(ni), cin * kh).astype(np.float64)  # (c, i) order matches U's rows
+                p = _column_patches(c, np.asarray(vals[c.node.input[0]], np.float32), rng, positions)
                 moments[i] = moments.get(i, 0) + p.T @ p
-                counts[i] = counts.get(i, 0) + len(ni)
+                counts[i] = counts.get(i, 0) + len(p)
             task.advance(next(iter(batch.values())).shape[0] if batch else 1)
     for i, c in enumerate(cands):
         if i in moments:
@@ -65,6 +45,29 @@ def _data_energy(model: onnx.ModelProto, cands: list[Candidate], ctx: PassContex
                 _whiten(c, sigma)
             else:
                 c.weights = c.s**2 * np.einsum("ik,ij,jk->k", c.u, sigma, c.u)
+
+
+def _column_patches(c: Candidate, x: np.ndarray, rng: np.random.Generator, positions: int) -> np.ndarray:
+    """The rows of M's input a layer sees, at up to ``positions`` sampled output positions
+    per sample: a linear layer's input rows, a conv's (C·Kh) column patches in the (c, i)
+    order of U's rows."""
+    if c.op != "Conv":
+        rows = x.reshape(-1, x.shape[-1])
+        return rows[rng.choice(len(rows), min(len(rows), positions * x.shape[0]), replace=False)].astype(np.float64)
+    from ...fitting import conv_geometry
+
+    n_, cin, kh = c.w.shape[0], c.w.shape[1], c.w.shape[2]
+    _, _, strides, dil, pads = conv_geometry(c.node, x.shape, c.w.shape, (x.shape[0], n_, *c.out_hw))
+    ho = c.out_hw[0]
+    xp = np.pad(x, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
+    b, wp = x.shape[0], xp.shape[3]
+    per = min(positions, ho * wp)
+    ni = np.repeat(np.arange(b), per)
+    flat = np.concatenate([rng.choice(ho * wp, per, replace=False) for _ in range(b)])
+    oy, col = flat // wp, flat % wp
+    rows = oy[:, None] * strides[0] + np.arange(kh)[None, :] * dil[0]
+    patches = xp[ni[:, None, None], np.arange(cin)[None, :, None], rows[:, None, :], col[:, None, None]]
+    return patches.reshape(len(ni), cin * kh).astype(np.float64)
 
 
 def _whiten(c: Candidate, sigma: np.ndarray, eps: float = 1e-3) -> None:
@@ -168,7 +171,8 @@ def _sensitivity_budget(model: onnx.ModelProto, cands: list[Candidate], opts: Lo
                         f"vs {c.original_macs:,}")
 
 
-def _single_layer_model(node: onnx.NodeProto, inits: dict[str, onnx.TensorProto], x_shape: list[int]) -> onnx.ModelProto:
+def _single_layer_model(node: onnx.NodeProto, inits: dict[str, onnx.TensorProto],
+                        x_shape: list[int]) -> onnx.ModelProto:
     """The layer alone: input ``x`` of ``x_shape``, output ``y``, its constant inputs."""
     n = onnx.NodeProto()
     n.CopyFrom(node)
