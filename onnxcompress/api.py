@@ -25,6 +25,7 @@ from .progress import NullProgress, Progress
 from .registry import build_pipeline, get_pass_class, parse_spec
 from .report import LatencyResult, ModelSummary, OptimizeReport, summarize
 from .search import Search, SearchOptions
+from .runtime import DECISION_QUANTILE
 from .validate import Thresholds, ValidationReport, compare_models, make_session, measure_latency, resolve_provider
 
 log = logging.getLogger(__name__)
@@ -232,17 +233,18 @@ def _time_against_given(original: onnx.ModelProto, result: onnx.ModelProto, feed
                         latency_runs: int, threads: int | None, progress: Progress, allow_slower: bool,
                         ) -> tuple[LatencyResult, str | None]:
     """Time the result against the model as given; where it is not ``KEEP_GAIN`` faster in
-    two of at most three timings of at least 9 interleaved rounds, the reason the model as
-    given is the answer (None: the result stands). One timing on a shared machine is off by
-    a few percent, and now and then by 2× for one of the two sessions (a core taken from
-    onnxruntime's thread pool): one odd timing decides nothing. The latency reported is of
+    two of at most three timings (each of at least 9 interleaved rounds and 2 s, the lower
+    quartile of each model's runs), the reason the model as given is the answer (None: the
+    result stands). On a shared machine one session of the two now and then runs at up to
+    twice its time for a few seconds: the quartile sees past a stretch shorter than three
+    quarters of a timing, and one odd timing decides nothing. The latency reported is of
     the answer, from the timing with the median ratio."""
     n = next(iter(feeds.values())).shape[0] if feeds else 1
     timings: list[tuple[float, float]] = []
     votes = {True: 0, False: 0}
     for _ in range(1 if allow_slower or result is original else 3):
         b, a = measure_latency([original, result], feeds, provider=provider, runs=max(latency_runs, 45),
-                               min_seconds=1.0, threads=threads, progress=progress,
+                               min_seconds=2.0, threads=threads, progress=progress, quantile=DECISION_QUANTILE,
                                labels=["original model", "optimized model"])
         timings.append((b, a))
         votes[a / b <= 1 - KEEP_GAIN] += 1

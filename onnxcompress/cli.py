@@ -162,7 +162,7 @@ def optimize(
         "--allow-slower", help="Keep the rewritten model even where it runs slower than the model as given.")] = False,
     latency: Annotated[bool, typer.Option("--latency/--no-latency", help="Measure latency of both models.")] = True,
     latency_batch: Annotated[int, typer.Option("--latency-batch", help="Batch size for the latency measurement.")] = 1,
-    latency_runs: Annotated[int, typer.Option("--latency-runs", help="Timed runs after warm-up (median reported).")] = 20,
+    latency_runs: Annotated[int, typer.Option("--latency-runs", help="Timed runs per model, at least (lower quartile reported).")] = 20,
     threads: Threads = None,
     external_data: Annotated[Optional[bool], typer.Option("--external-data/--no-external-data", help="Force tensor data into OUTPUT.data (default: only above 2 GB).")] = None,
     report: ReportPath = None,

@@ -142,7 +142,7 @@ def _print_report(r: OptimizeReport) -> None:
     t.add_row("nodes", str(b.nodes), str(a.nodes), _ratio(b.nodes, a.nodes))
     if r.latency:
         lat = r.latency
-        t.add_row(f"latency ms ({lat.provider}, batch {lat.batch}, median)", f"{lat.before_ms:.3f}", f"{lat.after_ms:.3f}",
+        t.add_row(f"latency ms ({lat.provider}, batch {lat.batch}, lower quartile)", f"{lat.before_ms:.3f}", f"{lat.after_ms:.3f}",
                   f"{lat.ratio:.3f}×")
     out.print(t)
     changed = sorted(set(b.op_counts) | set(a.op_counts))

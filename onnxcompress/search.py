@@ -90,6 +90,7 @@ from .errors import OnnxCompressError, OptionError
 from .pipeline import Pass, PassContext, PassReport, Pipeline
 from .report import count_macs
 from .trials import SearchOptions, SearchReport, Trial, _checked, _tighten, _usage, default_thresholds
+from .runtime import DECISION_QUANTILE
 from .validate import OutputStats, Thresholds, judges_decodes, judge, make_session, measure_latency, run_session
 
 log = logging.getLogger(__name__)
@@ -205,7 +206,7 @@ class Search:
         out = {}
         for b, feeds in self.feeds.items():
             t_ref, t_new = measure_latency([ref, model], feeds, provider=self.ctx.provider, runs=10,
-                                           min_seconds=0.5, threads=self.threads,
+                                           min_seconds=0.5, threads=self.threads, quantile=DECISION_QUANTILE,
                                            labels=[ref_label, f"trial {trial.index}"])
             out[b] = t_new / t_ref
         return out

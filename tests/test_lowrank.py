@@ -355,3 +355,25 @@ def test_recognizer_linear_layers_split_exactly_at_full_rank() -> None:
         assert sum(n.name.startswith(f"{name}_lr") for n in split.graph.node) == 2
         out = run(split, feeds)[0]
         assert float(np.abs(out - ref).max()) <= 1e-5 * float(np.abs(ref).max()), name
+
+
+def test_layers_of_one_shape_and_rank_are_timed_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two 64→64 MatMuls split at one rank are timed once, and a second run of the pass (as
+    the search does) reuses the timing; each layer's reason still says it was measured."""
+    from onnxcompress import validate
+    from onnxcompress.passes import lowrank as lowrank_mod
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((64, 64)).astype(np.float32), f"w{i}") for i in (1, 2)]
+    g = helper.make_graph([helper.make_node("MatMul", ["x", "w1"], ["h"], name="m1"),
+                           helper.make_node("MatMul", ["h", "w2"], ["y"], name="m2")], "two",
+                          [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [4, 64])],
+                          [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [4, 64])], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    calls: list[int] = []
+    monkeypatch.setattr(lowrank_mod, "_TIMINGS", {})
+    monkeypatch.setattr(validate, "measure_latency", lambda models, feeds, **kw: calls.append(1) or [1.0, 0.5])
+    for _ in range(2):
+        res = LowRank(LowRankOptions(rank=8)).run(copy.deepcopy(m), PassContext())
+        assert res.modified and all("measured 0.500 ms vs 1.000 ms" in layer["reason"] for layer in res.stats["layers"])
+    assert len(calls) == 1

@@ -194,3 +194,26 @@ def test_tolerance_booleans_are_parsed_strictly() -> None:
     assert parse_tolerances("y:allow_nonfinite=off", Thresholds())["y"].allow_nonfinite is False
     with pytest.raises(OptionError, match="'maybe' is not a boolean"):
         parse_tolerances("allow_nonfinite=maybe", Thresholds())
+
+
+def test_a_decision_timing_sees_past_a_slow_stretch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Noise only adds time: with 60% of one model's runs slowed 5×, the median reports the
+    slow time and the lower quartile (what decisions use) the model's own."""
+    import itertools
+    import time
+
+    from onnxcompress import runtime
+
+    slow = itertools.cycle([False, False, True, True, True])  # any 5 runs in a row (a timed block): 3 slowed
+    monkeypatch.setattr(runtime, "make_session", lambda model, provider, threads=None, label="": label)
+
+    def run(session: str, feeds: object, label: str) -> None:
+        time.sleep(0.002 if session == "a" else (0.010 if next(slow) else 0.002))
+
+    monkeypatch.setattr(runtime, "run_session", run)
+    models = [None, None]
+    median = runtime.measure_latency(models, {}, runs=40, min_seconds=0.0, labels=["a", "b"])  # type: ignore[arg-type]
+    low = runtime.measure_latency(models, {}, runs=40, min_seconds=0.0, labels=["a", "b"],  # type: ignore[arg-type]
+                                  quantile=runtime.DECISION_QUANTILE)
+    assert median[1] / median[0] > 3.0
+    assert low[1] / low[0] < 1.5

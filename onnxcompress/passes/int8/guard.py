@@ -35,6 +35,7 @@ def _timer(original: onnx.ModelProto, check: list[dict[str, np.ndarray]], sizes:
            trials: list[dict[str, Any]]) -> Callable[..., float]:
     """A function that times a candidate against fp32 at every guarded batch size (on the
     check samples; the worst ratio counts) and records each timing in ``trials``."""
+    from ...runtime import DECISION_QUANTILE
     from ...validate import measure_latency
 
     pool = {k: np.concatenate([b[k] for b in check]) for k in check[0]}
@@ -45,7 +46,8 @@ def _timer(original: onnx.ModelProto, check: list[dict[str, np.ndarray]], sizes:
         row: dict[str, Any] = {"variant": label}
         for bsz, feeds in feeds_by_batch.items():
             t_f, t_q = measure_latency([original, cand], feeds, provider=provider, runs=20,
-                                       min_seconds=seconds, labels=["fp32 model", f"int8 model ({label})"])
+                                       min_seconds=seconds, labels=["fp32 model", f"int8 model ({label})"],
+                                       quantile=DECISION_QUANTILE)
             row[f"b{bsz}"] = {"fp32_ms": round(t_f, 3), "int8_ms": round(t_q, 3), "ratio": round(t_q / t_f, 3)}
             worst = max(worst, t_q / t_f)
         row["ratio"] = round(worst, 3)
