@@ -182,10 +182,10 @@ def measure_latency(
 
     All models run in one process, interleaved in rounds (ABBA order): in each round a
     model gets untimed runs for at least 20 ms (at least one), which absorb the switch from
-    the other session (whose onnxruntime threads may still be spinning), then 5 timed runs. Machine noise thus
-    hits every model alike. Warm-up lasts at least
-    ``warmup`` rounds and ``warmup_seconds``; timing lasts at least ``runs`` rounds and ``min_seconds``
-    (at most ``max_runs`` rounds).
+    the other session (whose onnxruntime threads may still be spinning), then 5 timed
+    runs. Machine noise thus hits every model alike. Warm-up lasts at least ``warmup``
+    rounds and ``warmup_seconds``; timing lasts at least ``runs`` timed runs per model and
+    ``min_seconds``, and at most ``max_runs`` runs per model.
 
     Compare two models per call: every ratio the passes, the search and the benchmarks
     quote comes from a pair. With more models in one call the ratios are not reliable
