@@ -175,6 +175,11 @@ def test_guard_keeps_float_when_int8_is_slower(monkeypatch: pytest.MonkeyPatch) 
     assert res.model.SerializeToString() == m.SerializeToString()
     trials = res.stats["latency"]["trials"]
     assert trials and all(t["ratio"] == 1.5 for t in trials)
+    # every batch size for the first variant; the later ones stop at the first that is not faster
+    sizes = [f"b{b}" for b in res.stats["latency"]["batches"]]
+    assert len(sizes) == 2 and len(trials) > 1
+    assert all(k in trials[0] for k in sizes)
+    assert all(sizes[0] in t and sizes[1] not in t for t in trials[1:])
 
 
 def test_guard_keeps_int8_when_faster(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -34,14 +34,17 @@ def _guard_sizes(opts: Int8Options, model: onnx.ModelProto) -> list[int]:
 def _timer(original: onnx.ModelProto, check: list[dict[str, np.ndarray]], sizes: list[int], provider: str,
            trials: list[dict[str, Any]]) -> Callable[..., float]:
     """A function that times a candidate against fp32 at every guarded batch size (on the
-    check samples; the worst ratio counts) and records each timing in ``trials``."""
+    check samples; the worst ratio counts) and records each timing in ``trials``. Given
+    ``needs``, it stops at the first batch size whose ratio is not below it: the worst
+    ratio cannot be either."""
     from ...runtime import DECISION_QUANTILE
     from ...validate import measure_latency
 
     pool = {k: np.concatenate([b[k] for b in check]) for k in check[0]}
     feeds_by_batch = {bsz: batch_of(pool, bsz) for bsz in sizes}
 
-    def timed(cand: onnx.ModelProto, label: str, seconds: float = GUARD_TRIAL_SECONDS) -> float:
+    def timed(cand: onnx.ModelProto, label: str, seconds: float = GUARD_TRIAL_SECONDS,
+              needs: float = math.inf) -> float:
         worst = 0.0
         row: dict[str, Any] = {"variant": label}
         for bsz, feeds in feeds_by_batch.items():
@@ -50,6 +53,8 @@ def _timer(original: onnx.ModelProto, check: list[dict[str, np.ndarray]], sizes:
                                        quantile=DECISION_QUANTILE)
             row[f"b{bsz}"] = {"fp32_ms": round(t_f, 3), "int8_ms": round(t_q, 3), "ratio": round(t_q / t_f, 3)}
             worst = max(worst, t_q / t_f)
+            if worst >= needs:
+                break
         row["ratio"] = round(worst, 3)
         trials.append(row)
         return worst
@@ -109,7 +114,8 @@ class GuardSteps:
             # quantize more first: Concats of ranges up to guard_concat_spread apart, under one scale
             q2, p2 = self._build(state, opts, method, floated, spread=opts.guard_concat_spread)
             label = f"Concats spread up to {opts.guard_concat_spread:g}x quantized"
-            r = timed(q2, label) if len(p2.nodes) > len(p.nodes) else math.inf
+            r = timed(q2, label, needs=best_ratio * (1.0 - opts.guard_margin)) if len(p2.nodes) > len(p.nodes) \
+                else math.inf
             if r < best_ratio * (1.0 - opts.guard_margin) and accurate(q2, label):
                 best_ratio, best, spread, p = r, (q2, p2), opts.guard_concat_spread, p2
         nodes = {n.name: n for n in state.model.graph.node}
@@ -121,7 +127,7 @@ class GuardSteps:
             q2, p2 = self._build(state, opts, method, floated, drop | cand_set, spread)
             if not any(nodes[x].op_type in qdq.COMPUTE for x in p2.nodes):
                 continue
-            r = timed(q2, label)
+            r = timed(q2, label, needs=best_ratio * (1.0 - opts.guard_margin))
             if r < best_ratio * (1.0 - opts.guard_margin) and accurate(q2, label):
                 best_ratio, best, drop = r, (q2, p2), drop | cand_set
         if best_ratio >= 1.0 - opts.guard_margin:  # still not faster: regions back to float, smallest first
@@ -130,7 +136,7 @@ class GuardSteps:
                 label = f"region of {len(reg)} nodes float"
                 if not any(nodes[x].op_type in qdq.COMPUTE for x in p2.nodes):
                     continue  # nothing heavy left in int8: that is the float model
-                r = timed(q2, label)
+                r = timed(q2, label, needs=best_ratio * (1.0 - opts.guard_margin))
                 if r < best_ratio * (1.0 - opts.guard_margin) and accurate(q2, label):
                     best_ratio, best, drop = r, (q2, p2), drop | reg
         if best_ratio < 1.0 - opts.guard_margin:
