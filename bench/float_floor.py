@@ -17,23 +17,20 @@ import copy
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 from onnx import numpy_helper
 
 from onnxcompress.data import input_specs
 from onnxcompress.registry import build_pipeline
+from onnxcompress.runtime import make_session, run_session
 
-LEVELS = {"off": ort.GraphOptimizationLevel.ORT_DISABLE_ALL, "on": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
+LEVELS = ("off", "on")  # onnxruntime's graph optimizations
 
 
 def outputs(model: onnx.ModelProto, feeds: dict[str, np.ndarray], level: str) -> list[np.ndarray]:
-    so = ort.SessionOptions()
-    so.graph_optimization_level = LEVELS[level]
-    so.log_severity_level = 3
-    s = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    s = make_session(model, optimize=level == "on")
     n = next(iter(feeds.values())).shape[0]
     step = 1 if any(i.shape and i.shape[0] == 1 for i in s.get_inputs()) else 8
-    runs = [s.run(None, {k: v[i:i + step] for k, v in feeds.items()}) for i in range(0, n, step)]
+    runs = [run_session(s, {k: v[i:i + step] for k, v in feeds.items()}) for i in range(0, n, step)]
     return [np.concatenate([r[j] for r in runs]) for j in range(len(runs[0]))]
 
 

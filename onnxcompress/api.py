@@ -24,8 +24,8 @@ from .pipeline import Pass, PassContext, Pipeline
 from .progress import NullProgress, Progress
 from .registry import build_pipeline, get_pass_class, parse_spec
 from .report import LatencyResult, ModelSummary, OptimizeReport, summarize
-from .search import Search, SearchOptions
 from .runtime import DECISION_QUANTILE
+from .search import Search, SearchOptions
 from .validate import Thresholds, ValidationReport, compare_models, make_session, measure_latency, resolve_provider
 
 log = logging.getLogger(__name__)

@@ -89,8 +89,8 @@ from .data import Batch, LimitedSource, batch_of, input_specs, model_shapes, tak
 from .errors import OnnxCompressError, OptionError
 from .pipeline import Pass, PassContext, PassReport, Pipeline
 from .report import count_macs
-from .trials import SearchOptions, SearchReport, Trial, _checked, _tighten, _usage, default_thresholds
 from .runtime import DECISION_QUANTILE
+from .trials import SearchOptions, SearchReport, Trial, _checked, _tighten, _usage, default_thresholds
 from .validate import OutputStats, Thresholds, judges_decodes, judge, make_session, measure_latency, run_session
 
 log = logging.getLogger(__name__)

@@ -114,9 +114,9 @@ class GuardSteps:
             # quantize more first: Concats of ranges up to guard_concat_spread apart, under one scale
             q2, p2 = self._build(state, opts, method, floated, spread=opts.guard_concat_spread)
             label = f"Concats spread up to {opts.guard_concat_spread:g}x quantized"
-            r = timed(q2, label, needs=best_ratio * (1.0 - opts.guard_margin)) if len(p2.nodes) > len(p.nodes) \
-                else math.inf
-            if r < best_ratio * (1.0 - opts.guard_margin) and accurate(q2, label):
+            need = best_ratio * (1.0 - opts.guard_margin)
+            r = timed(q2, label, needs=need) if len(p2.nodes) > len(p.nodes) else math.inf
+            if r < need and accurate(q2, label):
                 best_ratio, best, spread, p = r, (q2, p2), opts.guard_concat_spread, p2
         nodes = {n.name: n for n in state.model.graph.node}
         drop: set[str] = set()
@@ -127,8 +127,9 @@ class GuardSteps:
             q2, p2 = self._build(state, opts, method, floated, drop | cand_set, spread)
             if not any(nodes[x].op_type in qdq.COMPUTE for x in p2.nodes):
                 continue
-            r = timed(q2, label, needs=best_ratio * (1.0 - opts.guard_margin))
-            if r < best_ratio * (1.0 - opts.guard_margin) and accurate(q2, label):
+            need = best_ratio * (1.0 - opts.guard_margin)
+            r = timed(q2, label, needs=need)
+            if r < need and accurate(q2, label):
                 best_ratio, best, drop = r, (q2, p2), drop | cand_set
         if best_ratio >= 1.0 - opts.guard_margin:  # still not faster: regions back to float, smallest first
             for reg in sorted(self._regions(state, best[1]), key=len)[:GUARD_TRIALS]:
@@ -136,8 +137,9 @@ class GuardSteps:
                 label = f"region of {len(reg)} nodes float"
                 if not any(nodes[x].op_type in qdq.COMPUTE for x in p2.nodes):
                     continue  # nothing heavy left in int8: that is the float model
-                r = timed(q2, label, needs=best_ratio * (1.0 - opts.guard_margin))
-                if r < best_ratio * (1.0 - opts.guard_margin) and accurate(q2, label):
+                need = best_ratio * (1.0 - opts.guard_margin)
+                r = timed(q2, label, needs=need)
+                if r < need and accurate(q2, label):
                     best_ratio, best, drop = r, (q2, p2), drop | reg
         if best_ratio < 1.0 - opts.guard_margin:
             # the best of several noisy timings is optimistic: time the choice again, over
