@@ -154,8 +154,9 @@ def run_session(sess: ort.InferenceSession, feeds: Batch, label: str = "model") 
 
 
 DECISION_QUANTILE = 0.25
-"""The latency statistic of every timing that decides something (search trials, the
-keep-check, lowrank's per-layer timing, int8's guard). Noise on a shared machine only adds
+"""The latency statistic of the timings that decide whether a rewrite is kept (the
+keep-check, lowrank's per-layer timing, int8's guard; the search ranks its trials by the
+median, see docs/decisions/never-slower.md). Noise on a shared machine only adds
 time, and comes in stretches of one to a few seconds that slow one of two interleaved
 sessions more than the other (docs/decisions/never-slower.md): the lower quartile of each
 model's runs measures both away from such a stretch as long as it covers less than three

@@ -89,7 +89,6 @@ from .data import Batch, LimitedSource, batch_of, input_specs, model_shapes, tak
 from .errors import OnnxCompressError, OptionError
 from .pipeline import Pass, PassContext, PassReport, Pipeline
 from .report import count_macs
-from .runtime import DECISION_QUANTILE
 from .trials import SearchOptions, SearchReport, Trial, _checked, _tighten, _usage, default_thresholds
 from .validate import OutputStats, Thresholds, judges_decodes, judge, make_session, measure_latency, run_session
 
@@ -206,7 +205,7 @@ class Search:
         out = {}
         for b, feeds in self.feeds.items():
             t_ref, t_new = measure_latency([ref, model], feeds, provider=self.ctx.provider, runs=10,
-                                           min_seconds=0.5, threads=self.threads, quantile=DECISION_QUANTILE,
+                                           min_seconds=0.5, threads=self.threads,
                                            labels=[ref_label, f"trial {trial.index}"])
             out[b] = t_new / t_ref
         return out
