@@ -25,9 +25,12 @@ canonicalized and fused one the stages start from: what fuse does to a model's s
 onnxruntime is not predictable, it can undo onnxruntime's own fusions) in one process
 (:func:`~onnxcompress.validate.measure_latency`, interleaved ABBA rounds) at each search
 batch size; its latency ratio is the worst of them. A step is accepted only if it is at
-least ``min_gain`` faster than the model it starts from. Those two ratios come from
-separate timings, so a trial short of the margin by less than half of it is timed once
-more against its start model in one call, and that direct ratio decides.
+least ``min_gain`` faster than the best model so far it must beat (its rival). Those two
+ratios come from separate short timings, and one of them can land in a slow stretch of
+the machine: a trial short of the margin, by less than half of it or by any amount while
+it is ``min_gain`` faster than the model as given, is timed once more against its rival
+in one call, and that direct ratio decides. A trial found faster than its rival this way
+ranks above it whatever their ratios to the model as given.
 
 **Order** canonicalize → fuse → prune → lowrank → int8, each stage starting from the best
 model of the stages before it:
@@ -58,7 +61,11 @@ model of the stages before it:
    budget — none where the first level of all is over by more than ``bisect_max_usage``
    (4)×: there the error has a floor. Prune and lowrank refit on at most
    ``refit_elements`` input values' worth of samples (their time grows with it).
-3. *lowrank*: ``lowrank_levels`` (0.85, 0.7, 0.65) of the K×K conv MACs, likewise.
+3. *lowrank*: ``lowrank_levels`` (0.85, 0.7, 0.65) of the model's MACs, likewise. Where
+   the int8 probe was accepted, K×K convs only: int8 then quantizes the linear layers
+   (MatMul, Gemm, 1×1 Conv), and a linear split under int8 gives two thin int8 layers
+   whose error and speed lowrank's float measurements do not see
+   (docs/decisions/hybrids.md).
 4. *int8* on the fastest accepted structural model with ``max_drop`` scaled to what the
    budget has left (its own accuracy control returns the most sensitive layers to float;
    its latency guard keeps float where int8 does not pay); if that does not beat the best
@@ -223,7 +230,9 @@ class Search:
         return self.opts.time_budget - (time.perf_counter() - self.start)
 
     def _trial(self, stage: str, setting: str, p: Pass | None, start: tuple[int | None, onnx.ModelProto],
-               current_ratio: float, reserve: float, expected: float) -> Trial:
+               rival: Trial, reserve: float, expected: float) -> Trial:
+        """Build, judge and time one trial; it is accepted when within budget and at least
+        ``min_gain`` faster than ``rival`` (the best model it must beat)."""
         if expected > self._left():
             raise _Stopped(stage)
         t0 = time.perf_counter()
@@ -254,20 +263,25 @@ class Search:
         self._judge(model, trial, reserve)
         if trial.within_budget:
             trial.latency = self._ratios(self.base, model, "model as given", trial)
+            current_ratio = rival.latency_ratio
             gain_needed = current_ratio * (1 - self.opts.min_gain)
             direct: float | None = None
-            if gain_needed < trial.latency_ratio <= current_ratio * (1 - self.opts.min_gain / 2) and start[0]:
-                # borderline: the two ratios come from separate timings; time the trial
-                # against the model it starts from, in one call, and let that decide
-                direct = max(self._ratios(start[1], model, "start model", trial).values())
+            window = max(current_ratio * (1 - self.opts.min_gain / 2), 1 - self.opts.min_gain)
+            if gain_needed < trial.latency_ratio <= window and rival.index:
+                # the two ratios come from separate timings, and one short timing can land
+                # in a slow stretch of the machine: where the trial is faster than the
+                # model as given but looks no faster than its rival, time the two in one
+                # call and let that decide
+                direct = max(self._ratios(self.models[rival.index], model, f"#{rival.index}", trial).values())
             trial.accepted = (trial.latency_ratio <= gain_needed if direct is None
                               else direct <= 1 - self.opts.min_gain)
             if trial.accepted:
                 self.models[trial.index] = model
+                trial.faster_than = rival.index
             if direct is not None:
-                trial.reason = (f"borderline ({trial.latency_ratio:.3f}× vs {current_ratio:.3f}× the input), "
+                trial.reason = (f"{trial.latency_ratio:.3f}× vs {current_ratio:.3f}× the model as given, "
                                 f"{'accepted' if trial.accepted else 'not faster'} timed against "
-                                f"#{start[0]}: {direct:.3f}×")
+                                f"#{rival.index}: {direct:.3f}×")
             elif not trial.accepted:
                 trial.reason = (f"not faster: latency {trial.latency_ratio:.3f}× the model as given vs "
                                 f"{current_ratio:.3f}× (needs {self.opts.min_gain:.0%} less)")
@@ -295,7 +309,7 @@ class Search:
         failed_usage = math.inf
         try:  # a stop for time keeps the levels accepted before it
             for level in levels:
-                t = self._trial(stage, f"macs_ratio={level:g}", make(level), start, best.latency_ratio, reserve,
+                t = self._trial(stage, f"macs_ratio={level:g}", make(level), start, best, reserve,
                                 expected + final_reserve)
                 expected = t.seconds
                 if t.step is None or not t.step.modified:
@@ -304,14 +318,14 @@ class Search:
                     failed, failed_usage = level, t.usage
                     break
                 last_ok = level
-                if t.accepted and t.latency_ratio < best.latency_ratio:
+                if t.accepted:  # faster than best
                     best = t
             if failed is not None and (last_ok is not None or failed_usage <= self.opts.bisect_max_usage):
                 mid = round(((last_ok if last_ok is not None else 1.0) + failed) / 2, 3)
                 if mid not in levels and mid < 0.97:
-                    t = self._trial(stage, f"macs_ratio={mid:g}", make(mid), start, best.latency_ratio, reserve,
+                    t = self._trial(stage, f"macs_ratio={mid:g}", make(mid), start, best, reserve,
                                     expected + final_reserve)
-                    if t.accepted and t.latency_ratio < best.latency_ratio:
+                    if t.accepted:
                         best = t
         except _Stopped:
             self.stopped.append(stage)
@@ -328,11 +342,12 @@ class Search:
             self._prepare(model, given)
             best, fused = self._inputs(model, given)
             probe, reserve, int8_seconds = self._probe(fused)           # 1. int8 with the whole budget
-            if probe is not None and probe.accepted and probe.latency_ratio < best.latency_ratio:
+            if probe is not None and self._faster(probe, best):
                 best = probe
             final_reserve = int8_seconds if probe is not None and probe.accepted else 0.0
-            structural = self._structural(fused, reserve, final_reserve)  # 2-3. prune, lowrank
-            if structural.latency_ratio < best.latency_ratio:
+            int8_follows = probe is not None and probe.accepted
+            structural = self._structural(fused, reserve, final_reserve, int8_follows)  # 2-3. prune, lowrank
+            if self._faster(structural, best):
                 best = structural
             if probe is not None and probe.accepted:                       # 4. int8 on them
                 best = self._int8_on_structural(best, int8_seconds)
@@ -356,7 +371,7 @@ class Search:
         self.models[as_given.index] = given
         if model is given:
             return as_given, as_given
-        fused = self._trial("input", "canonicalized, fused", None, (0, model), 1.0, 0.0, -math.inf)
+        fused = self._trial("input", "canonicalized, fused", None, (0, model), as_given, 0.0, -math.inf)
         self.models[fused.index] = model
         if fused.accepted:
             return fused, fused
@@ -378,7 +393,7 @@ class Search:
                                     check_samples=INT8_CHECK_SAMPLES, min_float_prefix=floor))
 
         source = (start.index, self.models[start.index])
-        t = self._trial("int8", f"max_drop={max_drop:.4g}{label}", make(0), source, start.latency_ratio, 0.0, expected)
+        t = self._trial("int8", f"max_drop={max_drop:.4g}{label}", make(0), source, start, 0.0, expected)
         for _ in range(self.opts.int8_retries):
             if t.step is None or t.within_budget or not 1.0 < t.usage < self.opts.int8_retry_below:
                 break
@@ -387,7 +402,7 @@ class Search:
                 break  # its control could not hold max_drop even with its most float: more changes nothing
             floor = control.float_prefix + 1
             t = self._trial("int8", f"max_drop={max_drop:.4g}{label} float prefix ≥ {floor} (retry: "
-                            f"#{t.index} over budget held out)", make(floor), source, start.latency_ratio, 0.0,
+                            f"#{t.index} over budget held out)", make(floor), source, start, 0.0,
                             t.seconds)
         return t
 
@@ -404,15 +419,17 @@ class Search:
         reserve = min(1.0, self.opts.int8_reserve * probe.usage) if probe.accepted else 0.0
         return probe, reserve, probe.seconds
 
-    def _structural(self, fused: Trial, reserve: float, final_reserve: float) -> Trial:
+    def _structural(self, fused: Trial, reserve: float, final_reserve: float, int8_follows: bool) -> Trial:
         """prune, then lowrank, each from the best structural model so far, within what
-        the int8 reserve leaves of the budget."""
+        the int8 reserve leaves of the budget; where int8 follows, lowrank splits K×K convs
+        only (int8 takes the linear layers)."""
         from .passes.lowrank import LowRank, LowRankOptions
         from .passes.prune import Prune, PruneOptions
 
         structural = fused
+        kinds = "spatial" if int8_follows else "all"
         stages = (("prune", lambda r: Prune(PruneOptions(macs_ratio=r)), self.opts.prune_levels),
-                  ("lowrank", lambda r: LowRank(LowRankOptions(macs_ratio=r)), self.opts.lowrank_levels))
+                  ("lowrank", lambda r: LowRank(LowRankOptions(macs_ratio=r, layers=kinds)), self.opts.lowrank_levels))
         for stage, make, levels in stages:
             if reserve >= 1.0:
                 break
@@ -434,9 +451,22 @@ class Search:
             except _Stopped:
                 self.stopped.append("int8")
                 break
-            if t.accepted and t.latency_ratio < best.latency_ratio:
+            if self._faster(t, best):
                 return t
         return best
+
+    def _faster(self, t: Trial, other: Trial) -> bool:
+        """Whether accepted trial ``t`` is faster than ``other``: known where ``t`` was found
+        faster than ``other`` or than a trial found faster than it (timed against it); else
+        by their ratios to the model as given."""
+        if not t.accepted or t.index == other.index:
+            return False
+        k = t.faster_than
+        while k is not None:
+            if k == other.index:
+                return True
+            k = self.trials[k].faster_than
+        return t.latency_ratio < other.latency_ratio
 
     def chain(self, report: SearchReport) -> list[PassReport]:
         """The pass steps from the input to the chosen model, in order."""

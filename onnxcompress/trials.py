@@ -35,7 +35,7 @@ class SearchOptions:
     prune_levels: tuple[float, ...] = field(default=(0.85, 0.7, 0.55, 0.4), metadata={
         "help": "prune's Conv-MACs budgets, tried in turn"})
     lowrank_levels: tuple[float, ...] = field(default=(0.85, 0.7, 0.65), metadata={
-        "help": "lowrank's K×K conv MACs budgets, tried in turn"})
+        "help": "lowrank's MACs budgets (of the whole model), tried in turn"})
     int8: bool = field(default=True, metadata={"help": "try int8 (a probe first, then on the structural results)"})
     int8_reserve: float = field(default=1.5, metadata={
         "help": "the structural stages keep this many times the int8 probe's budget usage free for it"})
@@ -93,6 +93,7 @@ class Trial:
     reason: str = ""
     seconds: float = 0.0
     base: int | None = None  # the trial this one started from (None: the input)
+    faster_than: int | None = None  # accepted: the trial it had to beat, found slower
     step: PassReport | None = None
 
     @property

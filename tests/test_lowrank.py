@@ -143,6 +143,22 @@ def test_linear_layers_are_split_within_a_macs_budget_and_timed() -> None:
     assert any("measured" in layer["reason"] for layer in timed.stats["layers"])
 
 
+def test_layers_option_limits_the_candidates() -> None:
+    """``layers=spatial`` splits K×K convs only, ``linear`` MatMul, Gemm and 1×1 Conv only;
+    together they are the candidates of ``all``, and each says why it left the others."""
+    m = hybrid_recognizer(d=64, hidden=256, classes=200)
+    cands = {}
+    for kinds in ("all", "spatial", "linear"):
+        res = LowRank(LowRankOptions(rank=8, layers=kinds, measure="false")).run(copy.deepcopy(m), PassContext())
+        cands[kinds] = {layer["node"]: layer["kernel"] for layer in res.stats["layers"] if "kernel" in layer}
+        assert res.stats["candidates"] == len(cands[kinds]) > 0
+        if kinds != "all":
+            assert any(layer["reason"] == f"layers={kinds}" for layer in res.stats["layers"])
+    assert set(cands["spatial"]) == {"stem"} and cands["spatial"]["stem"] == "3x3"
+    assert {"pointwise", "q", "fc1", "head"} <= set(cands["linear"]) and "stem" not in cands["linear"]
+    assert cands["all"] == {**cands["spatial"], **cands["linear"]}
+
+
 def test_skip_when_not_cheaper_and_split_when_cheaper() -> None:
     big = conv_model(k=(3, 3), c=64, n=64, pads=[1, 1, 1, 1])
     full = LowRank(LowRankOptions(rank=192)).run(copy.deepcopy(big), PassContext())  # full rank: more MACs

@@ -226,7 +226,10 @@ def test_cli_plot_needs_the_default_pipeline_and_matplotlib(cli, tmp_path: Path,
 
 @pytest.mark.shared
 def test_textline_default_pipeline_holds_the_budget_on_the_eval_set() -> None:
-    """Searched on the calibration set only; the eval set (never seen) must agree ≥ 0.99."""
+    """Searched on the calibration set only; the eval set (never seen) must agree within
+    the budget (1% top-1 flips) up to the eval set's own sampling error: 500 samples
+    measure a 1% flip rate to ± 0.45% (one standard deviation), so the bound is two of
+    them below 0.99."""
     model = shared_path("models", "textline_cls.onnx")
     ev = np.load(shared_path("data", "textline_cls_eval.npz"))["x"]
     result, rep = oc.optimize(model, calibration=shared_path("data", "textline_cls_calib.npz"), latency=False)
@@ -235,11 +238,17 @@ def test_textline_default_pipeline_holds_the_budget_on_the_eval_set() -> None:
     # timing decides which accepted trial wins (a loaded machine may reject all as "not faster");
     # accuracy does not: some prune level is within budget, and the answer is the fastest accepted trial
     assert any(t.stage == "prune" and t.within_budget for t in s.trials), trials
-    accepted = [t for t in s.trials if t.accepted]
-    assert s.chosen.latency_ratio == min(t.latency_ratio for t in accepted), trials
+    # the answer is the fastest accepted trial: any faster by its ratio to the input was
+    # found slower than the answer (or one of its bases) when the two were timed together
+    beaten, k = set(), s.chosen.faster_than
+    while k is not None:
+        beaten.add(k)
+        k = s.trials[k].faster_than
+    assert all(t.index in beaten for t in s.trials if t.accepted and t.latency_ratio < s.chosen.latency_ratio), trials
     ref = run(onnx.load(str(model)), {"x": ev})[0]
     new = run(result, {"x": ev})[0]
-    assert (ref.argmax(1) == new.argmax(1)).mean() >= 0.99, trials
+    budget = 0.01
+    assert (ref.argmax(1) == new.argmax(1)).mean() >= 1 - budget - 2 * np.sqrt(budget * (1 - budget) / len(ev)), trials
 
 
 @pytest.mark.parametrize("met", [True, False])
@@ -305,21 +314,26 @@ def test_int8_retries_until_within_budget_held_out(monkeypatch: pytest.MonkeyPat
     assert [t.within_budget for t in probes] == [False] * retries + [retries == 2]
 
 
-def test_a_borderline_step_is_timed_against_its_start(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("case", ["borderline", "rival timed fast"])
+def test_a_step_that_looks_no_faster_is_timed_against_its_rival(monkeypatch: pytest.MonkeyPatch, case: str) -> None:
     """Trial ratios come from separate timings against the input: a step short of
-    min_gain by less than half of it is timed against the model it starts from, and
-    that direct ratio decides (here 0.96: accepted; at 0.99 it would not be)."""
+    min_gain, by less than half of it or (while faster than the input) by any amount
+    because its rival's timing was fast, is timed against that rival in one call, and
+    that direct ratio decides (0.96: accepted, and the answer; 0.99: not)."""
     import onnxcompress.search as search_mod
 
-    against_input = {1: 0.99, 2: 0.80, 3: 0.78}  # trial 3 vs trial 2: 2.5% faster, short of 3%
+    # trial 3 (lowrank) vs trial 2 (prune): 2.5% faster, short of 3%; or prune's timing
+    # caught the input in a slow stretch (0.60) and lowrank looks 30% slower than it
+    against_input = {1: 0.99, 2: 0.80, 3: 0.78} if case == "borderline" else {1: 0.99, 2: 0.60, 3: 0.78}
     direct: list[str] = []
+    direct_ratio = 0.96
 
     def fake(models, feeds, labels=None, **kw):  # type: ignore[no-untyped-def]
         if len(models) == 1:
             return [0.001]
-        if labels[0] == "start model":
+        if labels[0] == "#2":
             direct.append(labels[1])
-            return [1.0, 0.96]
+            return [1.0, direct_ratio]
         return [1.0, against_input[int(labels[1].split()[-1])]]
 
     monkeypatch.setattr(search_mod, "measure_latency", fake)
@@ -329,6 +343,12 @@ def test_a_borderline_step_is_timed_against_its_start(monkeypatch: pytest.Monkey
     assert trials[2].stage == "prune" and trials[2].accepted
     assert trials[3].stage == "lowrank" and trials[3].within_budget, trials[3].reason
     assert set(direct) == {"trial 3"} and trials[3].accepted and "timed against #2: 0.960" in trials[3].reason
+    assert rep.search.chosen.index == 3
+    direct_ratio = 0.99
+    _, rep = oc.optimize(wide_model(), calibration=[{"x": calib()}], search=opts, latency=False)
+    trials = {t.index: t for t in rep.search.trials}
+    assert not trials[3].accepted and "not faster timed against #2: 0.990" in trials[3].reason
+    assert rep.search.chosen.index == 2
 
 
 @pytest.mark.parametrize("over", [2.0, 8.0])
@@ -448,6 +468,29 @@ def test_int8_starts_bounds_the_structural_results_int8_is_tried_on(monkeypatch:
     on_starts = [t for t in rep.search.trials if t.stage == "int8" and " on #" in t.setting]
     assert sum(t.stage == "prune" and t.accepted for t in rep.search.trials) == 2
     assert len(on_starts) == starts
+
+
+@pytest.mark.parametrize("int8_ratio,layers", [(0.5, "spatial"), (1.0, "all")])
+def test_lowrank_leaves_linear_layers_to_an_int8_that_pays(monkeypatch: pytest.MonkeyPatch, int8_ratio: float,
+                                                          layers: str) -> None:
+    """Where the int8 probe is accepted, int8 follows the structural stages and quantizes
+    the linear layers: lowrank splits K×K convs only. Where it is not, lowrank splits
+    linear layers too."""
+    import onnxcompress.passes.int8 as int8_mod
+    import onnxcompress.passes.lowrank as lowrank_mod
+
+    calls: list[Any] = []
+    monkeypatch.setattr(int8_mod, "Int8", stand_in("int8", int8_mod.Int8Options, lambda o: 0.001, [],
+                                                   lambda o: AccuracyControl(True, 0.0, 0)))
+    monkeypatch.setattr(lowrank_mod, "LowRank", stand_in("lowrank", lowrank_mod.LowRankOptions, lambda o: 0.001,
+                                                         calls, seed=3))
+    _staged_ratios(monkeypatch, {"int8": int8_ratio, "lowrank": 0.8})
+    opts = SearchOptions(prune_levels=(), lowrank_levels=(0.85,), int8_starts=1, time_budget=300)
+    _, rep = oc.optimize(wide_model(), calibration=[{"x": calib()}], search=opts,
+                         thresholds={None: Thresholds(cosine=0.99)}, latency=False)
+    probe = next(t for t in rep.search.trials if t.stage == "int8")
+    assert probe.accepted is (int8_ratio < 1)
+    assert [o.layers for o in calls] == [layers]
 
 
 @pytest.mark.parametrize("reserve,prune_ok", [(0.0, True), (2.5, False), (1000.0, None)])

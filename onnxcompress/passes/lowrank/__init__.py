@@ -84,7 +84,7 @@ class LowRank(Pass):
     def run(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
         opts: LowRankOptions = self.options
         shapes, _ = all_shapes(model, ctx.calibration_shapes())
-        cands, total_macs, layers = self._candidates(model, shapes)
+        cands, total_macs, layers = self._candidates(model, shapes, opts.layers)
         whiten = self._whitens(opts)
         if (opts.data_energy or whiten) and ctx.calibration is not None and cands:
             _data_energy(model, cands, ctx, whiten=whiten)
@@ -137,10 +137,11 @@ class LowRank(Pass):
         return PassResult(model, True, stats)
 
     @staticmethod
-    def _candidates(model: onnx.ModelProto, shapes: dict[str, list[int]],
+    def _candidates(model: onnx.ModelProto, shapes: dict[str, list[int]], kinds: str = "all",
                     ) -> tuple[list[Candidate], int, list[dict[str, Any]]]:
-        """The K×K group-1 Convs with constant finite weights and known shapes; the
-        model's total MACs over its compute layers; a report row for each Conv left out."""
+        """The K×K group-1 Convs and linear layers (``kinds``: all, spatial or linear) with
+        constant finite weights and known shapes; the model's total MACs over its compute
+        layers; a report row for each such layer left out."""
         inits = initializers(model.graph)
         cands: list[Candidate] = []
         total_macs = 0
@@ -168,6 +169,10 @@ class LowRank(Pass):
             else:  # a linear map at each of the output's positions (all axes but the last)
                 w = linear_view(node, w)
                 out_hw, in_w = (int(np.prod(y_shape[:-1][1:], dtype=np.int64)), 1), 1
+            is_linear = node.op_type != "Conv" or w.shape[2:] == (1, 1)
+            if kinds != "all" and is_linear != (kinds == "linear"):
+                layers.append({"node": label, "decision": "kept", "reason": f"layers={kinds}"})
+                continue
             u, s, vt = svd_factors(w)
             cands.append(Candidate(idx, node, w, u, s, vt, out_hw, in_w, macs, op=node.op_type, label=label))
         return cands, total_macs, layers

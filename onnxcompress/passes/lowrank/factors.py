@@ -26,6 +26,8 @@ class LowRankOptions:
     macs_ratio: float = field(default=0.0, metadata={"help": "whole-model MACs budget, e.g. 0.7 (0 = off)"})
     round_to: int = field(default=8, metadata={"help": "ranks rounded up to a multiple of this"})
     min_saving: float = field(default=0.15, metadata={"help": "split only if the chain needs this fraction fewer MACs"})
+    layers: Literal["all", "spatial", "linear"] = field(default="all", metadata={
+        "help": "which layers may be split: all, spatial (K×K convs only) or linear (MatMul, Gemm, 1×1 Conv only)"})
     measure: Literal["auto", "true", "false"] = field(default="auto", metadata={
         "help": "time each layer and its split at the model's shapes in onnxruntime; keep the split only if "
                 "faster (auto = linear layers: MatMul, Gemm, 1×1 Conv)"})
