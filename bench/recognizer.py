@@ -36,7 +36,9 @@ from onnxcompress.runtime import make_session, measure_latency  # noqa: E402
 from onnxcompress.shapes import all_shapes  # noqa: E402
 
 DEFAULT_RUNS = ("fuse=canonicalize,fuse;prune=canonicalize,fuse,prune:macs_ratio=0.85;"
-                "lowrank=canonicalize,fuse,lowrank:macs_ratio=0.85;int8=canonicalize,fuse,int8;default=")
+                "lowrank=canonicalize,fuse,lowrank:macs_ratio=0.85;"
+                "lowrank linear=canonicalize,fuse,lowrank:macs_ratio=0.85:layers=linear;"
+                "int8=canonicalize,fuse,int8;default=")
 
 
 def read_lines(model: onnx.ModelProto, x: np.ndarray, chars: list[str], batch: int = 8) -> tuple[list[str], np.ndarray]:
