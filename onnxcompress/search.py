@@ -96,7 +96,7 @@ from .data import Batch, LimitedSource, batch_of, input_specs, model_shapes, tak
 from .errors import OnnxCompressError, OptionError
 from .pipeline import Pass, PassContext, PassReport, Pipeline
 from .report import count_macs
-from .trials import SearchOptions, SearchReport, Trial, _checked, _tighten, _usage, default_thresholds
+from .trials import SearchOptions, SearchReport, Trial, _checked, _tighten, _usage, default_thresholds, found_slower
 from .validate import OutputStats, Thresholds, judges_decodes, judge, make_session, measure_latency, run_session
 
 log = logging.getLogger(__name__)
@@ -342,14 +342,14 @@ class Search:
             self._prepare(model, given)
             best, fused = self._inputs(model, given)
             probe, reserve, int8_seconds = self._probe(fused)           # 1. int8 with the whole budget
+            int8_pays = probe is not None and probe.accepted
             if probe is not None and self._faster(probe, best):
                 best = probe
-            final_reserve = int8_seconds if probe is not None and probe.accepted else 0.0
-            int8_follows = probe is not None and probe.accepted
-            structural = self._structural(fused, reserve, final_reserve, int8_follows)  # 2-3. prune, lowrank
+            final_reserve = int8_seconds if int8_pays else 0.0
+            structural = self._structural(fused, reserve, final_reserve, int8_pays)  # 2-3. prune, lowrank
             if self._faster(structural, best):
                 best = structural
-            if probe is not None and probe.accepted:                       # 4. int8 on them
+            if int8_pays:                                                   # 4. int8 on them
                 best = self._int8_on_structural(best, int8_seconds)
             best.chosen = True
         report = SearchReport(
@@ -429,7 +429,8 @@ class Search:
         structural = fused
         kinds = "spatial" if int8_follows else "all"
         stages = (("prune", lambda r: Prune(PruneOptions(macs_ratio=r)), self.opts.prune_levels),
-                  ("lowrank", lambda r: LowRank(LowRankOptions(macs_ratio=r, layers=kinds)), self.opts.lowrank_levels))
+                  ("lowrank", lambda r: LowRank(LowRankOptions(macs_ratio=r, layers=kinds)),
+                   self.opts.lowrank_levels))
         for stage, make, levels in stages:
             if reserve >= 1.0:
                 break
@@ -461,12 +462,7 @@ class Search:
         by their ratios to the model as given."""
         if not t.accepted or t.index == other.index:
             return False
-        k = t.faster_than
-        while k is not None:
-            if k == other.index:
-                return True
-            k = self.trials[k].faster_than
-        return t.latency_ratio < other.latency_ratio
+        return other.index in found_slower(self.trials, t) or t.latency_ratio < other.latency_ratio
 
     def chain(self, report: SearchReport) -> list[PassReport]:
         """The pass steps from the input to the chosen model, in order."""

@@ -149,6 +149,16 @@ CLASS_COSINE_SHARE = 0.1
 CTC_SHARE = 0.5
 
 
+def found_slower(trials: list[Trial], t: Trial) -> list[int]:
+    """The trials ``t`` was found faster than, in turn (its rival, the rival's rival, ...)."""
+    out: list[int] = []
+    k = t.faster_than
+    while k is not None:
+        out.append(k)
+        k = trials[k].faster_than
+    return out
+
+
 def default_thresholds(max_drop: float, outputs: Mapping[str, np.ndarray]) -> dict[str | None, Thresholds]:
     """Mean cosine ≥ 1 − max_drop; class-score outputs: top-1 ≥ 1 − max_drop and mean
     cosine ≥ 1 − max_drop · CLASS_COSINE_SHARE; feature tables: also each column's

@@ -19,6 +19,7 @@ import onnxcompress as oc
 from onnxcompress.passes.int8 import AccuracyControl
 from onnxcompress.pipeline import Pass, PassResult
 from onnxcompress.search import SearchOptions, _tighten, _usage, default_thresholds
+from onnxcompress.trials import found_slower
 from onnxcompress.validate import OutputStats, Thresholds
 
 from .builders import fvi, make_model, run
@@ -240,10 +241,7 @@ def test_textline_default_pipeline_holds_the_budget_on_the_eval_set() -> None:
     assert any(t.stage == "prune" and t.within_budget for t in s.trials), trials
     # the answer is the fastest accepted trial: any faster by its ratio to the input was
     # found slower than the answer (or one of its bases) when the two were timed together
-    beaten, k = set(), s.chosen.faster_than
-    while k is not None:
-        beaten.add(k)
-        k = s.trials[k].faster_than
+    beaten = found_slower(s.trials, s.chosen)
     assert all(t.index in beaten for t in s.trials if t.accepted and t.latency_ratio < s.chosen.latency_ratio), trials
     ref = run(onnx.load(str(model)), {"x": ev})[0]
     new = run(result, {"x": ev})[0]

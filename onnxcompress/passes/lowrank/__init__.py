@@ -54,7 +54,8 @@ from ...model import node_attr
 from ...pipeline import Pass, PassContext, PassResult
 from ...report import layer_macs
 from ...shapes import all_shapes, infer_shapes
-from .factors import Candidate, LowRankOptions, _round_up, _split_node, linear_view, split_weights, svd_factors
+from .factors import (Candidate, LowRankOptions, _round_up, _split_node, is_linear, linear_view, split_weights,
+                      svd_factors)
 from .ranks import _data_energy, _lower_ranks, _sensitivity_budget, _single_layer_model
 
 log = logging.getLogger(__name__)
@@ -169,8 +170,7 @@ class LowRank(Pass):
             else:  # a linear map at each of the output's positions (all axes but the last)
                 w = linear_view(node, w)
                 out_hw, in_w = (int(np.prod(y_shape[:-1][1:], dtype=np.int64)), 1), 1
-            is_linear = node.op_type != "Conv" or w.shape[2:] == (1, 1)
-            if kinds != "all" and is_linear != (kinds == "linear"):
+            if kinds != "all" and is_linear(node.op_type, w) != (kinds == "linear"):
                 layers.append({"node": label, "decision": "kept", "reason": f"layers={kinds}"})
                 continue
             u, s, vt = svd_factors(w)

@@ -103,8 +103,7 @@ class Candidate:
 
     @property
     def linear(self) -> bool:
-        """A per-position linear map: MatMul, Gemm or 1×1 Conv."""
-        return self.op != "Conv" or self.w.shape[2:] == (1, 1)
+        return is_linear(self.op, self.w)
 
     def chain_macs(self, r: int) -> int:
         n, c, kh, kw = self.w.shape
@@ -119,6 +118,12 @@ class Candidate:
 
 def _round_up(r: int, step: int, cap: int) -> int:
     return min(cap, int(math.ceil(r / step) * step)) if r > 0 else 0
+
+
+def is_linear(op: str, w: np.ndarray) -> bool:
+    """A per-position linear map: MatMul, Gemm or 1×1 Conv (``w``: the conv weight, or
+    the [N, K, 1, 1] view of a linear one)."""
+    return op != "Conv" or w.shape[2:] == (1, 1)
 
 
 def linear_view(node: onnx.NodeProto, w: np.ndarray) -> np.ndarray:
