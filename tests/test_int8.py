@@ -512,6 +512,32 @@ def test_derivation_never_adds_a_tensor_to_bin() -> None:
     np.testing.assert_allclose(found["hs"], (-0.4 / 6, 20.0 / 6))
 
 
+@pytest.mark.parametrize("all_quantized", [1.1, 1.5])
+def test_guard_tries_float_regions_only_when_int8_is_close(monkeypatch: pytest.MonkeyPatch,
+                                                          all_quantized: float) -> None:
+    """Scripted timings: floating the depthwise convs or the data movement wins 10%, anything
+    else 5%. Near break-even (1.1× fp32) the guard goes on to float regions; at 1.5× it
+    stops after the culprits and the report says why."""
+    import onnxcompress.validate as validate
+    from onnxcompress.passes.int8.options import GUARD_REGIONS_UNDER
+
+    def timing(models, feeds, **kw):  # type: ignore[no-untyped-def]
+        label = kw["labels"][1]
+        gain = 1.0 if "all quantized" in label else 0.9 if ("depthwise" in label or "movement" in label) else 0.95
+        return [1.0, all_quantized * gain]
+
+    monkeypatch.setattr(validate, "measure_latency", timing)
+    m = _canon(FIXTURES / "mobilenet_se.onnx")
+    res = Int8(Int8Options()).run(copy.deepcopy(m), _ctx(m, "mobilenet_se"))
+    assert not res.modified
+    lat = res.stats["latency"]
+    regions = [t for t in lat["trials"] if t["variant"].startswith("region of")]
+    close = all_quantized * 0.9 < GUARD_REGIONS_UNDER
+    assert bool(regions) is close
+    assert ("regions" in lat) is (not close)
+    assert lat["trials"][1]["variant"] == "depthwise convs float" and lat["ratio"] == pytest.approx(all_quantized * 0.9)
+
+
 def _spread_concat_model() -> onnx.ModelProto:
     """x → two Convs whose outputs differ ~8× in range → Concat → Conv: the Concat mixes
     ranges by more than concat_spread (4) and less than guard_concat_spread (16)."""

@@ -60,8 +60,9 @@ an accuracy control and a latency guard.
    if it makes int8 at least ``guard_margin`` faster: depthwise convs (onnxruntime's
    uint8 depthwise kernel runs ~5× slower than its fp32 one on an AVX-512 CPU),
    squeeze-excite branches, pooling/resize/data movement (uint8 NCHW MaxPool ~10×
-   slower), and quantized regions without a Conv/Gemm/MatMul. If int8 is still not
-   faster, regions go back to float one at a time (smallest first) while that helps. The
+   slower), and quantized regions without a Conv/Gemm/MatMul. If int8 is then close to
+   fp32 but not faster (under 1.25×), regions go back to float one at a time (smallest
+   first) while that helps; further off, a few small regions cannot win it back. The
    chosen variant is then timed once more, over ``guard_confirm_seconds`` (2 s) per batch
    size instead of 0.6 s, and the worse of its two ratios counts (the best of several
    noisy timings is optimistic). If no variant is faster than the input,

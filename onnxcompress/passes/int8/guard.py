@@ -16,7 +16,7 @@ from ...data import batch_of
 from ...model import node_attr
 from ...pipeline import PassContext
 from . import qdq
-from .options import GUARD_TRIAL_SECONDS, GUARD_TRIALS, Int8Options, guard_batch_sizes
+from .options import GUARD_REGIONS_UNDER, GUARD_TRIAL_SECONDS, GUARD_TRIALS, Int8Options, guard_batch_sizes
 from .state import State, _round
 
 log = logging.getLogger(__name__)
@@ -131,7 +131,8 @@ class GuardSteps:
             r = timed(q2, label, needs=need)
             if r < need and accurate(q2, label):
                 best_ratio, best, drop = r, (q2, p2), drop | cand_set
-        if best_ratio >= 1.0 - opts.guard_margin:  # still not faster: regions back to float, smallest first
+        regions_skipped = best_ratio >= GUARD_REGIONS_UNDER
+        if 1.0 - opts.guard_margin <= best_ratio < GUARD_REGIONS_UNDER:  # close: regions to float, smallest first
             for reg in sorted(self._regions(state, best[1]), key=len)[:GUARD_TRIALS]:
                 q2, p2 = self._build(state, opts, method, floated, drop | reg, spread)
                 label = f"region of {len(reg)} nodes float"
@@ -147,6 +148,9 @@ class GuardSteps:
             best_ratio = max(best_ratio, timed(best[0], "the chosen variant, timed again", opts.guard_confirm_seconds))
         stats["latency"] = {"batches": sizes, "provider": ctx.provider, "trials": trials,
                             "ratio": round(best_ratio, 3), "rejected_for_accuracy": rejected}
+        if regions_skipped:
+            stats["latency"]["regions"] = (f"not tried: the best variant is {best_ratio:.3f}× of fp32, not under "
+                                           f"{GUARD_REGIONS_UNDER}× (floating small regions does not win that back)")
         if best_ratio >= 1.0 - opts.guard_margin:
             log.warning("int8: no quantized variant is faster than the float model (best %.3f×); keeping float",
                         best_ratio)

@@ -21,6 +21,9 @@ PREFIX_LEVELS = 16  #: the accuracy control tries floating the first 1/16, 2/16,
 UNFLOAT_SLACK = 0.5  #: the float set is thinned only when agreement is within this fraction of max_drop
 GUARD_TRIAL_SECONDS = 0.6  #: the latency guard times each variant at least this long per batch size
 GUARD_TRIALS = 6  #: most float-region variants the latency guard times
+#: float regions are tried only while the best variant is under this × fp32: floating a few
+#: small regions wins back a little of int8's overhead, not the ~22% needed from here
+GUARD_REGIONS_UNDER = 1.25
 FLOAT_STEPS = 12  #: most chunks of Q/DQ pairs the accuracy control tries in float (one evaluation each)
 
 
