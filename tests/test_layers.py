@@ -4,6 +4,8 @@ core (and its own modules), never another pass."""
 from __future__ import annotations
 
 import ast
+import re
+import sys
 from pathlib import Path
 
 PKG = Path(__file__).resolve().parent.parent / "onnxcompress"
@@ -66,3 +68,35 @@ def test_a_pass_imports_no_other_pass() -> None:
             continue
         others = {_pass_of(d) for d in deps} - {None, own}
         assert not others, (mod, sorted(d for d in deps if _pass_of(d) in others))
+
+
+#: distribution name → the top-level module it is imported as, where they differ
+_IMPORT_NAME = {"onnxruntime-gpu": "onnxruntime", "pillow": "PIL", "protobuf": "google"}
+
+
+def _third_party_imports(root: Path) -> set[str]:
+    out: set[str] = set()
+    for path in root.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and not node.level and node.module:
+                out.add(node.module.split(".")[0])
+            elif isinstance(node, ast.Import):
+                out.update(a.name.split(".")[0] for a in node.names)
+    return {m for m in out if m not in sys.stdlib_module_names and m != "onnxcompress"}
+
+
+def test_declared_means_imported_and_imported_means_declared() -> None:
+    """Every dependency in pyproject.toml (the extras included) is imported by the package
+    or its tests, and every third-party module the package imports is declared."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
+    project = tomllib.loads((PKG.parent / "pyproject.toml").read_text())["project"]
+    specs = list(project["dependencies"]) + [s for extra in project["optional-dependencies"].values() for s in extra]
+    declared = {re.split(r"[<>=;\[ ]", s, maxsplit=1)[0].strip().lower() for s in specs}
+    as_imported = {_IMPORT_NAME.get(d, d) for d in declared}
+    used = _third_party_imports(PKG)
+    assert used <= as_imported, sorted(used - as_imported)
+    unused = as_imported - used - _third_party_imports(PKG.parent / "tests")
+    assert not unused, sorted(unused)
