@@ -250,12 +250,14 @@ def _refit_kind(n: onnx.NodeProto, w: np.ndarray, max_dim: int) -> str:
 
 
 def _kept_target(y_ref: np.ndarray, y_new: np.ndarray, kept: np.ndarray | None) -> np.ndarray | None:
-    """The original output restricted to the channels the pruned layer still produces."""
+    """The original output restricted to the channels the pruned layer still produces (on
+    the one axis where the shapes differ: 1 for a Conv, the last for a MatMul)."""
     if y_ref.shape == y_new.shape:
         return y_ref
-    if kept is None or y_ref.ndim < 2 or len(kept) != y_new.shape[1]:
+    differ = [a for a in range(y_ref.ndim) if y_ref.ndim == y_new.ndim and y_ref.shape[a] != y_new.shape[a]]
+    if kept is None or len(differ) != 1 or len(kept) != y_new.shape[differ[0]]:
         return None
-    return y_ref[:, kept]
+    return np.take(y_ref, kept, axis=differ[0])
 
 
 def _accumulate_refit(acc: _Acc, x: np.ndarray, y_new: np.ndarray, y_ref: np.ndarray, inits, rng, positions: int) -> None:

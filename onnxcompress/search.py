@@ -53,7 +53,7 @@ model of the stages before it:
    every trial anyway, and checks on 16 of the fitting samples (each int8 trial is also
    timed). The probe runs with the pass's ``unfloat`` off: spending the slack would
    spend the structural stages' budget.
-2. *prune*: Conv-MACs budgets ``prune_levels`` (0.85, 0.7, 0.55, 0.4) in turn. The prune
+2. *prune*: MACs budgets ``prune_levels`` (0.85, 0.7, 0.55, 0.4) in turn. The prune
    pass spends a budget by removing, across all channel groups, the channels whose
    group-normalized activation importance (measured on the calibration data) is
    smallest, then refits the layers after them by least squares. The first level over

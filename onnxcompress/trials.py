@@ -33,7 +33,7 @@ class SearchOptions:
     min_gain: float = field(default=0.03, metadata={
         "help": "a step is accepted only if it is this fraction faster than the model it starts from"})
     prune_levels: tuple[float, ...] = field(default=(0.85, 0.7, 0.55, 0.4), metadata={
-        "help": "prune's Conv-MACs budgets, tried in turn"})
+        "help": "prune's MACs budgets, tried in turn"})
     lowrank_levels: tuple[float, ...] = field(default=(0.85, 0.7, 0.65), metadata={
         "help": "lowrank's MACs budgets (of the whole model), tried in turn"})
     int8: bool = field(default=True, metadata={"help": "try int8 (a probe first, then on the structural results)"})

@@ -12,13 +12,13 @@
 
 3. ``ratio`` of each group's classes (or, with ``global=true``, of all classes ranked
    together on group-normalized scores; or, with ``macs_ratio``, the classes with the
-   least group-normalized score, across all groups, until the Conv MACs meet the budget) are removed, within
+   least group-normalized score, across all groups, until the MACs (Conv, MatMul, Gemm) meet the budget) are removed, within
    ``max_ratio`` and ``min_channels``, and kept counts rounded to a multiple of ``round_to``
    (onnxruntime's CPU kernels only speed up at multiples of 8, or 16 with AVX-512). With
    ``macs_ratio``, calibration data and ``sensitivity=true`` (off by default), group g's normalized
    scores are multiplied by w_g = (e_g / ΔMACs_g) / median over groups, e_g the
    std-scaled output MSE of removing g's least important ``max_ratio`` alone
-   (bias-compensated, no refit) and ΔMACs_g the Conv MACs that saves: importance stands
+   (bias-compensated, no refit) and ΔMACs_g the MACs that saves: importance stands
    for a channel's rank within its group, measured damage for the group's share of the
    budget.
 4. Recovery (``recovery.py``) refits the consumers on calibration data (least squares)
@@ -93,7 +93,7 @@ class Prune(Pass):
                 weights = _group_sensitivity(an, groups, scores, opts, round_to, cstats, ctx)
                 stats_out["sensitivity"] = {f"#{g.id} {an.describe(g)}": round(float(weights[g.id]), 4) for g in groups}
             removed, before, after = choose_by_macs(an, groups, scores, opts, round_to, weights)
-            stats_out["conv_macs_ratio_estimate"] = round(after / max(before, 1.0), 4)
+            stats_out["macs_ratio_estimate"] = round(after / max(before, 1.0), 4)
         else:
             removed = choose(an, groups, scores, opts, round_to)
         stats_out["notes"] = _resolve_conflicts(an, removed)

@@ -3,8 +3,8 @@
 Removal slices, for the chosen classes, every coupled tensor at once: producer filters
 and biases (Conv axis 0, ConvTranspose axis 1), BatchNormalization/InstanceNormalization
 parameters, per-channel constants of elementwise ops, depthwise filters (and their
-``group``), consumer input channels (Conv axis 1, ConvTranspose axis 0, Gemm/MatMul
-rows, H·W rows per channel after a flatten), ``Split`` sizes, channel ``Slice`` bounds,
+``group``), MatMul/Gemm weight columns and bias, consumer input channels (Conv axis 1,
+ConvTranspose axis 0, Gemm/MatMul rows, H·W rows per channel after a flatten), ``Split`` sizes, channel ``Slice`` bounds,
 ``Resize`` sizes; flatten-like ``Reshape`` targets become ``[0, -1]``.
 
 Masking is the reference for tests: it keeps every channel but zeroes the consumers'
@@ -129,10 +129,11 @@ def apply_removal(
         if len(km) == 0:
             raise PruneConflict(f"all channels of {p.op} '{p.name}' would be removed")
         node = g.node[p.index]
-        axis = 0 if p.op == "Conv" else 1
-        ed.set(p.index, 1, _slice_axis(ed.get(p.index, 1), km, axis))
+        ed.set(p.index, 1, _slice_axis(ed.get(p.index, 1), km, _filter_axis(node)))
         if len(node.input) > 2 and node.input[2]:
-            ed.set(p.index, 2, ed.get(p.index, 2)[km])
+            bias = ed.get(p.index, 2)
+            if bias.size > 1:  # a Gemm's scalar bias broadcasts over any width
+                ed.set(p.index, 2, _slice_axis(bias, km, bias.ndim - 1))
     for use in an.uses:
         keep = keep_positions(use.atoms, gone)
         if len(keep) == len(use.atoms):
@@ -141,6 +142,16 @@ def apply_removal(
     ed.commit()
     model = _finish(model, infer_shapes)
     return model
+
+
+def _filter_axis(node: onnx.NodeProto) -> int:
+    """The weight axis of a producer's output channels: Conv 0, ConvTranspose 1, MatMul
+    and Gemm the columns (Gemm with ``transB``: the rows)."""
+    if node.op_type == "Conv":
+        return 0
+    if node.op_type == "Gemm" and int(node_attr(node, "transB", 0)):  # type: ignore[arg-type]
+        return 0
+    return 1
 
 
 def _apply_use(an: Analysis, ed: _Edits, use: Use, keep: np.ndarray, gone: np.ndarray, opset: int) -> None:
@@ -163,7 +174,7 @@ def _apply_use(an: Analysis, ed: _Edits, use: Use, keep: np.ndarray, gone: np.nd
     elif kind == "const":
         arr = ed.get(use.node, use.input)
         out_rank = len(an.shapes[node.output[0]])
-        ed.set(use.node, use.input, _slice_axis(arr, keep, 1 - (out_rank - arr.ndim)))
+        ed.set(use.node, use.input, _slice_axis(arr, keep, use.axis - (out_rank - arr.ndim)))
     elif kind == "gemm":
         trans_b = int(node_attr(node, "transB", 0))  # type: ignore[arg-type]
         ed.set(use.node, 1, _slice_axis(ed.get(use.node, 1), keep, 1 if trans_b else 0))

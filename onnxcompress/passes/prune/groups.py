@@ -1,10 +1,11 @@
 """Channel dependency groups: which tensors must lose the same channels.
 
-Model. Every output channel of a prunable producer (a ``Conv`` with ``group == 1`` or a
-``ConvTranspose`` with ``group == 1``) is an *atom*. Each tensor whose axis 1 carries
-such channels gets an atom list: position ``p`` of the tensor holds atom ``L[p]`` (or
-``-1``, a channel no producer of ours owns, e.g. from a graph input). Walking the graph
-in topological order:
+Model. Every output channel of a prunable producer (a ``Conv`` with ``group == 1``, a
+``ConvTranspose`` with ``group == 1``, or a ``MatMul``/``Gemm`` with a constant 2-D
+weight, whose channels are the last axis: a transformer's token features) is an *atom*.
+Each tensor whose channel axis carries such channels gets an atom list: position ``p``
+of that axis holds atom ``L[p]`` (or ``-1``, a channel no producer of ours owns, e.g.
+from a graph input). Walking the graph in topological order:
 
 * channel-wise ops (activations, BatchNormalization, pooling, Pad, Resize, per-channel or
   scalar constants, depthwise Conv) pass the list through;
@@ -16,7 +17,11 @@ in topological order:
 * ``Flatten``/flatten-like ``Reshape`` repeat each atom H·W times, so a following
   ``Gemm``/``MatMul`` loses a block of H·W rows per channel;
 * contracting consumers (``Conv``/``ConvTranspose`` input channels, ``Gemm``/``MatMul``
-  rows) drop the positions whose atom is removed;
+  rows, for any rank where the channels are the last axis) drop the positions whose atom
+  is removed, so an MLP's hidden channels (MatMul → activation → MatMul) form a group;
+* channels on an axis other than 1 (token features) pass only activations, elementwise
+  ops and matrix products; anything else (pooling, norms, Reshape, Concat, …) blocks
+  them, and so does a residual Add with an untracked stream (LayerNorm'd channels).
 * anything else reading a tracked tensor (an op we do not understand, a grouped Conv,
   a graph output) *blocks* the producers of its atoms, with the reason recorded.
 
@@ -47,6 +52,7 @@ CHANNELWISE = frozenset({
     "Identity", "Dropout", "Cast", "Mish", "ThresholdedRelu", "Celu", "Log", "Sin", "Cos",
     "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "LpPool", "GlobalLpPool",
 })
+POOLING = frozenset({"MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "LpPool", "GlobalLpPool"})
 ELEMENTWISE = frozenset({"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Sum", "Mean", "PRelu"})
 NORMS = frozenset({"BatchNormalization", "InstanceNormalization"})
 REDUCES = frozenset({"ReduceMean", "ReduceMax", "ReduceMin", "ReduceSum", "ReduceL1", "ReduceL2"})
@@ -56,7 +62,8 @@ SHAPE_ONLY = frozenset({"Shape", "Size"})
 
 @dataclass
 class Producer:
-    """A prunable producer: a Conv/ConvTranspose whose output channels are atoms."""
+    """A prunable producer: a Conv/ConvTranspose (channels on axis 1) or a MatMul/Gemm
+    with a constant 2-D weight (features on the last axis) whose output channels are atoms."""
 
     index: int  # node index in the graph
     name: str
@@ -64,6 +71,7 @@ class Producer:
     channels: int
     first_atom: int
     output: str
+    axis: int = 1  # the output's channel axis
 
     @property
     def atoms(self) -> np.ndarray:
@@ -78,6 +86,7 @@ class Use:
     input: int  # input position
     kind: str  # consumer-conv, consumer-convT, depthwise, gemm, matmul, norm, const, split, slice, resize, reshape
     atoms: np.ndarray
+    axis: int = 1  # the channel axis of the tensor read (const: of the node's output)
 
 
 @dataclass
@@ -97,12 +106,13 @@ class Analysis:
     model: onnx.ModelProto
     shapes: dict[str, list[int]]
     producers: list[Producer]
-    atoms: dict[str, np.ndarray]  # tensor name -> atom list on axis 1
+    atoms: dict[str, np.ndarray]  # tensor name -> atom list on its channel axis
     uses: list[Use]
     parent: np.ndarray  # union-find over atoms
     atom_producer: np.ndarray  # atom -> producer index
     blocked: dict[int, str]  # producer index -> reason
     groups: list[Group] = field(default_factory=list)
+    axes: dict[str, int] = field(default_factory=dict)  # tensor name -> channel axis (absent: 1)
 
     def find(self, a: np.ndarray | int) -> np.ndarray:
         """Class representative of each atom (vectorized; -1 stays -1)."""
@@ -158,7 +168,7 @@ def analyze(model: onnx.ModelProto, shapes: dict[str, list[int]]) -> Analysis:
     w = walk(model, shapes)
     parent = np.array([w.uf.find(i) for i in range(len(w.uf.parent))], dtype=np.int64)
     owner = np.array(w.atom_owner, dtype=np.int64)
-    analysis = Analysis(model, shapes, w.producers, w.atoms, w.uses, parent, owner, w.blocked)
+    analysis = Analysis(model, shapes, w.producers, w.atoms, w.uses, parent, owner, w.blocked, axes=w.axes)
     analysis.groups = _groups(analysis)
     return analysis
 

@@ -52,7 +52,7 @@ class PruneOptions:
     ridge: float = field(default=1e-2, metadata={"experimental": True, "help": "least-squares ridge, relative to the mean diagonal"})
     positions: int = field(default=256, metadata={"experimental": True, "help": "sampled output positions per image for the refit"})
     macs_ratio: float = field(default=0.0, metadata={
-        "help": "if > 0: keep this fraction of Conv MACs, removing the channels with the least group-normalized importance "
+        "help": "if > 0: keep this fraction of the MACs (Conv, MatMul, Gemm), removing the channels with the least group-normalized importance "
                 "across all groups (ratio is then ignored)"})
     sensitivity: bool = field(default=False, metadata={"experimental": True,
         "help": "with macs_ratio and calibration data: weigh each group's channels by the measured output error "

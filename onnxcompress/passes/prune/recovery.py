@@ -104,10 +104,11 @@ def collect(
 
 
 def _accumulate(cs: ConsumerStats, x: np.ndarray) -> None:
+    channel = cs.use.axis  # 1, or the last axis of a MatMul's token features
     if cs.sum_x is None:
-        cs.sum_x = np.zeros(x.shape[1])
-        cs.sum_abs = np.zeros(x.shape[1])
-    axes = tuple(i for i in range(x.ndim) if i != 1)
+        cs.sum_x = np.zeros(x.shape[channel])
+        cs.sum_abs = np.zeros(x.shape[channel])
+    axes = tuple(i for i in range(x.ndim) if i != channel)
     cs.sum_x += x.sum(axis=axes, dtype=np.float64)
     cs.sum_abs += np.abs(x).sum(axis=axes, dtype=np.float64)
     cs.elems += int(np.prod([x.shape[i] for i in axes]))

@@ -19,7 +19,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from ...graph import initializers, topological_order
-from .groups import CHANNELWISE, ELEMENTWISE, NORMS, REDUCES, SHAPE_ONLY, Producer, Use, _UnionFind
+from .groups import CHANNELWISE, ELEMENTWISE, NORMS, POOLING, REDUCES, SHAPE_ONLY, Producer, Use, _UnionFind
 
 
 def _attrs(node: onnx.NodeProto) -> dict[str, Any]:
@@ -45,6 +45,16 @@ class _Walk:
         self.atoms: dict[str, np.ndarray] = {}
         self.uses: list[Use] = []
         self.blocked: dict[int, str] = {}
+        self.axes: dict[str, int] = {}  # channel axis of each tracked tensor not on axis 1
+
+    def axis_of(self, name: str) -> int:
+        return self.axes.get(name, 1)
+
+    def track(self, name: str, atoms: np.ndarray, axis: int = 1) -> None:
+        """``name`` carries ``atoms`` on ``axis``."""
+        self.atoms[name] = atoms
+        if axis != 1:
+            self.axes[name] = axis
 
     def const(self, name: str) -> np.ndarray | None:
         if name in self.inits and name not in self.graph_inputs:
@@ -57,16 +67,16 @@ class _Walk:
         for a in np.unique(lst[lst >= 0]):
             self.blocked.setdefault(self.atom_owner[int(a)], reason)
 
-    def new_producer(self, idx: int, node: onnx.NodeProto, channels: int) -> np.ndarray:
+    def new_producer(self, idx: int, node: onnx.NodeProto, channels: int, axis: int = 1) -> np.ndarray:
         first = self.uf.add(channels)
         self.atom_owner.extend([len(self.producers)] * channels)
         self.producers.append(Producer(idx, node.name or node.output[0], node.op_type, channels, first,
-                                       node.output[0]))
+                                       node.output[0], axis))
         return np.arange(first, first + channels)
 
-    def channels_of(self, name: str) -> int | None:
+    def channels_of(self, name: str, axis: int = 1) -> int | None:
         s = self.shapes.get(name)
-        return s[1] if s is not None and len(s) >= 2 else None
+        return s[axis] if s is not None and len(s) > axis else None
 
     def rank(self, name: str) -> int:
         return len(self.shapes.get(name, []))
@@ -148,7 +158,7 @@ def _channelwise(w: _Walk, n: _Node) -> Block | None:
         c = w.const(i) if i else None
         if i and (c is None or c.size != 1):
             return n.x, f"{n.label} has non-scalar parameters"
-    w.atoms[n.out0] = n.x
+    w.track(n.out0, n.x, w.axis_of(n.node.input[0]))
     return None
 
 
@@ -164,8 +174,13 @@ def _norm(w: _Walk, n: _Node) -> Block | None:
 def _elementwise(w: _Walk, n: _Node) -> Block | None:
     """Add/Mul/...: tracked inputs of full channel width unite their atoms position by
     position; constants vary per channel (a use) or broadcast; untracked computed tensors
-    must broadcast over channels."""
-    c_out, out_rank = w.channels_of(n.out0), w.rank(n.out0)
+    must broadcast over channels (a residual stream we do not track stops the group)."""
+    out_rank = w.rank(n.out0)
+    out_axes = {w.axis_of(n.node.input[k]) + out_rank - w.rank(n.node.input[k]) for k in n.tracked}
+    if len(out_axes) != 1:
+        return n.all_tracked(), f"{n.label} combines channels on different axes"
+    axis = out_axes.pop()
+    c_out = w.channels_of(n.out0, axis)
     if c_out is None:
         return n.all_tracked(), f"{n.label}: output shape unknown"
     full = [k for k in n.tracked if len(n.ins[k]) == c_out]  # type: ignore[arg-type]
@@ -178,26 +193,27 @@ def _elementwise(w: _Walk, n: _Node) -> Block | None:
             continue
         c = w.const(name)
         if c is not None:
-            ax = 1 - (out_rank - c.ndim)
+            ax = axis - (out_rank - c.ndim)
             if c.size == 1 or ax < 0 or c.shape[ax] == 1:
                 continue
             if c.shape[ax] == c_out:
-                w.uses.append(Use(n.idx, k, "const", first))
+                w.uses.append(Use(n.idx, k, "const", first, axis))
                 continue
             return n.all_tracked(), f"{n.label} has a constant of shape {list(c.shape)}"
         shp = w.shapes.get(name)  # a computed tensor we do not track: fine only if it broadcasts over channels
         if shp is not None:
-            ax = 1 - (out_rank - len(shp))
+            ax = axis - (out_rank - len(shp))
             if ax < 0 or shp[ax] == 1:
                 continue
-        return n.all_tracked(), f"{n.label} mixes in untracked tensor '{name}'"
+        stream = " (a residual stream)" if n.node.op_type in ("Add", "Sub") and shp == w.shapes.get(n.out0) else ""
+        return n.all_tracked(), f"{n.label} mixes in untracked tensor '{name}'{stream}"
     for k in full[1:]:
         for a, b in zip(first, n.ins[k]):  # type: ignore[arg-type]
             if a >= 0 and b >= 0:
                 w.uf.union(int(a), int(b))
             elif a != b:
                 w.block(np.array([a, b]), f"{n.label} adds a channel that cannot be pruned")
-    w.atoms[n.out0] = first
+    w.track(n.out0, first, axis)
     return None
 
 
@@ -345,14 +361,32 @@ def _flatten(w: _Walk, n: _Node) -> Block | None:
 
 
 def _matrix(w: _Walk, n: _Node) -> Block | None:
-    """Gemm/MatMul with a constant 2-D weight on a 2-D input: a contracting use (rows)."""
+    """Gemm/MatMul with a constant 2-D weight: a contracting use (rows of the weight) of an
+    input tracked on its last axis, and a producer of the output's last axis (columns)."""
     node, op = n.node, n.node.op_type
     weight = w.const(node.input[1]) if len(node.input) > 1 else None
-    if n.tracked != [0] or weight is None or weight.ndim != 2 or w.rank(node.input[0]) != 2:
+    rank = w.rank(node.input[0])
+    linear = weight is not None and weight.ndim == 2 and rank >= 2 and w.const(node.input[0]) is None
+    if n.tracked and (n.tracked != [0] or not linear):
         return n.all_tracked(), f"{n.label} is not a constant-weight matrix product"
-    if op == "Gemm" and int(n.attrs.get("transA", 0)):
+    if not linear:
+        return None
+    assert weight is not None
+    trans_a, trans_b = (int(n.attrs.get("transA", 0)), int(n.attrs.get("transB", 0))) if op == "Gemm" else (0, 0)
+    if n.tracked and w.axis_of(node.input[0]) != rank - 1:
+        return n.x, f"{n.label} contracts an axis other than the channels"
+    if n.tracked and trans_a:
         return n.x, f"{n.label} transposes its input"
-    w.uses.append(Use(n.idx, 0, "gemm" if op == "Gemm" else "matmul", n.x))
+    if n.tracked:
+        w.uses.append(Use(n.idx, 0, "gemm" if op == "Gemm" else "matmul", n.x, rank - 1))
+    if trans_a:
+        return None
+    atoms = w.new_producer(n.idx, node, int(weight.shape[0] if trans_b else weight.shape[1]), rank - 1)
+    w.track(n.out0, atoms, rank - 1)
+    bias = w.const(node.input[2]) if op == "Gemm" and len(node.input) > 2 and node.input[2] else None
+    if op == "Gemm" and len(node.input) > 2 and node.input[2] and (
+            bias is None or (bias.size != 1 and bias.shape[-1:] != (len(atoms),)) or bias.size not in (1, len(atoms))):
+        return atoms, f"{n.label} has a bias of another shape than its outputs"
     return None
 
 
@@ -373,6 +407,12 @@ RULES: dict[str, Rule] = {
 }
 
 
+#: ops whose rule creates atoms even when they read none
+PRODUCERS = frozenset({"Conv", "ConvTranspose", "MatMul", "Gemm"})
+#: ops whose rule handles channels on any axis (the rest need them on axis 1)
+ANY_AXIS = (CHANNELWISE - POOLING) | ELEMENTWISE | SHAPE_ONLY | {"MatMul", "Gemm"}
+
+
 def walk(model: onnx.ModelProto, shapes: dict[str, list[int]]) -> _Walk:
     """Every node in topological order through its op's rule; the walk's final state."""
     g = model.graph
@@ -386,8 +426,11 @@ def walk(model: onnx.ModelProto, shapes: dict[str, list[int]]) -> _Walk:
             for k in n.tracked:
                 w.block(ins[k], f"{n.label} (domain {node.domain})")
             continue
-        if not n.tracked and node.op_type not in ("Conv", "ConvTranspose"):
+        if not n.tracked and node.op_type not in PRODUCERS:
             continue  # nothing of ours flows through this node
+        if node.op_type not in ANY_AXIS and any(w.axis_of(node.input[k]) != 1 for k in n.tracked):
+            w.block(n.all_tracked(), f"{n.label} reads channels on the last axis (token features)")
+            continue
         rule = RULES.get(node.op_type)
         verdict = rule(w, n) if rule else (n.all_tracked(), f"{n.label} is not supported on a channel path")
         if verdict is not None:

@@ -35,8 +35,9 @@ def producer_scores(an: Analysis, pidx: int, criterion: str) -> np.ndarray | Non
     p = an.producers[pidx]
     node = an.model.graph.node[p.index]
     w = _init(an, node.input[1])
-    if p.op == "ConvTranspose":
-        w = np.moveaxis(w, 1, 0)
+    if p.op == "ConvTranspose" or (p.op in ("MatMul", "Gemm") and not (
+            p.op == "Gemm" and any(a.name == "transB" and a.i for a in node.attribute))):
+        w = np.moveaxis(w, 1, 0)  # output channels first
     w = w.reshape(w.shape[0], -1)
     if criterion == "l1":
         return np.abs(w).sum(axis=1)
@@ -144,18 +145,23 @@ def choose(an: Analysis, groups: list[Group], scores: dict[int, np.ndarray], opt
 
 
 class MacModel:
-    """Exact Conv/ConvTranspose MACs as a function of the removed atoms.
+    """Exact Conv/ConvTranspose/MatMul/Gemm MACs as a function of the removed atoms.
 
     Per layer: ``base · kept_out · kept_in / group`` with ``base = H_out·W_out·kh·kw``
-    (ConvTranspose: ``H_in·W_in·kh·kw``); a depthwise layer costs ``base · kept``."""
+    (ConvTranspose: ``H_in·W_in·kh·kw``; a matrix product with a constant 2-D weight: the
+    rows per sample, e.g. the tokens); a depthwise layer costs ``base · kept``."""
 
     def __init__(self, an: Analysis) -> None:
         self.layers: list[tuple[float, np.ndarray | int, np.ndarray | int, bool]] = []
         g = an.model.graph
         inits = initializers(g)
         prod_out = {p.output: p.atoms for p in an.producers}
-        use_in = {u.node: u.atoms for u in an.uses if u.kind in ("consumer-conv", "consumer-convT", "depthwise")}
+        use_in = {u.node: u.atoms for u in an.uses
+                  if u.kind in ("consumer-conv", "consumer-convT", "depthwise", "matmul", "gemm")}
         for idx, n in enumerate(g.node):
+            if n.op_type in ("MatMul", "Gemm"):
+                self._matrix(an, idx, n, inits, prod_out, use_in)
+                continue
             if n.op_type not in ("Conv", "ConvTranspose") or n.input[1] not in inits:
                 continue
             w = list(inits[n.input[1]].dims)
@@ -173,6 +179,17 @@ class MacModel:
             in_atoms = use_in.get(idx, cin)
             self.layers.append((base / (1 if dw else group), out_atoms, in_atoms, dw))
         self.n_atoms = len(an.parent)
+
+    def _matrix(self, an: Analysis, idx: int, n: onnx.NodeProto, inits: dict[str, onnx.TensorProto],
+                prod_out: dict[str, np.ndarray], use_in: dict[int, np.ndarray]) -> None:
+        w = inits.get(n.input[1]) if len(n.input) > 1 else None
+        out_shape = an.shapes.get(n.output[0])
+        if w is None or len(w.dims) != 2 or n.input[0] in inits or not out_shape:
+            return
+        trans_b = n.op_type == "Gemm" and any(a.name == "transB" and a.i for a in n.attribute)
+        k, cols = (w.dims[1], w.dims[0]) if trans_b else (w.dims[0], w.dims[1])
+        base = float(np.prod(out_shape[1:-1])) if len(out_shape) > 2 else 1.0
+        self.layers.append((base, prod_out.get(n.output[0], int(cols)), use_in.get(idx, int(k)), False))
 
     @staticmethod
     def _kept(atoms: np.ndarray | int, gone: np.ndarray) -> float:
@@ -193,7 +210,7 @@ class MacModel:
 
 def choose_by_macs(an: Analysis, groups: list[Group], scores: dict[int, np.ndarray], opts: PruneOptions, round_to: int,
                    weights: dict[int, float] | None = None) -> tuple[dict[int, np.ndarray], float, float]:
-    """Remove the classes with the least group-normalized importance until the Conv MACs
+    """Remove the classes with the least group-normalized importance until the MACs (Conv, MatMul, Gemm)
     are at most ``opts.macs_ratio`` of the original; returns (removed, before, after)."""
     mm = MacModel(an)
     none = np.zeros(len(an.parent), dtype=bool)
@@ -250,7 +267,7 @@ def _group_sensitivity(an: Analysis, groups: list[Group], scores: dict[int, np.n
                        round_to: int, cstats: CalibrationStats | None, ctx: PassContext) -> dict[int, float]:
     """Each group's output error per MAC saved when its least important ``max_ratio`` of
     channels go alone (bias-compensated, no refit): std-scaled output MSE on the first
-    ``sensitivity_samples`` calibration samples, divided by the Conv MACs saved; returned
+    ``sensitivity_samples`` calibration samples, divided by the MACs saved; returned
     relative to the median over groups (a group that saves nothing gets the largest)."""
     import copy
     import dataclasses
