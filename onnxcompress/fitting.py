@@ -4,7 +4,9 @@ positions, and the layer-by-layer refit of constant-weight layers (He et al. 201
 ``sequential_refit``: every constant-weight Conv/Gemm/MatMul of a rewritten model is refit
 level by level in topological order so that its output, computed from the *rewritten*
 network's input, matches the original model's output on calibration data: ridge least
-squares on sampled patches (a MatMul's rows), one small problem per channel for depthwise
+squares on sampled patches (a MatMul's rows), the ridge pulling toward the layer's
+current weights rather than toward zero (a layer whose input did not change keeps its
+weights; one that changed keeps what the data does not determine), one small problem per channel for depthwise
 layers, and the mean of the output error for layers too large for dense normal equations
 or with too few samples. Pruning uses it to recover the layers after removed channels,
 lowrank to refit the second factor of a split. Nothing here imports a pass.
@@ -428,7 +430,8 @@ def _solve_refit(acc: _Acc, model: onnx.ModelProto, inits, ridge: float) -> int:
         lam = ridge * np.einsum("cii->c", A[:, :-1, :-1]) / (d - 1)
         reg = lam[:, None, None] * np.eye(d)[None]
         reg[:, -1, -1] = 0.0
-        sol = np.linalg.solve(A + reg, B[..., None])[..., 0]  # [C, kh*kw + 1]
+        cur = np.concatenate([w.reshape(c, -1).astype(np.float64), np.zeros((c, 1))], axis=1)  # the prior
+        sol = np.linalg.solve(A + reg, (B + np.einsum("cij,cj->ci", reg, cur))[..., None])[..., 0]  # [C, kh*kw + 1]
         _replace_init(model, inits, w_name, sol[:, :-1].reshape(w.shape))
         _set_bias(model, inits, n, sol[:, -1].astype(weight_dtype(n, inits)))
         return 1
@@ -444,10 +447,13 @@ def _solve_refit(acc: _Acc, model: onnx.ModelProto, inits, ridge: float) -> int:
     lam = ridge * np.trace(A[:-1, :-1]) / max(d - 1, 1)
     reg = np.eye(d) * lam
     reg[-1, -1] = 0.0
+    # ridge toward the layer's current weights, not toward zero: a layer whose input did
+    # not change keeps its weights exactly, and a changed one is pulled toward its prior
+    cur = np.concatenate([weight_2d(n, w).T.astype(np.float64), np.zeros((1, B.shape[1]))], axis=0)
     try:
-        sol = np.linalg.solve(A + reg, B)
+        sol = np.linalg.solve(A + reg, B + reg @ cur)
     except np.linalg.LinAlgError:
-        sol = np.linalg.lstsq(A + reg, B, rcond=None)[0]
+        sol = np.linalg.lstsq(A + reg, B + reg @ cur, rcond=None)[0]
     w2 = sol[:-1].T  # [out, in...]
     if n.op_type == "Conv":
         new_w = w2.reshape(w.shape)

@@ -49,7 +49,7 @@ class PruneOptions:
     round_to: int = field(default=0, metadata={"help": "kept counts multiple of this (0 = 16 with AVX-512, else 8; 1 = off)"})
     recovery: Literal["auto", "none", "bias", "lstsq"] = field(
         default="auto", metadata={"help": "auto = lstsq with calibration data, else bias from BN statistics"})
-    ridge: float = field(default=1e-2, metadata={"experimental": True, "help": "least-squares ridge, relative to the mean diagonal"})
+    ridge: float = field(default=1e-2, metadata={"experimental": True, "help": "least-squares ridge toward the pruned weights, relative to the mean diagonal"})
     positions: int = field(default=256, metadata={"experimental": True, "help": "sampled output positions per image for the refit"})
     macs_ratio: float = field(default=0.0, metadata={
         "help": "if > 0: keep this fraction of the MACs (Conv, MatMul, Gemm), removing the channels with the least group-normalized importance "
