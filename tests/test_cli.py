@@ -332,7 +332,8 @@ def test_inspect_groups(cli) -> None:
     assert res.code == 0 and "channel dependency groups: 5 prunable of 6" in res.out
     assert "no: reaches graph output 'heatmap'" in res.out
     js = json.loads(cli("inspect", FIXTURES / "resnet_block.onnx", "--groups", "--json").out)
-    assert sorted(g["channels"] for g in js["prune_groups"]) == [16, 16, 32, 32]
+    assert sorted(g["channels"] for g in js["prune_groups"]) == [10, 16, 16, 32, 32]  # 10: the classifier Gemm
+    assert [g["blocked"] for g in js["prune_groups"] if g["channels"] == 10] == ["reaches graph output 'logits'"]
 
 
 @pytest.mark.shared
