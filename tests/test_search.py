@@ -141,7 +141,9 @@ def test_search_prunes_within_budget_and_judges_on_held_out_samples() -> None:
 
 def test_search_keeps_the_input_when_nothing_fits_the_budget() -> None:
     strict = {None: Thresholds(cosine=1 - 1e-9)}
-    opts = SearchOptions(prune_levels=(0.6,), lowrank_levels=(), int8=False)
+    # 0.3 of the MACs takes live filters too (0.6 takes only the 40 silent ones, which the
+    # refit makes good to within this cosine)
+    opts = SearchOptions(prune_levels=(0.3,), lowrank_levels=(), int8=False)
     _, rep = oc.optimize(wide_model(), calibration=[{"x": calib()}], search=opts, thresholds=strict, latency=False)
     s = rep.search
     assert s.chosen.stage == "input"
