@@ -5,7 +5,10 @@ default pipeline: MACs, latency at batch 1 and 8, and what a user reads.
                                [--rounds 9] [--json out.json] [--keep DIR]
 
 Each run is ``onnxcompress.optimize`` on ``ppocrv5_rec.onnx`` with ``ppocrv5_rec_calib.npz``
-(``allow_slower``, so a run that does not pay still shows by how much). Accuracy is scored
+(``allow_slower``, so a run that does not pay still shows by how much). ``prune mlp`` prunes
+the transformer MLPs' hidden channels alone: ratio 0 everywhere but the groups whose
+producer is named ``MatMul*`` (in this model the two MLPs are the only prunable MatMul
+groups), which lose half of their channels. Accuracy is scored
 on ``ppocrv5_rec_eval.npz`` only: CER and exact-line rate against the labels (greedy CTC
 over ``ppocrv5_rec_dict.txt``: 0 blank, then the dictionary, then a space), and the
 agreement of the decodes with the original model's (1 − edits / characters). Latency:
@@ -36,6 +39,7 @@ from onnxcompress.runtime import make_session, measure_latency  # noqa: E402
 from onnxcompress.shapes import all_shapes  # noqa: E402
 
 DEFAULT_RUNS = ("fuse=canonicalize,fuse;prune=canonicalize,fuse,prune:macs_ratio=0.85;"
+                "prune mlp=canonicalize,fuse,prune:ratio=0:overrides=^MatMul=0.5;"
                 "lowrank=canonicalize,fuse,lowrank:macs_ratio=0.85;"
                 "lowrank linear=canonicalize,fuse,lowrank:macs_ratio=0.85:layers=linear;"
                 "int8=canonicalize,fuse,int8;default=")

@@ -28,7 +28,7 @@ from onnxcompress.registry import build_pipeline
 from onnxcompress.shapes import all_shapes
 
 from .builders import fvi, make_model, run, tensor
-from .conftest import FIXTURES, SHARED_MODELS, on_resnet_block, shared_path
+from .conftest import FIXTURES, SHARED_MODELS, shared_path
 
 FIXTURE_MODELS = ["resnet_block", "mobilenet_se", "concat_split"]
 
