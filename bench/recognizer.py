@@ -96,6 +96,7 @@ def main() -> None:
         result, report = oc.optimize(original, passes=spec or None, calibration=str(calib), allow_slower=True,
                                      latency=False)
         if args.keep:
+            Path(args.keep).mkdir(parents=True, exist_ok=True)
             oc.save_model(result, Path(args.keep) / f"{label}.onnx")
         lines, out = read_lines(result, x, chars)
         c, e = cer(lines, truth)
