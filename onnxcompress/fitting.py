@@ -256,8 +256,10 @@ def _kept_target(y_ref: np.ndarray, y_new: np.ndarray, kept: np.ndarray | None) 
     the one axis where the shapes differ: 1 for a Conv, the last for a MatMul)."""
     if y_ref.shape == y_new.shape:
         return y_ref
-    differ = [a for a in range(y_ref.ndim) if y_ref.ndim == y_new.ndim and y_ref.shape[a] != y_new.shape[a]]
-    if kept is None or len(differ) != 1 or len(kept) != y_new.shape[differ[0]]:
+    if kept is None or y_ref.ndim != y_new.ndim:
+        return None
+    differ = [a for a in range(y_ref.ndim) if y_ref.shape[a] != y_new.shape[a]]
+    if len(differ) != 1 or len(kept) != y_new.shape[differ[0]]:
         return None
     return np.take(y_ref, kept, axis=differ[0])
 
@@ -450,10 +452,11 @@ def _solve_refit(acc: _Acc, model: onnx.ModelProto, inits, ridge: float) -> int:
     # ridge toward the layer's current weights, not toward zero: a layer whose input did
     # not change keeps its weights exactly, and a changed one is pulled toward its prior
     cur = np.concatenate([weight_2d(n, w).T.astype(np.float64), np.zeros((1, B.shape[1]))], axis=0)
+    rhs = B + reg @ cur
     try:
-        sol = np.linalg.solve(A + reg, B + reg @ cur)
+        sol = np.linalg.solve(A + reg, rhs)
     except np.linalg.LinAlgError:
-        sol = np.linalg.lstsq(A + reg, B + reg @ cur, rcond=None)[0]
+        sol = np.linalg.lstsq(A + reg, rhs, rcond=None)[0]
     w2 = sol[:-1].T  # [out, in...]
     if n.op_type == "Conv":
         new_w = w2.reshape(w.shape)

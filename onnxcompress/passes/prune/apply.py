@@ -129,7 +129,7 @@ def apply_removal(
         if len(km) == 0:
             raise PruneConflict(f"all channels of {p.op} '{p.name}' would be removed")
         node = g.node[p.index]
-        ed.set(p.index, 1, _slice_axis(ed.get(p.index, 1), km, _filter_axis(node)))
+        ed.set(p.index, 1, _slice_axis(ed.get(p.index, 1), km, filter_axis(node)))
         if len(node.input) > 2 and node.input[2]:
             bias = ed.get(p.index, 2)
             if bias.size > 1:  # a Gemm's scalar bias broadcasts over any width
@@ -144,7 +144,7 @@ def apply_removal(
     return model
 
 
-def _filter_axis(node: onnx.NodeProto) -> int:
+def filter_axis(node: onnx.NodeProto) -> int:
     """The weight axis of a producer's output channels: Conv 0, ConvTranspose 1, MatMul
     and Gemm the columns (Gemm with ``transB``: the rows)."""
     if node.op_type == "Conv":

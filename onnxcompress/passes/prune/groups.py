@@ -45,14 +45,13 @@ import onnx
 
 log = logging.getLogger(__name__)
 
+POOLING = frozenset({"MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "LpPool", "GlobalLpPool"})
 #: ops that act on each channel independently; extra inputs must be constants/scalars
-CHANNELWISE = frozenset({
+CHANNELWISE = POOLING | frozenset({
     "Relu", "Clip", "HardSwish", "HardSigmoid", "Sigmoid", "LeakyRelu", "Tanh", "Elu", "Selu", "Softplus",
     "Softsign", "Gelu", "Erf", "Exp", "Neg", "Abs", "Sqrt", "Reciprocal", "Floor", "Ceil", "Round", "Sign",
     "Identity", "Dropout", "Cast", "Mish", "ThresholdedRelu", "Celu", "Log", "Sin", "Cos",
-    "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "LpPool", "GlobalLpPool",
 })
-POOLING = frozenset({"MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "LpPool", "GlobalLpPool"})
 ELEMENTWISE = frozenset({"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Sum", "Mean", "PRelu"})
 NORMS = frozenset({"BatchNormalization", "InstanceNormalization"})
 REDUCES = frozenset({"ReduceMean", "ReduceMax", "ReduceMin", "ReduceSum", "ReduceL1", "ReduceL2"})
@@ -71,7 +70,6 @@ class Producer:
     channels: int
     first_atom: int
     output: str
-    axis: int = 1  # the output's channel axis
 
     @property
     def atoms(self) -> np.ndarray:
@@ -112,7 +110,6 @@ class Analysis:
     atom_producer: np.ndarray  # atom -> producer index
     blocked: dict[int, str]  # producer index -> reason
     groups: list[Group] = field(default_factory=list)
-    axes: dict[str, int] = field(default_factory=dict)  # tensor name -> channel axis (absent: 1)
 
     def find(self, a: np.ndarray | int) -> np.ndarray:
         """Class representative of each atom (vectorized; -1 stays -1)."""
@@ -168,7 +165,7 @@ def analyze(model: onnx.ModelProto, shapes: dict[str, list[int]]) -> Analysis:
     w = walk(model, shapes)
     parent = np.array([w.uf.find(i) for i in range(len(w.uf.parent))], dtype=np.int64)
     owner = np.array(w.atom_owner, dtype=np.int64)
-    analysis = Analysis(model, shapes, w.producers, w.atoms, w.uses, parent, owner, w.blocked, axes=w.axes)
+    analysis = Analysis(model, shapes, w.producers, w.atoms, w.uses, parent, owner, w.blocked)
     analysis.groups = _groups(analysis)
     return analysis
 

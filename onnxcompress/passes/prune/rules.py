@@ -67,11 +67,11 @@ class _Walk:
         for a in np.unique(lst[lst >= 0]):
             self.blocked.setdefault(self.atom_owner[int(a)], reason)
 
-    def new_producer(self, idx: int, node: onnx.NodeProto, channels: int, axis: int = 1) -> np.ndarray:
+    def new_producer(self, idx: int, node: onnx.NodeProto, channels: int) -> np.ndarray:
         first = self.uf.add(channels)
         self.atom_owner.extend([len(self.producers)] * channels)
         self.producers.append(Producer(idx, node.name or node.output[0], node.op_type, channels, first,
-                                       node.output[0], axis))
+                                       node.output[0]))
         return np.arange(first, first + channels)
 
     def channels_of(self, name: str, axis: int = 1) -> int | None:
@@ -381,12 +381,12 @@ def _matrix(w: _Walk, n: _Node) -> Block | None:
         w.uses.append(Use(n.idx, 0, "gemm" if op == "Gemm" else "matmul", n.x, rank - 1))
     if trans_a:
         return None
-    atoms = w.new_producer(n.idx, node, int(weight.shape[0] if trans_b else weight.shape[1]), rank - 1)
+    atoms = w.new_producer(n.idx, node, int(weight.shape[0] if trans_b else weight.shape[1]))
     w.track(n.out0, atoms, rank - 1)
-    bias = w.const(node.input[2]) if op == "Gemm" and len(node.input) > 2 and node.input[2] else None
-    if op == "Gemm" and len(node.input) > 2 and node.input[2] and (
-            bias is None or (bias.size != 1 and bias.shape[-1:] != (len(atoms),)) or bias.size not in (1, len(atoms))):
-        return atoms, f"{n.label} has a bias of another shape than its outputs"
+    if op == "Gemm" and len(node.input) > 2 and node.input[2]:
+        bias = w.const(node.input[2])  # a scalar, or one value per output ([N] or [1, N])
+        if bias is None or not (bias.size == 1 or (bias.size == len(atoms) and bias.shape[-1] == len(atoms))):
+            return atoms, f"{n.label} has a bias of another shape than its outputs"
     return None
 
 

@@ -15,7 +15,7 @@ from onnx import helper, numpy_helper
 
 from ...graph import initializers
 from ...pipeline import PassContext
-from .apply import apply_removal, keep_positions, removed_atoms
+from .apply import apply_removal, filter_axis, keep_positions, removed_atoms
 from .groups import Analysis, Group
 from .options import PruneOptions, _parse_overrides
 from .recovery import CONSUMER_KINDS, CalibrationStats, bias_compensation
@@ -34,10 +34,7 @@ def _init(an: Analysis, name: str) -> np.ndarray:
 def producer_scores(an: Analysis, pidx: int, criterion: str) -> np.ndarray | None:
     p = an.producers[pidx]
     node = an.model.graph.node[p.index]
-    w = _init(an, node.input[1])
-    if p.op == "ConvTranspose" or (p.op in ("MatMul", "Gemm") and not (
-            p.op == "Gemm" and any(a.name == "transB" and a.i for a in node.attribute))):
-        w = np.moveaxis(w, 1, 0)  # output channels first
+    w = np.moveaxis(_init(an, node.input[1]), filter_axis(node), 0)  # output channels first
     w = w.reshape(w.shape[0], -1)
     if criterion == "l1":
         return np.abs(w).sum(axis=1)
@@ -186,8 +183,8 @@ class MacModel:
         out_shape = an.shapes.get(n.output[0])
         if w is None or len(w.dims) != 2 or n.input[0] in inits or not out_shape:
             return
-        trans_b = n.op_type == "Gemm" and any(a.name == "transB" and a.i for a in n.attribute)
-        k, cols = (w.dims[1], w.dims[0]) if trans_b else (w.dims[0], w.dims[1])
+        cols = w.dims[filter_axis(n)]
+        k = w.dims[1 - filter_axis(n)]
         base = float(np.prod(out_shape[1:-1])) if len(out_shape) > 2 else 1.0
         self.layers.append((base, prod_out.get(n.output[0], int(cols)), use_in.get(idx, int(k)), False))
 
