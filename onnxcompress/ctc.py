@@ -76,3 +76,18 @@ def sequence_agreement(ref: np.ndarray, new: np.ndarray, blank: int = BLANK) -> 
         length += len(a)
         same += d == 0
     return dist, length, same
+
+
+def changed_margins(ref: np.ndarray, new: np.ndarray, blank: int = BLANK) -> list[float]:
+    """For each sample of two [N, T, C] score arrays whose greedy decodes differ: the
+    reference's smallest top-1 − top-2 score gap over the steps where the two argmaxes
+    differ. A small gap is a step where the reference itself nearly decoded otherwise."""
+    out = []
+    for i, (a, b) in enumerate(zip(greedy_decode(ref, blank), greedy_decode(new, blank))):
+        if len(a) == len(b) and np.array_equal(a, b):
+            continue
+        steps = np.nonzero(np.argmax(ref[i], axis=-1) != np.argmax(new[i], axis=-1))[0]
+        top2 = np.partition(ref[i][steps], -2, axis=-1)[:, -2:] if ref.shape[-1] >= 2 else np.zeros((0, 2))
+        gap = top2[:, 1] - top2[:, 0]
+        out.append(float(gap.min()) if gap.size else 0.0)
+    return out

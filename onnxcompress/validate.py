@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from .ctc import is_sequence_probabilities, sequence_agreement
+from .ctc import changed_margins, is_sequence_probabilities, sequence_agreement
 from .data import DataSource
 from .errors import OptionError, RuntimeModelError
 from .progress import NullProgress, Progress
@@ -252,6 +252,7 @@ class OutputStats:
     ctc_edits: int = 0
     ctc_chars: int = 0
     ctc_same: int = 0
+    ctc_margins: list[float] = field(default_factory=list)  # per changed sample: see ctc.changed_margins
 
     def update(self, ref: np.ndarray, new: np.ndarray) -> None:
         if ref.shape != new.shape:
@@ -304,6 +305,8 @@ class OutputStats:
             edits, chars, same = sequence_agreement(ca, cb)
             self.ctc_edits, self.ctc_chars, self.ctc_same = self.ctc_edits + edits, self.ctc_chars + chars, \
                 self.ctc_same + same
+            if same < n:
+                self.ctc_margins += changed_margins(ca, cb)
 
     def metrics(self) -> dict[str, Any]:
         span = self.ref_max - self.ref_min if self.ref_max > self.ref_min else 0.0
@@ -335,6 +338,8 @@ class OutputStats:
             m["ctc"] = 1.0 - self.ctc_edits / self.ctc_chars if self.ctc_chars else float(self.ctc_edits == 0)
             m["ctc_lines"] = self.ctc_same / self.samples
             m["ctc_edits"], m["ctc_chars"] = self.ctc_edits, self.ctc_chars
+            m["ctc_samples"] = self.samples
+            m["ctc_changed_margins"] = sorted(round(v, 4) for v in self.ctc_margins)
         if self.feature_sums is not None:
             per = column_cosine(self.feature_sums)
             m["feature_cosine"] = [round(float(v), 6) for v in per]
@@ -433,7 +438,14 @@ def judge(name: str, m: Mapping[str, Any], t: Thresholds) -> list[str]:
         fails.append(f"greedy CTC decodes differ by {m['ctc_edits']} edits in {m['ctc_chars']} characters: "
                      f"agreement {m['ctc']:.4f} < {t.ctc:g}")
     if t.ctc_lines is not None and "ctc_lines" in m and m["ctc_lines"] < t.ctc_lines:
-        fails.append(f"{m['ctc_lines']:.4f} of the samples decode identically < {t.ctc_lines:g}")
+        n, gaps = m.get("ctc_samples", 0), m.get("ctc_changed_margins", [])
+        detail = ""
+        if n and gaps:
+            shown = ", ".join(f"{g:.3g}" for g in gaps[:4]) + (", …" if len(gaps) > 4 else "")
+            detail = (f" ({len(gaps)} of {n} differ; the input model's top-2 gap at their changed steps: {shown}"
+                      + (f"; with {n} samples ≥ {t.ctc_lines:g} allows none" if n * (1 - t.ctc_lines) < 1 else "")
+                      + ")")
+        fails.append(f"{m['ctc_lines']:.4f} of the samples decode identically < {t.ctc_lines:g}{detail}")
     return fails
 
 

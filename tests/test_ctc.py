@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 import onnxcompress as oc
-from onnxcompress.ctc import edit_distance, greedy_decode, is_sequence_probabilities, sequence_agreement
+from onnxcompress.ctc import (changed_margins, edit_distance, greedy_decode, is_sequence_probabilities,
+                              sequence_agreement)
 from onnxcompress.trials import default_thresholds
 from onnxcompress.validate import OutputStats, Thresholds, judge
 
@@ -59,6 +60,27 @@ def test_validation_reports_decode_agreement_and_judges_it() -> None:
     plain = OutputStats("y")
     plain.update(np.log(ref), np.log(new))
     assert "ctc" not in plain.metrics()
+
+
+def test_a_changed_decode_names_the_reference_gap_and_what_few_samples_can_resolve() -> None:
+    """A refusal on the decoded-line share says how many samples changed, how nearly the
+    input model itself decoded them otherwise, and when the sample count cannot resolve
+    the threshold."""
+    ref = one_hot([[0, 1, 0, 2, 2, 0, 3, 0], [0, 4, 4, 0, 1, 0, 0, 0], [0, 2, 0, 0, 0, 0, 0, 0]])
+    ref[0, 6] = [0.02, 0.02, 0.02, 0.48, 0.46]  # a near-tie between classes 3 and 4
+    new = ref.copy()
+    new[0, 6] = [0.02, 0.02, 0.02, 0.46, 0.48]
+    new[2, 1] = [0.9, 0.025, 0.025, 0.025, 0.025]  # a confident step lost: 2 → blank
+    assert changed_margins(ref, new) == pytest.approx([0.02, 0.875])
+    s = OutputStats("y")
+    s.update(ref, new)
+    m = s.metrics()
+    assert m["ctc_samples"] == 3 and m["ctc_changed_margins"] == pytest.approx([0.02, 0.875])
+    (fail,) = judge("y", m, Thresholds(ctc_lines=0.99))
+    assert "2 of 3 differ" in fail and "0.02, 0.875" in fail and "with 3 samples ≥ 0.99 allows none" in fail
+    (fail,) = judge("y", {**m, "ctc_samples": 300}, Thresholds(ctc_lines=0.99))
+    assert "allows none" not in fail
+    assert changed_margins(ref, ref) == []
 
 
 def test_the_default_budget_judges_a_ctc_head_by_its_decodes() -> None:
