@@ -433,7 +433,10 @@ def judge(name: str, m: Mapping[str, Any], t: Thresholds) -> list[str]:
         fails.append(f"cosine of feature {j} (last axis, over all samples) {m['feature_cosine_min']:.5f}"
                      f" < {t.feature_cosine:g}")
     if t.top1 is not None and "top1" in m and m["top1"] < t.top1:
-        fails.append(f"top-1 agreement {m['top1']:.4f} < {t.top1:g}")
+        n = m.get("top1_samples", 0)
+        few = f"; with {n} samples ≥ {t.top1:g} allows none" if n and n * (1 - t.top1) < 1 else ""
+        flips = f" ({round((1 - m['top1']) * n)} of {n} flipped{few})" if n else ""
+        fails.append(f"top-1 agreement {m['top1']:.4f} < {t.top1:g}{flips}")
     if t.ctc is not None and "ctc" in m and m["ctc"] < t.ctc:
         fails.append(f"greedy CTC decodes differ by {m['ctc_edits']} edits in {m['ctc_chars']} characters: "
                      f"agreement {m['ctc']:.4f} < {t.ctc:g}")

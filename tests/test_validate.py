@@ -49,6 +49,12 @@ def test_top1_and_cosine_fail_on_a_different_model() -> None:
     assert m["cosine_mean"] == pytest.approx(-1.0, abs=1e-6) and m["top1"] < 0.5
     fails = " ".join(r.failures())
     assert "mean cosine" in fails and "top-1 agreement" in fails
+    n = m["top1_samples"]
+    assert f"{round((1 - m['top1']) * n)} of {n} flipped" in fails
+    few = judge("y", {**m, "top1": 0.9, "top1_samples": 20}, Thresholds(top1=0.99))
+    many = judge("y", {**m, "top1": 0.9, "top1_samples": 200}, Thresholds(top1=0.99))
+    assert "2 of 20 flipped; with 20 samples ≥ 0.99 allows none" in " ".join(few)
+    assert "20 of 200 flipped)" in " ".join(many)
 
 
 def test_nan_in_candidate_fails() -> None:
