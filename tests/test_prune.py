@@ -361,14 +361,20 @@ def test_refit_of_a_matmul_on_token_rows(kind: str) -> None:
 
 
 def _mlp_group(an):  # type: ignore[no-untyped-def]
-    return [g for g in an.groups if not g.blocked and an.producers[g.producers[0]].op == "MatMul"]
+    return [g for g in an.groups if not g.blocked and an.producers[g.producers[0]].op == "MatMul"
+            and an.producers[g.producers[0]].channels == g.size]
+
+
+def _head_groups(an):  # type: ignore[no-untyped-def]
+    return [g for g in an.groups if not g.blocked and an.producers[g.producers[0]].op == "MatMul"
+            and an.producers[g.producers[0]].channels > g.size]
 
 
 def test_transformer_mlp_hidden_channels_are_a_group() -> None:
     """In a transformer block (LayerNorm, 2-head attention, GELU MLP) the MLP's hidden
-    channels (fc1 → GELU → fc2) are the one free MatMul group; the Q/K/V projections stop
-    at the head split, the output projections at the residual streams, the classifier at
-    the Softmax, each with its reason."""
+    channels (fc1 → GELU → fc2) are one free MatMul group and the attention heads
+    another; the output projections stop at the residual streams and the classifier at
+    the graph output, each with its reason."""
     from .builders import hybrid_recognizer
 
     m = hybrid_recognizer(ctc=False)
@@ -376,10 +382,55 @@ def test_transformer_mlp_hidden_channels_are_a_group() -> None:
     (mlp,) = _mlp_group(an)
     assert an.describe(mlp) == "fc1" and mlp.size == 64
     reasons = {an.describe(g): g.blocked for g in an.groups if an.producers[g.producers[0]].op == "MatMul"}
-    assert all("Reshape" in reasons[t] for t in ("q", "k", "v"))
+    assert reasons["q, k, v"] is None
     assert all("residual stream" in reasons[t] for t in ("proj", "fc2"))
+    assert "graph output" in reasons["head"]
     kinds = {(u.kind, m.graph.node[u.node].name) for u in an.uses}
     assert ("matmul", "fc2") in kinds
+
+
+def test_attention_heads_are_one_group_of_whole_heads() -> None:
+    """Q, K and V reshaped to [N, T, h, d]: each head's d channels of Q, K and V are one
+    channel class, the head count in each constant Reshape target is a use, and the
+    output projection reads d rows per head. With a Softmax over the heads instead of
+    over the keys, the heads stop there."""
+    from .builders import hybrid_recognizer
+
+    m = hybrid_recognizer(heads=4, ctc=False)
+    an = analyze(m, all_shapes(m, {"x": [1, 3, 8, 16]})[0])
+    (heads,) = _head_groups(an)
+    assert an.describe(heads) == "q, k, v" and heads.size == 4
+    q = an.producers[heads.producers[0]]
+    assert [len(set(an.find(q.atoms[j * 8:(j + 1) * 8]).tolist())) for j in range(4)] == [1, 1, 1, 1]
+    dims = sorted((m.graph.node[u.node].output[0], u.axis, len(u.atoms)) for u in an.uses if u.kind == "reshape-dim")
+    assert dims == [("ctx", 2, 32), ("kh_r", 2, 4), ("qh_r", 2, 4), ("vh_r", 2, 4)]
+    (proj,) = [u for u in an.uses if m.graph.node[u.node].name == "proj"]
+    assert len(set(an.find(proj.atoms).tolist())) == 4
+    for node in m.graph.node:
+        if node.op_type == "Softmax":
+            node.attribute[0].i = 1  # over the heads
+    an = analyze(m, all_shapes(m, {"x": [1, 3, 8, 16]})[0])
+    assert not _head_groups(an)
+    reasons = {an.describe(g): g.blocked for g in an.groups}
+    assert "normalizes over the channels" in reasons["q, k"] and "pairs the heads" in reasons["v"]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_attention_head_removal_equals_masking(seed: int) -> None:
+    """Removing whole heads (Q/K/V columns and biases, the head count in the Reshape
+    targets, the output projection's rows) computes what zeroing the projection's rows
+    for those heads computes, on seeded inputs, in onnxruntime without optimizations."""
+    from .builders import hybrid_recognizer
+
+    m = hybrid_recognizer(heads=4, ctc=False, seed=seed)
+    rng = np.random.default_rng(50 + seed)
+    feeds = [rng.standard_normal((2, 3, 8, 16)).astype(np.float32) for _ in range(3)]
+    pruned = assert_removal_equals_mask(m, [1, 3, 8, 16], feeds, seed=seed, fraction=0.5)
+    w = {t.name: numpy_helper.to_array(t) for t in pruned.graph.initializer}
+    cols = {n.name: w[n.input[1]].shape for n in pruned.graph.node if n.name in ("q", "k", "v", "proj")}
+    assert cols == {"q": (32, 16), "k": (32, 16), "v": (32, 16), "proj": (16, 32)}  # 2 of 4 heads of 8
+    targets = sorted(w[n.input[1]].tolist() for n in pruned.graph.node if n.op_type == "Reshape")
+    assert targets == [[0, 0, 2, 8], [0, 0, 2, 8], [0, 0, 2, 8], [0, 0, 16]]
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -424,14 +475,20 @@ def test_prune_pass_on_an_mlp_with_calibration() -> None:
 
 @pytest.mark.shared
 def test_recognizer_mlp_removal_equals_masking() -> None:
-    """On the shared transformer-hybrid recognizer: both MLPs' hidden channels are free
-    groups, and removing 30% of every free group (stem convs and MLPs) equals masking."""
+    """On the shared transformer-hybrid recognizer: both MLPs' hidden channels and both
+    blocks' attention heads are free groups, and removing 30% of every free group (stem
+    convs, MLPs, heads) equals masking."""
     m = canonical(shared_path("models", "ppocrv5_rec.onnx"))
     x = np.load(shared_path("data", "ppocrv5_rec_eval.npz"))["x"]
     feeds = [x[i : i + 1] for i in (0, len(x) // 2, len(x) - 1)]
     an = analyze(m, all_shapes(m, {m.graph.input[0].name: list(feeds[0].shape)})[0])
     assert [g.size for g in _mlp_group(an)] == [240, 240]
+    assert [g.size for g in _head_groups(an)] == [8, 8]  # one fused QKV projection per block
     pruned = assert_removal_equals_mask(m, list(feeds[0].shape), feeds, fraction=0.3)
     widths = [t.dims[1] for n in pruned.graph.node if n.op_type == "MatMul"
               for t in pruned.graph.initializer if t.name == n.input[1] and list(t.dims)[0] == 120]
     assert sorted(widths).count(168) == 2  # 240 hidden channels less 30% (72) in each MLP
+    assert sorted(widths).count(270) == 2  # QKV: 8 heads of 3 × 15 less 2 heads
+    targets = [numpy_helper.to_array(t).tolist() for n in pruned.graph.node if n.op_type == "Reshape"
+               for t in pruned.graph.initializer if t.name == n.input[1]]
+    assert targets.count([0, -1, 3, 6, 15]) == 2 and targets.count([0, -1, 90]) == 2

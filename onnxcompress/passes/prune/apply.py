@@ -5,7 +5,8 @@ and biases (Conv axis 0, ConvTranspose axis 1), BatchNormalization/InstanceNorma
 parameters, per-channel constants of elementwise ops, depthwise filters (and their
 ``group``), MatMul/Gemm weight columns and bias, consumer input channels (Conv axis 1,
 ConvTranspose axis 0, Gemm/MatMul rows, H·W rows per channel after a flatten), ``Split`` sizes, channel ``Slice`` bounds,
-``Resize`` sizes; flatten-like ``Reshape`` targets become ``[0, -1]``.
+``Resize`` sizes; flatten-like ``Reshape`` targets become ``[0, -1]``, and a constant
+``Reshape`` target that names a token-feature or attention-head count gets the kept count.
 
 Masking is the reference for tests: it keeps every channel but zeroes the consumers'
 weights that read the chosen channels. Removed channels reach nothing but consumers
@@ -212,6 +213,10 @@ def _apply_use(an: Analysis, ed: _Edits, use: Use, keep: np.ndarray, gone: np.nd
         sizes = ed.get(use.node, 3).copy()
         sizes[1] = len(keep)
         ed.set(use.node, 3, sizes)
+    elif kind == "reshape-dim":  # a constant target naming the channel (or head) count
+        target = ed.get(use.node, 1).copy()
+        target[use.axis] = len(keep)
+        ed.set(use.node, 1, target)
     elif kind == "reshape":
         ed.add_input(use.node, 1, np.array([0, -1], dtype=np.int64), f"{node.name or node.output[0]}_flat")
         if any(a.name == "allowzero" for a in node.attribute):  # [0, -1] means "copy dim 0"

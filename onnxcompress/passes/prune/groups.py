@@ -20,8 +20,15 @@ from a graph input). Walking the graph in topological order:
   rows, for any rank where the channels are the last axis) drop the positions whose atom
   is removed, so an MLP's hidden channels (MatMul → activation → MatMul) form a group;
 * channels on an axis other than 1 (token features) pass only activations, elementwise
-  ops and matrix products; anything else (pooling, norms, Reshape, Concat, …) blocks
-  them, and so does a residual Add with an untracked stream (LayerNorm'd channels).
+  ops, matrix products, Transpose, Squeeze/Unsqueeze, Slice/Split/Gather on other axes
+  and Softmax over another axis; anything else (pooling, norms, Concat, …) blocks them,
+  and so does a residual Add with an untracked stream (LayerNorm'd channels);
+* a ``Reshape`` of token features to ``[..., h, d]`` is an attention head split: all
+  channels of head ``j`` (its ``d`` channels in every leading block, e.g. of Q, K and V
+  from one projection) are united, and the head axis carries one atom per head through
+  Q·Kᵀ and weights·V (a MatMul of two computed tensors unites their heads), Softmax and
+  the merge ``Reshape`` back to ``[..., h·d]``, where each head's atom repeats ``d``
+  times for the output projection's rows. Whole heads go;
 * anything else reading a tracked tensor (an op we do not understand, a grouped Conv,
   a graph output) *blocks* the producers of its atoms, with the reason recorded.
 
@@ -59,6 +66,12 @@ REDUCES = frozenset({"ReduceMean", "ReduceMax", "ReduceMin", "ReduceSum", "Reduc
 SHAPE_ONLY = frozenset({"Shape", "Size"})
 
 
+def normalize_axis(value: object, rank: int) -> int:
+    """An ONNX axis attribute (negative: from the end) as a non-negative index."""
+    v = int(value)  # type: ignore[call-overload]
+    return v + rank if v < 0 else v
+
+
 @dataclass
 class Producer:
     """A prunable producer: a Conv/ConvTranspose (channels on axis 1) or a MatMul/Gemm
@@ -82,7 +95,8 @@ class Use:
 
     node: int
     input: int  # input position
-    kind: str  # consumer-conv, consumer-convT, depthwise, gemm, matmul, norm, const, split, slice, resize, reshape
+    kind: str  # consumer-conv, consumer-convT, depthwise, gemm, matmul, norm, const, split, slice, resize, reshape,
+    # reshape-dim
     atoms: np.ndarray
     axis: int = 1  # the channel axis of the tensor read (const: of the node's output)
 

@@ -19,7 +19,10 @@ import onnx
 from onnx import helper, numpy_helper
 
 from ...graph import initializers, topological_order
-from .groups import CHANNELWISE, ELEMENTWISE, NORMS, POOLING, REDUCES, SHAPE_ONLY, Producer, Use, _UnionFind
+from . import tokens
+from .groups import (
+    CHANNELWISE, ELEMENTWISE, NORMS, POOLING, REDUCES, SHAPE_ONLY, Producer, Use, _UnionFind, normalize_axis,
+)
 
 
 def _attrs(node: onnx.NodeProto) -> dict[str, Any]:
@@ -30,7 +33,7 @@ def _attrs(node: onnx.NodeProto) -> dict[str, Any]:
 Block = tuple[np.ndarray, str]
 
 
-class _Walk:
+class Walk:
     """The state of one walk over the graph: atoms per tensor, uses, the union-find over
     atoms and the blocked producers. The per-op rules below read and extend it."""
 
@@ -46,15 +49,20 @@ class _Walk:
         self.uses: list[Use] = []
         self.blocked: dict[int, str] = {}
         self.axes: dict[str, int] = {}  # channel axis of each tracked tensor not on axis 1
+        self.made_by = {o: node for node in g.node for o in node.output}
 
     def axis_of(self, name: str) -> int:
         return self.axes.get(name, 1)
 
-    def track(self, name: str, atoms: np.ndarray, axis: int = 1) -> None:
-        """``name`` carries ``atoms`` on ``axis``."""
+    def track(self, name: str, atoms: np.ndarray, axis: int = 1, token: bool = False) -> None:
+        """``name`` carries ``atoms`` on ``axis``; ``token``: off a convolution's channel
+        path (token features or attention heads), wherever the axis is."""
         self.atoms[name] = atoms
-        if axis != 1:
+        if axis != 1 or token:
             self.axes[name] = axis
+
+    def is_token(self, name: str) -> bool:
+        return name in self.axes
 
     def const(self, name: str) -> np.ndarray | None:
         if name in self.inits and name not in self.graph_inputs:
@@ -83,7 +91,7 @@ class _Walk:
 
 
 @dataclass
-class _Node:
+class Node:
     """What a rule sees of one node: its index, the node, a label for reasons, its
     attributes, the atom list of each input (None: not tracked) and the tracked inputs."""
 
@@ -112,12 +120,7 @@ class _Node:
         return None if self.tracked == [0] else (self.all_tracked(), f"{self.label} reads a tracked {what}")
 
 
-def _axis(value: Any, rank: int) -> int:
-    v = int(value)
-    return v + rank if v < 0 else v
-
-
-def _conv(w: _Walk, n: _Node) -> Block | None:
+def _conv(w: Walk, n: Node) -> Block | None:
     """Conv/ConvTranspose: group 1 makes a producer (its input channels a contracting
     use), a depthwise Conv passes its input's atoms on, a grouped one blocks."""
     node, op = n.node, n.node.op_type
@@ -148,7 +151,7 @@ def _conv(w: _Walk, n: _Node) -> Block | None:
     return (x, f"{n.label} is a grouped convolution (group={group})") if x is not None else None
 
 
-def _channelwise(w: _Walk, n: _Node) -> Block | None:
+def _channelwise(w: Walk, n: Node) -> Block | None:
     """Activations and pooling: each channel on its own; extra inputs must be scalars."""
     if n.node.op_type == "MaxPool" and len(n.node.output) > 1 and n.node.output[1]:
         return n.ins[0], f"{n.label} returns indices"  # type: ignore[return-value]
@@ -158,11 +161,11 @@ def _channelwise(w: _Walk, n: _Node) -> Block | None:
         c = w.const(i) if i else None
         if i and (c is None or c.size != 1):
             return n.x, f"{n.label} has non-scalar parameters"
-    w.track(n.out0, n.x, w.axis_of(n.node.input[0]))
+    w.track(n.out0, n.x, w.axis_of(n.node.input[0]), w.is_token(n.node.input[0]))
     return None
 
 
-def _norm(w: _Walk, n: _Node) -> Block | None:
+def _norm(w: Walk, n: Node) -> Block | None:
     """BatchNormalization/InstanceNormalization with constant per-channel parameters."""
     if n.tracked != [0] or any(w.const(i) is None for i in n.node.input[1:]):
         return n.all_tracked(), f"{n.label} has non-constant parameters"
@@ -171,7 +174,7 @@ def _norm(w: _Walk, n: _Node) -> Block | None:
     return None
 
 
-def _elementwise(w: _Walk, n: _Node) -> Block | None:
+def _elementwise(w: Walk, n: Node) -> Block | None:
     """Add/Mul/...: tracked inputs of full channel width unite their atoms position by
     position; constants vary per channel (a use) or broadcast; untracked computed tensors
     must broadcast over channels (a residual stream we do not track stops the group)."""
@@ -213,13 +216,13 @@ def _elementwise(w: _Walk, n: _Node) -> Block | None:
                 w.uf.union(int(a), int(b))
             elif a != b:
                 w.block(np.array([a, b]), f"{n.label} adds a channel that cannot be pruned")
-    w.track(n.out0, first, axis)
+    w.track(n.out0, first, axis, any(w.is_token(n.node.input[k]) for k in n.tracked))
     return None
 
 
-def _concat(w: _Walk, n: _Node) -> Block | None:
+def _concat(w: Walk, n: Node) -> Block | None:
     """Concat on the channel axis: the atom lists in order (-1 for untracked inputs)."""
-    axis = _axis(n.attrs.get("axis", 0), w.rank(n.node.input[n.tracked[0]]))
+    axis = normalize_axis(n.attrs.get("axis", 0), w.rank(n.node.input[n.tracked[0]]))
     if axis != 1:
         return n.all_tracked(), f"{n.label} concatenates on axis {axis}"
     parts = []
@@ -233,16 +236,18 @@ def _concat(w: _Walk, n: _Node) -> Block | None:
     return None
 
 
-def _split(w: _Walk, n: _Node) -> Block | None:
+def _split(w: Walk, n: Node) -> Block | None:
     """Split on the channel axis: consecutive sub-lists; on other axes every output keeps all."""
     bad = n.only_first_tracked("split size")
     if bad:
         return bad
-    x = n.x
-    if _axis(n.attrs.get("axis", 0), w.rank(n.node.input[0])) != 1:
+    x, channel = n.x, w.axis_of(n.node.input[0])
+    if normalize_axis(n.attrs.get("axis", 0), w.rank(n.node.input[0])) != channel:
         for o in n.node.output:
-            w.atoms[o] = x
+            w.track(o, x, channel, w.is_token(n.node.input[0]))
         return None
+    if channel != 1:
+        return x, f"{n.label} splits token features"
     sizes = [w.channels_of(o) for o in n.node.output]
     if any(s is None for s in sizes) or sum(s or 0 for s in sizes) != len(x):
         return x, f"{n.label}: output shapes unknown"
@@ -254,7 +259,7 @@ def _split(w: _Walk, n: _Node) -> Block | None:
     return None
 
 
-def _slice(w: _Walk, n: _Node) -> Block | None:
+def _slice(w: Walk, n: Node) -> Block | None:
     """Slice with constant bounds: a channel range with step 1, or no channel axis at all."""
     bad = n.only_first_tracked("slice bound")
     if bad:
@@ -268,10 +273,13 @@ def _slice(w: _Walk, n: _Node) -> Block | None:
     rank = w.rank(node.input[0])
     axes_v = vals[2] if len(vals) > 2 and vals[2] is not None else np.arange(len(starts))
     steps = vals[3] if len(vals) > 3 and vals[3] is not None else np.ones(len(starts), np.int64)
-    axes = [_axis(ax, rank) for ax in axes_v]
-    if 1 not in axes:
-        w.atoms[n.out0] = x
+    axes = [normalize_axis(ax, rank) for ax in axes_v]
+    channel = w.axis_of(node.input[0])
+    if channel not in axes:
+        w.track(n.out0, x, channel, w.is_token(node.input[0]))
         return None
+    if channel != 1:
+        return x, f"{n.label} slices token features"
     k = axes.index(1)
     if int(steps[k]) != 1:
         return x, f"{n.label} slices channels with a step"
@@ -281,7 +289,7 @@ def _slice(w: _Walk, n: _Node) -> Block | None:
     return None
 
 
-def _resize(w: _Walk, n: _Node) -> Block | None:
+def _resize(w: Walk, n: Node) -> Block | None:
     """Resize/Upsample with constant scales or sizes that leave the channel axis alone."""
     bad = n.only_first_tracked("parameter")
     if bad:
@@ -303,7 +311,7 @@ def _resize(w: _Walk, n: _Node) -> Block | None:
     return None
 
 
-def _pad(w: _Walk, n: _Node) -> Block | None:
+def _pad(w: Walk, n: Node) -> Block | None:
     """Pad with constant pads that leave the channel axis alone."""
     node, x = n.node, n.ins[0]
     pads = w.const(node.input[1]) if len(node.input) > 1 and node.input[1] else np.asarray(n.attrs.get("pads", []))
@@ -312,7 +320,7 @@ def _pad(w: _Walk, n: _Node) -> Block | None:
         return n.all_tracked(), f"{n.label} has non-constant pads"
     rank = w.rank(node.input[0])
     n_ax = rank if axes_in is None else len(axes_in)
-    axes = list(range(rank)) if axes_in is None else [_axis(v, rank) for v in axes_in]
+    axes = list(range(rank)) if axes_in is None else [normalize_axis(v, rank) for v in axes_in]
     if 1 in axes:
         k = axes.index(1)
         if int(pads[k]) != 0 or int(pads[k + n_ax]) != 0:
@@ -321,7 +329,7 @@ def _pad(w: _Walk, n: _Node) -> Block | None:
     return None
 
 
-def _reduce(w: _Walk, n: _Node) -> Block | None:
+def _reduce(w: Walk, n: Node) -> Block | None:
     """A reduction over spatial axes only, with the channel axis kept in place."""
     x = n.ins[0]
     if x is None:
@@ -332,14 +340,14 @@ def _reduce(w: _Walk, n: _Node) -> Block | None:
         axes_val = None if c is None else [int(v) for v in c]
     if axes_val is None:
         return x, f"{n.label} reduces over all axes"
-    axes = [_axis(v, w.rank(n.node.input[0])) for v in axes_val]
+    axes = [normalize_axis(v, w.rank(n.node.input[0])) for v in axes_val]
     if 1 in axes or 0 in axes or (not int(n.attrs.get("keepdims", 1)) and min(axes) < 1):
         return x, f"{n.label} reduces the channel axis"
     w.atoms[n.out0] = x
     return None
 
 
-def _flatten(w: _Walk, n: _Node) -> Block | None:
+def _flatten(w: Walk, n: Node) -> Block | None:
     """Flatten (axis 1) or a flatten-like Reshape to [N, C·H·W]: each atom repeats H·W
     times, so the Gemm/MatMul after it loses a block of rows per channel."""
     bad = n.only_first_tracked("shape")
@@ -360,13 +368,15 @@ def _flatten(w: _Walk, n: _Node) -> Block | None:
     return None
 
 
-def _matrix(w: _Walk, n: _Node) -> Block | None:
+def _matrix(w: Walk, n: Node) -> Block | None:
     """Gemm/MatMul with a constant 2-D weight: a contracting use (rows of the weight) of an
     input tracked on its last axis, and a producer of the output's last axis (columns)."""
     node, op = n.node, n.node.op_type
     weight = w.const(node.input[1]) if len(node.input) > 1 else None
     rank = w.rank(node.input[0])
     linear = weight is not None and weight.ndim == 2 and rank >= 2 and w.const(node.input[0]) is None
+    if n.tracked and not linear and op == "MatMul" and all(w.const(i) is None for i in node.input):
+        return tokens.batched_matmul(w, n)
     if n.tracked and (n.tracked != [0] or not linear):
         return n.all_tracked(), f"{n.label} is not a constant-weight matrix product"
     if not linear:
@@ -390,11 +400,17 @@ def _matrix(w: _Walk, n: _Node) -> Block | None:
     return None
 
 
-def _shape_only(w: _Walk, n: _Node) -> Block | None:
+def _reshape(w: Walk, n: Node) -> Block | None:
+    """Reshape: convolution channels only flatten (:func:`_flatten`); token features and
+    attention heads: :func:`~onnxcompress.passes.prune.tokens.reshape`."""
+    return tokens.reshape(w, n) if w.is_token(n.node.input[0]) else _flatten(w, n)
+
+
+def _shape_only(w: Walk, n: Node) -> Block | None:
     return None  # reads the shape, which pruning changes consistently
 
 
-Rule = Callable[[_Walk, _Node], "Block | None"]
+Rule = Callable[[Walk, Node], "Block | None"]
 
 #: op type → the rule that maps the channels it reads to what it writes (or blocks them)
 RULES: dict[str, Rule] = {
@@ -403,24 +419,27 @@ RULES: dict[str, Rule] = {
     **{op: _elementwise for op in ELEMENTWISE}, **{op: _reduce for op in REDUCES},
     **{op: _shape_only for op in SHAPE_ONLY},
     "Concat": _concat, "Split": _split, "Slice": _slice, "Resize": _resize, "Upsample": _resize, "Pad": _pad,
-    "Flatten": _flatten, "Reshape": _flatten, "Gemm": _matrix, "MatMul": _matrix,
+    "Flatten": _flatten, "Reshape": _reshape, "Gemm": _matrix, "MatMul": _matrix,
+    "Transpose": tokens.transpose, "Squeeze": tokens.squeeze, "Unsqueeze": tokens.squeeze,
+    "Gather": tokens.squeeze, "Softmax": tokens.softmax,
 }
 
 
 #: ops whose rule creates atoms even when they read none
 PRODUCERS = frozenset({"Conv", "ConvTranspose", "MatMul", "Gemm"})
 #: ops whose rule handles channels on any axis (the rest need them on axis 1)
-ANY_AXIS = (CHANNELWISE - POOLING) | ELEMENTWISE | SHAPE_ONLY | {"MatMul", "Gemm"}
+ANY_AXIS = (CHANNELWISE - POOLING) | ELEMENTWISE | SHAPE_ONLY | {
+    "MatMul", "Gemm", "Reshape", "Slice", "Split", "Transpose", "Squeeze", "Unsqueeze", "Gather", "Softmax"}
 
 
-def walk(model: onnx.ModelProto, shapes: dict[str, list[int]]) -> _Walk:
+def walk(model: onnx.ModelProto, shapes: dict[str, list[int]]) -> Walk:
     """Every node in topological order through its op's rule; the walk's final state."""
     g = model.graph
-    w = _Walk(model, shapes)
+    w = Walk(model, shapes)
     for idx in topological_order(g):
         node = g.node[idx]
         ins = [w.atoms.get(i) if i else None for i in node.input]
-        n = _Node(idx, node, f"{node.op_type} '{node.name or node.output[0]}'", _attrs(node), ins,
+        n = Node(idx, node, f"{node.op_type} '{node.name or node.output[0]}'", _attrs(node), ins,
                   [k for k, a in enumerate(ins) if a is not None])
         if node.domain not in ("", "ai.onnx"):
             for k in n.tracked:

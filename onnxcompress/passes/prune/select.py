@@ -93,12 +93,23 @@ def group_scores(an: Analysis, group: Group, criterion: str, stats: CalibrationS
     return acc / np.maximum(cnt, 1), criterion
 
 
-def _kept_count(n: int, remove: int, opts: PruneOptions, round_to: int) -> int:
-    kept = n - min(remove, int(np.floor(opts.max_ratio * n)))
-    kept = max(kept, min(opts.min_channels, n))
+def _limits(an: Analysis, g: Group, opts: PruneOptions, round_to: int) -> tuple[int, int]:
+    """(fewest classes a group keeps, the multiple its kept count rounds to). A class that
+    holds several channels of the group's first producer (an attention head) counts them
+    toward ``min_channels`` and is not rounded."""
+    per = max(1, an.producers[g.producers[0]].channels // max(g.size, 1))
+    if per == 1:
+        return min(opts.min_channels, g.size), round_to
+    return min(g.size, max(1, math.ceil(opts.min_channels / per))), 1
+
+
+def _kept_count(an: Analysis, g: Group, remove: int, opts: PruneOptions, round_to: int) -> int:
+    n = g.size
+    least, round_to = _limits(an, g, opts, round_to)
+    kept = max(n - min(remove, int(np.floor(opts.max_ratio * n))), least)
     if round_to > 1 and n >= 2 * round_to:
         kept = min(n, max(round_to, int(round(kept / round_to)) * round_to))
-        while kept < min(opts.min_channels, n):
+        while kept < least:
             kept = min(n, kept + round_to)
     return kept
 
@@ -133,7 +144,7 @@ def choose(an: Analysis, groups: list[Group], scores: dict[int, np.ndarray], opt
         want = {g.id: int(round(ratio_of(g) * g.size)) for g in groups}
     removed = {}
     for g in groups:
-        kept = _kept_count(g.size, want[g.id], opts, round_to) if want[g.id] > 0 else g.size
+        kept = _kept_count(an, g, want[g.id], opts, round_to) if want[g.id] > 0 else g.size
         if kept >= g.size:
             continue
         order = np.argsort(scores[g.id], kind="stable")
@@ -219,7 +230,7 @@ def choose_by_macs(an: Analysis, groups: list[Group], scores: dict[int, np.ndarr
             s = s * weights[g.id]
         entries.extend((float(s[i]), g.id, i) for i in range(g.size))
     entries.sort()
-    caps = {g.id: g.size - max(min(opts.min_channels, g.size), g.size - int(np.floor(opts.max_ratio * g.size)))
+    caps = {g.id: g.size - max(_limits(an, g, opts, round_to)[0], g.size - int(np.floor(opts.max_ratio * g.size)))
             for g in groups}
     taken: Counter[int] = Counter()
     order = []
@@ -236,7 +247,7 @@ def choose_by_macs(an: Analysis, groups: list[Group], scores: dict[int, np.ndarr
         out = {}
         for gid, idxs in per.items():
             g = by_id[gid]
-            kept = _kept_count(g.size, len(idxs), opts, round_to)
+            kept = _kept_count(an, g, len(idxs), opts, round_to)
             if kept >= g.size:
                 continue
             rank = {i: r for r, i in enumerate(idxs)}  # removal order within the group
@@ -283,7 +294,7 @@ def _group_sensitivity(an: Analysis, groups: list[Group], scores: dict[int, np.n
     raw: dict[int, float] = {}
     with ctx.progress.task("prune sensitivity", len(groups)) as task:
         for g in groups:
-            kept = _kept_count(g.size, int(np.floor(opts.max_ratio * g.size)), opts, round_to)
+            kept = _kept_count(an, g, int(np.floor(opts.max_ratio * g.size)), opts, round_to)
             if kept >= g.size:
                 raw[g.id] = math.inf
                 task.advance()

@@ -1,0 +1,166 @@
+"""Channel rules for token features and attention heads (see groups.py): the ops that
+move a transformer's channels between axes. They apply off a convolution's channel path
+only (``Walk.is_token``); on it they block, as ops without a rule do.
+
+An attention head split is a ``Reshape`` of [..., C] to [..., h, d]: every channel of
+head ``j`` (its ``d`` channels in each leading block, e.g. Q, K and V of one fused
+projection) is united into one class, so only whole heads go, and the head axis carries
+one atom per head. Q·Kᵀ and weights·V (MatMuls of two computed tensors) unite the heads
+of their inputs on a batch axis; the merge ``Reshape`` back to [..., h·d] repeats each
+head's atom ``d`` times for the output projection's rows. A constant Reshape target
+that spells out the head (or channel) count is a ``reshape-dim`` use.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from ...model import default_opset
+from .groups import Use, normalize_axis
+
+if TYPE_CHECKING:
+    from .rules import Block, Node, Walk
+
+
+def batched_matmul(w: Walk, n: Node) -> Block | None:
+    """MatMul of two computed tensors (attention's Q·Kᵀ and weights·V): channels on a
+    batch axis (attention heads) pass, and the two inputs' heads are united position by
+    position; channels on the two matrix axes are mixed by the product."""
+    out_rank = w.rank(n.out0)
+    axes = {w.axis_of(n.node.input[k]) + out_rank - w.rank(n.node.input[k]) for k in n.tracked}
+    if not all(w.is_token(n.node.input[k]) for k in n.tracked):
+        return n.all_tracked(), f"{n.label} is not a constant-weight matrix product"
+    if len(axes) != 1 or min(w.rank(n.node.input[k]) for k in n.tracked) < 3:
+        return n.all_tracked(), f"{n.label} multiplies the channels it reads"
+    axis = axes.pop()
+    if axis >= out_rank - 2:
+        return n.all_tracked(), f"{n.label} multiplies the channels it reads"
+    if len(n.tracked) == 1:
+        other = n.node.input[1 - n.tracked[0]]
+        shp = w.shapes.get(other)
+        ax = axis - (out_rank - len(shp)) if shp is not None else None
+        if shp is None or (ax is not None and ax >= 0 and shp[ax] != 1):
+            return n.x if n.tracked == [0] else n.all_tracked(), f"{n.label} pairs the heads with untracked '{other}'"
+    elif len(n.ins[0]) != len(n.ins[1]):  # type: ignore[arg-type]
+        return n.all_tracked(), f"{n.label}: head counts differ"
+    else:
+        for a, b in zip(n.ins[0], n.ins[1]):  # type: ignore[arg-type]
+            if a < 0 or b < 0:
+                return n.all_tracked(), f"{n.label} pairs a head that cannot be pruned"
+            w.uf.union(int(a), int(b))
+    w.track(n.out0, n.ins[n.tracked[0]], axis, True)  # type: ignore[arg-type]
+    return None
+
+
+def _off_channels(w: Walk, n: Node) -> Block | None:
+    """The ops below move token features or attention heads between axes; on a
+    convolution's channel axis (axis 1) they block, as ops without a rule do."""
+    if not w.is_token(n.node.input[0]) or n.tracked != [0]:
+        return n.all_tracked(), f"{n.label} is not supported on a channel path"
+    return None
+
+
+def transpose(w: Walk, n: Node) -> Block | None:
+    """Transpose: the channels move to their axis's new place."""
+    bad = _off_channels(w, n)
+    if bad:
+        return bad
+    rank = w.rank(n.node.input[0])
+    perm = [int(v) for v in n.attrs.get("perm", list(range(rank - 1, -1, -1)))]
+    w.track(n.out0, n.x, perm.index(w.axis_of(n.node.input[0])), True)
+    return None
+
+
+def squeeze(w: Walk, n: Node) -> Block | None:
+    """Squeeze/Unsqueeze/Gather with a scalar index: axes other than the channels' come
+    or go, and the channels' axis moves with them."""
+    bad = _off_channels(w, n)
+    if bad:
+        return bad
+    node, op, channel = n.node, n.node.op_type, w.axis_of(n.node.input[0])
+    rank_in, rank_out = w.rank(node.input[0]), w.rank(n.out0)
+    if op == "Gather":
+        index = w.const(node.input[1]) if len(node.input) > 1 else None
+        axes = [normalize_axis(n.attrs.get("axis", 0), rank_in)]
+        if index is None or index.ndim != 0:
+            return n.x, f"{n.label} gathers with a non-scalar index"
+    else:
+        raw = n.attrs.get("axes")
+        if raw is None and len(node.input) > 1 and node.input[1]:
+            c = w.const(node.input[1])
+            if c is None:
+                return n.x, f"{n.label} has non-constant axes"
+            raw = [int(v) for v in c.ravel()]
+        if raw is None:
+            return n.x, f"{n.label} has no axes"
+        axes = [normalize_axis(v, rank_in if op != "Unsqueeze" else rank_out) for v in raw]
+    if op == "Unsqueeze":
+        kept = [p for p in range(rank_out) if p not in axes]
+        w.track(n.out0, n.x, kept[channel], True)
+        return None
+    if channel in axes:
+        return n.x, f"{n.label} removes the channel axis"
+    w.track(n.out0, n.x, channel - sum(a < channel for a in axes), True)
+    return None
+
+
+def softmax(w: Walk, n: Node) -> Block | None:
+    """Softmax over another axis than the channels' (attention weights per head)."""
+    bad = _off_channels(w, n)
+    if bad:
+        return bad
+    rank, channel = w.rank(n.node.input[0]), w.axis_of(n.node.input[0])
+    if (default_opset(w.model) or 0) < 13 or normalize_axis(n.attrs.get("axis", -1), rank) == channel:
+        return n.x, f"{n.label} normalizes over the channels"
+    w.track(n.out0, n.x, channel, True)
+    return None
+
+
+def reshape(w: Walk, n: Node) -> Block | None:
+    """Reshape of token features: those on the last axis may split into [..., h, d] (attention heads: all d channels of a head, and
+    of every leading block such as Q/K/V, go together, and the head axis carries one atom
+    per head) or merge back from [..., h, d]; a reshape to the same shape passes. A
+    constant target with the head count spelled out is rewritten (a use)."""
+    channel = w.axis_of(n.node.input[0])
+    bad = n.only_first_tracked("shape")
+    if bad:
+        return bad
+    x = n.x
+    in_shape, out_shape = w.shapes.get(n.node.input[0]), w.shapes.get(n.out0)
+    target = w.const(n.node.input[1])
+    if in_shape is None or out_shape is None or any(v is None or v <= 0 for v in in_shape + out_shape):
+        return x, f"{n.label}: shapes unknown"
+    if in_shape == out_shape:
+        axis, atoms = channel, x
+    elif (channel == len(in_shape) - 1 and len(out_shape) >= channel + 2 and out_shape[:channel] == in_shape[:channel]
+          and int(np.prod(out_shape[channel:])) == in_shape[channel]):
+        axis = len(out_shape) - 2
+        blocks = x.reshape(out_shape[channel:])
+        heads = np.moveaxis(blocks, axis - channel, 0).reshape(out_shape[axis], -1)
+        if (heads < 0).any():
+            return x, f"{n.label} splits channels that cannot be pruned into heads"
+        for row in heads:
+            for a in row[1:]:
+                w.uf.union(int(row[0]), int(a))
+        atoms = heads[:, 0].copy()
+    elif (len(out_shape) == channel + 1 and out_shape[:channel] == in_shape[:channel]
+          and int(np.prod(in_shape[channel:])) == out_shape[channel]):
+        axis, atoms = channel, np.repeat(x, int(np.prod(in_shape[channel + 1:])))
+    else:
+        return x, f"{n.label} reshapes token features"
+    if target is None and not (in_shape == out_shape and _shape_of_same_channels(w, n.node.input[1], x, channel)):
+        return x, f"{n.label} has a computed target shape"
+    if target is not None and len(target) == len(out_shape) and int(target[axis]) > 0:
+        w.uses.append(Use(n.idx, 1, "reshape-dim", atoms, axis))
+    w.track(n.out0, atoms, axis, True)
+    return None
+
+
+def _shape_of_same_channels(w: Walk, name: str, atoms: np.ndarray, axis: int) -> bool:
+    """``name`` is the Shape of a tensor carrying ``atoms`` on ``axis``: it follows pruning."""
+    node = w.made_by.get(name)
+    if node is None or node.op_type != "Shape" or len(node.attribute) or node.input[0] not in w.atoms:
+        return False
+    return w.axis_of(node.input[0]) == axis and np.array_equal(w.atoms[node.input[0]], atoms)
