@@ -6,9 +6,11 @@ default pipeline: MACs, latency at batch 1 and 8, and what a user reads.
 
 Each run is ``onnxcompress.optimize`` on ``ppocrv5_rec.onnx`` with ``ppocrv5_rec_calib.npz``
 (``allow_slower``, so a run that does not pay still shows by how much). ``prune mlp`` prunes
-the transformer MLPs' hidden channels alone: ratio 0 everywhere but the groups whose
-producer is named ``MatMul*`` (in this model the two MLPs are the only prunable MatMul
-groups), which lose half of their channels. Accuracy is scored
+the transformer MLPs' hidden channels alone: ratio 0 everywhere but the two MLP groups
+(first producers ``MatMul.4`` and ``MatMul.10``, as ``onnxcompress inspect --groups``
+lists them), which lose half of their channels. ``prune heads`` removes 2 of the 8 attention
+heads in each block alone (the head groups' first producers are the fused QKV MatMuls
+``MatMul.0`` and ``MatMul.6``). Accuracy is scored
 on ``ppocrv5_rec_eval.npz`` only: CER and exact-line rate against the labels (greedy CTC
 over ``ppocrv5_rec_dict.txt``: 0 blank, then the dictionary, then a space), and the
 agreement of the decodes with the original model's (1 − edits / characters) and the lines
@@ -41,7 +43,8 @@ from onnxcompress.shapes import all_shapes  # noqa: E402
 
 DEFAULT_RUNS = ("fuse=canonicalize,fuse;prune=canonicalize,fuse,prune:macs_ratio=0.85;"
                 "prune 0.7=canonicalize,fuse,prune:macs_ratio=0.7;"
-                "prune mlp=canonicalize,fuse,prune:ratio=0:overrides=^MatMul=0.5;"
+                r"prune mlp=canonicalize,fuse,prune:ratio=0:overrides=^MatMul\.(4|10)$=0.5;"
+                r"prune heads=canonicalize,fuse,prune:ratio=0:overrides=^MatMul\.(0|6)$=0.25;"
                 "lowrank=canonicalize,fuse,lowrank:macs_ratio=0.85;"
                 "lowrank linear=canonicalize,fuse,lowrank:macs_ratio=0.85:layers=linear;"
                 "int8=canonicalize,fuse,int8;default=")
