@@ -311,7 +311,8 @@ def inspect_model(model: ModelLike, input_shapes: Mapping[str, Sequence[int]] | 
 
 
 def prune_groups(model: ModelLike, input_shapes: Mapping[str, Sequence[int]] | None = None) -> list[dict[str, Any]]:
-    """The channel dependency groups of a model: producers, channel count, blocked reason."""
+    """The channel dependency groups of a model: producers, channel count (classes that go
+    together: channels, or attention heads of ``per_class`` channels each), blocked reason."""
     from .passes.prune.groups import analyze
     from .shapes import all_shapes
 
@@ -321,6 +322,7 @@ def prune_groups(model: ModelLike, input_shapes: Mapping[str, Sequence[int]] | N
     an = analyze(canon, shapes)
     return [
         {"id": g.id, "producers": [an.producers[p].name for p in g.producers], "channels": g.size,
+         "per_class": max(1, an.producers[g.producers[0]].channels // max(g.size, 1)),
          "prunable": g.blocked is None and g.size > 1, "blocked": g.blocked}
         for g in an.groups
     ]

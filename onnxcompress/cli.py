@@ -300,7 +300,10 @@ def inspect(
             gt.add_column(col, justify="right" if col in ("group", "channels") else "left")
         for g in group_rows:
             names = ", ".join(g["producers"][:4]) + (f" (+{len(g['producers']) - 4})" if len(g["producers"]) > 4 else "")
-            gt.add_row(str(g["id"]), str(g["channels"]), names, "yes" if g["prunable"] else f"no: {g['blocked'] or 'one channel'}")
+            size = str(g["channels"]) if g["per_class"] == 1 else f"{g['channels']} × {g['per_class']}"
+            gt.add_row(str(g["id"]), size, names, "yes" if g["prunable"] else f"no: {g['blocked'] or 'one channel'}")
+        if any(g["per_class"] > 1 for g in group_rows):
+            gt.caption = "h × c: h classes of c channels that go together (attention heads)"
         out.print(gt)
 
 

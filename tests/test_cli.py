@@ -334,6 +334,19 @@ def test_inspect_groups(cli) -> None:
     js = json.loads(cli("inspect", FIXTURES / "resnet_block.onnx", "--groups", "--json").out)
     assert sorted(g["channels"] for g in js["prune_groups"]) == [10, 16, 16, 32, 32]  # 10: the classifier Gemm
     assert [g["blocked"] for g in js["prune_groups"] if g["channels"] == 10] == ["reaches graph output 'logits'"]
+    assert {g["per_class"] for g in js["prune_groups"]} == {1}
+
+
+def test_inspect_groups_shows_attention_heads(cli, tmp_path: Path) -> None:
+    from .builders import hybrid_recognizer
+
+    p = tmp_path / "hybrid.onnx"
+    onnx.save(hybrid_recognizer(heads=4, ctc=False), p)
+    res = cli("inspect", p, "--groups")
+    assert res.code == 0 and "4 × 8" in res.out and "attention heads" in res.out
+    js = json.loads(cli("inspect", p, "--groups", "--json").out)
+    (heads,) = [g for g in js["prune_groups"] if g["per_class"] > 1]
+    assert heads["producers"] == ["q", "k", "v"] and heads["channels"] == 4 and heads["prunable"]
 
 
 @pytest.mark.shared
