@@ -119,10 +119,12 @@ def softmax(w: Walk, n: Node) -> Block | None:
 
 
 def reshape(w: Walk, n: Node) -> Block | None:
-    """Reshape of token features: those on the last axis may split into [..., h, d] (attention heads: all d channels of a head, and
-    of every leading block such as Q/K/V, go together, and the head axis carries one atom
-    per head) or merge back from [..., h, d]; a reshape to the same shape passes. A
-    constant target with the head count spelled out is rewritten (a use)."""
+    """Reshape of token features: those on the last axis may split into [..., h, d]
+    (attention heads: all d channels of a head, and of every leading block such as
+    Q/K/V, go together, and the head axis carries one atom per head) or merge back from
+    [..., h, d]; a reshape to the same shape passes (with a computed target only when it
+    is the Shape of a tensor with the same channels). A constant target that spells out
+    the head or channel count is rewritten (a use)."""
     channel = w.axis_of(n.node.input[0])
     bad = n.only_first_tracked("shape")
     if bad:
