@@ -415,6 +415,57 @@ def test_attention_heads_are_one_group_of_whole_heads() -> None:
     assert "normalizes over the channels" in reasons["q, k"] and "pairs the heads" in reasons["v"]
 
 
+def fused_qkv_attention(take: str, heads: int = 4, d: int = 32, seed: int = 0) -> onnx.ModelProto:
+    """Tokens [N, T, d] → one QKV MatMul + bias → Reshape [0, 0, 3, h, d/h] → Transpose to
+    [3, N, h, T, d/h] → Q, K, V taken apart by ``take`` (``gather``: Gather with a scalar
+    index, as PyTorch exports it; ``split``: Split and Squeeze) → softmax(Q·Kᵀ·s)·V →
+    Transpose, Reshape [0, 0, d] → output projection."""
+    rng = np.random.default_rng(seed)
+    dh = d // heads
+    inits = [tensor(rng, "wqkv", (d, 3 * d), 1 / np.sqrt(d)), tensor(rng, "bqkv", (3 * d,), 0.1),
+             tensor(rng, "wo", (d, d), 1 / np.sqrt(d)),
+             numpy_helper.from_array(np.array([0, 0, 3, heads, dh], np.int64), "split_shape"),
+             numpy_helper.from_array(np.array([0, 0, d], np.int64), "merge_shape"),
+             numpy_helper.from_array(np.array(1 / np.sqrt(dh), np.float32), "scale"),
+             numpy_helper.from_array(np.array([0], np.int64), "axis0")]
+    nodes = [helper.make_node("MatMul", ["x", "wqkv"], ["qkv_mm"], name="qkv"),
+             helper.make_node("Add", ["qkv_mm", "bqkv"], ["qkv_b"]),
+             helper.make_node("Reshape", ["qkv_b", "split_shape"], ["qkv_r"]),
+             helper.make_node("Transpose", ["qkv_r"], ["qkv_t"], perm=[2, 0, 3, 1, 4])]
+    if take == "gather":
+        for i, t in enumerate("qkv"):
+            inits.append(numpy_helper.from_array(np.array(i, np.int64), f"i{t}"))
+            nodes.append(helper.make_node("Gather", ["qkv_t", f"i{t}"], [t], axis=0))
+    else:
+        nodes.append(helper.make_node("Split", ["qkv_t"], ["q3", "k3", "v3"], axis=0))
+        nodes += [helper.make_node("Squeeze", [f"{t}3", "axis0"], [t]) for t in "qkv"]
+    nodes += [helper.make_node("Transpose", ["k"], ["kT"], perm=[0, 1, 3, 2]),
+              helper.make_node("MatMul", ["q", "kT"], ["scores"]),
+              helper.make_node("Mul", ["scores", "scale"], ["scaled"]),
+              helper.make_node("Softmax", ["scaled"], ["attn"], axis=-1),
+              helper.make_node("MatMul", ["attn", "v"], ["ctx_h"]),
+              helper.make_node("Transpose", ["ctx_h"], ["ctx_t"], perm=[0, 2, 1, 3]),
+              helper.make_node("Reshape", ["ctx_t", "merge_shape"], ["ctx"]),
+              helper.make_node("MatMul", ["ctx", "wo"], ["y"], name="proj")]
+    return make_model(nodes, [fvi("x", ["N", 6, d])], [fvi("y", ["N", 6, d])], inits)
+
+
+@pytest.mark.parametrize("take", ["gather", "split"])
+def test_fused_qkv_heads_taken_apart_by_gather_or_split(take: str) -> None:
+    """One fused QKV projection taken apart by Gather or by Split + Squeeze: its heads are
+    one group of whole heads, and removing half of them equals masking them."""
+    m = fused_qkv_attention(take)
+    an = analyze(m, all_shapes(m, {"x": [1, 6, 32]})[0])
+    (heads,) = _head_groups(an)
+    assert an.describe(heads) == "qkv" and heads.size == 4
+    rng = np.random.default_rng(7)
+    feeds = [rng.standard_normal((2, 6, 32)).astype(np.float32) for _ in range(3)]
+    pruned = assert_removal_equals_mask(m, [1, 6, 32], feeds, fraction=0.5)
+    w = {t.name: numpy_helper.to_array(t) for t in pruned.graph.initializer}
+    shapes = {n.name: w[n.input[1]].shape for n in pruned.graph.node if n.name in ("qkv", "proj")}
+    assert shapes == {"qkv": (32, 48), "proj": (16, 32)}  # 2 of 4 heads of 8, in Q, K and V
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_attention_head_removal_equals_masking(seed: int) -> None:
     """Removing whole heads (Q/K/V columns and biases, the head count in the Reshape
