@@ -91,3 +91,14 @@ def changed_margins(ref: np.ndarray, new: np.ndarray, blank: int = BLANK) -> lis
         gap = top2[:, 1] - top2[:, 0]
         out.append(float(gap.min()) if gap.size else 0.0)
     return out
+
+
+def changed_note(samples: int, gaps: list[float], threshold: float) -> str:
+    """What a refusal on the share of identically decoded samples adds: how many of how
+    many changed, the reference's top-2 gaps there, and whether ``samples`` can resolve
+    ``threshold`` at all."""
+    if not samples or not gaps:
+        return ""
+    shown = ", ".join(f"{g:.3g}" for g in gaps[:4]) + (", …" if len(gaps) > 4 else "")
+    few = f"; with {samples} samples ≥ {threshold:g} allows none" if samples * (1 - threshold) < 1 else ""
+    return f" ({len(gaps)} of {samples} differ; the input model's top-2 gap at their changed steps: {shown}{few})"

@@ -27,14 +27,14 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import numpy as np
 import onnx
 
-from .ctc import changed_margins, is_sequence_probabilities, sequence_agreement
+from .ctc import changed_margins, changed_note, is_sequence_probabilities, sequence_agreement
 from .data import DataSource
 from .errors import OptionError, RuntimeModelError
 from .progress import NullProgress, Progress
@@ -124,51 +124,6 @@ def parse_tolerances(spec: str | None, base: Thresholds) -> dict[str | None, Thr
                     raise OptionError(f"tolerance '{item}': '{value}' is not a number") from None
         result[target] = t.updated(**changes)
     return result
-
-
-class OutputDamage:
-    """How much a rewrite disturbs a model's outputs: the first whole batches of ``data``
-    holding at least ``samples`` samples, the reference model's outputs on them, and per
-    output feature (last axis, when ≤ 1024 wide) their std. :meth:`of` is the mean over
-    batches and outputs of the MSE of a candidate's outputs, each feature divided by its
-    std — the sensitivity measure of lowrank's and prune's budget allocation. The
-    reference runs once, on :meth:`reference` or the first :meth:`of`."""
-
-    def __init__(self, model: onnx.ModelProto, data: Iterable[Mapping[str, np.ndarray]], samples: int,
-                 provider: str = "cpu", label: str = "sensitivity") -> None:
-        self.feeds: list[Mapping[str, np.ndarray]] = []
-        n = 0
-        for batch in data:
-            self.feeds.append(batch)
-            n += next(iter(batch.values())).shape[0] if batch else 1
-            if n >= samples:
-                break
-        self.model, self.provider, self.label = model, provider, label
-        self._ref: list[list[np.ndarray]] | None = None
-        self._scales: list[np.ndarray] = []
-
-    @staticmethod
-    def _scale(o: np.ndarray) -> np.ndarray:
-        sd = o.reshape(-1, o.shape[-1]).std(axis=0) if o.ndim >= 2 and o.shape[-1] <= 1024 else np.array(o.std())
-        return np.maximum(sd, 1e-6 * max(float(np.abs(o).max()), 1e-12))
-
-    def reference(self) -> list[list[np.ndarray]]:
-        """The reference model's outputs per batch (run once)."""
-        if self._ref is None:
-            sess = make_session(self.model, self.provider, label=f"{self.label} (original)")
-            self._ref = [run_session(sess, dict(f), self.label) for f in self.feeds]
-            self._scales = [self._scale(np.concatenate([r[k] for r in self._ref])) for k in range(len(self._ref[0]))]
-        return self._ref
-
-    def of(self, model: onnx.ModelProto) -> float:
-        refs = self.reference()
-        sess = make_session(model, self.provider, label=self.label)
-        errs = []
-        for f, ref in zip(self.feeds, refs):
-            new = run_session(sess, dict(f), self.label)
-            errs.append(sum(float(np.mean(((b - a) / sc) ** 2)) for a, b, sc in zip(ref, new, self._scales))
-                        / max(len(ref), 1))
-        return float(np.mean(errs))
 
 
 def cosine(a: np.ndarray, b: np.ndarray, axis: int) -> np.ndarray:
@@ -441,13 +396,7 @@ def judge(name: str, m: Mapping[str, Any], t: Thresholds) -> list[str]:
         fails.append(f"greedy CTC decodes differ by {m['ctc_edits']} edits in {m['ctc_chars']} characters: "
                      f"agreement {m['ctc']:.4f} < {t.ctc:g}")
     if t.ctc_lines is not None and "ctc_lines" in m and m["ctc_lines"] < t.ctc_lines:
-        n, gaps = m.get("ctc_samples", 0), m.get("ctc_changed_margins", [])
-        detail = ""
-        if n and gaps:
-            shown = ", ".join(f"{g:.3g}" for g in gaps[:4]) + (", …" if len(gaps) > 4 else "")
-            detail = (f" ({len(gaps)} of {n} differ; the input model's top-2 gap at their changed steps: {shown}"
-                      + (f"; with {n} samples ≥ {t.ctc_lines:g} allows none" if n * (1 - t.ctc_lines) < 1 else "")
-                      + ")")
+        detail = changed_note(m.get("ctc_samples", 0), m.get("ctc_changed_margins", []), t.ctc_lines)
         fails.append(f"{m['ctc_lines']:.4f} of the samples decode identically < {t.ctc_lines:g}{detail}")
     return fails
 

@@ -324,7 +324,7 @@ def test_ridge_measure_and_sensitivity_samples_take_effect(monkeypatch: pytest.M
     toward zero, so the output is worse than with the default; ``measure=true`` times every
     candidate split and says so in its reason; ``experimental.sensitivity_samples`` is the
     number of samples the sensitivity measurement runs on."""
-    import onnxcompress.validate as validate_mod
+    import onnxcompress.sensitivity as sensitivity_mod
 
     cos = {ridge: on_resnet_block(f"lowrank:rank=8:experimental.ridge={ridge}")[1] for ridge in ("0.01", "10000")}
     assert cos["0.01"] > cos["10000"] + 1e-3
@@ -338,13 +338,13 @@ def test_ridge_measure_and_sensitivity_samples_take_effect(monkeypatch: pytest.M
     assert len(timed) == sum(d == "split" for d, _ in reasons["false"]) > 0
     assert all("measured" in r for d, r in reasons["true"] if d == "split")
     seen: list[int] = []
-    real = validate_mod.OutputDamage
+    real = sensitivity_mod.OutputDamage
 
     def counting(model, data, samples, *a, **kw):  # type: ignore[no-untyped-def]
         seen.append(samples)
         return real(model, data, samples, *a, **kw)
 
-    monkeypatch.setattr(validate_mod, "OutputDamage", counting)
+    monkeypatch.setattr(sensitivity_mod, "OutputDamage", counting)
     oc.optimize(FIXTURES / "resnet_block.onnx",
                 "lowrank:macs_ratio=0.9:experimental.sensitivity=true:experimental.sensitivity_samples=3:refit=none",
                 calibration=FIXTURES / "resnet_block_calib.npz", validation=False, latency=False)

@@ -262,16 +262,16 @@ def test_every_channel_mapping_removal_equals_masking() -> None:
 def test_sensitivity_weighs_every_group_once(monkeypatch: pytest.MonkeyPatch) -> None:
     """sensitivity=true with macs_ratio and data: every prunable group gets a measured weight; a second
     budget on the same model and samples reuses them (no new sensitivity sessions)."""
-    import onnxcompress.validate as validate
+    import onnxcompress.sensitivity as sensitivity
 
     labels: list[str] = []
-    real = validate.make_session
+    real = sensitivity.make_session
 
     def counting(model, provider="cpu", label="model", **kw):
         labels.append(label)
         return real(model, provider, label=label, **kw)
 
-    monkeypatch.setattr(validate, "make_session", counting)
+    monkeypatch.setattr(sensitivity, "make_session", counting)
     calib = FIXTURES / "mobilenet_se_calib.npz"
     _, rep = oc.optimize(FIXTURES / "mobilenet_se.onnx", "prune:macs_ratio=0.8:experimental.sensitivity=true", calibration=calib,
                          validation=False, latency=False)

@@ -131,7 +131,7 @@ def _sensitivity_budget(model: onnx.ModelProto, cands: list[Candidate], opts: Lo
     3/4, 1/2 and 1/4 of it, and measure the std-scaled output error on a few calibration
     samples; errors between measured ranks are interpolated. Then ranks are lowered
     greedily where the error grows least per MAC saved, until the budget holds."""
-    from ...validate import OutputDamage
+    from ...sensitivity import OutputDamage
 
     active = [c for c in cands if c.decision == "split"]
     if not active or ctx.calibration is None:

@@ -280,7 +280,7 @@ def _group_sensitivity(an: Analysis, groups: list[Group], scores: dict[int, np.n
     import copy
     import dataclasses
 
-    from ...validate import OutputDamage
+    from ...sensitivity import OutputDamage
 
     damage = OutputDamage(an.model, ctx.calibration or [], opts.sensitivity_samples, ctx.provider,
                           label="prune sensitivity")
