@@ -322,7 +322,7 @@ def prune_groups(model: ModelLike, input_shapes: Mapping[str, Sequence[int]] | N
     an = analyze(canon, shapes)
     return [
         {"id": g.id, "producers": [an.producers[p].name for p in g.producers], "channels": g.size,
-         "per_class": max(1, an.producers[g.producers[0]].channels // max(g.size, 1)),
+         "per_class": an.per_class(g),
          "prunable": g.blocked is None and g.size > 1, "blocked": g.blocked}
         for g in an.groups
     ]

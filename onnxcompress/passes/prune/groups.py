@@ -140,6 +140,10 @@ class Analysis:
     def group_of_producer(self) -> dict[int, Group]:
         return {p: g for g in self.groups for p in g.producers}
 
+    def per_class(self, g: Group) -> int:
+        """Channels of the group's first producer in each class: 1, or a head's channels."""
+        return max(1, self.producers[g.producers[0]].channels // max(g.size, 1))
+
     def describe(self, g: Group) -> str:
         names = [self.producers[p].name for p in g.producers]
         return ", ".join(names[:4]) + (f" (+{len(names) - 4})" if len(names) > 4 else "")

@@ -97,7 +97,7 @@ def _limits(an: Analysis, g: Group, opts: PruneOptions, round_to: int) -> tuple[
     """(fewest classes a group keeps, the multiple its kept count rounds to). A class that
     holds several channels of the group's first producer (an attention head) counts them
     toward ``min_channels`` and is not rounded."""
-    per = max(1, an.producers[g.producers[0]].channels // max(g.size, 1))
+    per = an.per_class(g)
     if per == 1:
         return min(opts.min_channels, g.size), round_to
     return min(g.size, max(1, math.ceil(opts.min_channels / per))), 1
