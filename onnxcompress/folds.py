@@ -24,7 +24,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .graph import drop_unused_initializers, graph_index, initializers, producers
+from .graph import drop_unused_initializers, graph_index, initializers, producers, reads
 from .model import node_attr
 
 log = logging.getLogger(__name__)
@@ -51,7 +51,7 @@ def fold_batchnorm(model: onnx.ModelProto, kinds: tuple[str, ...] = ("Conv", "Co
     inits = initializers(g)
     readers: dict[str, int] = defaultdict(int)
     for n in g.node:
-        for i in n.input:
+        for i in reads(n):
             readers[i] += 1
     outputs = {o.name for o in g.output}
     producer = producers(g)

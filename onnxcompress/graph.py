@@ -1,5 +1,9 @@
 """The graph index the passes share: which node writes and which nodes read a tensor,
-initializers by name, names defined in a graph, topological order. It never imports a pass."""
+initializers by name, names defined in a graph, topological order. It never imports a pass.
+
+A node with subgraphs (If, Loop, Scan) also reads the outer names its bodies use without
+defining them (:func:`captured`). Every reader list and order here counts those reads, so
+a rewrite that changes or removes such a tensor sees the If as one of its readers."""
 
 from __future__ import annotations
 
@@ -13,13 +17,31 @@ from onnx import numpy_helper
 from .model import iter_graphs, node_attr
 
 
+def captured(node: onnx.NodeProto) -> set[str]:
+    """The outer names a node's subgraphs read (at any depth) and do not define themselves."""
+    names: set[str] = set()
+    for sub in subgraphs(node):
+        inner: set[str] = set()
+        for g in iter_graphs(sub):
+            inner |= defined_in(g)
+        names |= used_names(sub) - inner
+    return names
+
+
+def reads(node: onnx.NodeProto) -> list[str]:
+    """The names a node reads: its inputs, then what its subgraphs capture (sorted)."""
+    ins = [i for i in node.input if i]
+    return ins + sorted(captured(node) - set(ins)) if node.attribute else ins
+
+
 def topological_order(graph: onnx.GraphProto) -> list[int]:
-    """Node indices in an order where every node comes after the nodes it reads from."""
+    """Node indices in an order where every node comes after the nodes it reads from
+    (subgraph captures included)."""
     produced = {o: i for i, n in enumerate(graph.node) for o in n.output if o}
     indeg = [0] * len(graph.node)
     users: dict[int, list[int]] = defaultdict(list)
     for i, n in enumerate(graph.node):
-        deps = {produced[x] for x in n.input if x in produced}
+        deps = {produced[x] for x in reads(n) if x in produced}
         indeg[i] = len(deps)
         for d in deps:
             users[d].append(i)
@@ -38,10 +60,11 @@ def topological_order(graph: onnx.GraphProto) -> list[int]:
 
 
 def graph_index(g: onnx.GraphProto) -> tuple[dict[str, onnx.TensorProto], dict[str, list[onnx.NodeProto]], set[str]]:
-    """(initializers by name, tensor → the nodes reading it, graph output names)."""
+    """(initializers by name, tensor → the nodes reading it, graph output names). A node
+    whose subgraph captures a tensor reads it (:func:`reads`)."""
     readers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
     for n in g.node:
-        for i in n.input:
+        for i in reads(n):
             readers[i].append(n)
     return initializers(g), readers, {o.name for o in g.output}
 
@@ -120,9 +143,9 @@ def remove_dead_code(g: onnx.GraphProto) -> tuple[int, int]:
 
 
 def drop_unused_initializers(model: onnx.ModelProto) -> None:
-    """Remove the initializers no node reads and no graph output names."""
+    """Remove the initializers no node (or subgraph) reads and no graph output names."""
     g = model.graph
-    used = {i for n in g.node for i in n.input} | {o.name for o in g.output}
+    used = used_names(g)
     keep = [t for t in g.initializer if t.name in used]
     del g.initializer[:]
     g.initializer.extend(keep)
@@ -155,8 +178,9 @@ def producers(g: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
 def fresh_namer(g: onnx.GraphProto) -> Callable[[str], str]:
     """A function returning names not yet used in ``g`` (tensors, inputs, initializers,
     nodes): ``base``, else ``base_1``, ``base_2``, …; each name it returns is taken."""
-    taken = ({o for n in g.node for o in n.output} | {i for n in g.node for i in n.input} | {i.name for i in g.input}
-             | {t.name for t in g.initializer} | {n.name for n in g.node})
+    taken = used_names(g) | {n.name for sub in iter_graphs(g) for n in sub.node}
+    for sub in iter_graphs(g):
+        taken |= defined_in(sub)
 
     def fresh(base: str) -> str:
         name, k = base, 0

@@ -56,6 +56,25 @@ def with_if() -> onnx.ModelProto:
     return m
 
 
+def with_if_capture() -> onnx.ModelProto:
+    """An If whose branches read, by outer-scope name, a tensor in the middle of the conv
+    chain (r1) and a Constant node's output (k), as exported VAD models do."""
+    m = conv_net(13)
+
+    def branch(name: str, op: str) -> onnx.GraphProto:
+        nodes = [helper.make_node("ReduceMean", ["r1"], [f"{name}_m"], axes=[1, 2, 3], keepdims=0),
+                 helper.make_node(op, [f"{name}_m", "k"], [f"{name}_out"])]
+        return helper.make_graph(nodes, name, [], [fvi(f"{name}_out", [2])])
+
+    m.graph.initializer.append(numpy_helper.from_array(np.array(True), "cond"))
+    m.graph.node.extend([
+        helper.make_node("Constant", [], ["k"], name="k", value=numpy_helper.from_array(np.array(2.0, np.float32))),
+        helper.make_node("If", ["cond"], ["z"], name="branch", then_branch=branch("then", "Mul"),
+                         else_branch=branch("else", "Sub"))])
+    m.graph.output.append(fvi("z", [2]))
+    return m
+
+
 def with_loop() -> onnx.ModelProto:
     """y accumulated three times by a Loop whose body adds the Gemm output."""
     m = conv_net(13)
@@ -143,6 +162,7 @@ CASES = {f"opset{v}": (lambda v=v: conv_net(v)) for v in range(7, 22)}
 CASES.update({
     "float16": lambda: conv_net(13, TensorProto.FLOAT16),
     "if_subgraph": with_if,
+    "if_captures_outer_tensors": with_if_capture,
     "loop_subgraph": with_loop,
     "conv_integer": conv_integer,
     "already_qdq": already_qdq,
@@ -194,7 +214,8 @@ def test_corpus_model(case: str, cli, tmp_path: Path) -> None:  # noqa: ANN001
 @pytest.mark.filterwarnings("error::RuntimeWarning")
 def test_corpus_outcomes(cli, tmp_path: Path) -> None:  # noqa: ANN001
     """The cases a user would expect to work do work (not merely refuse cleanly)."""
-    expect_ok = ["opset11", "opset13", "opset17", "opset21", "if_subgraph", "loop_subgraph", "already_qdq",
+    expect_ok = ["opset11", "opset13", "opset17", "opset21", "if_subgraph", "if_captures_outer_tensors",
+                 "loop_subgraph", "already_qdq",
                  "conv_integer", "multiple_inputs_outputs",
                  "no_conv", "nan_inf_weights"]
     for case in expect_ok:
@@ -207,3 +228,22 @@ def test_corpus_outcomes(cli, tmp_path: Path) -> None:  # noqa: ANN001
                   "canonicalize,int8:guard=false,max_drop=0", "--no-latency", "-q", "--tol", "cosine=0.95,top1=0,rel_range=1")
         assert res.code == 0, (case, res.err)
         assert (d / "out.onnx").exists()
+
+
+def test_a_tensor_a_subgraph_reads_is_not_pruned_and_stays_in_order() -> None:
+    """A subgraph's outer reads count as reads: the If reads r1, so conv1's channels are
+    a blocked group (pruning them would change what the branch averages), and a rewrite
+    that re-sorts the graph keeps the Constant k and r1 ahead of the If."""
+    from onnxcompress.graph import captured, topological_order
+    from onnxcompress.passes.prune.groups import analyze
+    from onnxcompress.shapes import all_shapes
+
+    model = with_if_capture()
+    node = next(n for n in model.graph.node if n.op_type == "If")
+    assert captured(node) == {"r1", "k"}
+    order = [model.graph.node[i].name for i in topological_order(model.graph)]
+    assert order.index("branch") > max(order.index("relu1"), order.index("k"))
+    an = analyze(model, all_shapes(model)[0])
+    reasons = {an.describe(g): g.blocked for g in an.groups}
+    conv1 = [r for d, r in reasons.items() if "conv1" in d]
+    assert conv1 and all(r and "subgraph of If 'branch'" in r for r in conv1), reasons

@@ -22,7 +22,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from ...graph import fresh_namer, graph_index
+from ...graph import fresh_namer, graph_index, used_names
 from ...model import node_attr
 from .match import MatchResult, _decline, _index, _splice, _std
 
@@ -128,7 +128,7 @@ def fuse_space_to_depth(model: onnx.ModelProto, strided: bool = True,
                                              blocksize=2)]
     if replace:
         _splice(g, replace, drop)
-        used = {i for n in g.node for i in n.input} | {i.name for i in g.input} | outputs
+        used = used_names(g) | {i.name for i in g.input}
         keep = [t for t in g.initializer if t.name in used or t.name not in released]
         del g.initializer[:]
         g.initializer.extend(keep)

@@ -10,7 +10,7 @@ from typing import Any
 
 import onnx
 
-from ...graph import drop_stale_value_info, producers
+from ...graph import drop_stale_value_info, producers, reads
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ def _index(g: onnx.GraphProto) -> tuple[dict[str, onnx.NodeProto], dict[str, int
     producer = producers(g)
     readers: dict[str, int] = {}
     for n in g.node:
-        for x in n.input:
+        for x in reads(n):
             readers[x] = readers.get(x, 0) + 1
     for o in g.output:
         readers[o.name] = readers.get(o.name, 0) + 1

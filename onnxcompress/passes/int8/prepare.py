@@ -33,7 +33,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from ...graph import drop_unused_initializers, initializers
+from ...graph import drop_unused_initializers, initializers, reads
 from ...model import default_opset, node_attr
 
 log = logging.getLogger(__name__)
@@ -158,7 +158,7 @@ def recompose_hard_activations(model: onnx.ModelProto, acts: list[HardActivation
     if not replace:
         return 0
     kept = [replace.get(i, n) for i, n in enumerate(g.node)]
-    read = {x for n in kept if n is not None for x in n.input} | {o.name for o in g.output}
+    read = {x for n in kept if n is not None for x in reads(n)} | {o.name for o in g.output}
     # a DequantizeLinear that only a removed part read
     kept = [n for n in kept if n is not None and not (n.op_type == "DequantizeLinear" and n.output[0] not in read)]
     del g.node[:]

@@ -51,7 +51,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
 
-from ...graph import clip_bounds, initializers, topological_order
+from ...graph import clip_bounds, initializers, reads, topological_order
 from ...model import node_attr
 
 log = logging.getLogger(__name__)
@@ -165,12 +165,11 @@ def _compute_ok(node: onnx.NodeProto, inits: Mapping[str, TensorProto]) -> str |
 
 
 def _readers(nodes: Iterable[onnx.NodeProto]) -> dict[str, list[onnx.NodeProto]]:
-    """tensor → the nodes reading it, in the order given."""
+    """tensor → the nodes reading it (subgraph captures included), in the order given."""
     readers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
     for n in nodes:
-        for x in n.input:
-            if x:
-                readers[x].append(n)
+        for x in reads(n):
+            readers[x].append(n)
     return readers
 
 

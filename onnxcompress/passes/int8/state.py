@@ -14,6 +14,7 @@ import numpy as np
 import onnx
 
 from ... import isa
+from ...graph import reads
 from ...errors import OptionError
 from . import prepare, qdq, ranges
 from .calibration import StreamingHistogram
@@ -50,7 +51,7 @@ class State:
             for o in n.output:
                 if o:
                     self.producer[o] = n
-            for x in n.input:
+            for x in reads(n):
                 readers[x].append(n)
         self.readers = readers
 

@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from ...graph import initializers, producers, topological_order
+from ...graph import drop_unused_initializers, initializers, producers, topological_order
 from ...model import node_attr
 from .qdq import BINARY, COMPUTE, FLOAT_SUFFIX, ActType, Plan
 
@@ -159,10 +159,7 @@ def insert_qdq(model: onnx.ModelProto, plan_: Plan, params: Mapping[str, tuple[f
     nodes = [g.node[i] for i in topological_order(g)]
     del g.node[:]
     g.node.extend(nodes)
-    used = {x for n in g.node for x in n.input} | {o.name for o in g.output}
-    keep = [t for t in g.initializer if t.name in used]
-    del g.initializer[:]
-    g.initializer.extend(keep)
+    drop_unused_initializers(m)
     # value_info of renamed producer outputs is stale; let shape inference redo it
     del g.value_info[:]
     return m

@@ -18,7 +18,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from ...graph import initializers, topological_order
+from ...graph import captured, initializers, topological_order
 from . import tokens
 from .groups import (
     CHANNELWISE, ELEMENTWISE, NORMS, POOLING, REDUCES, SHAPE_ONLY, Producer, Use, _UnionFind, normalize_axis,
@@ -439,6 +439,8 @@ def walk(model: onnx.ModelProto, shapes: dict[str, list[int]]) -> Walk:
     for idx in topological_order(g):
         node = g.node[idx]
         ins = [w.atoms.get(i) if i else None for i in node.input]
+        for name in captured(node) & w.atoms.keys():
+            w.block(w.atoms[name], f"read inside the subgraph of {node.op_type} '{node.name or node.output[0]}'")
         n = Node(idx, node, f"{node.op_type} '{node.name or node.output[0]}'", _attrs(node), ins,
                   [k for k, a in enumerate(ins) if a is not None])
         if node.domain not in ("", "ai.onnx"):
