@@ -240,8 +240,11 @@ def _cached_references(data: DataSource, orig_sess: Any, orig_out: list[str],
 
 def _refit_kind(n: onnx.NodeProto, w: np.ndarray, max_dim: int) -> str:
     """How a layer is refit: ``dense`` least squares where its input dimension fits the
-    normal equations, ``depthwise`` per channel, else ``bias`` correction only."""
+    normal equations, ``depthwise`` per channel, else ``bias`` correction only (also a
+    Conv that is not 2-D: the patch sampling is written for two spatial axes)."""
     group = int(node_attr(n, "group", 1))  # type: ignore[arg-type]
+    if n.op_type == "Conv" and w.ndim != 4:
+        return "bias"
     if n.op_type == "Conv" and group > 1:
         return "depthwise" if group == w.shape[0] and w.shape[1] == 1 else "bias"
     if n.op_type == "Conv":

@@ -19,6 +19,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
+import numpy as np
 import onnx
 
 from .errors import OnnxCompressError, OptionError, PassError
@@ -51,6 +52,17 @@ class PassContext:
         specs = {sp.name: sp for sp in getattr(self.calibration, "specs", [])}
         return {k: specs[k].model_shape(v.shape) if k in specs else list(v.shape)
                 for k, v in first_batch(self.calibration).items()}
+
+    def calibration_sample(self) -> dict[str, np.ndarray] | None:
+        """The first calibration batch in the model's layout (None without calibration
+        data): what a shape probe feeds, so that a scalar such as a sample rate has a
+        value the model accepts, where zeros may take another branch of an If."""
+        if self.calibration is None:
+            return None
+        from .data import first_batch, to_model_layout
+
+        axes = {sp.name: sp.batch_axis for sp in getattr(self.calibration, "specs", [])}
+        return to_model_layout(axes, first_batch(self.calibration))
 
 
 @dataclass

@@ -79,8 +79,11 @@ def _fixed_shape_model(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int
         return m
 
 
-def runtime_shapes(model: onnx.ModelProto, names: Iterable[str], shapes: Mapping[str, Sequence[int]]) -> dict[str, list[int]]:
-    """Shapes of ``names`` from one onnxruntime run on zeros of the given input shapes."""
+def runtime_shapes(model: onnx.ModelProto, names: Iterable[str], shapes: Mapping[str, Sequence[int]],
+                   sample: Mapping[str, np.ndarray] | None = None) -> dict[str, list[int]]:
+    """Shapes of ``names`` from one onnxruntime run on zeros of the given input shapes,
+    or on ``sample``'s values where it has an input of that shape (zeros are not a valid
+    value of every input: a sample rate of 0 may take an If branch that fails)."""
     from .validate import make_session
 
     names = list(dict.fromkeys(names))
@@ -95,15 +98,20 @@ def runtime_shapes(model: onnx.ModelProto, names: Iterable[str], shapes: Mapping
     sess = make_session(m, "cpu", optimize=False, label="shape probe")
     specs = {s.name: s for s in input_specs(model)}
     feeds = {k: np.zeros(v, dtype=specs[k].dtype) for k, v in shapes.items() if k in specs}
+    for k, v in (sample or {}).items():
+        if k in feeds and feeds[k].shape == np.shape(v):
+            feeds[k] = np.asarray(v, dtype=specs[k].dtype)
     outs = sess.run(names, feeds)
     return {n: list(np.asarray(o).shape) for n, o in zip(names, outs)}
 
 
 def all_shapes(
-    model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]] | None = None, need: Iterable[str] | None = None
+    model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]] | None = None, need: Iterable[str] | None = None,
+    sample: Mapping[str, np.ndarray] | None = None,
 ) -> tuple[dict[str, list[int]], dict[str, list[int]]]:
     """(shapes of tensors, input shapes used). ``need``: tensors that must be resolved
-    (default: every node output)."""
+    (default: every node output); ``sample``: input values (model layout) for the
+    onnxruntime probe of what inference leaves open (default: zeros)."""
     shapes_in = concrete_input_shapes(input_specs(model), input_shapes)
     inferred = _fixed_shape_model(model, shapes_in)
     known: dict[str, list[int]] = {}
@@ -118,7 +126,7 @@ def all_shapes(
     wanted = list(need) if need is not None else [o for n in model.graph.node for o in n.output if o]
     missing = [n for n in wanted if n not in known]
     if missing:
-        known.update(runtime_shapes(model, missing, shapes_in))
+        known.update(runtime_shapes(model, missing, shapes_in, sample))
     return known, shapes_in
 
 

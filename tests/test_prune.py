@@ -543,3 +543,71 @@ def test_recognizer_mlp_removal_equals_masking() -> None:
     targets = [numpy_helper.to_array(t).tolist() for n in pruned.graph.node if n.op_type == "Reshape"
                for t in pruned.graph.initializer if t.name == n.input[1]]
     assert targets.count([0, -1, 3, 6, 15]) == 2 and targets.count([0, -1, 90]) == 2
+
+
+def _branch_on_sample_rate() -> onnx.ModelProto:
+    """conv1 → If(sr == 16000: r1 as is; else: r1 reshaped to [-1, 7], which fails) →
+    conv2 → conv3, with a 0-d int64 input sr: zeros are not a value this model runs on."""
+    from onnx import TensorProto
+
+    rng = np.random.default_rng(11)
+    then_g = helper.make_graph([helper.make_node("Identity", ["r1"], ["t_out"])], "then", [], [fvi("t_out", None)])
+    else_g = helper.make_graph([helper.make_node("Reshape", ["r1", "bad_shape"], ["e_out"])], "else", [],
+                               [fvi("e_out", None)])
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1", kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+             helper.make_node("Equal", ["sr", "sr16k"], ["is16k"], name="eq"),
+             helper.make_node("If", ["is16k"], ["f"], name="branch", then_branch=then_g, else_branch=else_g),
+             helper.make_node("Conv", ["f", "w2", "b2"], ["c2"], name="conv2", kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c2"], ["r2"], name="relu2"),
+             helper.make_node("Conv", ["r2", "w3", "b3"], ["y"], name="conv3", kernel_shape=[1, 1])]
+    inits = [tensor(rng, "w1", (8, 3, 3, 3), 0.3), tensor(rng, "b1", (8,), 0.1), tensor(rng, "w2", (16, 8, 3, 3), 0.2),
+             tensor(rng, "b2", (16,), 0.1), tensor(rng, "w3", (4, 16, 1, 1), 0.3), tensor(rng, "b3", (4,), 0.1),
+             numpy_helper.from_array(np.array(16000, np.int64), "sr16k"),
+             numpy_helper.from_array(np.array([-1, 7], np.int64), "bad_shape")]
+    return make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8]),
+                              helper.make_tensor_value_info("sr", TensorProto.INT64, [])],
+                      [fvi("y", ["N", 4, 8, 8])], inits)
+
+
+def test_shapes_are_probed_on_the_calibration_values(tmp_path) -> None:
+    """The onnxruntime shape probe feeds a calibration sample, not zeros: a scalar sample
+    rate of 0 takes the branch that fails. prune then prunes conv2 and keeps conv1, whose
+    output the If reads."""
+    model = _branch_on_sample_rate()
+    shapes = {"x": [2, 3, 8, 8], "sr": []}
+    with pytest.raises(Exception):
+        all_shapes(model, shapes)  # zeros: sr = 0
+    known, _ = all_shapes(model, shapes, sample={"sr": np.array(16000, np.int64)})
+    assert known["f"][1:] == [8, 8, 8]
+    rng = np.random.default_rng(0)
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, x=rng.standard_normal((16, 3, 8, 8)).astype(np.float32), sr=np.array(16000, np.int64))
+    out, rep = oc.optimize(model, "prune:ratio=0.5", calibration=calib, validation=False, latency=False)
+    w = {t.name: numpy_helper.to_array(t) for t in out.graph.initializer}
+    convs = {n.name: n for n in out.graph.node if n.op_type == "Conv"}
+    assert w[convs["conv1"].input[1]].shape[0] == 8
+    assert w[convs["conv2"].input[1]].shape[0] == 8
+
+
+def test_a_1d_conv_is_refit_by_its_bias(tmp_path) -> None:
+    """Pruning a Conv1d chain (audio front ends): the refit's patch sampling covers two
+    spatial axes, so a 1-D Conv after the pruned one gets the mean-matching bias
+    correction, which lowers its error against the unpruned output."""
+    rng = np.random.default_rng(12)
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1", kernel_shape=[3], pads=[1, 1]),
+             helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+             helper.make_node("Conv", ["r1", "w2", "b2"], ["y"], name="conv2", kernel_shape=[3], pads=[1, 1])]
+    model = make_model(nodes, [fvi("x", ["N", 4, 32])], [fvi("y", ["N", 8, 32])],
+                       [tensor(rng, "w1", (16, 4, 3), 0.4), tensor(rng, "b1", (16,), 0.5),
+                        tensor(rng, "w2", (8, 16, 3), 0.3), tensor(rng, "b2", (8,), 0.1)])
+    x = rng.standard_normal((32, 4, 32)).astype(np.float32)
+    np.savez(tmp_path / "calib.npz", x=x)
+    errs = {}
+    for recovery in ("none", "lstsq"):
+        out, rep = oc.optimize(model, f"prune:ratio=0.5:recovery={recovery}", calibration=tmp_path / "calib.npz",
+                               validation=False, latency=False)
+        w = {t.name: numpy_helper.to_array(t) for t in out.graph.initializer}
+        assert w[next(n for n in out.graph.node if n.name == "conv1").input[1]].shape[0] == 8
+        errs[recovery] = float(np.abs(run(out, {"x": x})[0] - run(model, {"x": x})[0]).mean())
+    assert errs["lstsq"] < errs["none"], errs
