@@ -93,6 +93,12 @@ def changed_margins(ref: np.ndarray, new: np.ndarray, blank: int = BLANK) -> lis
     return out
 
 
+def few_samples_note(samples: int, threshold: float) -> str:
+    """"; with n samples ≥ t allows none" where a share criterion over ``samples`` samples
+    cannot allow a single change (decoded lines here, top-1 flips in validate); else ""."""
+    return f"; with {samples} samples ≥ {threshold:g} allows none" if samples and samples * (1 - threshold) < 1 else ""
+
+
 def changed_note(samples: int, gaps: list[float], threshold: float) -> str:
     """What a refusal on the share of identically decoded samples adds: how many of how
     many changed, the reference's top-2 gaps there, and whether ``samples`` can resolve
@@ -100,5 +106,5 @@ def changed_note(samples: int, gaps: list[float], threshold: float) -> str:
     if not samples or not gaps:
         return ""
     shown = ", ".join(f"{g:.3g}" for g in gaps[:4]) + (", …" if len(gaps) > 4 else "")
-    few = f"; with {samples} samples ≥ {threshold:g} allows none" if samples * (1 - threshold) < 1 else ""
-    return f" ({len(gaps)} of {samples} differ; the input model's top-2 gap at their changed steps: {shown}{few})"
+    return (f" ({len(gaps)} of {samples} differ; the input model's top-2 gap at their changed steps: {shown}"
+            f"{few_samples_note(samples, threshold)})")

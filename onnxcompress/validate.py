@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from .ctc import changed_margins, changed_note, is_sequence_probabilities, sequence_agreement
+from .ctc import changed_margins, changed_note, few_samples_note, is_sequence_probabilities, sequence_agreement
 from .data import DataSource
 from .errors import OptionError, RuntimeModelError
 from .progress import NullProgress, Progress
@@ -389,8 +389,7 @@ def judge(name: str, m: Mapping[str, Any], t: Thresholds) -> list[str]:
                      f" < {t.feature_cosine:g}")
     if t.top1 is not None and "top1" in m and m["top1"] < t.top1:
         n = m.get("top1_samples", 0)
-        few = f"; with {n} samples ≥ {t.top1:g} allows none" if n and n * (1 - t.top1) < 1 else ""
-        flips = f" ({round((1 - m['top1']) * n)} of {n} flipped{few})" if n else ""
+        flips = f" ({round((1 - m['top1']) * n)} of {n} flipped{few_samples_note(n, t.top1)})" if n else ""
         fails.append(f"top-1 agreement {m['top1']:.4f} < {t.top1:g}{flips}")
     if t.ctc is not None and "ctc" in m and m["ctc"] < t.ctc:
         fails.append(f"greedy CTC decodes differ by {m['ctc_edits']} edits in {m['ctc_chars']} characters: "

@@ -10,7 +10,7 @@ in apply.py.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -368,13 +368,28 @@ def _flatten(w: Walk, n: Node) -> Block | None:
     return None
 
 
+def linear_weight(node: onnx.NodeProto, inits: Mapping[str, onnx.TensorProto],
+                  graph_inputs: set[str]) -> onnx.TensorProto | None:
+    """The constant 2-D weight of a MatMul/Gemm whose data input is not a constant (a
+    linear layer), else None: the walk's rule and the MACs model both decide with this.
+    An initializer that is also a graph input is not a constant."""
+    def const(name: str) -> bool:
+        return name in inits and name not in graph_inputs
+
+    if node.op_type not in ("MatMul", "Gemm") or len(node.input) < 2 or not const(node.input[1]) \
+            or const(node.input[0]):
+        return None
+    t = inits[node.input[1]]
+    return t if len(t.dims) == 2 else None
+
+
 def _matrix(w: Walk, n: Node) -> Block | None:
     """Gemm/MatMul with a constant 2-D weight: a contracting use (rows of the weight) of an
     input tracked on its last axis, and a producer of the output's last axis (columns)."""
     node, op = n.node, n.node.op_type
-    weight = w.const(node.input[1]) if len(node.input) > 1 else None
+    weight = linear_weight(node, w.inits, w.graph_inputs)
     rank = w.rank(node.input[0])
-    linear = weight is not None and weight.ndim == 2 and rank >= 2 and w.const(node.input[0]) is None
+    linear = weight is not None and rank >= 2
     if n.tracked and not linear and op == "MatMul" and all(w.const(i) is None for i in node.input):
         return tokens.batched_matmul(w, n)
     if n.tracked and (n.tracked != [0] or not linear):
@@ -391,7 +406,7 @@ def _matrix(w: Walk, n: Node) -> Block | None:
         w.uses.append(Use(n.idx, 0, "gemm" if op == "Gemm" else "matmul", n.x, rank - 1))
     if trans_a:
         return None
-    atoms = w.new_producer(n.idx, node, int(weight.shape[0] if trans_b else weight.shape[1]))
+    atoms = w.new_producer(n.idx, node, int(weight.dims[0] if trans_b else weight.dims[1]))
     w.track(n.out0, atoms, rank - 1)
     if op == "Gemm" and len(node.input) > 2 and node.input[2]:
         bias = w.const(node.input[2])  # a scalar, or one value per output ([N] or [1, N])

@@ -19,6 +19,7 @@ from .apply import apply_removal, filter_axis, keep_positions, removed_atoms
 from .groups import Analysis, Group
 from .options import PruneOptions, _parse_overrides
 from .recovery import CONSUMER_KINDS, CalibrationStats, bias_compensation
+from .rules import linear_weight
 
 log = logging.getLogger(__name__)
 
@@ -190,9 +191,9 @@ class MacModel:
 
     def _matrix(self, an: Analysis, idx: int, n: onnx.NodeProto, inits: dict[str, onnx.TensorProto],
                 prod_out: dict[str, np.ndarray], use_in: dict[int, np.ndarray]) -> None:
-        w = inits.get(n.input[1]) if len(n.input) > 1 else None
+        w = linear_weight(n, inits, {i.name for i in an.model.graph.input})
         out_shape = an.shapes.get(n.output[0])
-        if w is None or len(w.dims) != 2 or n.input[0] in inits or not out_shape:
+        if w is None or not out_shape:
             return
         cols = w.dims[filter_axis(n)]
         k = w.dims[1 - filter_axis(n)]
