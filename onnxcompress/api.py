@@ -19,6 +19,7 @@ import onnx
 from .data import DataSource, ImageOptions, RandomSource, batch_of, first_batch, input_specs, model_shapes, open_data
 from .data import batch_axes as batch_axes_scope
 from .errors import DataError, ModelSaveError, OnnxCompressError, OptionError
+from .graph import same_computation
 from .model import load_model, same_file, save_model
 from .pipeline import Pass, PassContext, Pipeline
 from .progress import NullProgress, Progress
@@ -186,8 +187,14 @@ def _optimize(model: ModelLike, passes: PassesLike, calibration: DataLike | None
     fallback = None
     latency_result = None
     if latency and sample is not None:
-        latency_result, fallback = _time_against_given(original, result, batch_of(sample, latency_batch, original),
-                                                       provider, latency_runs, threads, progress, allow_slower)
+        if result is not original and not allow_slower and same_computation(original, result):
+            # nothing to time: the two would differ by noise alone
+            fallback = "no pass changed a node or a weight (shape annotations only): the model as given is the answer"
+            log.warning("%s", fallback)
+        else:
+            latency_result, fallback = _time_against_given(original, result,
+                                                           batch_of(sample, latency_batch, original), provider,
+                                                           latency_runs, threads, progress, allow_slower)
         if fallback:
             result, steps, thresholds = original, [], Thresholds.exact()
     after = summarize(result, shapes)

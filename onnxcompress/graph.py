@@ -191,3 +191,19 @@ def fresh_namer(g: onnx.GraphProto) -> Callable[[str], str]:
         return name
 
     return fresh
+
+
+def same_computation(a: onnx.ModelProto, b: onnx.ModelProto) -> bool:
+    """Whether two models run the same nodes (subgraphs included) on the same weights,
+    inputs and opsets, in the same order: what inferred shapes (value_info), output shape
+    annotations and doc strings leave unchanged."""
+    ga, gb = a.graph, b.graph
+    if (len(ga.node), len(ga.initializer), len(ga.input)) != (len(gb.node), len(gb.initializer), len(gb.input)):
+        return False
+    if [(o.name, o.type.tensor_type.elem_type) for o in ga.output] != \
+            [(o.name, o.type.tensor_type.elem_type) for o in gb.output]:
+        return False
+    if {(o.domain, o.version) for o in a.opset_import} != {(o.domain, o.version) for o in b.opset_import}:
+        return False
+    pairs = [*zip(ga.input, gb.input), *zip(ga.node, gb.node), *zip(ga.initializer, gb.initializer)]
+    return all(x.SerializeToString() == y.SerializeToString() for x, y in pairs)

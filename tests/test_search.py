@@ -51,6 +51,19 @@ def wide_model(seed: int = 0) -> onnx.ModelProto:
     return make_model(nodes, [fvi("x", ["N", 3, 48, 48])], [fvi("logits", ["N", 10])], inits)
 
 
+def with_identity(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` (wide_model) with an Identity between the first Relu and conv2: one node
+    canonicalize removes, so its output computes the same in fewer nodes."""
+    m = copy.deepcopy(model)
+    nodes = list(m.graph.node)
+    conv2 = next(n for n in nodes if n.name == "conv2")
+    conv2.input[0] = "r1_id"
+    nodes.insert(nodes.index(conv2), helper.make_node("Identity", ["r1"], ["r1_id"]))
+    del m.graph.node[:]
+    m.graph.node.extend(nodes)
+    return m
+
+
 def calib(n: int = 64, seed: int = 1) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((n, 3, 48, 48)).astype(np.float32)
 
@@ -395,7 +408,7 @@ def test_trials_are_timed_against_the_model_as_given_and_a_slower_input_is_given
 def test_a_result_slower_than_the_model_as_given_is_not_the_answer(monkeypatch: pytest.MonkeyPatch) -> None:
     import onnxcompress.api as api_mod
 
-    given = wide_model()
+    given = with_identity(wide_model())
     monkeypatch.setattr(api_mod, "measure_latency", lambda models, *a, **k: [1.0, 1.5])
     out, rep = oc.optimize(given, "canonicalize,fuse", calibration=[{"x": calib()}])
     assert rep.fallback and "1.500×" in rep.fallback and rep.passes == []
@@ -413,6 +426,22 @@ def test_a_result_slower_than_the_model_as_given_is_not_the_answer(monkeypatch: 
     _, rep5 = oc.optimize(given, "canonicalize,fuse", calibration=[{"x": calib()}])
     assert rep5.fallback is None and [p.name for p in rep5.passes] == ["canonicalize", "fuse"]
     assert rep5.latency is not None and rep5.latency.after_ms == 0.6  # the timing with the median ratio
+
+
+def test_a_rewrite_that_only_adds_shapes_is_the_model_as_given_without_timing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """canonicalize alone on a clean model adds inferred shapes and changes no node or
+    weight: timing the two would decide on noise, so the model as given is the answer
+    without a timing, however fast the noise says the rewrite is."""
+    import onnxcompress.api as api_mod
+
+    given = wide_model()
+    calls: list[int] = []
+    monkeypatch.setattr(api_mod, "measure_latency", lambda models, *a, **k: calls.append(1) or [1.0, 0.5])
+    out, rep = oc.optimize(given, "canonicalize", calibration=[{"x": calib()}])
+    assert not calls and rep.fallback and "no pass changed a node or a weight" in rep.fallback
+    assert out.SerializeToString() == given.SerializeToString() and rep.passes == []
+    _, rep2 = oc.optimize(with_identity(given), "canonicalize", calibration=[{"x": calib()}])  # a node less: timed
+    assert calls and rep2.fallback is None
 
 
 def test_holdout_refit_elements_and_large_input_ms_set_the_search_up(monkeypatch: pytest.MonkeyPatch) -> None:
