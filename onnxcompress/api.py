@@ -25,8 +25,9 @@ from .pipeline import Pass, PassContext, Pipeline
 from .progress import NullProgress, Progress
 from .registry import build_pipeline, get_pass_class, parse_spec
 from .report import LatencyResult, ModelSummary, OptimizeReport, summarize
-from .runtime import DECISION_QUANTILE
+from .runtime import DECISION_QUANTILE, run_named
 from .search import Search, SearchOptions
+from .trials import default_thresholds
 from .validate import Thresholds, ValidationReport, compare_models, make_session, measure_latency, resolve_provider
 
 log = logging.getLogger(__name__)
@@ -204,7 +205,8 @@ def _optimize(model: ModelLike, passes: PassesLike, calibration: DataLike | None
                             fallback=fallback)
     if val is not None:
         if thresholds is None:
-            thresholds = Thresholds.exact(pipeline.rel_range) if pipeline.exact else Thresholds.approximate()
+            thresholds = (Thresholds.exact(pipeline.rel_range) if pipeline.exact
+                          else _lossy_thresholds(original, sample, provider))
         report.validation = compare_models(original, result, val, provider=provider, thresholds=thresholds,
                                            progress=progress, threads=threads)
     report.latency = latency_result
@@ -216,6 +218,21 @@ def _optimize(model: ModelLike, passes: PassesLike, calibration: DataLike | None
         else:
             log.warning("validation failed; %s not written (keep_failed writes it anyway)", output)
     return result, report
+
+
+def _lossy_thresholds(original: onnx.ModelProto, sample: dict[str, Any] | None,
+                      provider: str) -> dict[str | None, Thresholds]:
+    """A fixed pipeline's limits for a lossy result: mean cosine and top-1 ≥ 0.99, and for a
+    CTC head ([N, T, C] probabilities on ``sample``) its greedy decodes instead of a cosine,
+    as in the default pipeline's budget (docs/decisions/ctc.md)."""
+    out: dict[str | None, Thresholds] = {None: Thresholds.approximate()}
+    if sample is None:
+        return out
+    names = [o.name for o in original.graph.output]
+    values = run_named(make_session(original, provider, label="original model"), names, sample, label="original model")
+    budget = default_thresholds(1 - Thresholds.approximate().cosine, dict(zip(names, values)))  # type: ignore[operator]
+    out.update({n: t for n, t in budget.items() if n is not None and t.ctc is not None})
+    return out
 
 
 def _sources(original: onnx.ModelProto, calibration: DataLike | None, validation: DataLike | Literal[False] | None,

@@ -102,3 +102,17 @@ def test_compare_models_decodes_a_recognizer_and_a_tolerance_names_logits() -> N
     other = hybrid_recognizer(ctc=False, seed=1)
     rep2 = oc.validate_models(logits, other, [{"x": x}], thresholds=Thresholds(ctc=0.999))
     assert not rep2.passed and "greedy CTC decodes differ" in rep2.failures()[0]
+
+
+def test_a_fixed_lossy_pipeline_judges_a_ctc_head_by_its_decodes() -> None:
+    """Without --tol, a fixed pipeline with a lossy pass holds a CTC head to its decodes
+    (as the default budget does), not to a cosine; other outputs keep the cosine."""
+    m = hybrid_recognizer()
+    x = np.random.default_rng(0).standard_normal((8, 3, 8, 16)).astype(np.float32)
+    _, rep = oc.optimize(m, "canonicalize,lowrank:rank=2", calibration=[{"x": x}], latency=False)
+    judged = " ".join(rep.validation.outputs[0].metrics["judged_by"])
+    assert "CTC" in judged and "identically decoded" in judged and "cosine" not in judged, judged
+    logits = hybrid_recognizer(ctc=False)
+    _, rep2 = oc.optimize(logits, "canonicalize,lowrank:rank=2", calibration=[{"x": x}], latency=False)
+    judged2 = " ".join(rep2.validation.outputs[0].metrics["judged_by"])
+    assert "cosine" in judged2 and "CTC" not in judged2, judged2
