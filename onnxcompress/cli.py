@@ -193,7 +193,7 @@ def optimize(
         search = None
         pipeline = build_pipeline(load_config(config) if config else passes)
         base = Thresholds.exact(pipeline.rel_range) if pipeline.exact else Thresholds.approximate()
-        thresholds = parse_tolerances(tol, base)
+        thresholds = parse_tolerances(tol, base) if tol else None  # None: the API's defaults per output
     result, rep = api.optimize(
         input, pipeline, calibration=calib, search=search, validation=False if no_validate else val, output=output, provider=provider,
         thresholds=thresholds, batch_size=batch_size, calib_limit=calib_limit, val_limit=val_limit,

@@ -4,6 +4,7 @@ validation metrics and the default budget."""
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import pytest
 
 import onnxcompress as oc
@@ -116,3 +117,17 @@ def test_a_fixed_lossy_pipeline_judges_a_ctc_head_by_its_decodes() -> None:
     _, rep2 = oc.optimize(logits, "canonicalize,lowrank:rank=2", calibration=[{"x": x}], latency=False)
     judged2 = " ".join(rep2.validation.outputs[0].metrics["judged_by"])
     assert "cosine" in judged2 and "CTC" not in judged2, judged2
+
+
+def test_the_cli_leaves_a_fixed_pipelines_defaults_to_the_api(cli, tmp_path) -> None:  # noqa: ANN001
+    """`optimize --passes` without --tol: the CTC head is judged by its decodes there too."""
+    import json
+
+    src = tmp_path / "in.onnx"
+    onnx.save(hybrid_recognizer(), str(src))
+    np.savez(tmp_path / "calib.npz", x=np.random.default_rng(0).standard_normal((8, 3, 8, 16)).astype(np.float32))
+    cli("optimize", src, tmp_path / "out.onnx", "--calib", tmp_path / "calib.npz", "--passes",
+        "canonicalize,lowrank:rank=2", "--no-latency", "--report", tmp_path / "r.json", "-q")
+    out = json.loads((tmp_path / "r.json").read_text())["validation"]["outputs"][0]
+    judged = " ".join(out["metrics"]["judged_by"])
+    assert "CTC" in judged and "cosine" not in judged, judged
