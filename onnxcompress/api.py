@@ -188,14 +188,8 @@ def _optimize(model: ModelLike, passes: PassesLike, calibration: DataLike | None
     fallback = None
     latency_result = None
     if latency and sample is not None:
-        if result is not original and not allow_slower and same_computation(original, result):
-            # nothing to time: the two would differ by noise alone
-            fallback = "no pass changed a node or a weight (shape annotations only): the model as given is the answer"
-            log.warning("%s", fallback)
-        else:
-            latency_result, fallback = _time_against_given(original, result,
-                                                           batch_of(sample, latency_batch, original), provider,
-                                                           latency_runs, threads, progress, allow_slower)
+        latency_result, fallback = _time_against_given(original, result, batch_of(sample, latency_batch, original),
+                                                       provider, latency_runs, threads, progress, allow_slower)
         if fallback:
             result, steps, thresholds = original, [], Thresholds.exact()
     after = summarize(result, shapes)
@@ -255,14 +249,19 @@ def _sources(original: onnx.ModelProto, calibration: DataLike | None, validation
 
 def _time_against_given(original: onnx.ModelProto, result: onnx.ModelProto, feeds: dict[str, Any], provider: str,
                         latency_runs: int, threads: int | None, progress: Progress, allow_slower: bool,
-                        ) -> tuple[LatencyResult, str | None]:
+                        ) -> tuple[LatencyResult | None, str | None]:
     """Time the result against the model as given; where it is not ``KEEP_GAIN`` faster in
     two of at most three timings (each of at least 9 interleaved rounds and 2 s, the lower
     quartile of each model's runs), the reason the model as given is the answer (None: the
     result stands). On a shared machine one session of the two now and then runs at up to
     twice its time for a few seconds: the quartile sees past a stretch shorter than three
     quarters of a timing, and one odd timing decides nothing. The latency reported is of
-    the answer, from the timing with the median ratio."""
+    the answer, from the timing with the median ratio. A result that changed no node or
+    weight (inferred shapes only) is not timed: the two would differ by noise alone."""
+    if result is not original and not allow_slower and same_computation(original, result):
+        fallback = "no pass changed a node or a weight (shape annotations only): the model as given is the answer"
+        log.warning("%s", fallback)
+        return None, fallback
     n = next(iter(feeds.values())).shape[0] if feeds else 1
     timings: list[tuple[float, float]] = []
     votes = {True: 0, False: 0}
