@@ -43,16 +43,6 @@ class PassContext:
     #: itself (the search runs int8 twice on the same model: its statistics are reused)
     cache: dict[str, Any] = field(default_factory=dict)
 
-    def calibration_shapes(self) -> dict[str, list[int]] | None:
-        """Input shapes of the first calibration batch (None without calibration data)."""
-        if self.calibration is None:
-            return None
-        from .data import first_batch
-
-        specs = {sp.name: sp for sp in getattr(self.calibration, "specs", [])}
-        return {k: specs[k].model_shape(v.shape) if k in specs else list(v.shape)
-                for k, v in first_batch(self.calibration).items()}
-
     def calibration_sample(self) -> dict[str, np.ndarray] | None:
         """The first calibration batch in the model's layout (None without calibration
         data): what a shape probe feeds, so that a scalar such as a sample rate has a

@@ -111,7 +111,10 @@ def all_shapes(
 ) -> tuple[dict[str, list[int]], dict[str, list[int]]]:
     """(shapes of tensors, input shapes used). ``need``: tensors that must be resolved
     (default: every node output); ``sample``: input values (model layout) for the
-    onnxruntime probe of what inference leaves open (default: zeros)."""
+    onnxruntime probe of what inference leaves open (default: zeros), whose shapes are the
+    input shapes where ``input_shapes`` is not given."""
+    if input_shapes is None and sample is not None:
+        input_shapes = {k: list(np.shape(v)) for k, v in sample.items()}
     shapes_in = concrete_input_shapes(input_specs(model), input_shapes)
     inferred = _fixed_shape_model(model, shapes_in)
     known: dict[str, list[int]] = {}

@@ -84,7 +84,7 @@ class LowRank(Pass):
 
     def run(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
         opts: LowRankOptions = self.options
-        shapes, _ = all_shapes(model, ctx.calibration_shapes(), sample=ctx.calibration_sample())
+        shapes, _ = all_shapes(model, sample=ctx.calibration_sample())
         cands, total_macs, layers = self._candidates(model, shapes, opts.layers)
         whiten = self._whitens(opts)
         if (opts.data_energy or whiten) and ctx.calibration is not None and cands:

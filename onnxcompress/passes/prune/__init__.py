@@ -64,7 +64,7 @@ class Prune(Pass):
     def run(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
         opts: PruneOptions = self.options
         round_to = opts.round_to or default_round_to()
-        shapes, _ = all_shapes(model, ctx.calibration_shapes(), sample=ctx.calibration_sample())
+        shapes, _ = all_shapes(model, sample=ctx.calibration_sample())
         an = analyze(model, shapes)
         groups = [g for g in an.groups if not g.blocked and g.size > 1]
         blocked = Counter(g.blocked for g in an.groups if g.blocked)
