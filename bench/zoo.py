@@ -168,12 +168,12 @@ def time_pair(src: Path, out: Path, calib: Path, rounds: int = 9, repeats: int =
     from onnxcompress.validate import measure_latency
 
     a, b = load_model(src), load_model(out)
-    with batch_axes(axes):
-        feeds = batch_of(first_batch(open_data(calib, a, batch_size=1)), 1, a)
     ratios = []
-    for _ in range(repeats):
-        t_a, t_b = measure_latency([a, b], feeds, runs=rounds * 5, min_seconds=0.5)
-        ratios.append(t_b / t_a)
+    with batch_axes(axes):  # the feeds are laid out for the model while the axes hold
+        feeds = batch_of(first_batch(open_data(calib, a, batch_size=1)), 1, a)
+        for _ in range(repeats):
+            t_a, t_b = measure_latency([a, b], feeds, runs=rounds * 5, min_seconds=0.5)
+            ratios.append(t_b / t_a)
     return float(np.median(ratios)), min(ratios), max(ratios)
 
 
