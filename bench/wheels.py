@@ -23,6 +23,8 @@ import numpy as np
 CACHE = Path(os.environ.get("ONNXCOMPRESS_WHEELS", Path.home() / ".cache" / "onnxcompress-wheels"))
 RAPIDOCR = ("rapidocr_onnxruntime==1.4.4", "rapidocr_onnxruntime/models/")
 SILERO = ("silero-vad==6.2.3", "silero_vad/data/")
+DDDDOCR = ("ddddocr==1.6.1", "ddddocr/")
+OWW = ("openwakeword==0.4.0", "openwakeword/resources/models/")
 
 #: zoo name → (pip requirement, path of the model inside the wheel, calibration builder, batch axes
 #: for --batch-axis)
@@ -40,6 +42,17 @@ MODELS: dict[str, tuple[str, str, str, dict[str, int]]] = {
     "silero_vad_op15": (SILERO[0], SILERO[1] + "silero_vad_16k_op15.onnx", "vad_windows", {}),
     "silero_vad_half": (SILERO[0], SILERO[1] + "silero_vad_half.onnx", "vad_windows", {}),
     "silero_vad_ifless": (SILERO[0], SILERO[1] + "silero_vad_op18_ifless.onnx", "vad_windows", {}),
+    # a CNN + LSTM captcha reader with a batch of 1 and a free width; its dynamically quantized predecessor
+    "ddddocr_ocr": (DDDDOCR[0], DDDDOCR[1] + "common.onnx", "captcha_lines", {}),
+    "ddddocr_ocr_old": (DDDDOCR[0], DDDDOCR[1] + "common_old.onnx", "captcha_lines", {}),
+    # openWakeWord's heads on 16 embeddings (Gemm MLPs, a spelled-out LayerNorm, a tf2onnx LSTM), its older
+    # embedding export and the silero VAD with h and c state inputs it bundled
+    "oww_alexa": (OWW[0], OWW[1] + "alexa_v0.1.onnx", "oww_features16", {}),
+    "oww_hey_jarvis": (OWW[0], OWW[1] + "hey_jarvis_v0.1.onnx", "oww_features16", {}),
+    "oww_hey_mycroft": (OWW[0], OWW[1] + "hey_mycroft_v0.1.onnx", "oww_features16", {}),
+    "oww_timer": (OWW[0], OWW[1] + "timer_v0.1.onnx", "oww_features34", {}),
+    "oww_embedding": (OWW[0], OWW[1] + "embedding_model.onnx", "wakeword_embed", {}),
+    "oww_silero_vad": (OWW[0], OWW[1] + "silero_vad.onnx", "vad_windows_hc", {}),
 }
 
 
@@ -111,13 +124,43 @@ def _vad_windows(shared: Path, samples: int = 64) -> dict[str, np.ndarray]:
     return {"input": x, "state": np.zeros((2, samples, 128), np.float32), "sr": np.array(16000, np.int64)}
 
 
+def _vad_windows_hc(shared: Path, samples: int = 64) -> dict[str, np.ndarray]:
+    """The same windows for the older export, whose state is two [2, N, 64] inputs h and c."""
+    w = _vad_windows(shared, samples)
+    return {"input": w["input"], "sr": w["sr"], "h": np.zeros((2, samples, 64), np.float32),
+            "c": np.zeros((2, samples, 64), np.float32)}
+
+
+def _captcha_lines(shared: Path) -> dict[str, np.ndarray]:
+    """The captcha images as ddddocr reads them: grey, 64 high, 160 wide, scaled to [0, 1]."""
+    x = _resized(np.load(shared / "data" / "captcha_det_calib.npz")["x"], 64, 160).mean(axis=1, keepdims=True)
+    lo, hi = x.min(axis=(1, 2, 3), keepdims=True), x.max(axis=(1, 2, 3), keepdims=True)
+    return {"x": ((x - lo) / (hi - lo + 1e-6)).astype(np.float32)}
+
+
+def _oww_features(frames: int) -> Callable[[Path], dict[str, np.ndarray]]:
+    """openWakeWord head inputs: ``frames`` embeddings of the shared wakeword windows (by the shared
+    embedding model), drawn at random, 64 samples."""
+    def build(shared: Path) -> dict[str, np.ndarray]:
+        import onnxruntime as ort
+
+        sess = ort.InferenceSession(str(shared / "models" / "wakeword_embed.onnx"), providers=["CPUExecutionProvider"])
+        x = np.load(shared / "data" / "wakeword_embed_calib.npz")["x"]
+        emb = sess.run(None, {sess.get_inputs()[0].name: x})[0].reshape(len(x), -1)
+        idx = np.random.default_rng(0).integers(0, len(emb), (64, frames))
+        return {"x": emb[idx].astype(np.float32)}  # 'x' feeds a model's one input, whatever its name
+    return build
+
+
 def _shared_set(name: str) -> Callable[[Path], dict[str, np.ndarray]]:
     return lambda shared: {"x": np.load(shared / "data" / f"{name}_calib.npz")["x"]}
 
 
 BUILDERS: dict[str, Callable[[Path], dict[str, np.ndarray]]] = {
     "file_bytes": _file_bytes, "images320": _images320, "vad_windows": _vad_windows, "doc_800x608": _doc_800x608,
-    **{s: _shared_set(s) for s in ("text_det", "ppocrv5_rec", "textline_cls", "doc_orientation")},
+    "vad_windows_hc": _vad_windows_hc, "captcha_lines": _captcha_lines,
+    "oww_features16": _oww_features(16), "oww_features34": _oww_features(34),
+    **{s: _shared_set(s) for s in ("text_det", "ppocrv5_rec", "textline_cls", "doc_orientation", "wakeword_embed")},
 }
 
 
