@@ -9,7 +9,10 @@ Per output, accumulated batch by batch (nothing but running sums is kept):
   the samples whose signal is above rounding noise (RMS of the reference or the candidate
   > ``NOISE_FLOOR`` × the output's range): the cosine of two near-zero vectors (a
   detector's map on an image with nothing to detect) measures only the noise. Where no
-  sample has signal, cosine is not judged and the report says so (``judged_by``)
+  sample has signal, cosine is not judged and the report says so (``judged_by``). An
+  output with one value per sample (a wake-word or VAD score, a regression) has one
+  cosine over all samples' values instead, bounded by its relative error
+  (``cosine_pooled``, :func:`value_cosine`): the cosine of a single value is only its sign
 * ``nonfinite``: NaN/Inf counts in the reference and in the candidate
 * ``top1``: argmax agreement, for outputs shaped like class scores ([N, C] with
   2 ≤ C ≤ 100000), over the samples whose reference top-1 leads the runner-up by more than
@@ -157,6 +160,19 @@ def column_cosine(sums: np.ndarray) -> np.ndarray:
     return np.clip(cos, -1.0, 1.0)
 
 
+def value_cosine(sums: np.ndarray) -> float:
+    """The cosine of an output with one value per sample, from :func:`column_sums` over all
+    samples' values: their cosine as one vector, and no more than 1/√(1 + r²), where r is
+    the norm of the error relative to the reference's. That bound equals the cosine for an
+    error orthogonal to the reference and is lower for a common scale, which a cosine does
+    not see but a user of a score does (0.9 read as 0.2 where every other value is near 0)."""
+    dot, aa, bb = (float(v[0]) for v in sums)
+    if aa == 0:
+        return 1.0 if bb == 0 else 0.0
+    r2 = max(aa + bb - 2 * dot, 0.0) / aa
+    return min(float(column_cosine(sums)[0]), 1 / math.sqrt(1 + r2))
+
+
 #: a sample's cosine counts where its RMS (reference or candidate) exceeds this × the output's range
 NOISE_FLOOR = 1e-3
 
@@ -208,6 +224,7 @@ class OutputStats:
     ctc_chars: int = 0
     ctc_same: int = 0
     ctc_margins: list[float] = field(default_factory=list)  # per changed sample: see ctc.changed_margins
+    value_sums: np.ndarray | None = None  # one value per sample: column_sums over all samples' values
 
     def update(self, ref: np.ndarray, new: np.ndarray) -> None:
         if ref.shape != new.shape:
@@ -240,6 +257,9 @@ class OutputStats:
         ca, cb = np.where(both, a, 0.0), np.where(both, b, 0.0)
         fa2, fb2 = ca.reshape(n, -1), cb.reshape(n, -1)
         self.cos.append(cosine(fa2, fb2, axis=1))
+        if fa2.shape[1] == 1:
+            sums = column_sums(fa2, fb2)
+            self.value_sums = sums if self.value_sums is None else self.value_sums + sums
         size = max(fa2.shape[1], 1)
         self.rms.append(np.maximum(np.linalg.norm(fa2, axis=1), np.linalg.norm(fb2, axis=1)) / math.sqrt(size))
         self.samples += n
@@ -277,10 +297,14 @@ class OutputStats:
         }
         cos = np.concatenate(self.cos) if self.cos else np.ones(0)
         rms = np.concatenate(self.rms) if self.rms else np.ones(0)
+        if self.value_sums is not None and self.samples:  # one cosine over every sample's one value
+            cos = np.array([value_cosine(self.value_sums)])
+            rms = np.sqrt(self.value_sums[1:].max(axis=0, keepdims=True)[0] / self.samples)
+            m["cosine_pooled"] = True
         signal = rms > NOISE_FLOOR * span
         m["cosine_mean"] = float(cos[signal].mean()) if signal.any() else 1.0
         m["cosine_min"] = float(cos[signal].min()) if signal.any() else 1.0
-        m["cosine_samples"] = int(signal.sum())
+        m["cosine_samples"] = self.samples if m.get("cosine_pooled") and signal.any() else int(signal.sum())
         if self.samples and not signal.any():
             m["cosine_note"] = (f"no sample's signal is above {NOISE_FLOOR:g} of the output range: cosine not "
                                 "judged, the error relative to the range is")
@@ -353,7 +377,10 @@ def judged_by(m: Mapping[str, Any], t: Thresholds) -> list[str]:
         out.append(f"max_abs ≤ {t.max_abs:g}")
     if t.mean_abs is not None:
         out.append(f"mean_abs ≤ {t.mean_abs:g}")
-    if t.cosine is not None and m.get("cosine_samples", 1) > 0:
+    if t.cosine is not None and m.get("cosine_pooled") and m.get("cosine_samples", 1) > 0:
+        out.append(f"cosine ≥ {t.cosine:g} of all {m.get('cosine_samples')} samples' values as one vector "
+                   "(one value per sample: its own cosine would be only its sign)")
+    elif t.cosine is not None and m.get("cosine_samples", 1) > 0:
         out.append(f"mean cosine ≥ {t.cosine:g} (over {m.get('cosine_samples')} samples with signal)")
     elif _range_for_cosine(m, t):
         out.append(f"rel_range ≤ {1 - t.cosine:g} (no sample with signal above the noise floor: cosine is noise)")

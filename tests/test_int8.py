@@ -141,6 +141,17 @@ def test_agreement_sees_a_damaged_table_column_and_4d_class_scores() -> None:
     assert agreement([[scores]], [[flipped]])["top1"] == pytest.approx(7 / 8)
 
 
+
+def test_agreement_judges_a_one_value_output_over_the_samples() -> None:
+    """A score per sample: per-sample cosines are all 1 while a positive drops from 0.9 to 0.2."""
+    a = np.full((8, 1), 0.02, np.float32)
+    a[3, 0] = 0.9
+    b = a.copy()
+    b[3, 0] = 0.2
+    acc = agreement([[a[:4]], [a[4:]]], [[b[:4]], [b[4:]]])
+    assert acc["cosine"] < 0.9 and acc["drop"] > 0.1
+    assert agreement([[a]], [[a]])["drop"] == pytest.approx(0.0, abs=1e-12)
+
 def test_opset11_is_upgraded_for_per_channel_weights() -> None:
     m = _canon(FIXTURES / "resnet_block.onnx")
     assert prepare.opset_of(m) == 11

@@ -11,7 +11,7 @@ from onnxcompress.data import RandomSource, input_specs
 from onnxcompress.errors import OptionError, ProviderError, RuntimeModelError
 from onnxcompress.validate import (
     OutputStats, Thresholds, column_cosine, column_sums, compare_models, cosine, judge, parse_tolerances,
-    resolve_provider,
+    resolve_provider, value_cosine,
 )
 
 from .builders import linear_model
@@ -123,6 +123,37 @@ def test_feature_table_column_cosine_is_pooled_over_samples() -> None:
     s2.update(a, lost)
     assert s2.metrics()["feature_cosine_min"] < 0.9
     assert judge("det", s2.metrics(), Thresholds(feature_cosine=0.99)) != []
+
+
+def test_a_one_value_output_is_judged_by_one_cosine_over_the_samples() -> None:
+    """A score per sample ([N, 1]: wake word, VAD, regression): the cosine of one value is
+    its sign, so a per-sample mean passes any model that keeps the signs. One cosine over
+    all samples' values (batches adding up) sees a score moved from 0.9 to 0.2."""
+    from onnxcompress.validate import judged_by
+
+    rng = np.random.default_rng(3)
+    a = rng.uniform(0.01, 0.05, (16, 1))
+    a[[2, 9], 0] = 0.9, 0.8  # two positives
+    moved = a.copy()
+    moved[2, 0] = 0.2
+    assert cosine(a, moved, axis=1).mean() == 1.0  # what a per-sample cosine says
+    s = OutputStats("score")
+    s.update(a[:8], moved[:8])
+    s.update(a[8:], moved[8:])
+    m = s.metrics()
+    assert m["cosine_pooled"] and m["cosine_samples"] == 16
+    assert m["cosine_mean"] == pytest.approx(value_cosine(column_sums(a, moved))) and m["cosine_mean"] < 0.9
+    assert judge("score", m, Thresholds.approximate()) != []
+    assert "one value per sample" in judged_by(m, Thresholds.approximate())[0]
+    halved = OutputStats("score")  # a common scale: cosine 1, relative error 0.5
+    halved.update(a, a / 2)
+    assert halved.metrics()["cosine_mean"] == pytest.approx(1 / np.sqrt(1.25))
+    close = OutputStats("score")
+    close.update(a, a * (1 + 1e-4 * rng.standard_normal(a.shape)))
+    assert judge("score", close.metrics(), Thresholds.approximate()) == []
+    vec = OutputStats("y")  # two values per sample: per-sample cosines, as before
+    vec.update(np.hstack([a, 1 - a]), np.hstack([moved, 1 - moved]))
+    assert "cosine_pooled" not in vec.metrics() and vec.metrics()["cosine_min"] < 0.9
 
 
 def test_parse_tolerances() -> None:

@@ -16,7 +16,7 @@ import onnx
 
 from ...model import with_outputs
 from ...pipeline import PassContext
-from ...validate import column_cosine, column_sums, cosine, is_class_scores, is_feature_table
+from ...validate import column_cosine, column_sums, cosine, is_class_scores, is_feature_table, value_cosine
 from . import qdq, write
 from .options import FLOAT_STEPS, PREFIX_LEVELS, UNFLOAT_SLACK, Int8Options
 from .refit import refit_convs
@@ -41,10 +41,13 @@ def agreement(ref: list[list[np.ndarray]], new: list[list[np.ndarray]], columns:
     and the worst cosine of a feature table's single column over all samples
     (``column_cosine``; [N, rows, F]: box coordinates, objectness, class scores — one
     cosine over the table hides its small columns; pooled over the samples as
-    :func:`~onnxcompress.validate.column_cosine` says why). ``drop`` = 1 − the lowest of
-    them (the column cosine only with ``columns``)."""
+    :func:`~onnxcompress.validate.column_cosine` says why). An output with one value per
+    sample has one cosine over all samples' values
+    (:func:`~onnxcompress.validate.value_cosine`). ``drop`` = 1 − the lowest of them (the
+    column cosine only with ``columns``)."""
     cos: dict[int, list[float]] = defaultdict(list)
     cols: dict[int, np.ndarray] = {}
+    values: dict[int, np.ndarray] = {}
     top1: dict[int, list[float]] = defaultdict(list)
     for a_list, b_list in zip(ref, new):
         for k, (a, b) in enumerate(zip(a_list, b_list)):
@@ -53,11 +56,14 @@ def agreement(ref: list[list[np.ndarray]], new: list[list[np.ndarray]], columns:
             a2 = a.reshape(a.shape[0], -1).astype(np.float64) if a.ndim else a.reshape(1, -1).astype(np.float64)
             b2 = b.reshape(a2.shape).astype(np.float64)
             cos[k].extend(cosine(a2, b2, axis=1).tolist())
+            if a2.shape[1] == 1:
+                values[k] = values[k] + column_sums(a2, b2) if k in values else column_sums(a2, b2)
             if is_feature_table(a.shape):  # per column: cosine over the rows of all samples
                 sums = column_sums(a, b)
                 cols[k] = cols[k] + sums if k in cols else sums
             if is_class_scores(a.shape):
                 top1[k].extend((a2.argmax(1) == b2.argmax(1)).astype(float).tolist())
+    cos.update({k: [value_cosine(v)] for k, v in values.items()})
     worst = min((float(np.mean(v)) for v in cos.values()), default=1.0)
     agree = min((float(np.mean(v)) for v in top1.values()), default=1.0)
     out = {"cosine": worst, "top1": agree, "drop": max(1.0 - worst, 1.0 - agree)}
