@@ -16,7 +16,9 @@ from typing import Any, Literal
 
 import onnx
 
-from .data import DataSource, ImageOptions, RandomSource, batch_of, first_batch, input_specs, model_shapes, open_data
+from .data import (
+    DataSource, ImageOptions, RandomSource, batch_count, batch_of, first_batch, input_specs, model_shapes, open_data,
+)
 from .data import batch_axes as batch_axes_scope
 from .errors import DataError, ModelSaveError, OnnxCompressError, OptionError
 from .graph import same_computation
@@ -224,7 +226,8 @@ def _lossy_thresholds(original: onnx.ModelProto, sample: dict[str, Any] | None,
         return out
     names = [o.name for o in original.graph.output]
     values = run_named(make_session(original, provider, label="original model"), names, sample, label="original model")
-    budget = default_thresholds(1 - Thresholds.approximate().cosine, dict(zip(names, values)))  # type: ignore[operator]
+    budget = default_thresholds(1 - Thresholds.approximate().cosine, dict(zip(names, values)),  # type: ignore[operator]
+                                samples=batch_count(sample))
     out.update({n: t for n, t in budget.items() if n is not None and t.ctc is not None})
     return out
 

@@ -10,9 +10,11 @@ many steps where both models are sure of the blank, and it moves on changes no d
 shows.
 
 Which outputs: [N, T, C] with T ≥ 2 and C ≥ 3 whose reference values are probabilities
-over the last axis (non-negative, summing to 1 within 1e-3): a softmax'd CTC head. A
-logit head cannot be told from a hidden state by its values; a user names it with the
-``ctc`` tolerance. The blank is class 0 (PaddleOCR, torchaudio, most CTC exports);
+over the last axis (non-negative, summing to 1 within 1e-3: a softmax'd CTC head) or
+log-probabilities (log-sum-exp 0 within 1e-3: a log_softmax head, as PyTorch CTC models
+export). A time-major head ([T, N, C]) is turned sample-major by validation
+(:func:`onnxcompress.validate.sample_axis`). A logit head cannot be told from a hidden
+state by its values; a user names it with the ``ctc`` tolerance. The blank is class 0 (PaddleOCR, torchaudio, most CTC exports);
 where it is another class the decodes still compare the same argmax paths, with the
 blank read as one more symbol.
 """
@@ -26,14 +28,24 @@ BLANK = 0
 
 
 def is_sequence_probabilities(ref: np.ndarray, tol: float = 1e-3) -> bool:
-    """[N, T, C] (T ≥ 2, C ≥ 3) whose values are probabilities over the last axis."""
+    """[N, T, C] (T ≥ 2, C ≥ 3) whose values are probabilities or log-probabilities over
+    the last axis."""
     if ref.ndim != 3 or ref.shape[1] < 2 or ref.shape[2] < 3 or ref.size == 0:
         return False
     if not np.issubdtype(ref.dtype, np.floating) or not np.all(np.isfinite(ref)):
         return False
-    if float(ref.min()) < -tol:
+    if float(ref.min()) >= -tol:
+        return bool(np.all(np.abs(ref.sum(axis=-1, dtype=np.float64) - 1.0) <= tol))
+    return _is_log_probabilities(ref, tol)
+
+
+def _is_log_probabilities(ref: np.ndarray, tol: float) -> bool:
+    if float(ref.max()) > tol:
         return False
-    return bool(np.all(np.abs(ref.sum(axis=-1, dtype=np.float64) - 1.0) <= tol))
+    a = ref.astype(np.float64)
+    top = a.max(axis=-1, keepdims=True)
+    lse = top[..., 0] + np.log(np.exp(a - top).sum(axis=-1))
+    return bool(np.all(np.abs(lse) <= tol))
 
 
 def greedy_decode(scores: np.ndarray, blank: int = BLANK) -> list[np.ndarray]:
@@ -87,7 +99,9 @@ def changed_margins(ref: np.ndarray, new: np.ndarray, blank: int = BLANK) -> lis
         if len(a) == len(b) and np.array_equal(a, b):
             continue
         steps = np.nonzero(np.argmax(ref[i], axis=-1) != np.argmax(new[i], axis=-1))[0]
-        top2 = np.partition(ref[i][steps], -2, axis=-1)[:, -2:] if ref.shape[-1] >= 2 else np.zeros((0, 2))
+        scores = np.exp(ref[i][steps]) if ref.size and float(ref.max()) <= 0 and _is_log_probabilities(ref[i], 1e-3) \
+            else ref[i][steps]  # log-probabilities: the gap between probabilities, as for a softmax'd head
+        top2 = np.partition(scores, -2, axis=-1)[:, -2:] if ref.shape[-1] >= 2 else np.zeros((0, 2))
         gap = top2[:, 1] - top2[:, 0]
         out.append(float(gap.min()) if gap.size else 0.0)
     return out

@@ -92,7 +92,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from .data import Batch, LimitedSource, batch_of, input_specs, model_shapes, take_samples
+from .data import Batch, LimitedSource, batch_count, batch_of, input_specs, model_shapes, take_samples
 from .errors import OnnxCompressError, OptionError
 from .pipeline import Pass, PassContext, PassReport, Pipeline
 from .report import count_macs
@@ -149,7 +149,7 @@ class Search:
         self.ref = [run_session(sess, b, "input model") for b, _ in self.samples]
         first = {n: np.asarray(o) for n, o in zip(self.names, self.ref[0])}
         if self.user_thresholds is None:
-            self.thresholds = default_thresholds(self.opts.max_drop, first)
+            self.thresholds = default_thresholds(self.opts.max_drop, first, samples=batch_count(self.samples[0][0]))
         else:
             unknown = [k for k in self.user_thresholds if k is not None and k not in self.names]
             if unknown:
@@ -184,11 +184,12 @@ class Search:
         sets = {k: [OutputStats(n, sequence=judges_decodes(self._threshold(n))) for n in self.names]
                 for k in ("held-out", "all")}
         for (batch, held), ref in zip(self.samples, self.ref):
+            n = batch_count(batch)
             for i, new in enumerate(run_session(sess, batch, f"trial {trial.index}")):
                 a, b = np.asarray(ref[i]), np.asarray(new)
-                sets["all"][i].update(a, b)
+                sets["all"][i].update(a, b, samples=n)
                 if held:
-                    sets["held-out"][i].update(a, b)
+                    sets["held-out"][i].update(a, b, samples=n)
         failures: list[str] = []
         usage = 0.0
         for label, stats in sets.items():

@@ -11,6 +11,7 @@ from collections.abc import Iterable, Mapping
 import numpy as np
 import onnx
 
+from .data import batch_count
 from .runtime import make_session, run_session
 
 
@@ -28,7 +29,7 @@ class OutputDamage:
         n = 0
         for batch in data:
             self.feeds.append(batch)
-            n += next(iter(batch.values())).shape[0] if batch else 1
+            n += batch_count(batch)
             if n >= samples:
                 break
         self.model, self.provider, self.label = model, provider, label

@@ -15,7 +15,7 @@ import numpy as np
 from .errors import OptionError
 from .pipeline import PassReport
 from .ctc import is_sequence_probabilities
-from .validate import Thresholds, is_class_scores, is_feature_table
+from .validate import Thresholds, is_class_scores, is_feature_table, sample_major
 
 
 @dataclass(frozen=True)
@@ -159,15 +159,18 @@ def found_slower(trials: list[Trial], t: Trial) -> list[int]:
     return out
 
 
-def default_thresholds(max_drop: float, outputs: Mapping[str, np.ndarray]) -> dict[str | None, Thresholds]:
+def default_thresholds(max_drop: float, outputs: Mapping[str, np.ndarray],
+                       samples: int | None = None) -> dict[str | None, Thresholds]:
     """Mean cosine ≥ 1 − max_drop; class-score outputs: top-1 ≥ 1 − max_drop and mean
     cosine ≥ 1 − max_drop · CLASS_COSINE_SHARE; feature tables: also each column's
     cosine over all samples ≥ 1 − max_drop; sequence outputs ([N, T, C] probabilities,
     :mod:`onnxcompress.ctc`): their greedy decodes, 1 − edits / characters ≥ 1 − max_drop ·
     CTC_SHARE and the share of identically decoded samples ≥ 1 − max_drop, instead of a
-    cosine (which passes changes users read and fails changes they do not)."""
+    cosine (which passes changes users read and fails changes they do not). ``outputs``
+    hold ``samples`` samples each, on the axis :func:`~onnxcompress.validate.sample_axis` says."""
     result: dict[str | None, Thresholds] = {None: Thresholds(cosine=1 - max_drop)}
     for name, arr in outputs.items():
+        arr = sample_major(arr, samples)
         if is_sequence_probabilities(arr):
             result[name] = Thresholds(ctc=1 - max_drop * CTC_SHARE, ctc_lines=1 - max_drop)
         elif is_class_scores(arr.shape):

@@ -38,7 +38,7 @@ import numpy as np
 import onnx
 
 from .ctc import changed_margins, changed_note, few_samples_note, is_sequence_probabilities, sequence_agreement
-from .data import DataSource
+from .data import DataSource, batch_count
 from .errors import OptionError, RuntimeModelError
 from .progress import NullProgress, Progress
 from .runtime import (  # noqa: F401
@@ -198,6 +198,18 @@ def is_feature_table(shape: tuple[int, ...] | list[int]) -> bool:
     return len(shape) == 3 and 2 <= shape[2] <= FEATURE_TABLE_MAX and shape[1] > shape[2]
 
 
+def sample_axis(shape: tuple[int, ...] | list[int], samples: int | None) -> int:
+    """The axis of an output that holds a batch of ``samples`` samples: 1 where axis 0 is
+    not that count and axis 1 is (a time-major [T, N, C] sequence, a [layers, N, H]
+    state), else 0. Unknown count: 0."""
+    return 1 if samples is not None and len(shape) >= 2 and shape[0] != samples and shape[1] == samples else 0
+
+
+def sample_major(a: np.ndarray, samples: int | None) -> np.ndarray:
+    """``a`` with its sample axis (:func:`sample_axis`) first."""
+    return np.moveaxis(a, 1, 0) if sample_axis(a.shape, samples) == 1 else a
+
+
 @dataclass
 class OutputStats:
     """Running comparison statistics of one output."""
@@ -225,11 +237,19 @@ class OutputStats:
     ctc_same: int = 0
     ctc_margins: list[float] = field(default_factory=list)  # per changed sample: see ctc.changed_margins
     value_sums: np.ndarray | None = None  # one value per sample: column_sums over all samples' values
+    batch_axis: int | None = None  # the output's sample axis, decided on the first batch (see update)
 
-    def update(self, ref: np.ndarray, new: np.ndarray) -> None:
+    def update(self, ref: np.ndarray, new: np.ndarray, samples: int | None = None) -> None:
+        """Add one batch. ``samples``: how many samples the batch holds; an output whose
+        axis 0 is not that count and whose axis 1 is (a time-major [T, N, C] sequence, a
+        [layers, N, H] state) is compared sample by sample along axis 1."""
         if ref.shape != new.shape:
             raise RuntimeModelError(f"output '{self.name}': shape {list(new.shape)} differs from the original's {list(ref.shape)}")
         self.shape = list(ref.shape)
+        if self.batch_axis is None:
+            self.batch_axis = sample_axis(ref.shape, samples)
+        if self.batch_axis == 1 and ref.ndim >= 2:
+            ref, new = np.moveaxis(ref, 1, 0), np.moveaxis(new, 1, 0)
         if not (np.issubdtype(ref.dtype, np.number) or ref.dtype == np.bool_):
             eq = ref == new
             self.count += ref.size
@@ -465,9 +485,9 @@ def compare_models(
         for batch in data:
             ref_out = run_session(ref_sess, batch, "original model")
             new_out = run_session(new_sess, batch, "optimized model")
+            n = batch_count(batch)
             for s, a, b in zip(stats, ref_out, new_out):
-                s.update(np.asarray(a), np.asarray(b))
-            n = next(iter(batch.values())).shape[0] if batch else 1
+                s.update(np.asarray(a), np.asarray(b), samples=n)
             samples += n
             batches += 1
             task.advance(n)

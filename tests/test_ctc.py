@@ -39,7 +39,9 @@ def test_edit_distance(a: str, b: str, d: int) -> None:
 def test_sequence_outputs_are_recognized_by_their_values() -> None:
     probs = one_hot([[0, 1, 2, 0]])
     assert is_sequence_probabilities(probs)
-    assert not is_sequence_probabilities(np.log(probs))  # logits: not told apart from a hidden state
+    assert is_sequence_probabilities(np.log(probs))  # a log_softmax head
+    assert not is_sequence_probabilities(np.log(probs) + 1.5)  # logits: not told apart from a hidden state
+    assert not is_sequence_probabilities(np.log(probs) - 0.5)  # values ≤ 0 that are no log-probabilities
     assert not is_sequence_probabilities(probs[:, :, :2] / probs[:, :, :2].sum(-1, keepdims=True))  # C < 3
     assert not is_sequence_probabilities(probs.reshape(1, -1))
 
@@ -59,7 +61,7 @@ def test_validation_reports_decode_agreement_and_judges_it() -> None:
     logits.update(np.log(ref), np.log(new))
     assert logits.metrics()["ctc"] == pytest.approx(0.8)
     plain = OutputStats("y")
-    plain.update(np.log(ref), np.log(new))
+    plain.update(np.log(ref) + 1.5, np.log(new) + 1.5)
     assert "ctc" not in plain.metrics()
 
 
@@ -87,9 +89,29 @@ def test_a_changed_decode_names_the_reference_gap_and_what_few_samples_can_resol
 def test_the_default_budget_judges_a_ctc_head_by_its_decodes() -> None:
     """A softmax'd [N, T, C] output gets decode thresholds instead of a cosine; its logits
     (nothing says they are decoded) keep the cosine."""
-    t = default_thresholds(0.01, {"y": one_hot([[0, 1, 2, 0]]), "z": np.log(one_hot([[0, 1, 2, 0]]))})
+    t = default_thresholds(0.01, {"y": one_hot([[0, 1, 2, 0]]), "z": np.log(one_hot([[0, 1, 2, 0]])) + 1.5})
     assert t["y"].ctc == pytest.approx(0.995) and t["y"].ctc_lines == pytest.approx(0.99) and t["y"].cosine is None
     assert t["z"].ctc is None and t["z"].cosine == pytest.approx(0.99)
+
+
+def test_a_time_major_log_softmax_head_is_decoded_per_sample() -> None:
+    """[T, N, C] log-probabilities (a PyTorch CRNN's export): decoded sample by sample
+    along axis 0 once the batch's sample count says axis 1 holds the samples, in
+    validation and in the default budget; the gap at a changed step is in probabilities."""
+    ref = one_hot([[0, 1, 0, 2, 2, 0, 3, 0], [0, 4, 4, 0, 1, 0, 0, 0], [0, 2, 0, 0, 0, 0, 0, 0]])
+    new = ref.copy()
+    new[2, 1] = [0.9, 0.025, 0.025, 0.025, 0.025]  # sample 2 loses its character
+    tm_ref, tm_new = np.log(ref).transpose(1, 0, 2), np.log(new).transpose(1, 0, 2)  # [T=8, N=3, C=5]
+    s = OutputStats("y")
+    s.update(tm_ref, tm_new, samples=3)
+    m = s.metrics()
+    assert (m["ctc_samples"], m["ctc_lines"], m["ctc_edits"], m["ctc_chars"]) == (3, pytest.approx(2 / 3), 1, 6)
+    assert m["ctc_changed_margins"] == pytest.approx([0.875])
+    t = default_thresholds(0.01, {"y": tm_ref}, samples=3)
+    assert t["y"].ctc_lines == pytest.approx(0.99) and t["y"].cosine is None
+    flat = OutputStats("y")  # without the count, axis 0 is taken for the samples: 8 "lines" of 3 steps
+    flat.update(tm_ref, tm_new)
+    assert flat.metrics()["ctc_samples"] == 8
 
 
 def test_compare_models_decodes_a_recognizer_and_a_tolerance_names_logits() -> None:

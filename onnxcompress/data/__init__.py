@@ -232,12 +232,17 @@ def first_batch(source: DataSource) -> Batch:
     raise DataError("the data source yielded no samples")
 
 
+def batch_count(batch: Batch) -> int:
+    """How many samples a batch (internal layout: samples on axis 0) holds."""
+    return next(iter(batch.values())).shape[0] if batch else 1
+
+
 def take_samples(source: Iterable[Batch], limit: int, skip: int = 0) -> list[Batch]:
     """``limit`` samples of a data source after the first ``skip``, as batches (cut at the edges)."""
     out: list[Batch] = []
     got = 0
     for batch in source:
-        n = next(iter(batch.values())).shape[0] if batch else 1
+        n = batch_count(batch)
         if skip >= n:
             skip -= n
             continue
@@ -285,7 +290,7 @@ class LimitedSource:
 
 __all__ = [
     "ARRAY_SUFFIXES", "IMAGE_SUFFIXES", "ArrayEntry", "ArrayFilesSource", "Batch", "DataSource", "Dim", "ImageFolderSource",
-    "ImageOptions", "InputSpec", "IterableSource", "LimitedSource", "RandomSource", "batch_axes", "batch_of", "check_array",
-    "first_batch", "infer_batch_axes", "input_specs", "model_feeds", "model_shapes", "open_data", "scan_array_file",
+    "ImageOptions", "InputSpec", "IterableSource", "LimitedSource", "RandomSource", "batch_axes", "batch_count", "batch_of",
+    "check_array", "first_batch", "infer_batch_axes", "input_specs", "model_feeds", "model_shapes", "open_data", "scan_array_file",
     "take_samples", "to_internal", "to_model_layout",
 ]

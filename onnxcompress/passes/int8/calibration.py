@@ -336,7 +336,7 @@ def _stream(model: onnx.ModelProto, names: list[str], data: Any, absorb: Callabl
     worker thread while onnxruntime runs the next where they fit in ``overlap_limit``."""
     from concurrent.futures import Future, ThreadPoolExecutor
 
-    from ...data import model_shapes
+    from ...data import batch_count, model_shapes
     from ...model import with_outputs
     from ...validate import make_session
 
@@ -349,7 +349,7 @@ def _stream(model: onnx.ModelProto, names: list[str], data: Any, absorb: Callabl
     try:
         with progress.task("calibrating (int8)", getattr(data, "num_samples", None)) as task:
             for batch in data:
-                n = next(iter(batch.values())).shape[0] if batch else 1
+                n = batch_count(batch)
                 if per_sample is None and batch:
                     one = model_shapes(model, batch, 1)
                     per_sample = max(activation_bytes_per_sample(model, names, one), 1)

@@ -12,6 +12,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
+from ...data import batch_count
 from ...model import with_outputs
 from ...pipeline import PassContext
 from .factors import Candidate, LowRankOptions, _split_node
@@ -37,7 +38,7 @@ def _data_energy(model: onnx.ModelProto, cands: list[Candidate], ctx: PassContex
                 p = _column_patches(c, np.asarray(vals[c.node.input[0]], np.float32), rng, positions)
                 moments[i] = moments.get(i, 0) + p.T @ p
                 counts[i] = counts.get(i, 0) + len(p)
-            task.advance(next(iter(batch.values())).shape[0] if batch else 1)
+            task.advance(batch_count(batch))
     for i, c in enumerate(cands):
         if i in moments:
             sigma = moments[i] / max(counts[i], 1)

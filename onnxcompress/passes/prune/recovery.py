@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from onnx import numpy_helper
 
-from ...data import DataSource
+from ...data import DataSource, batch_count
 from ...fitting import weight_2d, weight_dtype
 from ...graph import initializers, producers
 from ...model import node_attr, with_outputs
@@ -94,7 +94,7 @@ def collect(
     with progress.task("calibrating (prune)", data.num_samples) as task:
         for batch in data:
             vals = dict(zip(names, run_named(sess, names, batch)))
-            n = next(iter(batch.values())).shape[0] if batch else 1
+            n = batch_count(batch)
             for idx, cs in stats.consumers.items():
                 _accumulate(cs, np.asarray(vals[g.node[idx].input[0]], dtype=np.float32))
             stats.samples += n
