@@ -152,6 +152,16 @@ def test_agreement_judges_a_one_value_output_over_the_samples() -> None:
     assert acc["cosine"] < 0.9 and acc["drop"] > 0.1
     assert agreement([[a]], [[a]])["drop"] == pytest.approx(0.0, abs=1e-12)
 
+
+def test_agreement_takes_each_sample_of_a_time_major_output() -> None:
+    """[T, N, C] with sample 2 of 3 negated: one cosine per sample, (1 + 1 − 1) / 3, where
+    axis 0 read as the samples would mix all three in every step."""
+    a = np.random.default_rng(0).standard_normal((8, 3, 5))
+    b = a.copy()
+    b[:, 2] *= -1
+    assert agreement([[a]], [[b]], samples=[3])["cosine"] == pytest.approx(1 / 3)
+    assert agreement([[a]], [[b]])["cosine"] != pytest.approx(1 / 3)
+
 def test_opset11_is_upgraded_for_per_channel_weights() -> None:
     m = _canon(FIXTURES / "resnet_block.onnx")
     assert prepare.opset_of(m) == 11
@@ -618,7 +628,7 @@ def test_accuracy_control_returns_the_slack_to_int8(monkeypatch: pytest.MonkeyPa
         seen["quantized"] = set(p.nodes)
         return q, p
 
-    def fake_agreement(ref, new, columns=False):  # type: ignore[no-untyped-def]
+    def fake_agreement(ref, new, columns=False, samples=None):  # type: ignore[no-untyped-def]
         d = 0.01 * len(seen["hot"] & seen["quantized"]) + 1e-6 * len(seen["quantized"])
         return {"cosine": 1.0 - d, "top1": 1.0, "drop": d}
 
@@ -672,7 +682,7 @@ def test_min_float_prefix_floats_prefixes_even_when_agreement_holds(monkeypatch:
     default pipeline asks for when held-out samples reject the first answer) and reports
     it; the option is range-checked."""
     m = _canon(FIXTURES / "mobilenet_se.onnx")
-    monkeypatch.setattr(int8_mod, "agreement", lambda ref, new, columns=False: {"cosine": 0.999, "drop": 0.001})
+    monkeypatch.setattr(int8_mod, "agreement", lambda ref, new, columns=False, samples=None: {"cosine": 0.999, "drop": 0.001})
     opts = dict(guard=False, max_drop=0.005, bias_correction=False, head_correction=False, unfloat=True)
     plain = Int8(Int8Options(**opts)).run(copy.deepcopy(m), _ctx(m, "mobilenet_se"))
     assert plain.stats["accuracy"]["float_prefix"] == 0

@@ -87,7 +87,7 @@ import numpy as np
 import onnx
 
 from ... import isa
-from ...data import LimitedSource, take_samples
+from ...data import LimitedSource, batch_count, take_samples
 from ...errors import OptionError
 from ...folds import fold_affine, fold_batchnorm
 from ...graph import initializers
@@ -134,7 +134,8 @@ class Int8(ControlSteps, GuardSteps, Pass):
             from ...validate import make_session, run_session
 
             sess = make_session(q, ctx.provider, label="int8 model")
-            return agreement(state.ref, [run_session(sess, b, "int8 model") for b in check], opts.columns)
+            return agreement(state.ref, [run_session(sess, b, "int8 model") for b in check], opts.columns,
+                             samples=[batch_count(b) for b in check])
 
         floated: set[str] = set()
         q, p, acc, method, control = self._control(state, opts, check, ctx, stats, floated, evaluate)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,7 +16,9 @@ import onnx
 
 from ...model import with_outputs
 from ...pipeline import PassContext
-from ...validate import column_cosine, column_sums, cosine, is_class_scores, is_feature_table, value_cosine
+from ...validate import (
+    column_cosine, column_sums, cosine, is_class_scores, is_feature_table, sample_major, value_cosine,
+)
 from . import qdq, write
 from .options import FLOAT_STEPS, PREFIX_LEVELS, UNFLOAT_SLACK, Int8Options
 from .refit import refit_convs
@@ -36,7 +38,8 @@ class AccuracyControl:
     float_prefix: int
 
 
-def agreement(ref: list[list[np.ndarray]], new: list[list[np.ndarray]], columns: bool = False) -> dict[str, float]:
+def agreement(ref: list[list[np.ndarray]], new: list[list[np.ndarray]], columns: bool = False,
+              samples: Sequence[int] | None = None) -> dict[str, float]:
     """Mean per-sample cosine of every output and top-1 agreement of class-score outputs,
     and the worst cosine of a feature table's single column over all samples
     (``column_cosine``; [N, rows, F]: box coordinates, objectness, class scores — one
@@ -44,15 +47,18 @@ def agreement(ref: list[list[np.ndarray]], new: list[list[np.ndarray]], columns:
     :func:`~onnxcompress.validate.column_cosine` says why). An output with one value per
     sample has one cosine over all samples' values
     (:func:`~onnxcompress.validate.value_cosine`). ``drop`` = 1 − the lowest of them (the
-    column cosine only with ``columns``)."""
+    column cosine only with ``columns``). ``samples``: each batch's sample count, which
+    places an output's samples (:func:`~onnxcompress.validate.sample_axis`)."""
     cos: dict[int, list[float]] = defaultdict(list)
     cols: dict[int, np.ndarray] = {}
     values: dict[int, np.ndarray] = {}
     top1: dict[int, list[float]] = defaultdict(list)
-    for a_list, b_list in zip(ref, new):
+    for j, (a_list, b_list) in enumerate(zip(ref, new)):
         for k, (a, b) in enumerate(zip(a_list, b_list)):
             if a.dtype.kind != "f":
                 continue
+            n = samples[j] if samples is not None else None
+            a, b = sample_major(a, n), sample_major(b, n)
             a2 = a.reshape(a.shape[0], -1).astype(np.float64) if a.ndim else a.reshape(1, -1).astype(np.float64)
             b2 = b.reshape(a2.shape).astype(np.float64)
             cos[k].extend(cosine(a2, b2, axis=1).tolist())
