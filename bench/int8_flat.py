@@ -111,7 +111,7 @@ def main() -> int:
     from onnxcompress.data import open_data
     from onnxcompress.pipeline import PassContext
     from onnxcompress.registry import build_pipeline
-    from onnxcompress.validate import column_cosine, column_sums
+    from onnxcompress.metrics import column_cosine, column_sums
 
     path = args.shared / "models" / f"{args.model}.onnx"
     model = oc.load_model(path)

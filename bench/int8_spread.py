@@ -64,7 +64,7 @@ def spearman(a: list[float], b: list[float]) -> float:
 def scores(name: str, ref: np.ndarray, y: np.ndarray) -> dict[str, float]:
     from _common import eval_metrics
 
-    from onnxcompress.validate import column_cosine, column_sums
+    from onnxcompress.metrics import column_cosine, column_sums
 
     acc = eval_metrics(name, ref, y, None)
     out = {"cosine": acc["cosine"]}

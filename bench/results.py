@@ -15,7 +15,7 @@ to the original (each variant timed against the original in one ``measure_latenc
 interleaved ABBA rounds, medians), accuracy (classifiers: top-1 against the labels and
 agreement with the original; captcha_det: mean cosine, the worst column's cosine over
 all eval images (objectness, box coordinates and class scores are separate columns of its
-[N, rows, 6] table; pooled over the images, see ``onnxcompress.validate.column_cosine``),
+[N, rows, 6] table; pooled over the images, see ``onnxcompress.metrics.column_cosine``),
 and recall and precision of the original's detections; text_det: mean cosine and IoU of
 the p > 0.3 text masks), whether the default pipeline's default budget holds on the eval
 set (judged by the library's ``default_thresholds(0.01)`` and ``judge``, as the search

@@ -13,7 +13,7 @@ Which outputs: [N, T, C] with T ≥ 2 and C ≥ 3 whose reference values are pro
 over the last axis (non-negative, summing to 1 within 1e-3: a softmax'd CTC head) or
 log-probabilities (log-sum-exp 0 within 1e-3: a log_softmax head, as PyTorch CTC models
 export). A time-major head ([T, N, C]) is turned sample-major by validation
-(:func:`onnxcompress.validate.sample_axis`). A logit head cannot be told from a hidden
+(:func:`onnxcompress.metrics.sample_axis`). A logit head cannot be told from a hidden
 state by its values; a user names it with the ``ctc`` tolerance. The blank is class 0 (PaddleOCR, torchaudio, most CTC exports);
 where it is another class the decodes still compare the same argmax paths, with the
 blank read as one more symbol.

@@ -13,7 +13,7 @@ a few dozen held-out samples rarely show the top-1 flips a larger set would (at 
 rate, 16 samples show none 85% of the time), and the class scores' cosine moves before
 they flip. Feature tables ([N, rows, F], 2 ≤ F ≤ 64, e.g. detections: box coordinates,
 objectness, class scores as columns) also need cosine ≥ 1 − ``max_drop`` for each column
-alone, pooled over all samples (:func:`~onnxcompress.validate.column_cosine`): one cosine
+alone, pooled over all samples (:func:`~onnxcompress.metrics.column_cosine`): one cosine
 over the table is dominated by its largest column. The user's
 :class:`~onnxcompress.validate.Thresholds` per output replace these. A trial's *usage* is
 the largest fraction of its allowance any checked metric uses, max over outputs and

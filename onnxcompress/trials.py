@@ -15,7 +15,8 @@ import numpy as np
 from .errors import OptionError
 from .pipeline import PassReport
 from .ctc import is_sequence_probabilities
-from .validate import Thresholds, is_class_scores, is_feature_table, sample_major
+from .metrics import is_class_scores, is_feature_table, sample_major
+from .validate import Thresholds
 
 
 @dataclass(frozen=True)
@@ -167,7 +168,7 @@ def default_thresholds(max_drop: float, outputs: Mapping[str, np.ndarray],
     :mod:`onnxcompress.ctc`): their greedy decodes, 1 − edits / characters ≥ 1 − max_drop ·
     CTC_SHARE and the share of identically decoded samples ≥ 1 − max_drop, instead of a
     cosine (which passes changes users read and fails changes they do not). ``outputs``
-    hold ``samples`` samples each, on the axis :func:`~onnxcompress.validate.sample_axis` says."""
+    hold ``samples`` samples each, on the axis :func:`~onnxcompress.metrics.sample_axis` says."""
     result: dict[str | None, Thresholds] = {None: Thresholds(cosine=1 - max_drop)}
     for name, arr in outputs.items():
         arr = sample_major(arr, samples)

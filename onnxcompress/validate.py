@@ -12,7 +12,7 @@ Per output, accumulated batch by batch (nothing but running sums is kept):
   sample has signal, cosine is not judged and the report says so (``judged_by``). An
   output with one value per sample (a wake-word or VAD score, a regression) has one
   cosine over all samples' values instead, bounded by its relative error
-  (``cosine_pooled``, :func:`value_cosine`): the cosine of a single value is only its sign
+  (``cosine_pooled``, :func:`onnxcompress.metrics.value_cosine`): the cosine of a single value is only its sign
 * ``nonfinite``: NaN/Inf counts in the reference and in the candidate
 * ``top1``: argmax agreement, for outputs shaped like class scores ([N, C] with
   2 ≤ C ≤ 100000), over the samples whose reference top-1 leads the runner-up by more than
@@ -40,6 +40,19 @@ import onnx
 from .ctc import changed_margins, changed_note, few_samples_note, is_sequence_probabilities, sequence_agreement
 from .data import DataSource, batch_count
 from .errors import OptionError, RuntimeModelError
+from .metrics import (  # noqa: F401  (re-exported: the metrics' home for callers of validate)
+    CLASSES_MAX,
+    FEATURE_TABLE_MAX,
+    NOISE_FLOOR,
+    column_cosine,
+    column_sums,
+    cosine,
+    is_class_scores,
+    is_feature_table,
+    sample_axis,
+    sample_major,
+    value_cosine,
+)
 from .progress import NullProgress, Progress
 from .runtime import (  # noqa: F401
     PROVIDERS,
@@ -127,87 +140,6 @@ def parse_tolerances(spec: str | None, base: Thresholds) -> dict[str | None, Thr
                     raise OptionError(f"tolerance '{item}': '{value}' is not a number") from None
         result[target] = t.updated(**changes)
     return result
-
-
-def cosine(a: np.ndarray, b: np.ndarray, axis: int) -> np.ndarray:
-    """Cosine of ``a`` and ``b`` along ``axis``, in [−1, 1]; 1 where both are zero."""
-    na, nb = np.linalg.norm(a, axis=axis), np.linalg.norm(b, axis=axis)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        cos = np.where((na == 0) & (nb == 0), 1.0, (a * b).sum(axis=axis) / np.maximum(na * nb, 1e-300))
-    return np.clip(cos, -1.0, 1.0)
-
-
-def column_sums(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """[3, F]: Σ a·b, Σ a², Σ b² of each column of two feature tables [N, rows, F], over
-    all their rows and samples (the running sums :func:`column_cosine` reads)."""
-    a2 = np.asarray(a, np.float64).reshape(-1, a.shape[-1])
-    b2 = np.asarray(b, np.float64).reshape(-1, b.shape[-1])
-    return np.stack([(a2 * b2).sum(0), (a2 * a2).sum(0), (b2 * b2).sum(0)])
-
-
-def column_cosine(sums: np.ndarray) -> np.ndarray:
-    """Each column's cosine over every row of every sample, from :func:`column_sums`
-    (added up over batches); 1 where both columns are zero.
-
-    Pooled over the samples, not a mean of per-sample cosines: a detector's objectness
-    column on an image with nothing to detect holds only background values near zero,
-    whose cosine measures the pattern of that noise, not the detections. Each image
-    weighs by its column's energy, so a lost or invented detection still counts in full
-    (docs/decisions/validation.md)."""
-    dot, aa, bb = sums
-    with np.errstate(invalid="ignore", divide="ignore"):
-        cos = np.where((aa == 0) & (bb == 0), 1.0, dot / np.maximum(np.sqrt(aa * bb), 1e-300))
-    return np.clip(cos, -1.0, 1.0)
-
-
-def value_cosine(sums: np.ndarray) -> float:
-    """The cosine of an output with one value per sample, from :func:`column_sums` over all
-    samples' values: their cosine as one vector, and no more than 1/√(1 + r²), where r is
-    the norm of the error relative to the reference's. That bound equals the cosine for an
-    error orthogonal to the reference and is lower for a common scale, which a cosine does
-    not see but a user of a score does (0.9 read as 0.2 where every other value is near 0)."""
-    dot, aa, bb = (float(v[0]) for v in sums)
-    if aa == 0:
-        return 1.0 if bb == 0 else 0.0
-    r2 = max(aa + bb - 2 * dot, 0.0) / aa
-    return min(float(column_cosine(sums)[0]), 1 / math.sqrt(1 + r2))
-
-
-#: a sample's cosine counts where its RMS (reference or candidate) exceeds this × the output's range
-NOISE_FLOOR = 1e-3
-
-
-#: largest trailing axis of a "feature table" ([N, rows, F], e.g. detections: box, scores)
-FEATURE_TABLE_MAX = 64
-
-
-#: most classes a class-score output may have
-CLASSES_MAX = 100000
-
-
-def is_class_scores(shape: tuple[int, ...] | list[int]) -> bool:
-    """[N, C] with 2 ≤ C ≤ CLASSES_MAX, or [N, C, 1, …, 1] (a classifier ending in a 1×1
-    conv and softmax, e.g. SqueezeNet): one score per class, top-1 is meaningful."""
-    return len(shape) >= 2 and 2 <= shape[1] <= CLASSES_MAX and all(d == 1 for d in shape[2:])
-
-
-def is_feature_table(shape: tuple[int, ...] | list[int]) -> bool:
-    """[N, rows, F] with 2 ≤ F ≤ FEATURE_TABLE_MAX and more rows than features: each of
-    the F columns is its own quantity (box coordinates, objectness, class scores) on its
-    own scale, so one cosine over the table is dominated by the largest column."""
-    return len(shape) == 3 and 2 <= shape[2] <= FEATURE_TABLE_MAX and shape[1] > shape[2]
-
-
-def sample_axis(shape: tuple[int, ...] | list[int], samples: int | None) -> int:
-    """The axis of an output that holds a batch of ``samples`` samples: 1 where axis 0 is
-    not that count and axis 1 is (a time-major [T, N, C] sequence, a [layers, N, H]
-    state), else 0. Unknown count: 0."""
-    return 1 if samples is not None and len(shape) >= 2 and shape[0] != samples and shape[1] == samples else 0
-
-
-def sample_major(a: np.ndarray, samples: int | None) -> np.ndarray:
-    """``a`` with its sample axis (:func:`sample_axis`) first."""
-    return np.moveaxis(a, 1, 0) if sample_axis(a.shape, samples) == 1 else a
 
 
 @dataclass

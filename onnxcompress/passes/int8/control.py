@@ -14,11 +14,11 @@ from typing import Any
 import numpy as np
 import onnx
 
-from ...model import with_outputs
-from ...pipeline import PassContext
-from ...validate import (
+from ...metrics import (
     column_cosine, column_sums, cosine, is_class_scores, is_feature_table, sample_major, value_cosine,
 )
+from ...model import with_outputs
+from ...pipeline import PassContext
 from . import qdq, write
 from .options import FLOAT_STEPS, PREFIX_LEVELS, UNFLOAT_SLACK, Int8Options
 from .refit import refit_convs
@@ -44,11 +44,11 @@ def agreement(ref: list[list[np.ndarray]], new: list[list[np.ndarray]], columns:
     and the worst cosine of a feature table's single column over all samples
     (``column_cosine``; [N, rows, F]: box coordinates, objectness, class scores — one
     cosine over the table hides its small columns; pooled over the samples as
-    :func:`~onnxcompress.validate.column_cosine` says why). An output with one value per
+    :func:`~onnxcompress.metrics.column_cosine` says why). An output with one value per
     sample has one cosine over all samples' values
-    (:func:`~onnxcompress.validate.value_cosine`). ``drop`` = 1 − the lowest of them (the
+    (:func:`~onnxcompress.metrics.value_cosine`). ``drop`` = 1 − the lowest of them (the
     column cosine only with ``columns``). ``samples``: each batch's sample count, which
-    places an output's samples (:func:`~onnxcompress.validate.sample_axis`)."""
+    places an output's samples (:func:`~onnxcompress.metrics.sample_axis`)."""
     cos: dict[int, list[float]] = defaultdict(list)
     cols: dict[int, np.ndarray] = {}
     values: dict[int, np.ndarray] = {}
