@@ -265,7 +265,7 @@ def _time_against_given(original: onnx.ModelProto, result: onnx.ModelProto, feed
         fallback = "no pass changed a node or a weight (shape annotations only): the model as given is the answer"
         log.warning("%s", fallback)
         return None, fallback
-    n = next(iter(feeds.values())).shape[0] if feeds else 1
+    n = batch_count(feeds)
     timings: list[tuple[float, float]] = []
     votes = {True: 0, False: 0}
     for _ in range(1 if allow_slower or result is original else 3):

@@ -14,8 +14,8 @@ over the last axis (non-negative, summing to 1 within 1e-3: a softmax'd CTC head
 log-probabilities (log-sum-exp 0 within 1e-3: a log_softmax head, as PyTorch CTC models
 export). A time-major head ([T, N, C]) is turned sample-major by validation
 (:func:`onnxcompress.metrics.sample_axis`). A logit head cannot be told from a hidden
-state by its values; a user names it with the ``ctc`` tolerance. The blank is class 0 (PaddleOCR, torchaudio, most CTC exports);
-where it is another class the decodes still compare the same argmax paths, with the
+state by its values; a user names it with the ``ctc`` tolerance. The blank is class 0
+(PaddleOCR, torchaudio, most CTC exports); where it is another class the decodes still compare the same argmax paths, with the
 blank read as one more symbol.
 """
 
@@ -39,8 +39,9 @@ def is_sequence_probabilities(ref: np.ndarray, tol: float = 1e-3) -> bool:
     return _is_log_probabilities(ref, tol)
 
 
-def _is_log_probabilities(ref: np.ndarray, tol: float) -> bool:
-    if float(ref.max()) > tol:
+def _is_log_probabilities(ref: np.ndarray, tol: float = 1e-3) -> bool:
+    """Values ≤ ``tol`` whose log-sum-exp over the last axis is 0 within ``tol``."""
+    if ref.size == 0 or float(ref.max()) > tol:
         return False
     a = ref.astype(np.float64)
     top = a.max(axis=-1, keepdims=True)
@@ -99,8 +100,8 @@ def changed_margins(ref: np.ndarray, new: np.ndarray, blank: int = BLANK) -> lis
         if len(a) == len(b) and np.array_equal(a, b):
             continue
         steps = np.nonzero(np.argmax(ref[i], axis=-1) != np.argmax(new[i], axis=-1))[0]
-        scores = np.exp(ref[i][steps]) if ref.size and float(ref.max()) <= 0 and _is_log_probabilities(ref[i], 1e-3) \
-            else ref[i][steps]  # log-probabilities: the gap between probabilities, as for a softmax'd head
+        # log-probabilities: the gap between probabilities, as for a softmax'd head
+        scores = np.exp(ref[i][steps]) if _is_log_probabilities(ref[i]) else ref[i][steps]
         top2 = np.partition(scores, -2, axis=-1)[:, -2:] if ref.shape[-1] >= 2 else np.zeros((0, 2))
         gap = top2[:, 1] - top2[:, 0]
         out.append(float(gap.min()) if gap.size else 0.0)

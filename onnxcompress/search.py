@@ -130,7 +130,7 @@ class Search:
         calib = self.ctx.calibration
         total = getattr(calib, "num_samples", None)
         if total is None:
-            total = sum(next(iter(b.values())).shape[0] for b in calib)  # type: ignore[union-attr]
+            total = sum(batch_count(b) for b in calib)  # type: ignore[arg-type]
         held = 0 if total < 8 else min(self.opts.samples // 2, max(4, round(self.opts.holdout * total)))
         self.n_fit = total - held
         # judged on: the held-out samples, and (so that no top-1 flip on the fitting samples

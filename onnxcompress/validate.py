@@ -12,7 +12,8 @@ Per output, accumulated batch by batch (nothing but running sums is kept):
   sample has signal, cosine is not judged and the report says so (``judged_by``). An
   output with one value per sample (a wake-word or VAD score, a regression) has one
   cosine over all samples' values instead, bounded by its relative error
-  (``cosine_pooled``, :func:`onnxcompress.metrics.value_cosine`): the cosine of a single value is only its sign
+  (``cosine_pooled``, :func:`onnxcompress.metrics.value_cosine`): the cosine of a single
+  value is only its sign
 * ``nonfinite``: NaN/Inf counts in the reference and in the candidate
 * ``top1``: argmax agreement, for outputs shaped like class scores ([N, C] with
   2 ≤ C ≤ 100000), over the samples whose reference top-1 leads the runner-up by more than
@@ -40,18 +41,8 @@ import onnx
 from .ctc import changed_margins, changed_note, few_samples_note, is_sequence_probabilities, sequence_agreement
 from .data import DataSource, batch_count
 from .errors import OptionError, RuntimeModelError
-from .metrics import (  # noqa: F401  (re-exported: the metrics' home for callers of validate)
-    CLASSES_MAX,
-    FEATURE_TABLE_MAX,
-    NOISE_FLOOR,
-    column_cosine,
-    column_sums,
-    cosine,
-    is_class_scores,
-    is_feature_table,
-    sample_axis,
-    sample_major,
-    value_cosine,
+from .metrics import (
+    NOISE_FLOOR, column_cosine, column_sums, cosine, is_class_scores, is_feature_table, sample_axis, value_cosine,
 )
 from .progress import NullProgress, Progress
 from .runtime import (  # noqa: F401
@@ -251,7 +242,7 @@ class OutputStats:
         rms = np.concatenate(self.rms) if self.rms else np.ones(0)
         if self.value_sums is not None and self.samples:  # one cosine over every sample's one value
             cos = np.array([value_cosine(self.value_sums)])
-            rms = np.sqrt(self.value_sums[1:].max(axis=0, keepdims=True)[0] / self.samples)
+            rms = np.sqrt(self.value_sums[1:].max(axis=0) / self.samples)  # [1]: the larger of Σa², Σb²
             m["cosine_pooled"] = True
         signal = rms > NOISE_FLOOR * span
         m["cosine_mean"] = float(cos[signal].mean()) if signal.any() else 1.0

@@ -9,9 +9,9 @@ import pytest
 
 from onnxcompress.data import RandomSource, input_specs
 from onnxcompress.errors import OptionError, ProviderError, RuntimeModelError
+from onnxcompress.metrics import column_cosine, column_sums, cosine, value_cosine
 from onnxcompress.validate import (
-    OutputStats, Thresholds, column_cosine, column_sums, compare_models, cosine, judge, parse_tolerances,
-    resolve_provider, value_cosine,
+    OutputStats, Thresholds, compare_models, judge, parse_tolerances, resolve_provider,
 )
 
 from .builders import linear_model

@@ -48,6 +48,7 @@ from .specs import (
     Dim,
     InputSpec,
     batch_axes,
+    batch_count,
     check_array,
     infer_batch_axes,
     input_specs,
@@ -230,11 +231,6 @@ def first_batch(source: DataSource) -> Batch:
     for batch in source:
         return batch
     raise DataError("the data source yielded no samples")
-
-
-def batch_count(batch: Batch) -> int:
-    """How many samples a batch (internal layout: samples on axis 0) holds."""
-    return next(iter(batch.values())).shape[0] if batch else 1
 
 
 def take_samples(source: Iterable[Batch], limit: int, skip: int = 0) -> list[Batch]:

@@ -15,7 +15,7 @@ import numpy as np
 
 from ..errors import DataError
 from .source import DataSource
-from .specs import Batch, InputSpec, _finite_rows
+from .specs import Batch, InputSpec, _finite_rows, batch_count
 
 log = logging.getLogger(__name__)
 
@@ -225,7 +225,7 @@ class ArrayFilesSource(DataSource):
                 if any(v is None for v in parts.values()) or (not parts and index):
                     break
                 chunk: Batch = {k: v for k, v in parts.items() if v is not None}
-                n = next(iter(chunk.values())).shape[0] if chunk else 1
+                n = batch_count(chunk)
                 for name, value in constants.items():
                     chunk[name] = np.repeat(value[None], n, axis=0)
                 good = np.ones(n, dtype=bool)

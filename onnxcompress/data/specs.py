@@ -23,6 +23,11 @@ log = logging.getLogger(__name__)
 Batch = dict[str, np.ndarray]
 
 
+def batch_count(batch: Batch) -> int:
+    """How many samples a batch (internal layout: samples on axis 0) holds."""
+    return next(iter(batch.values())).shape[0] if batch else 1
+
+
 Dim = int | str | None
 
 

@@ -29,6 +29,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from ...data import batch_count
 from ...graph import initializers, producers
 from ...model import node_attr, with_outputs
 from .rounding import gptq_round
@@ -82,7 +83,7 @@ def refit_convs(float_model: onnx.ModelProto, q: onnx.ModelProto, batches: Seque
     # float inputs (patches at sampled positions) and outputs, all layers, one float run per batch
     names = [t for _, f, _, _ in todo for t in (f.input[0], f.output[0])]
     sess = make_session(with_outputs(float_model, names), provider, label="int8 refit: float model")
-    images = sum(next(iter(b.values())).shape[0] for b in batches)
+    images = sum(batch_count(b) for b in batches)
     per = int(np.clip(BUDGET // max(images * sum(w[0].size for *_, w in todo), 1), 16, POSITIONS))
     rng = np.random.default_rng(seed)
     fx: dict[str, list[np.ndarray]] = {n.name: [] for n, *_ in todo}
