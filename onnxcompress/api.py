@@ -22,6 +22,7 @@ from .data import (
 from .data import batch_axes as batch_axes_scope
 from .errors import DataError, ModelSaveError, OnnxCompressError, OptionError
 from .graph import same_computation
+from .labels import Labels, read_labels
 from .model import load_model, same_file, save_model
 from .pipeline import Pass, PassContext, Pipeline
 from .progress import NullProgress, Progress
@@ -109,6 +110,8 @@ def optimize(
     search: SearchOptions | None = None,
     allow_slower: bool = False,
     batch_axes: Mapping[str, int | None] | None = None,
+    labels: str | None = None,
+    charset: str | os.PathLike[str] | Sequence[str] | None = None,
 ) -> tuple[onnx.ModelProto, OptimizeReport]:
     """Optimize ``model`` with ``passes`` and check the result against the original.
 
@@ -131,11 +134,17 @@ def optimize(
 
     ``batch_axes``: ``{input: axis or None}`` where the inferred batch axes are wrong (None:
     the input is held constant), see :mod:`onnxcompress.data`.
+
+    ``labels``: the name of the array in the calibration (and validation) ``.npz`` that
+    holds each sample's label (class index, or text for a CTC output, read through
+    ``charset`` or the model's ``character`` metadata); the budget and validation then
+    count only changes away from the labels (:mod:`onnxcompress.labels`).
     """
     with batch_axes_scope(batch_axes):
         return _optimize(model, passes, calibration, validation, output, provider, thresholds, batch_size,
                          calib_limit, val_limit, image_options, nonfinite, latency, latency_batch, latency_runs,
-                         threads, input_shapes, seed, keep_failed, external_data, progress, search, allow_slower)
+                         threads, input_shapes, seed, keep_failed, external_data, progress, search, allow_slower,
+                         (labels, charset))
 
 
 def _optimize(model: ModelLike, passes: PassesLike, calibration: DataLike | None,
@@ -145,7 +154,7 @@ def _optimize(model: ModelLike, passes: PassesLike, calibration: DataLike | None
               nonfinite: Literal["error", "skip"], latency: bool, latency_batch: int, latency_runs: int,
               threads: int | None, input_shapes: Mapping[str, Sequence[int]] | None, seed: int, keep_failed: bool,
               external_data: bool | None, progress: Progress | None, search: SearchOptions | None,
-              allow_slower: bool) -> tuple[onnx.ModelProto, OptimizeReport]:
+              allow_slower: bool, labelling: tuple[str | None, Any]) -> tuple[onnx.ModelProto, OptimizeReport]:
     progress = progress or NullProgress()
     provider = resolve_provider(provider)
     original, in_path = _as_model(model)
@@ -163,6 +172,7 @@ def _optimize(model: ModelLike, passes: PassesLike, calibration: DataLike | None
     make_session(original, provider, optimize=False, label=f"{in_path or 'input model'}")
     calib, val = _sources(original, calibration, validation, calib_limit, val_limit, batch_size, image_options,
                           nonfinite, seed, input_shapes)
+    calib_labels, val_labels = _labels(original, labelling, calibration, validation, calib, val, nonfinite)
     sample = first_batch(val) if val is not None else (first_batch(calib) if calib is not None else None)
     shapes = dict(input_shapes or {})
     if sample is not None:
@@ -178,7 +188,7 @@ def _optimize(model: ModelLike, passes: PassesLike, calibration: DataLike | None
     if auto:
         searcher = Search(search or SearchOptions(), ctx,
                           thresholds={None: thresholds} if isinstance(thresholds, Thresholds) else thresholds,
-                          threads=threads)
+                          threads=threads, labels=calib_labels)
         result, search_report = searcher.run(result, original)
         if search_report.chosen.index == 0:  # nothing was faster than the model as given
             steps = []
@@ -204,7 +214,7 @@ def _optimize(model: ModelLike, passes: PassesLike, calibration: DataLike | None
             thresholds = (Thresholds.exact(pipeline.rel_range) if pipeline.exact
                           else _lossy_thresholds(original, sample, provider))
         report.validation = compare_models(original, result, val, provider=provider, thresholds=thresholds,
-                                           progress=progress, threads=threads)
+                                           progress=progress, threads=threads, labels=val_labels)
     report.latency = latency_result
     if output is not None:
         ok = report.validation is None or report.validation.passed
@@ -230,6 +240,26 @@ def _lossy_thresholds(original: onnx.ModelProto, sample: dict[str, Any] | None,
                                 samples=batch_count(sample))
     out.update({n: t for n, t in budget.items() if n is not None and t.ctc is not None})
     return out
+
+
+def _labels(original: onnx.ModelProto, labelling: tuple[str | None, Any], calibration: DataLike | None,
+            validation: DataLike | Literal[False] | None, calib: DataSource | None, val: DataSource | None,
+            nonfinite: str) -> tuple[Labels | None, Labels | None]:
+    """The labels of the calibration and of the validation samples (see :func:`optimize`)."""
+    key, charset = labelling
+    if key is None:
+        return None, None
+    if nonfinite == "skip":
+        raise OptionError(f"labels '{key}': skipping non-finite samples would misalign the labels; "
+                          "drop those samples from the file instead")
+    if calib is None and validation in (None, False):
+        raise OptionError(f"labels '{key}': give calibration or validation data that holds them")
+    calib_labels = read_labels(calibration, key, original, charset, calib.num_samples) if calib is not None else None
+    if val is None:
+        return calib_labels, None
+    if validation is None:  # validated on the calibration data
+        return calib_labels, calib_labels
+    return calib_labels, read_labels(validation, key, original, charset, val.num_samples)
 
 
 def _sources(original: onnx.ModelProto, calibration: DataLike | None, validation: DataLike | Literal[False] | None,

@@ -135,7 +135,7 @@ Scale = Annotated[float, typer.Option(help="Images: pixel multiplier before mean
 ChannelOrder = Annotated[str, typer.Option("--channel-order", help="Images: rgb or bgr.", rich_help_panel="Image data")]
 Layout = Annotated[str, typer.Option(help="Images: nchw or nhwc.", rich_help_panel="Image data")]
 SkipNonfinite = Annotated[bool, typer.Option("--skip-nonfinite", help="Skip samples with NaN/Inf instead of refusing them.")]
-Tol = Annotated[Optional[str], typer.Option("--tol", help="Thresholds: '[OUTPUT:]key=value,...;...' with keys rel_range, max_abs, mean_abs, cosine, top1, feature_cosine (each column of an [N, rows, F] table), allow_nonfinite.")]
+Tol = Annotated[Optional[str], typer.Option("--tol", help="Thresholds: '[OUTPUT:]key=value,...;...' with keys rel_range, max_abs, mean_abs, cosine, top1, feature_cosine (each column of an [N, rows, F] table), ctc, ctc_lines (greedy CTC decodes of an [N, T, C] output), allow_nonfinite.")]
 Threads = Annotated[Optional[int], typer.Option(help="onnxruntime intra-op threads (default: onnxruntime's choice).")]
 ReportPath = Annotated[Optional[Path], typer.Option("--report", help="Write the report as JSON here.")]
 
@@ -153,6 +153,8 @@ def optimize(
     val: Annotated[Optional[Path], typer.Option("--val", help="Validation data (default: the calibration data, else seeded random inputs).")] = None,
     calib_limit: Annotated[Optional[int], typer.Option("--calib-limit", help="Use at most N calibration samples.")] = None,
     val_limit: Annotated[Optional[int], typer.Option("--val-limit", help="Validate on at most N samples.")] = None,
+    labels: Annotated[Optional[str], typer.Option("--labels", help="Name of the array in the --calib/--val .npz that holds each sample's label (class index, or text for a CTC output): the budget and validation then count only changes away from the labels.")] = None,
+    charset: Annotated[Optional[Path], typer.Option("--charset", help="Text labels: the CTC output's characters, one per line (class 0 is the blank). Default: the model's 'character' metadata.")] = None,
     batch_size: BatchSize = 8,
     provider: Provider = "cpu",
     tol: Tol = None,
@@ -201,7 +203,7 @@ def optimize(
         nonfinite="skip" if skip_nonfinite else "error", latency=latency, latency_batch=latency_batch,
         latency_runs=latency_runs, threads=threads, input_shapes=_parse_shapes(shape), seed=seed,
         keep_failed=keep_failed, allow_slower=allow_slower, external_data=external_data, progress=progress,
-        batch_axes=_parse_batch_axes(batch_axis),
+        batch_axes=_parse_batch_axes(batch_axis), labels=labels, charset=charset,
     )
     _print_report(rep)
     _write_json(report, rep.to_dict())

@@ -18,7 +18,8 @@ over the table is dominated by its largest column. The user's
 :class:`~onnxcompress.validate.Thresholds` per output replace these. A trial's *usage* is
 the largest fraction of its allowance any checked metric uses, max over outputs and
 metrics of (1 − value) / (1 − threshold); the budget holds when usage ≤ 1. Its *drop*
-(shown) is 1 − the worst checked metric.
+(shown) is 1 − the worst checked metric. With the user's labels (``labels``), top-1 and
+the CTC metrics count only changes away from the labels (:mod:`onnxcompress.labels`).
 
 **Speed.** Every trial is timed against the model as the user gave it (not the
 canonicalized and fused one the stages start from: what fuse does to a model's speed in
@@ -94,10 +95,20 @@ import onnx
 
 from .data import Batch, LimitedSource, batch_count, batch_of, input_specs, model_shapes, take_samples
 from .errors import OnnxCompressError, OptionError
+from .labels import Labels
 from .pipeline import Pass, PassContext, PassReport, Pipeline
 from .report import count_macs
 from .trials import SearchOptions, SearchReport, Trial, _checked, _tighten, _usage, default_thresholds, found_slower
-from .validate import OutputStats, Thresholds, judges_decodes, judge, make_session, measure_latency, run_session
+from .validate import (
+    OutputStats,
+    Thresholds,
+    check_labels_used,
+    judge,
+    judges_decodes,
+    make_session,
+    measure_latency,
+    run_session,
+)
 
 log = logging.getLogger(__name__)
 
@@ -112,13 +123,15 @@ class Search:
     """Runs the search; see the module docstring."""
 
     def __init__(self, options: SearchOptions, ctx: PassContext,
-                 thresholds: Mapping[str | None, Thresholds] | None = None, threads: int | None = None) -> None:
+                 thresholds: Mapping[str | None, Thresholds] | None = None, threads: int | None = None,
+                 labels: Labels | None = None) -> None:
         if ctx.calibration is None:
             raise OptionError("the default pipeline searches on calibration data: give --calib (or --passes)")
         self.opts = options
         self.ctx = ctx
         self.user_thresholds = dict(thresholds) if thresholds else None
         self.threads = threads
+        self.labels = labels
         self.trials: list[Trial] = []
         self.models: dict[int, onnx.ModelProto] = {}
         self.stopped: list[str] = []
@@ -139,11 +152,19 @@ class Search:
         held_batches = take_samples(calib, held, skip=self.n_fit) if held else []  # type: ignore[arg-type]
         fit_batches = take_samples(calib, checked_fit)  # type: ignore[arg-type]
         self.samples: list[tuple[Batch, bool]] = [(b, False) for b in fit_batches] + [(b, True) for b in held_batches]
+        starts = np.cumsum([0] + [batch_count(b) for b in fit_batches[:-1]]).tolist()
+        starts += (self.n_fit + np.cumsum([0] + [batch_count(b) for b in held_batches[:-1]])).tolist()
+        self.targets = [None if self.labels is None else (self.labels, self.labels.take(int(k), batch_count(b)))
+                        for k, (b, _) in zip(starts, self.samples)]
         self.n_samples = held
         self.n_checked = held + checked_fit
         if held == 0:
             log.warning("search: only %d calibration samples; trials are judged on the samples they were fitted to "
                         "(optimistic); give at least 8", total)
+        if self.labels is not None and held and held * self.opts.max_drop < 1:
+            log.warning("search: %d held-out labelled samples cannot show a share of worse samples under 1/%d; "
+                        "the budget of %g holds only as far as they show it (give about %d labelled samples)",
+                        held, held, self.opts.max_drop, math.ceil(4 / self.opts.max_drop))
         sess = make_session(model, self.ctx.provider, threads=self.threads, label="input model")
         self.names = [o.name for o in sess.get_outputs()]
         self.ref = [run_session(sess, b, "input model") for b, _ in self.samples]
@@ -183,13 +204,14 @@ class Search:
         sess = make_session(model, self.ctx.provider, threads=self.threads, label=f"trial {trial.index}")
         sets = {k: [OutputStats(n, sequence=judges_decodes(self._threshold(n))) for n in self.names]
                 for k in ("held-out", "all")}
-        for (batch, held), ref in zip(self.samples, self.ref):
+        for (batch, held), ref, targets in zip(self.samples, self.ref, self.targets):
             n = batch_count(batch)
             for i, new in enumerate(run_session(sess, batch, f"trial {trial.index}")):
                 a, b = np.asarray(ref[i]), np.asarray(new)
-                sets["all"][i].update(a, b, samples=n)
+                sets["all"][i].update(a, b, samples=n, targets=targets)
                 if held:
-                    sets["held-out"][i].update(a, b, samples=n)
+                    sets["held-out"][i].update(a, b, samples=n, targets=targets)
+        check_labels_used(self.labels, sets["all"])
         failures: list[str] = []
         usage = 0.0
         for label, stats in sets.items():

@@ -22,6 +22,8 @@ Per output, accumulated batch by batch (nothing but running sums is kept):
   ``ctc`` tolerance), 1 − the edit distance between the two models' greedy CTC decodes
   over the reference decode's length; ``ctc_lines``: the share of samples decoded
   identically (:mod:`onnxcompress.ctc`)
+* with labels (``against_labels``), ``top1`` and the ``ctc`` metrics count a change only
+  where it moves the answer away from the sample's label (:mod:`onnxcompress.labels`)
 
 A :class:`Thresholds` per output decides pass/fail; the defaults depend on whether the
 rewrite is exact (``rel_range ≤ 1e-4``) or approximate (mean cosine ≥ 0.99, top-1 ≥ 0.99).
@@ -41,6 +43,7 @@ import onnx
 from .ctc import changed_margins, changed_note, few_samples_note, is_sequence_probabilities, sequence_agreement
 from .data import DataSource, batch_count
 from .errors import OptionError, RuntimeModelError
+from .labels import Labels, class_harm, sequence_harm
 from .metrics import (
     NOISE_FLOOR, column_cosine, column_sums, cosine, is_class_scores, is_feature_table, sample_axis, value_cosine,
 )
@@ -161,11 +164,15 @@ class OutputStats:
     ctc_margins: list[float] = field(default_factory=list)  # per changed sample: see ctc.changed_margins
     value_sums: np.ndarray | None = None  # one value per sample: column_sums over all samples' values
     batch_axis: int | None = None  # the output's sample axis, decided on the first batch (see update)
+    labelled: bool | None = None  # judged against labels (see labels.py); decided on the first batch
 
-    def update(self, ref: np.ndarray, new: np.ndarray, samples: int | None = None) -> None:
+    def update(self, ref: np.ndarray, new: np.ndarray, samples: int | None = None,
+               targets: tuple[Labels, np.ndarray] | None = None) -> None:
         """Add one batch. ``samples``: how many samples the batch holds; an output whose
         axis 0 is not that count and whose axis 1 is (a time-major [T, N, C] sequence, a
-        [layers, N, H] state) is compared sample by sample along axis 1."""
+        [layers, N, H] state) is compared sample by sample along axis 1. ``targets``: the
+        batch's labels, which judge a CTC or class-score output they fit
+        (:mod:`onnxcompress.labels`)."""
         if ref.shape != new.shape:
             raise RuntimeModelError(f"output '{self.name}': shape {list(new.shape)} differs from the original's {list(ref.shape)}")
         self.shape = list(ref.shape)
@@ -209,22 +216,31 @@ class OutputStats:
         if is_feature_table(a.shape):  # feature j: cosine over the rows (boxes) of all samples
             sums = column_sums(ca, cb)
             self.feature_sums = sums if self.feature_sums is None else self.feature_sums + sums
+        if self.sequence is None:
+            self.sequence = is_sequence_probabilities(a)
+        if targets is not None and self.labelled is None:
+            self.labelled = targets[0].fits(a, bool(self.sequence))
+        labels = targets if self.labelled else None
         if is_class_scores(a.shape):
             self.classes = True
             sa, sb = np.where(fa, a, -np.inf).reshape(n, -1), np.where(fb, b, -np.inf).reshape(n, -1)
-            self.top1.append(np.argmax(sa, axis=1) == np.argmax(sb, axis=1))
+            ta, tb = np.argmax(sa, axis=1), np.argmax(sb, axis=1)
+            self.top1.append(ta == tb if labels is None else class_harm(ta, tb, labels[1].astype(np.int64)))
             top2 = np.sort(np.where(np.isfinite(sa), sa, -np.inf), axis=1)[:, -2:]
             with np.errstate(invalid="ignore"):  # -inf − -inf where fewer than two scores are finite
                 lead = top2[:, 1] - top2[:, 0]
             self.margin.append(np.nan_to_num(lead, nan=0.0, posinf=np.inf, neginf=0.0))
-        if self.sequence is None:
-            self.sequence = is_sequence_probabilities(a)
         if self.sequence and a.ndim == 3:
-            edits, chars, same = sequence_agreement(ca, cb)
+            if labels is None:
+                edits, chars, same = sequence_agreement(ca, cb)
+                changed = slice(None)
+            else:  # only changes away from the labels count
+                edits, chars, worse = sequence_harm(ca, cb, labels[0].encode(labels[1], a.shape[-1]))
+                same, changed = n - sum(worse), np.array(worse, dtype=bool)
             self.ctc_edits, self.ctc_chars, self.ctc_same = self.ctc_edits + edits, self.ctc_chars + chars, \
                 self.ctc_same + same
             if same < n:
-                self.ctc_margins += changed_margins(ca, cb)
+                self.ctc_margins += changed_margins(ca[changed], cb[changed])
 
     def metrics(self) -> dict[str, Any]:
         span = self.ref_max - self.ref_min if self.ref_max > self.ref_min else 0.0
@@ -262,6 +278,8 @@ class OutputStats:
             m["ctc_edits"], m["ctc_chars"] = self.ctc_edits, self.ctc_chars
             m["ctc_samples"] = self.samples
             m["ctc_changed_margins"] = sorted(round(v, 4) for v in self.ctc_margins)
+        if self.labelled:
+            m["against_labels"] = True
         if self.feature_sums is not None:
             per = column_cosine(self.feature_sums)
             m["feature_cosine"] = [round(float(v), 6) for v in per]
@@ -329,12 +347,13 @@ def judged_by(m: Mapping[str, Any], t: Thresholds) -> list[str]:
         out.append(f"rel_range ≤ {1 - t.cosine:g} (no sample with signal above the noise floor: cosine is noise)")
     if t.feature_cosine is not None and "feature_cosine_min" in m:
         out.append(f"each column's cosine ≥ {t.feature_cosine:g}")
+    away = " (changes toward the labels are free)" if m.get("against_labels") else ""
     if t.top1 is not None and "top1" in m:
-        out.append(f"top-1 ≥ {t.top1:g}")
+        out.append(f"top-1 ≥ {t.top1:g}{away}")
     if t.ctc is not None and "ctc" in m:
-        out.append(f"greedy CTC decodes agree ≥ {t.ctc:g} (1 − edits / characters)")
+        out.append(f"greedy CTC decodes agree ≥ {t.ctc:g} (1 − edits / characters){away}")
     if t.ctc_lines is not None and "ctc_lines" in m:
-        out.append(f"share of identically decoded samples ≥ {t.ctc_lines:g}")
+        out.append(f"share of identically decoded samples ≥ {t.ctc_lines:g}{away}")
     return out
 
 
@@ -357,17 +376,29 @@ def judge(name: str, m: Mapping[str, Any], t: Thresholds) -> list[str]:
         j = int(np.argmin(m["feature_cosine"]))
         fails.append(f"cosine of feature {j} (last axis, over all samples) {m['feature_cosine_min']:.5f}"
                      f" < {t.feature_cosine:g}")
+    away = " away from the labels" if m.get("against_labels") else ""
     if t.top1 is not None and "top1" in m and m["top1"] < t.top1:
         n = m.get("top1_samples", 0)
-        flips = f" ({round((1 - m['top1']) * n)} of {n} flipped{few_samples_note(n, t.top1)})" if n else ""
+        flips = f" ({round((1 - m['top1']) * n)} of {n} flipped{away}{few_samples_note(n, t.top1)})" if n else ""
         fails.append(f"top-1 agreement {m['top1']:.4f} < {t.top1:g}{flips}")
     if t.ctc is not None and "ctc" in m and m["ctc"] < t.ctc:
-        fails.append(f"greedy CTC decodes differ by {m['ctc_edits']} edits in {m['ctc_chars']} characters: "
+        fails.append(f"greedy CTC decodes differ by {m['ctc_edits']} edits{away} in {m['ctc_chars']} characters: "
                      f"agreement {m['ctc']:.4f} < {t.ctc:g}")
     if t.ctc_lines is not None and "ctc_lines" in m and m["ctc_lines"] < t.ctc_lines:
         detail = changed_note(m.get("ctc_samples", 0), m.get("ctc_changed_margins", []), t.ctc_lines)
-        fails.append(f"{m['ctc_lines']:.4f} of the samples decode identically < {t.ctc_lines:g}{detail}")
+        same = "decode identically or closer to their labels" if away else "decode identically"
+        fails.append(f"{m['ctc_lines']:.4f} of the samples {same} < {t.ctc_lines:g}{detail}")
     return fails
+
+
+def check_labels_used(labels: Labels | None, stats: list[OutputStats]) -> None:
+    """An error where ``labels`` fit none of the outputs."""
+    if labels is not None and not any(s.labelled for s in stats):
+        kind = ("string labels judge a CTC output ([N, T, C] probabilities; a logit head: name it with "
+                "--tol OUTPUT:ctc=…)") if labels.strings else \
+            "integer labels judge class scores ([N, C])"
+        raise OptionError(f"{labels.where}: the labels fit none of the outputs "
+                          f"({', '.join(f'{s.name} {s.shape}' for s in stats)}): {kind}")
 
 
 def judges_decodes(t: Thresholds) -> bool | None:
@@ -385,8 +416,10 @@ def compare_models(
     thresholds: Mapping[str | None, Thresholds] | Thresholds | None = None,
     progress: Progress | None = None,
     threads: int | None = None,
+    labels: Labels | None = None,
 ) -> ValidationReport:
-    """Run both models on every batch of ``data`` and compare their outputs."""
+    """Run both models on every batch of ``data`` and compare their outputs (``labels``:
+    one per sample of ``data``, see :mod:`onnxcompress.labels`)."""
     progress = progress or NullProgress()
     provider = resolve_provider(provider)
     if thresholds is None:
@@ -409,8 +442,9 @@ def compare_models(
             ref_out = run_session(ref_sess, batch, "original model")
             new_out = run_session(new_sess, batch, "optimized model")
             n = batch_count(batch)
+            targets = (labels, labels.take(samples, n)) if labels is not None else None
             for s, a, b in zip(stats, ref_out, new_out):
-                s.update(np.asarray(a), np.asarray(b), samples=n)
+                s.update(np.asarray(a), np.asarray(b), samples=n, targets=targets)
             samples += n
             batches += 1
             task.advance(n)
@@ -418,6 +452,7 @@ def compare_models(
         from .errors import DataError
 
         raise DataError("validation data yielded no samples")
+    check_labels_used(labels, stats)
     results = []
     for s in stats:
         t = thresholds.get(s.name, thresholds[None])
