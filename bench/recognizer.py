@@ -2,7 +2,7 @@
 default pipeline: MACs, latency at batch 1 and 8, and what a user reads.
 
     python bench/recognizer.py [--shared ../shared] [--runs "fuse=canonicalize,fuse;default="]
-                               [--rounds 9] [--json out.json] [--keep DIR]
+                               [--rounds 9] [--json out.json] [--keep DIR] [--time-budget S]
 
 Each run is ``onnxcompress.optimize`` on ``ppocrv5_rec.onnx`` with ``ppocrv5_rec_calib.npz``
 (``allow_slower``, so a run that does not pay still shows by how much). ``prune mlp`` prunes
@@ -10,7 +10,8 @@ the transformer MLPs' hidden channels alone: ratio 0 everywhere but the two MLP 
 (first producers ``MatMul.4`` and ``MatMul.10``, as ``onnxcompress inspect --groups``
 lists them), which lose half of their channels. ``prune heads`` removes 2 of the 8 attention
 heads in each block alone (the head groups' first producers are the fused QKV MatMuls
-``MatMul.0`` and ``MatMul.6``). Accuracy is scored
+``MatMul.0`` and ``MatMul.6``). A run whose passes are ``@labels`` is the default pipeline
+judged against the calibration set's labels (``labels="y"``). Accuracy is scored
 on ``ppocrv5_rec_eval.npz`` only: CER and exact-line rate against the labels (greedy CTC
 over ``ppocrv5_rec_dict.txt``: 0 blank, then the dictionary, then a space), and the
 agreement of the decodes with the original model's (1 − edits / characters) and the lines
@@ -79,7 +80,9 @@ def latency(original: onnx.ModelProto, model: onnx.ModelProto, x: np.ndarray, ba
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shared", default=os.environ.get("ONNXCOMPRESS_SHARED", str(ROOT.parent / "shared")))
-    ap.add_argument("--runs", default=DEFAULT_RUNS, help="'label=passes;…' (empty passes: the default pipeline)")
+    ap.add_argument("--runs", default=DEFAULT_RUNS,
+                    help="'label=passes;…' (empty passes: the default pipeline; '@labels': it, with --labels y)")
+    ap.add_argument("--time-budget", type=float, default=300.0, help="the default pipeline's search seconds")
     ap.add_argument("--rounds", type=int, default=9)
     ap.add_argument("--json")
     ap.add_argument("--keep", help="write each run's model into this folder")
@@ -98,8 +101,12 @@ def main() -> None:
     rows = [{"run": "original", "macs": 1.0, "cer": ref_cer, "exact": ref_exact, "agree": 1.0, "changed": 0}]
     for item in (r for r in args.runs.split(";") if r.strip()):
         label, _, spec = item.partition("=")
+        labels = None
+        if spec.strip() == "@labels":  # the default pipeline judged against the calibration labels
+            spec, labels = "", "y"
         result, report = oc.optimize(original, passes=spec or None, calibration=str(calib), allow_slower=True,
-                                     latency=False)
+                                     latency=False, labels=labels,
+                                     search=None if spec else oc.SearchOptions(time_budget=args.time_budget))
         if args.keep:
             Path(args.keep).mkdir(parents=True, exist_ok=True)
             oc.save_model(result, Path(args.keep) / f"{label}.onnx")

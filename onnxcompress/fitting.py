@@ -288,8 +288,9 @@ def _accumulate_refit(acc: _Acc, x: np.ndarray, y_new: np.ndarray, y_ref: np.nda
         if acc.kind == "depthwise":  # per channel: [C, S, kh*kw + 1]
             p = patches.reshape(len(ni), cin, kh * kw).transpose(1, 0, 2).astype(np.float64)
             p = np.concatenate([p, np.ones((cin, len(ni), 1))], axis=2)
-            a = np.einsum("csi,csj->cij", p, p)
-            bb = np.einsum("csi,sc->ci", p, t.astype(np.float64))
+            pt = p.transpose(0, 2, 1)  # batched matmul: BLAS, several times faster than einsum here
+            a = pt @ p
+            bb = (pt @ t.T.astype(np.float64)[:, :, None])[..., 0]
             acc.A = a if acc.A is None else acc.A + a
             acc.B = bb if acc.B is None else acc.B + bb
             acc.count += len(ni)
