@@ -9,14 +9,14 @@ current weights rather than toward zero (a layer whose input did not change keep
 weights; one that changed keeps what the data does not determine), one small problem per channel for depthwise
 layers, and the mean of the output error for layers too large for dense normal equations
 or with too few samples. Pruning uses it to recover the layers after removed channels,
-lowrank to refit the second factor of a split. Nothing here imports a pass.
+lowrank to refit the second factor of a split. What it fits to, the original's layer
+outputs, is kept compactly (:mod:`onnxcompress.references`). Nothing here imports a pass.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import onnx
@@ -26,12 +26,10 @@ from .data import DataSource
 from .graph import initializers, producers, remove_dead_code
 from .model import node_attr, with_outputs
 from .progress import NullProgress, Progress
+from .references import Target, cached_targets, make_target, sample_positions
 from .validate import make_session, run_named
 
 log = logging.getLogger(__name__)
-
-CACHE_INPUT_BYTES = 256 * 2**20
-CACHE_OUTPUT_BYTES = 768 * 2**20
 
 
 def conv_geometry(node: onnx.NodeProto, x_shape: tuple[int, ...], w_shape: tuple[int, ...], y_shape: tuple[int, ...]):
@@ -56,11 +54,7 @@ def sample_patches(node: onnx.NodeProto, x: np.ndarray, out_shape: tuple[int, ..
                    positions: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Input patches [S, C, kh, kw] of a Conv at up to ``positions`` random output positions
     per image, and the (image, row, column) indices of those positions."""
-    n, _, ho, wo = out_shape
-    per = min(positions, ho * wo)
-    ni = np.repeat(np.arange(n), per)
-    flat = np.concatenate([rng.choice(ho * wo, per, replace=False) for _ in range(n)])
-    oy, ox = flat // wo, flat % wo
+    ni, oy, ox = sample_positions(out_shape, rng, positions)
     return patches_at(node, x, out_shape, w_shape, ni, oy, ox), ni, oy, ox
 
 
@@ -185,7 +179,8 @@ def sequential_refit(
     counts = {"dense": 0, "depthwise": 0, "bias": 0, "skip": 0, "levels": len(levels)}
     orig_out = sorted({n.output[0] for n in consumers})
     orig_sess = make_session(with_outputs(original, orig_out), provider, label="original model (refit)")
-    batches, refs = _cached_references(data, orig_sess, orig_out)
+    node_of = {o: orig_nodes[o] for o in orig_out}
+    batches, refs = cached_targets(data, orig_sess, node_of, rng, positions)
     with progress.task("refitting (prune)", len(levels)) as task:
         for level in levels:
             inits = initializers(pruned.graph)
@@ -198,16 +193,18 @@ def sequential_refit(
                     for n in level}
             for i, batch in enumerate(batches if batches is not None else data):
                 new_vals = dict(zip(names, run_named(sess, names, batch)))
-                ref_vals = refs[i] if refs is not None else dict(zip(level_out, run_named(orig_sess, level_out, batch)))
+                targets = refs[i] if refs is not None else {
+                    o: make_target(node_of[o], y, rng, positions)
+                    for o, y in zip(level_out, run_named(orig_sess, level_out, batch))}
                 for out_name, acc in accs.items():
                     n = acc.node
                     x = np.asarray(new_vals[n.input[0]], np.float32)
                     y_new = np.asarray(new_vals[out_name], np.float32)
-                    y_ref = _kept_target(np.asarray(ref_vals[out_name], np.float32), y_new, kept_out.get(out_name))
-                    if y_ref is None:
+                    target = targets[out_name].kept(y_new.shape, kept_out.get(out_name))
+                    if target is None:
                         acc.kind = "skip"
                         continue
-                    _accumulate_refit(acc, x, y_new, y_ref, inits, rng, positions)
+                    _accumulate_refit(acc, x, y_new, target, inits)
             for acc in accs.values():
                 if acc.kind != "skip" and acc.count:
                     done = _solve_refit(acc, pruned, inits, ridge)
@@ -217,25 +214,6 @@ def sequential_refit(
             task.advance()
     remove_dead_code(pruned.graph)  # biases moved to new initializers leave old ones unused
     return counts
-
-
-def _cached_references(data: DataSource, orig_sess: Any, orig_out: list[str],
-                       ) -> tuple[list[dict[str, np.ndarray]] | None, list[dict[str, np.ndarray]] | None]:
-    """The calibration batches and the original layers' outputs on them, where both are
-    small: every level then runs only the pruned model. (None, None) otherwise: then
-    everything streams, level by level."""
-    batches: list[dict[str, np.ndarray]] = []
-    refs: list[dict[str, np.ndarray]] = []
-    in_bytes = out_bytes = 0
-    for batch in data:
-        in_bytes += sum(v.nbytes for v in batch.values())
-        ref = dict(zip(orig_out, run_named(orig_sess, orig_out, batch)))
-        out_bytes += sum(v.nbytes for v in ref.values())
-        if in_bytes > CACHE_INPUT_BYTES or out_bytes > CACHE_OUTPUT_BYTES:
-            return None, None
-        batches.append(batch)
-        refs.append(ref)
-    return batches, refs
 
 
 def _refit_kind(n: onnx.NodeProto, w: np.ndarray, max_dim: int) -> str:
@@ -254,37 +232,28 @@ def _refit_kind(n: onnx.NodeProto, w: np.ndarray, max_dim: int) -> str:
     return "dense" if d <= max_dim else "bias"
 
 
-def _kept_target(y_ref: np.ndarray, y_new: np.ndarray, kept: np.ndarray | None) -> np.ndarray | None:
-    """The original output restricted to the channels the pruned layer still produces (on
-    the one axis where the shapes differ: 1 for a Conv, the last for a MatMul)."""
-    if y_ref.shape == y_new.shape:
-        return y_ref
-    if kept is None or y_ref.ndim != y_new.ndim:
-        return None
-    differ = [a for a in range(y_ref.ndim) if y_ref.shape[a] != y_new.shape[a]]
-    if len(differ) != 1 or len(kept) != y_new.shape[differ[0]]:
-        return None
-    return np.take(y_ref, kept, axis=differ[0])
-
-
-def _accumulate_refit(acc: _Acc, x: np.ndarray, y_new: np.ndarray, y_ref: np.ndarray, inits, rng, positions: int) -> None:
+def _accumulate_refit(acc: _Acc, x: np.ndarray, y_new: np.ndarray, target: Target, inits) -> None:
     n = acc.node
-    if acc.nonfinite or not (np.all(np.isfinite(x)) and np.all(np.isfinite(y_ref)) and np.all(np.isfinite(y_new))):
+    if acc.nonfinite or not (target.finite and np.all(np.isfinite(x)) and np.all(np.isfinite(y_new))):
         acc.nonfinite = True
         return
     if acc.kind == "bias":
-        channel = 1 if n.op_type == "Conv" else y_ref.ndim - 1  # a MatMul's features are its last axis
-        axes = tuple(i for i in range(y_ref.ndim) if i != channel) if y_ref.ndim > 1 else (0,)
-        d = (y_ref - y_new).sum(axis=axes, dtype=np.float64)
+        axes = tuple(i for i in range(y_new.ndim) if i != target.channel) if y_new.ndim > 1 else (0,)
+        d = target.sums - y_new.sum(axis=axes, dtype=np.float64)
         acc.diff = d if acc.diff is None else acc.diff + d
-        acc.count += int(np.prod([y_ref.shape[i] for i in axes]))
+        acc.count += target.count
+        return
+    if target.rows is None:  # no rows were kept for it (a Conv that is not 2-D): nothing to fit
+        acc.kind = "skip"
         return
     if n.op_type == "Conv":
+        assert target.where is not None
         w_shape = tuple(inits[n.input[1]].dims)
         kh, kw = int(w_shape[2]), int(w_shape[3])
         cin = x.shape[1]
-        patches, ni, oy, ox = sample_patches(n, x, y_ref.shape, w_shape, rng, positions)
-        t = y_ref[ni, :, oy, ox]  # [S, C_out]
+        ni, oy, ox = target.where
+        patches = patches_at(n, x, y_new.shape, w_shape, ni, oy, ox)
+        t = target.rows  # [S, C_out]
         if acc.kind == "depthwise":  # per channel: [C, S, kh*kw + 1]
             p = patches.reshape(len(ni), cin, kh * kw).transpose(1, 0, 2).astype(np.float64)
             p = np.concatenate([p, np.ones((cin, len(ni), 1))], axis=2)
@@ -298,7 +267,7 @@ def _accumulate_refit(acc: _Acc, x: np.ndarray, y_new: np.ndarray, y_ref: np.nda
         p = patches.reshape(len(ni), -1)
     else:  # Gemm/MatMul: every row of every sample ([..., T, K] → [N·T, K]) is one equation
         p = x.reshape(-1, x.shape[-1])
-        t = y_ref.reshape(-1, y_ref.shape[-1])
+        t = target.rows
     p = np.concatenate([p, np.ones((p.shape[0], 1), np.float32)], axis=1).astype(np.float64)
     acc.A = p.T @ p if acc.A is None else acc.A + p.T @ p
     bt = p.T @ t.astype(np.float64)
