@@ -65,6 +65,8 @@ class Target:
         differ = [a for a in range(len(self.shape)) if self.shape[a] != new_shape[a]]
         if differ != [self.channel] or len(channels) != new_shape[self.channel]:
             return None
+        if not self.finite:  # nothing kept to select from
+            return dataclasses.replace(self, shape=tuple(new_shape))
         return dataclasses.replace(self, shape=tuple(new_shape), sums=self.sums[..., channels],
                                    rows=None if self.rows is None else self.rows[:, channels])
 
@@ -75,15 +77,17 @@ def make_target(node: onnx.NodeProto, y: np.ndarray, rng: np.random.Generator, p
     conv = node.op_type == "Conv"
     channel = 1 if conv else max(y.ndim - 1, 0)
     axes = tuple(i for i in range(y.ndim) if i != channel) if y.ndim > 1 else (0,)
-    sums = y.sum(axis=axes, dtype=np.float64)
     count = int(np.prod([y.shape[i] for i in axes])) if y.ndim else 1
+    if not np.all(np.isfinite(y)):  # the refit leaves such a layer as it is: keep nothing
+        return Target(tuple(y.shape), channel, np.zeros(0), count, None, None, False)
+    sums = y.sum(axis=axes, dtype=np.float64)
     rows = where = None
     if conv and y.ndim == 4:
         where = sample_positions(y.shape, rng, positions)
         rows = y[where[0], :, where[1], where[2]]
     elif not conv and y.ndim >= 1:
         rows = y.reshape(-1, y.shape[-1])
-    return Target(tuple(y.shape), channel, sums, count, rows, where, bool(np.all(np.isfinite(y))))
+    return Target(tuple(y.shape), channel, sums, count, rows, where, True)
 
 
 def cached_targets(data: Iterable[Batch], orig_sess: Any, nodes: Mapping[str, onnx.NodeProto],
