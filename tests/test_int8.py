@@ -162,6 +162,17 @@ def test_agreement_takes_each_sample_of_a_time_major_output() -> None:
     assert agreement([[a]], [[b]], samples=[3])["cosine"] == pytest.approx(1 / 3)
     assert agreement([[a]], [[b]])["cosine"] != pytest.approx(1 / 3)
 
+
+def test_agreement_keeps_an_outputs_sample_axis_from_its_first_batch() -> None:
+    """A time-major output whose second batch happens to hold as many samples as steps
+    ([8, 8, C]) is still read along axis 1, as validation reads it."""
+    rng = np.random.default_rng(0)
+    a1, a2 = rng.standard_normal((8, 3, 5)), rng.standard_normal((8, 8, 5))
+    b2 = a2.copy()
+    b2[:, 2] *= -1  # sample 2 of the second batch
+    got = agreement([[a1], [a2]], [[a1.copy()], [b2]], samples=[3, 8])["cosine"]
+    assert got == pytest.approx((3 + 7 - 1) / 11)
+
 def test_opset11_is_upgraded_for_per_channel_weights() -> None:
     m = _canon(FIXTURES / "resnet_block.onnx")
     assert prepare.opset_of(m) == 11

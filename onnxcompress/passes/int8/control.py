@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 
 from ...metrics import (
-    column_cosine, column_sums, cosine, is_class_scores, is_feature_table, sample_major, value_cosine,
+    column_cosine, column_sums, cosine, is_class_scores, is_feature_table, sample_axis, value_cosine,
 )
 from ...model import with_outputs
 from ...pipeline import PassContext
@@ -48,17 +48,19 @@ def agreement(ref: list[list[np.ndarray]], new: list[list[np.ndarray]], columns:
     sample has one cosine over all samples' values
     (:func:`~onnxcompress.metrics.value_cosine`). ``drop`` = 1 − the lowest of them (the
     column cosine only with ``columns``). ``samples``: each batch's sample count, which
-    places an output's samples (:func:`~onnxcompress.metrics.sample_axis`)."""
+    places an output's samples (:func:`~onnxcompress.metrics.sample_axis`, on its first batch)."""
     cos: dict[int, list[float]] = defaultdict(list)
     cols: dict[int, np.ndarray] = {}
     values: dict[int, np.ndarray] = {}
     top1: dict[int, list[float]] = defaultdict(list)
+    axis: dict[int, int] = {}  # each output's sample axis, decided on its first batch as validation does
     for j, (a_list, b_list) in enumerate(zip(ref, new)):
         for k, (a, b) in enumerate(zip(a_list, b_list)):
             if a.dtype.kind != "f":
                 continue
             n = samples[j] if samples is not None else None
-            a, b = sample_major(a, n), sample_major(b, n)
+            if axis.setdefault(k, sample_axis(a.shape, n)) == 1 and a.ndim >= 2:
+                a, b = np.moveaxis(a, 1, 0), np.moveaxis(b, 1, 0)
             a2 = a.reshape(a.shape[0], -1).astype(np.float64) if a.ndim else a.reshape(1, -1).astype(np.float64)
             b2 = b.reshape(a2.shape).astype(np.float64)
             cos[k].extend(cosine(a2, b2, axis=1).tolist())
