@@ -333,19 +333,21 @@ def validate_models(
     input_shapes: Mapping[str, Sequence[int]] | None = None,
     progress: Progress | None = None,
     batch_axes: Mapping[str, int | None] | None = None,
+    labels: str | None = None,
+    charset: str | os.PathLike[str] | Sequence[str] | None = None,
 ) -> ValidationReport:
-    """Compare two models' outputs on ``data`` (or seeded random inputs); ``batch_axes``
-    as in :func:`optimize`."""
+    """Compare two models' outputs on ``data`` (or seeded random inputs); ``batch_axes``,
+    ``labels`` and ``charset`` as in :func:`optimize`."""
     with batch_axes_scope(batch_axes):
         return _validate_models(reference, candidate, data, provider, thresholds, batch_size, limit, image_options,
-                                nonfinite, seed, threads, input_shapes, progress)
+                                nonfinite, seed, threads, input_shapes, progress, (labels, charset))
 
 
 def _validate_models(reference: ModelLike, candidate: ModelLike, data: DataLike | None, provider: str,
                      thresholds: Mapping[str | None, Thresholds] | Thresholds | None, batch_size: int,
                      limit: int | None, image_options: ImageOptions | None, nonfinite: Literal["error", "skip"],
                      seed: int, threads: int | None, input_shapes: Mapping[str, Sequence[int]] | None,
-                     progress: Progress | None) -> ValidationReport:
+                     progress: Progress | None, labelling: tuple[str | None, Any]) -> ValidationReport:
     ref, _ = _as_model(reference)
     new, _ = _as_model(candidate)
     ref_in = [(s.name, s.dtype) for s in input_specs(ref)]
@@ -357,7 +359,9 @@ def _validate_models(reference: ModelLike, candidate: ModelLike, data: DataLike 
                                           shapes=input_shapes)
     else:
         source = open_data(data, ref, batch_size=batch_size, limit=limit, image_options=image_options, nonfinite=nonfinite)
-    return compare_models(ref, new, source, provider=provider, thresholds=thresholds, progress=progress, threads=threads)
+    _, labels = _labels(ref, labelling, None, data, None, source, nonfinite)
+    return compare_models(ref, new, source, provider=provider, thresholds=thresholds, progress=progress, threads=threads,
+                          labels=labels)
 
 
 def inspect_model(model: ModelLike, input_shapes: Mapping[str, Sequence[int]] | None = None) -> ModelSummary:

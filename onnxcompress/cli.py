@@ -137,6 +137,8 @@ Layout = Annotated[str, typer.Option(help="Images: nchw or nhwc.", rich_help_pan
 SkipNonfinite = Annotated[bool, typer.Option("--skip-nonfinite", help="Skip samples with NaN/Inf instead of refusing them.")]
 Tol = Annotated[Optional[str], typer.Option("--tol", help="Thresholds: '[OUTPUT:]key=value,...;...' with keys rel_range, max_abs, mean_abs, cosine, top1, feature_cosine (each column of an [N, rows, F] table), ctc, ctc_lines (greedy CTC decodes of an [N, T, C] output), allow_nonfinite.")]
 Threads = Annotated[Optional[int], typer.Option(help="onnxruntime intra-op threads (default: onnxruntime's choice).")]
+LabelsOpt = Annotated[Optional[str], typer.Option("--labels", help="Name of the array in the data's .npz that holds each sample's label (class index, or text for a CTC output): the budget and validation then count only changes away from the labels.")]
+CharsetOpt = Annotated[Optional[Path], typer.Option("--charset", help="Text labels: the CTC output's characters, one per line (class 0 is the blank). Default: the model's 'character' metadata.")]
 ReportPath = Annotated[Optional[Path], typer.Option("--report", help="Write the report as JSON here.")]
 
 
@@ -153,8 +155,8 @@ def optimize(
     val: Annotated[Optional[Path], typer.Option("--val", help="Validation data (default: the calibration data, else seeded random inputs).")] = None,
     calib_limit: Annotated[Optional[int], typer.Option("--calib-limit", help="Use at most N calibration samples.")] = None,
     val_limit: Annotated[Optional[int], typer.Option("--val-limit", help="Validate on at most N samples.")] = None,
-    labels: Annotated[Optional[str], typer.Option("--labels", help="Name of the array in the --calib/--val .npz that holds each sample's label (class index, or text for a CTC output): the budget and validation then count only changes away from the labels.")] = None,
-    charset: Annotated[Optional[Path], typer.Option("--charset", help="Text labels: the CTC output's characters, one per line (class 0 is the blank). Default: the model's 'character' metadata.")] = None,
+    labels: LabelsOpt = None,
+    charset: CharsetOpt = None,
     batch_size: BatchSize = 8,
     provider: Provider = "cpu",
     tol: Tol = None,
@@ -226,6 +228,8 @@ def validate(
     batch_size: BatchSize = 8,
     provider: Provider = "cpu",
     tol: Tol = None,
+    labels: LabelsOpt = None,
+    charset: CharsetOpt = None,
     approximate: Annotated[bool, typer.Option("--approximate", help="Default thresholds of approximate rewrites (cosine ≥ 0.99, top-1 ≥ 0.99) instead of exact ones (error ≤ 1e-4 of the output range).")] = False,
     threads: Threads = None,
     report: ReportPath = None,
@@ -246,7 +250,7 @@ def validate(
         reference, candidate, val or calib, provider=provider, thresholds=parse_tolerances(tol, base),
         batch_size=batch_size, limit=limit, image_options=_image_options(image_size, resize, mean, std, scale, channel_order, layout),
         nonfinite="skip" if skip_nonfinite else "error", seed=seed, threads=threads, input_shapes=_parse_shapes(shape),
-        progress=progress, batch_axes=_parse_batch_axes(batch_axis),
+        progress=progress, batch_axes=_parse_batch_axes(batch_axis), labels=labels, charset=charset,
     )
     _print_validation(rep)
     _write_json(report, rep.to_dict())

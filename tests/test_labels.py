@@ -131,3 +131,20 @@ def test_cli_labels_and_charset(cli, tmp_path: Path) -> None:  # noqa: ANN001
     bad = cli("optimize", tmp_path / "in.onnx", tmp_path / "out2.onnx", "--calib", tmp_path / "c.npz", "--passes",
               "canonicalize", "--labels", "nope", "--no-latency", "-q")
     assert bad.code != 0 and "no array 'nope'" in bad.err and len(bad.err.strip().splitlines()) == 1, bad.err
+
+
+def test_cli_validate_judges_against_labels(cli, tmp_path: Path) -> None:  # noqa: ANN001
+    m = hybrid_recognizer()
+    x = np.random.default_rng(0).standard_normal((16, 3, 8, 16)).astype(np.float32)
+    lossy, _ = oc.optimize(m, "canonicalize,prune:ratio=0.5", calibration=[{"x": x}], latency=False, validation=False)
+    onnx.save(m, str(tmp_path / "a.onnx"))
+    onnx.save(lossy, str(tmp_path / "b.onnx"))
+    np.savez(tmp_path / "v.npz", x=x, y=_strings(lossy, x))
+    args = ["validate", tmp_path / "a.onnx", tmp_path / "b.onnx", "--val", tmp_path / "v.npz", "--tol",
+            "rel_range=none,ctc=0.995,ctc_lines=0.99", "-q"]
+    assert cli(*args).code == 3  # by agreement with the original's decodes
+    (tmp_path / "chars.txt").write_text("\n".join(CHARS), encoding="utf-8")
+    r = cli(*args, "--labels", "y", "--charset", tmp_path / "chars.txt")
+    assert r.code == 0, r.err
+    none = cli("validate", tmp_path / "a.onnx", tmp_path / "b.onnx", "--labels", "y", "-q")
+    assert none.code == 2 and "give calibration or validation data" in none.err
