@@ -17,15 +17,9 @@ from onnxcompress.labels import Labels, read_labels
 from onnxcompress.validate import OutputStats, Thresholds, judge
 
 from .builders import hybrid_recognizer
+from .test_ctc import one_hot
 
 CHARS = tuple("abcdefghijk")  # hybrid_recognizer's 12 classes: blank, then 11 characters
-
-
-def one_hot(paths: list[list[int]], classes: int = 5) -> np.ndarray:
-    p = np.full((len(paths), len(paths[0]), classes), 0.1 / (classes - 1), np.float32)
-    for i, path in enumerate(paths):
-        p[i, np.arange(len(path)), path] = 0.9
-    return p
 
 
 def test_a_change_toward_the_label_is_free_and_one_away_counts_unnetted() -> None:
