@@ -84,12 +84,22 @@ class Labels:
             if classes not in (n + 1, n + 2):
                 raise OptionError(f"charset: {n} characters, so the CTC output should have {n + 1} classes "
                                   f"(blank first) or {n + 2} (and a space last); it has {classes}")
-            table = {c: k for k, c in enumerate(self.charset, 1) if c not in ("",)}
+            table: dict[str, int] = {}
+            for k, c in enumerate(self.charset, 1):  # a character listed twice reads as its first class
+                table.setdefault(c, k)
             if classes == n + 2:
                 table.setdefault(" ", n + 1)
             self._codes[classes] = table
         table = self._codes[classes]
         return [np.array([table.get(c, -1) for c in str(s)], dtype=np.int64) for s in labels]
+
+    def same_character(self, classes: int) -> np.ndarray:
+        """[classes]: each class's first class with the same character (the blank itself), so
+        that decodes compare with labels by character where a charset lists one twice."""
+        self.encode(np.array([], dtype=str), classes)  # builds (and checks) the class table
+        table = self._codes[classes]
+        chars = [""] + list(self.charset or ()) + [" "]
+        return np.array([0] + [table.get(chars[k], k) for k in range(1, classes)], dtype=np.int64)
 
 
 def read_labels(data: object, key: str, model: onnx.ModelProto, charset: str | os.PathLike[str] | Sequence[str] | None,
@@ -125,13 +135,17 @@ def _charset(charset: str | os.PathLike[str] | Sequence[str] | None, model: onnx
     return tuple(charset)
 
 
-def sequence_harm(ref: np.ndarray, new: np.ndarray, targets: list[np.ndarray]) -> tuple[int, int, list[bool]]:
+def sequence_harm(ref: np.ndarray, new: np.ndarray, targets: list[np.ndarray],
+                  same: np.ndarray | None = None) -> tuple[int, int, list[bool]]:
     """For two [N, T, C] score arrays and each sample's label: (characters by which the
     changed decodes moved away from their labels, in all; the reference decodes' summed
-    length; per sample, whether its decode got worse)."""
+    length; per sample, whether its decode got worse). ``same``: the class each class
+    reads as (:meth:`Labels.same_character`)."""
     worse_by = length = 0
     worse: list[bool] = []
     for a, b, t in zip(greedy_decode(ref), greedy_decode(new), targets):
+        if same is not None:
+            a, b = same[a], same[b]
         length += len(a)
         grew = 0
         if not (len(a) == len(b) and np.array_equal(a, b)):

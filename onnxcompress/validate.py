@@ -235,7 +235,8 @@ class OutputStats:
                 edits, chars, same = sequence_agreement(ca, cb)
                 changed = slice(None)
             else:  # only changes away from the labels count
-                edits, chars, worse = sequence_harm(ca, cb, labels[0].encode(labels[1], a.shape[-1]))
+                lab, classes = labels[0], a.shape[-1]
+                edits, chars, worse = sequence_harm(ca, cb, lab.encode(labels[1], classes), lab.same_character(classes))
                 same, changed = n - sum(worse), np.array(worse, dtype=bool)
             self.ctc_edits, self.ctc_chars, self.ctc_same = self.ctc_edits + edits, self.ctc_chars + chars, \
                 self.ctc_same + same

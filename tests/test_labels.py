@@ -87,6 +87,18 @@ def test_string_labels_read_the_models_character_metadata(tmp_path: Path) -> Non
     assert lab.encode(np.array(["a b"]), 12)[0].tolist() == [1, 11, 2]  # the last class is a space
 
 
+
+def test_a_character_listed_twice_reads_as_one() -> None:
+    """Class 4 repeats class 1's character: a decode through either matches the label."""
+    labels = Labels(np.array(["ab"]), "t", ("a", "b", "c", "a"))  # classes: blank, a, b, c, a
+    ref = one_hot([[1, 0, 2, 0]])  # "ab"
+    new = one_hot([[4, 0, 2, 0]])  # "ab" too, through the second 'a'
+    s = OutputStats("o")
+    s.update(ref, new, samples=1, targets=(labels, labels.values))
+    assert s.metrics()["ctc_lines"] == 1.0 and s.metrics()["ctc_edits"] == 0
+    assert labels.same_character(5).tolist() == [0, 1, 2, 3, 1]
+
+
 def test_label_errors_name_the_file_array_or_option(tmp_path: Path) -> None:
     m = hybrid_recognizer()
     x = np.zeros((4, 3, 8, 16), np.float32)
