@@ -38,6 +38,7 @@ import onnx
 from .ctc import edit_distance, greedy_decode
 from .data.files import scan_array_file
 from .errors import DataError, OptionError
+from .metrics import is_class_scores
 
 #: model metadata key that PaddleOCR exports use for their charset
 CHARSET_METADATA = "character"
@@ -50,14 +51,11 @@ class Labels:
     values: np.ndarray  # [N]: integer classes, or strings
     where: str  # the file and array, for messages
     charset: tuple[str, ...] | None = None
-    _codes: dict[int, dict[str, int]] = field(default_factory=dict, compare=False, repr=False)
+    _tables: dict[int, tuple[dict[str, int], np.ndarray]] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def strings(self) -> bool:
         return self.values.dtype.kind in "US"
-
-    def __len__(self) -> int:
-        return len(self.values)
 
     def take(self, start: int, n: int) -> np.ndarray:
         """The labels of samples ``start`` … ``start + n − 1``."""
@@ -68,14 +66,15 @@ class Labels:
     def fits(self, ref: np.ndarray, sequence: bool) -> bool:
         """Whether these labels judge an output with reference values ``ref`` (sample-major):
         strings a CTC sequence output, integers a class-score output."""
-        return (sequence and self.strings and ref.ndim == 3) or (
-            not self.strings and not sequence and ref.ndim >= 2 and ref.shape[1] >= 2
-            and all(d == 1 for d in ref.shape[2:]))
+        if self.strings:
+            return sequence and ref.ndim == 3
+        return not sequence and is_class_scores(ref.shape)
 
-    def encode(self, labels: np.ndarray, classes: int) -> list[np.ndarray]:
-        """String labels as class-index sequences of an output with ``classes`` classes
-        (unknown characters as −1, which no decode matches)."""
-        if classes not in self._codes:
+    def _table(self, classes: int) -> tuple[dict[str, int], np.ndarray]:
+        """For an output with ``classes`` classes: each character's class (a character listed
+        twice: its first), and each class's first class with the same character (the blank
+        itself). Checked and built once per class count."""
+        if classes not in self._tables:
             if self.charset is None:
                 raise OptionError(f"{self.where}: string labels need the output's characters: give a charset "
                                   f"(--charset FILE, one character per line) or a model with "
@@ -84,22 +83,24 @@ class Labels:
             if classes not in (n + 1, n + 2):
                 raise OptionError(f"charset: {n} characters, so the CTC output should have {n + 1} classes "
                                   f"(blank first) or {n + 2} (and a space last); it has {classes}")
+            chars = list(self.charset) + [" "] * (classes - n - 1)  # class k reads chars[k - 1]
             table: dict[str, int] = {}
-            for k, c in enumerate(self.charset, 1):  # a character listed twice reads as its first class
+            for k, c in enumerate(chars, 1):
                 table.setdefault(c, k)
-            if classes == n + 2:
-                table.setdefault(" ", n + 1)
-            self._codes[classes] = table
-        table = self._codes[classes]
+            same = np.array([0] + [table[c] for c in chars], dtype=np.int64)
+            self._tables[classes] = (table, same)
+        return self._tables[classes]
+
+    def encode(self, labels: np.ndarray, classes: int) -> list[np.ndarray]:
+        """String labels as class-index sequences of an output with ``classes`` classes
+        (unknown characters as −1, which no decode matches)."""
+        table = self._table(classes)[0]
         return [np.array([table.get(c, -1) for c in str(s)], dtype=np.int64) for s in labels]
 
     def same_character(self, classes: int) -> np.ndarray:
         """[classes]: each class's first class with the same character (the blank itself), so
         that decodes compare with labels by character where a charset lists one twice."""
-        self.encode(np.array([], dtype=str), classes)  # builds (and checks) the class table
-        table = self._codes[classes]
-        chars = [""] + list(self.charset or ()) + [" "]
-        return np.array([0] + [table.get(chars[k], k) for k in range(1, classes)], dtype=np.int64)
+        return self._table(classes)[1]
 
 
 def read_labels(data: object, key: str, model: onnx.ModelProto, charset: str | os.PathLike[str] | Sequence[str] | None,
