@@ -152,10 +152,11 @@ class Search:
         held_batches = take_samples(calib, held, skip=self.n_fit) if held else []  # type: ignore[arg-type]
         fit_batches = take_samples(calib, checked_fit)  # type: ignore[arg-type]
         self.samples: list[tuple[Batch, bool]] = [(b, False) for b in fit_batches] + [(b, True) for b in held_batches]
-        starts = np.cumsum([0] + [batch_count(b) for b in fit_batches[:-1]]).tolist()
-        starts += (self.n_fit + np.cumsum([0] + [batch_count(b) for b in held_batches[:-1]])).tolist()
-        self.targets = [None if self.labels is None else (self.labels, self.labels.take(int(k), batch_count(b)))
-                        for k, (b, _) in zip(starts, self.samples)]
+        at = {False: 0, True: self.n_fit}  # where each batch's samples start in the calibration data
+        self.targets: list[tuple[Labels, np.ndarray] | None] = []
+        for b, held in self.samples:
+            self.targets.append(None if self.labels is None else (self.labels, self.labels.take(at[held], batch_count(b))))
+            at[held] += batch_count(b)
         self.n_samples = held
         self.n_checked = held + checked_fit
         if held == 0:

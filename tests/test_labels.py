@@ -154,3 +154,22 @@ def test_cli_validate_judges_against_labels(cli, tmp_path: Path) -> None:  # noq
     assert r.code == 0, r.err
     none = cli("validate", tmp_path / "a.onnx", tmp_path / "b.onnx", "--labels", "y", "-q")
     assert none.code == 2 and "give calibration or validation data" in none.err
+
+
+def test_the_search_gives_each_judged_batch_its_own_samples_labels(tmp_path: Path) -> None:
+    """The search judges the first calibration samples and the held-out last ones, in
+    batches cut at odd places: each batch's labels are those of its samples."""
+    from onnxcompress.data import open_data
+    from onnxcompress.pipeline import PassContext
+    from onnxcompress.search import Search, SearchOptions
+
+    m = hybrid_recognizer()
+    x = np.random.default_rng(0).standard_normal((20, 3, 8, 16)).astype(np.float32)
+    y = np.array([f"line {i}" for i in range(20)])
+    np.savez(tmp_path / "c.npz", x=x, y=y)
+    search = Search(SearchOptions(samples=12), PassContext(calibration=open_data(tmp_path / "c.npz", m, batch_size=3)),
+                    labels=read_labels(tmp_path / "c.npz", "y", m, CHARS, 20))
+    search._prepare(m, m)
+    fit = [v for (_, held), t in zip(search.samples, search.targets) if not held for v in t[1]]
+    held = [v for (_, held), t in zip(search.samples, search.targets) if held for v in t[1]]
+    assert search.n_fit == 15 and fit == list(y[:7]) and held == list(y[15:])
