@@ -154,9 +154,9 @@ class Search:
         self.samples: list[tuple[Batch, bool]] = [(b, False) for b in fit_batches] + [(b, True) for b in held_batches]
         at = {False: 0, True: self.n_fit}  # where each batch's samples start in the calibration data
         self.targets: list[tuple[Labels, np.ndarray] | None] = []
-        for b, held in self.samples:
-            self.targets.append(None if self.labels is None else (self.labels, self.labels.take(at[held], batch_count(b))))
-            at[held] += batch_count(b)
+        for b, is_held in self.samples:  # (`held` is the held-out count)
+            self.targets.append(None if self.labels is None else (self.labels, self.labels.take(at[is_held], batch_count(b))))
+            at[is_held] += batch_count(b)
         self.n_samples = held
         self.n_checked = held + checked_fit
         if held == 0:
