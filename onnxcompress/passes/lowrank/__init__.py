@@ -29,7 +29,9 @@ holds, so layers whose split costs more than the budget needs stay whole. ``whit
 (default with data and ``macs_ratio``): with Σ = L·Lᵀ the second moment of the layer's
 (C·Kh) input column patches, the SVD of Lᵀ·M gives M_r = L⁻ᵀ·SVD_r(Lᵀ·M), the minimiser
 of E‖(M − M_r)ᵀx‖² (cross-column terms ignored) where the plain SVD minimises ‖M − M_r‖_F
-as if every input direction were equally likely. Ranks are rounded up to multiples of ``round_to``. A layer is
+as if every input direction were equally likely; Σ is shrunk toward its mean variance
+(3%), so directions the few calibration samples barely excite are not truncated for
+free at the cost of inputs that do excite them. Ranks are rounded up to multiples of ``round_to``. A layer is
 split only where the chain costs ``r·(C·Kh·H_out·W_in + N·Kw·H_out·W_out)`` MACs, at
 least ``min_saving`` less than the original ``N·C·Kh·Kw·H_out·W_out``; with
 ``measure=true`` (linear layers: ``auto``) only where onnxruntime runs it faster.

@@ -71,11 +71,20 @@ def _column_patches(c: Candidate, x: np.ndarray, rng: np.random.Generator, posit
     return patches.reshape(len(ni), cin * kh).astype(np.float64)
 
 
-def _whiten(c: Candidate, sigma: np.ndarray, eps: float = 1e-3) -> None:
+#: whitening's shrinkage: the input second moment is taken as Σ + ε·mean(diag Σ)·I
+WHITEN_SHRINK = 3e-2
+
+
+def _whiten(c: Candidate, sigma: np.ndarray, eps: float | None = None) -> None:
     """Replace the candidate's SVD of M by the data-aware one: with Σ + εI = L·Lᵀ,
     ‖Lᵀ(M − M_r)‖_F (the expected output error when patches have second moment Σ,
     ignoring cross-column terms) is minimised by M_r = L⁻ᵀ·SVD_r(Lᵀ·M). At full rank
-    L⁻ᵀ·Lᵀ·M = M, so the chain stays exact."""
+    L⁻ᵀ·Lᵀ·M = M, so the chain stays exact.
+
+    ε (relative to the mean variance) is shrinkage, not only numerical care: Σ comes from
+    a few calibration samples, and directions they barely excite would otherwise be
+    truncated for free, to the cost of inputs that do excite them."""
+    eps = WHITEN_SHRINK if eps is None else eps
     n, cin, kh, kw = c.w.shape
     m = c.w.transpose(1, 2, 0, 3).reshape(cin * kh, n * kw).astype(np.float64)
     reg = sigma + eps * max(float(np.trace(sigma)) / len(sigma), 1e-12) * np.eye(len(sigma))
