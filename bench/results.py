@@ -42,6 +42,11 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import numpy as np
+    import onnx
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = ["textline_cls", "doc_orientation", "captcha_det", "text_det"]
@@ -59,11 +64,8 @@ def worker(shared: Path, name: str, out_dir: Path) -> dict:
 
     sys.path.insert(0, str(ROOT))
     import onnxcompress as oc
-    from _common import eval_metrics, quantize_static_variant, run_batch, run_batched
-    from onnxcompress.model import serialized_size
-    from onnxcompress.report import count_macs
-    from onnxcompress.search import default_thresholds
-    from onnxcompress.validate import OutputStats, judge, measure_latency
+    from _common import quantize_static_variant, run_batch
+    from onnxcompress.validate import measure_latency
 
     path = shared / "models" / f"{name}.onnx"
     calib_path = shared / "data" / f"{name}_calib.npz"
@@ -101,6 +103,38 @@ def worker(shared: Path, name: str, out_dir: Path) -> dict:
         models[label], seconds, note = quantize_static_variant(path, calib, bs, act, method)
         rows[label] = {"seconds": seconds, "note": note}
 
+    _score(name, fp32, models, rows, x_eval, labels, bs)
+    heavy = name == "text_det"
+    for batch in ([1] if bs == 1 else [1, 8]):
+        feeds = {inp: np.ascontiguousarray(x_eval[:batch])}
+        for label, m in models.items():
+            if label == "original":
+                rows[label][f"b{batch}"] = 1.0
+                continue
+            t_ref, t_new = measure_latency([fp32, m], feeds, threads=2, runs=5 if heavy and batch > 1 else 20,
+                                           min_seconds=0.5 if heavy and batch > 1 else 1.5, labels=["original", label])
+            rows[label][f"b{batch}"] = t_new / t_ref
+            rows["original"][f"b{batch}_ms"] = t_ref
+    import platform
+
+    import onnxruntime
+
+    versions = {"onnxruntime": onnxruntime.__version__, "onnx": onnx.__version__, "numpy": np.__version__,
+                "python": platform.python_version(), "cpus": os.cpu_count()}
+    return {"model": name, "rows": rows, "versions": versions, "date": time.strftime("%Y-%m-%d %H:%M")}
+
+
+def _score(name: str, fp32: onnx.ModelProto, models: dict[str, onnx.ModelProto], rows: dict[str, dict],
+           x_eval: np.ndarray, labels: np.ndarray | None, bs: int) -> None:
+    """Each variant's eval accuracy, whether the default budget holds on the eval set, its
+    size and MACs, into ``rows``."""
+    from _common import eval_metrics, run_batched
+    from onnxcompress.model import serialized_size
+    from onnxcompress.report import count_macs
+    from onnxcompress.search import default_thresholds
+    from onnxcompress.validate import OutputStats, judge
+
+    inp = fp32.graph.input[0].name
     ref = run_batched(fp32, x_eval, bs)
     out = fp32.graph.output[0].name
     budget = default_thresholds(0.01, {out: ref[:1]})[out]
@@ -121,24 +155,6 @@ def worker(shared: Path, name: str, out_dir: Path) -> dict:
             rows[label]["macs"] = count_macs(m, shapes)[0]
         except Exception:  # a quantized graph whose shapes cannot be inferred: MACs unknown
             rows[label]["macs"] = None
-    heavy = name == "text_det"
-    for batch in ([1] if bs == 1 else [1, 8]):
-        feeds = {inp: np.ascontiguousarray(x_eval[:batch])}
-        for label, m in models.items():
-            if label == "original":
-                rows[label][f"b{batch}"] = 1.0
-                continue
-            t_ref, t_new = measure_latency([fp32, m], feeds, threads=2, runs=5 if heavy and batch > 1 else 20,
-                                           min_seconds=0.5 if heavy and batch > 1 else 1.5, labels=["original", label])
-            rows[label][f"b{batch}"] = t_new / t_ref
-            rows["original"][f"b{batch}_ms"] = t_ref
-    import platform
-
-    import onnxruntime
-
-    versions = {"onnxruntime": onnxruntime.__version__, "onnx": onnx.__version__, "numpy": np.__version__,
-                "python": platform.python_version(), "cpus": os.cpu_count()}
-    return {"model": name, "rows": rows, "versions": versions, "date": time.strftime("%Y-%m-%d %H:%M")}
 
 
 def run_worker(shared: Path, name: str, out_dir: Path) -> dict:
