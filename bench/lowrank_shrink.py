@@ -32,8 +32,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import onnxcompress as oc  # noqa: E402
 import onnxcompress.passes.lowrank.ranks as ranks  # noqa: E402
-from _common import run_batch, run_batched  # noqa: E402
-from recognizer import cer, read_lines  # noqa: E402
+from _common import eval_metrics, run_batch, run_batched  # noqa: E402
+from recognizer import cer, read_charset, read_lines  # noqa: E402
 
 MODELS = "text_det,captcha_det,doc_orientation,textline_cls,wakeword_embed,ppocrv5_rec"
 
@@ -52,14 +52,13 @@ def one(shared: Path, name: str, eps_values: list[float], tmp: Path) -> list[dic
     np.savez(fit, x=xc[:n_fit])
     b = run_batch(base)
     held_ref, eval_ref = run_batched(base, xc[n_fit:], b), run_batched(base, ev["x"], b)
-    chars = None
-    if name == "ppocrv5_rec":
-        chars = ["<blank>"] + (shared / "data" / "ppocrv5_rec_dict.txt").read_text(encoding="utf-8").splitlines() + [" "]
+    recognizer = name == "ppocrv5_rec"
+    ratio = 0.85 if recognizer else 0.65
+    labels = ev["y"] if "y" in ev.files and not recognizer else None
     rows = []
     for eps in eps_values:
         ranks.WHITEN_SHRINK = eps
         t0 = time.perf_counter()
-        ratio = 0.85 if name == "ppocrv5_rec" else 0.65
         m, rep = oc.optimize(base, f"lowrank:macs_ratio={ratio}:measure=false", calibration=fit,
                              validation=False, latency=False)
         st = rep.passes[-1].stats
@@ -68,18 +67,15 @@ def one(shared: Path, name: str, eps_values: list[float], tmp: Path) -> list[dic
         r: dict = {"model": name, "eps": eps, "macs": st["macs_ratio"], "split": st["split"],
                    "held_cos": float(ch.mean()), "held_min": float(ch.min()),
                    "eval_cos": float(ce.mean()), "eval_min": float(ce.min()), "seconds": time.perf_counter() - t0}
-        if name == "text_det":
-            ma, mb = eval_ref > 0.3, out > 0.3
-            r["task"] = ("IoU", float((ma & mb).sum() / max((ma | mb).sum(), 1)))
-        elif name == "captcha_det":
-            pos = eval_ref[..., 4] > 0.3
-            r["task"] = ("recall", float((out[..., 4][pos] > 0.3).mean()))
-        elif chars is not None:
-            lines, _ = read_lines(m, ev["x"], chars)
+        if recognizer:
+            lines, _ = read_lines(m, ev["x"], read_charset(shared))
             c, exact = cer(lines, [str(s) for s in ev["y"]])
             r["task"] = ("CER / exact", f"{c:.4f} / {exact:.3f}")
-        elif "y" in ev:
-            r["task"] = ("top-1", float((out.reshape(len(out), -1).argmax(1) == ev["y"]).mean()))
+        else:
+            acc = eval_metrics(name, eval_ref, out, labels)
+            key = next((k for k in ("iou", "recall", "top1") if k in acc), None)
+            if key is not None:
+                r["task"] = (key, acc[key])
         print(json.dumps(r), flush=True)
         rows.append(r)
     return rows

@@ -51,6 +51,11 @@ DEFAULT_RUNS = ("fuse=canonicalize,fuse;prune=canonicalize,fuse,prune:macs_ratio
                 "int8=canonicalize,fuse,int8;default=")
 
 
+def read_charset(shared: Path) -> list[str]:
+    """The recognizer's classes: the blank, ``ppocrv5_rec_dict.txt``'s characters, a space."""
+    return ["<blank>"] + (shared / "data" / "ppocrv5_rec_dict.txt").read_text(encoding="utf-8").splitlines() + [" "]
+
+
 def read_lines(model: onnx.ModelProto, x: np.ndarray, chars: list[str], batch: int = 8) -> tuple[list[str], np.ndarray]:
     """(decoded strings, raw outputs) of the model's first output on ``x``."""
     sess = make_session(model, label="recognizer")
@@ -92,7 +97,7 @@ def main() -> None:
     calib = shared / "data" / "ppocrv5_rec_calib.npz"
     ev = np.load(shared / "data" / "ppocrv5_rec_eval.npz")
     x, truth = ev["x"], [str(t) for t in ev["y"]]
-    chars = ["<blank>"] + (shared / "data" / "ppocrv5_rec_dict.txt").read_text(encoding="utf-8").splitlines() + [" "]
+    chars = read_charset(shared)
     original = onnx.load(str(model_path))
     shapes, _ = all_shapes(original, {original.graph.input[0].name: [1, *x.shape[1:]]})
     base_macs = count_macs(original, shapes)[0]

@@ -87,7 +87,6 @@ def test_string_labels_read_the_models_character_metadata(tmp_path: Path) -> Non
     assert lab.encode(np.array(["a b"]), 12)[0].tolist() == [1, 11, 2]  # the last class is a space
 
 
-
 def test_a_character_listed_twice_reads_as_one() -> None:
     """Class 4 repeats class 1's character: a decode through either matches the label."""
     labels = Labels(np.array(["ab"]), "t", ("a", "b", "c", "a"))  # classes: blank, a, b, c, a
