@@ -115,14 +115,22 @@ def runtime_ops(model: onnx.ModelProto, provider: str = "cpu", extended_only: bo
 
 #: ops of onnxruntime's own fusions (in its optimized graph), that a rewrite must not lose
 RUNTIME_FUSIONS = ("LayerNormalization", "SimplifiedLayerNormalization", "Gelu")
+FUSED_MATMUL = "com.microsoft:FusedMatMul"
+FUSED_PRODUCTS = "FusedMatMul or Gemm"  #: their count, as runtime_fusions reports it
 
 
 def runtime_fusions(model: onnx.ModelProto, provider: str = "cpu") -> dict[str, int]:
     """How many of each fused op onnxruntime makes of ``model`` (extended level):
     contrib ops (FusedConv, FusedMatMul, Attention, SkipLayerNormalization, BiasGelu, …)
     and LayerNormalization/Gelu."""
-    return {k: v for k, v in runtime_ops(model, provider, extended_only=True, domains=True).items()
-            if k.startswith("com.microsoft:") or k in RUNTIME_FUSIONS}
+    ops = runtime_ops(model, provider, extended_only=True, domains=True)
+    out = {k: v for k, v in ops.items() if k.startswith("com.microsoft:") or k in RUNTIME_FUSIONS}
+    # a matrix product fused with a transpose (FusedMatMul) or with its bias (Gemm) is one
+    # fused product: a rewrite may trade one for the other (fuse's linear_bias)
+    products = out.pop(FUSED_MATMUL, 0) + ops.get("Gemm", 0)
+    if products:
+        out[FUSED_PRODUCTS] = products
+    return out
 
 
 def lost_fusions(before: Mapping[str, int] | None, model: onnx.ModelProto, provider: str = "cpu") -> str:

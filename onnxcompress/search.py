@@ -33,8 +33,8 @@ it is ``min_gain`` faster than the model as given, is timed once more against it
 in one call, and that direct ratio decides. A trial found faster than its rival this way
 ranks above it whatever their ratios to the model as given.
 
-**Order** canonicalize → fuse → prune → lowrank → int8, each stage starting from the best
-model of the stages before it:
+**Order** canonicalize → fuse → prune → lowrank → int8 → linear_bias, each stage starting
+from the best model of the stages before it:
 
 0. Reference outputs of the input on the held-out samples; the batch sizes to time
    (``batches``; batch 1 only when one batch-1 run of the input takes over
@@ -73,6 +73,12 @@ model of the stages before it:
    so far, on the next fastest (``int8_starts`` in all); skipped when the probe did not
    pay. The same retry as the probe's. Here ``unfloat`` is on: the slack left after the
    structural stages is int8's to spend.
+5. *fuse's linear_bias* on the answer (a sequence linear layer's MatMul + bias Add as one
+   Gemm between Reshapes). The stages start without it: prune cannot follow channels
+   through its reshapes. An exact step, so it is timed against the answer (the median of
+   ``EXACT_ROUNDS`` calls) and kept where it is slower at no batch size and ``min_gain``
+   faster over them (geometric mean); its gain is uneven across batch sizes (the Add it
+   saves is a larger share at batch 1), so the worst batch alone would refuse it.
 
 The answer is the fastest accepted trial; where none is faster than the model as given,
 that model itself, unchanged. Time: a trial starts only when the time it is expected to
@@ -98,6 +104,7 @@ from .errors import OnnxCompressError, OptionError
 from .labels import Labels
 from .pipeline import Pass, PassContext, PassReport, Pipeline
 from .report import count_macs
+from .search_int8 import Int8Stages, _Stopped
 from .trials import SearchOptions, SearchReport, Trial, _checked, _tighten, _usage, default_thresholds, found_slower
 from .validate import (
     OutputStats,
@@ -112,14 +119,12 @@ from .validate import (
 
 log = logging.getLogger(__name__)
 
-INT8_CHECK_SAMPLES = 16  #: samples int8's accuracy control checks on inside the search
+#: timings of an exact step against the answer it rewrites: one call is a few percent off
+#: at times on a busy machine, more than such a step gains (docs/decisions/search.md)
+EXACT_ROUNDS = 5
 
 
-class _Stopped(Exception):
-    """The time budget leaves no room for the next trial."""
-
-
-class Search:
+class Search(Int8Stages):
     """Runs the search; see the module docstring."""
 
     def __init__(self, options: SearchOptions, ctx: PassContext,
@@ -254,9 +259,11 @@ class Search:
         return self.opts.time_budget - (time.perf_counter() - self.start)
 
     def _trial(self, stage: str, setting: str, p: Pass | None, start: tuple[int | None, onnx.ModelProto],
-               rival: Trial, reserve: float, expected: float) -> Trial:
+               rival: Trial, reserve: float, expected: float, exact: bool = False) -> Trial:
         """Build, judge and time one trial; it is accepted when within budget and at least
-        ``min_gain`` faster than ``rival`` (the best model it must beat)."""
+        ``min_gain`` faster than ``rival`` (the best model it must beat); an ``exact`` step
+        on ``rival`` itself when, timed against it in one call, it is slower at no batch size
+        and ``min_gain`` faster over them (geometric mean)."""
         if expected > self._left():
             raise _Stopped(stage)
         t0 = time.perf_counter()
@@ -287,6 +294,9 @@ class Search:
         self._judge(model, trial, reserve)
         if trial.within_budget:
             trial.latency = self._ratios(self.base, model, "model as given", trial)
+            if exact:
+                self._accept_exact(trial, rival, model)
+                return self._done(trial, stage, setting, t0)
             current_ratio = rival.latency_ratio
             gain_needed = current_ratio * (1 - self.opts.min_gain)
             direct: float | None = None
@@ -309,6 +319,23 @@ class Search:
             elif not trial.accepted:
                 trial.reason = (f"not faster: latency {trial.latency_ratio:.3f}× the model as given vs "
                                 f"{current_ratio:.3f}× (needs {self.opts.min_gain:.0%} less)")
+        return self._done(trial, stage, setting, t0)
+
+    def _accept_exact(self, trial: Trial, rival: Trial, model: onnx.ModelProto) -> None:
+        """Accept an exact step on ``rival`` where, timed against it (the median of
+        ``EXACT_ROUNDS`` calls), it is slower at no batch size and ``min_gain`` faster over
+        them (their geometric mean)."""
+        rounds = [self._ratios(self.models[rival.index], model, f"#{rival.index}", trial) for _ in range(EXACT_ROUNDS)]
+        direct = {b: float(np.median([r[b] for r in rounds])) for b in rounds[0]}
+        mean = math.exp(sum(math.log(r) for r in direct.values()) / len(direct))
+        trial.accepted = max(direct.values()) <= 1.0 and mean <= 1 - self.opts.min_gain
+        shown = ", ".join(f"b{b} {r:.3f}×" for b, r in direct.items())
+        trial.reason = f"timed against #{rival.index}: {shown} ({'accepted' if trial.accepted else 'not faster'})"
+        if trial.accepted:
+            self.models[trial.index] = model
+            trial.faster_than = rival.index
+
+    def _done(self, trial: Trial, stage: str, setting: str, t0: float) -> Trial:
         trial.seconds = time.perf_counter() - t0
         lat = f"{trial.latency_ratio:.3f}×" if trial.latency else "—"
         macs = f"{trial.macs_ratio:.3f}×" if trial.macs_ratio is not None else "?"
@@ -375,6 +402,7 @@ class Search:
                 best = structural
             if int8_pays:                                                   # 4. int8 on them
                 best = self._int8_on_structural(best, int8_seconds)
+            best = self._finish(best)                                       # 5. linear layers' bias
             best.chosen = True
         report = SearchReport(
             options=dataclasses.asdict(self.opts),
@@ -404,45 +432,6 @@ class Search:
                             "(the stages start from it)")
         return as_given, fused
 
-    def _int8_trial(self, max_drop: float, label: str, start: Trial, expected: float, unfloat: bool = True) -> Trial:
-        """int8 judged on the held-out samples; where it misses the budget there by less
-        than ``int8_retry_below``× (its own control judged it on the fitting samples),
-        again with at least one more of its control's float-prefix cuts than the rejected
-        one had, at most ``int8_retries`` times."""
-        from .passes.int8 import AccuracyControl, Int8, Int8Options
-
-        def make(floor: int) -> Pass:
-            return Int8(Int8Options(max_drop=round(max_drop, 5), guard_batches=",".join(str(b) for b in self.batches),
-                                    max_float=self.opts.int8_max_float, unfloat=unfloat,
-                                    check_samples=INT8_CHECK_SAMPLES, min_float_prefix=floor))
-
-        source = (start.index, self.models[start.index])
-        t = self._trial("int8", f"max_drop={max_drop:.4g}{label}", make(0), source, start, 0.0, expected)
-        for _ in range(self.opts.int8_retries):
-            if t.step is None or t.within_budget or not 1.0 < t.usage < self.opts.int8_retry_below:
-                break
-            control = t.step.outcome
-            if not isinstance(control, AccuracyControl) or not control.met:
-                break  # its control could not hold max_drop even with its most float: more changes nothing
-            floor = control.float_prefix + 1
-            t = self._trial("int8", f"max_drop={max_drop:.4g}{label} float prefix ≥ {floor} (retry: "
-                            f"#{t.index} over budget held out)", make(floor), source, start, 0.0,
-                            t.seconds)
-        return t
-
-    def _probe(self, fused: Trial) -> tuple[Trial | None, float, float]:
-        """int8 on the stages' start with the whole budget, its control's slack kept
-        (``unfloat`` off); (the probe, the share of the budget reserved for int8, its seconds)."""
-        if not self.opts.int8:
-            return None, 0.0, 0.0
-        try:
-            probe = self._int8_trial(self.opts.max_drop, " (probe)", fused, 0.0, unfloat=False)
-        except _Stopped:
-            self.stopped.append("int8")
-            return None, 0.0, 0.0
-        reserve = min(1.0, self.opts.int8_reserve * probe.usage) if probe.accepted else 0.0
-        return probe, reserve, probe.seconds
-
     def _structural(self, fused: Trial, reserve: float, final_reserve: float, int8_follows: bool) -> Trial:
         """prune, then lowrank, each from the best structural model so far, within what
         the int8 reserve leaves of the budget; where int8 follows, lowrank splits K×K convs
@@ -461,24 +450,24 @@ class Search:
             structural = self._levels(stage, make, levels, structural, reserve, final_reserve)
         return structural
 
-    def _int8_on_structural(self, best: Trial, int8_seconds: float) -> Trial:
-        """int8 with what the budget has left on the fastest accepted structural result; if
-        it does not beat the best so far, on the next (int8 does not pay alike on every
-        structure), ``int8_starts`` in all."""
-        starts = sorted((t for t in self.trials if t.accepted and t.stage in ("prune", "lowrank")),
-                        key=lambda t: t.latency_ratio)[: self.opts.int8_starts]
-        for start in starts:
-            left = self.opts.max_drop * (1.0 - start.usage)
-            if left <= 0.0005:
-                continue
-            try:
-                t = self._int8_trial(left, f" on #{start.index}", start, int8_seconds if start is not starts[0] else 0.0)
-            except _Stopped:
-                self.stopped.append("int8")
-                break
-            if self._faster(t, best):
-                return t
-        return best
+    def _finish(self, best: Trial) -> Trial:
+        """fuse's ``linear_bias`` on the answer: the stages start from a model without it,
+        because prune cannot follow channels through its reshapes. Where nothing beat the
+        model as given, on the stages' start (canonicalized, fused), against the model as given."""
+        from .passes.fuse import Fuse, FuseOptions
+        from .passes.fuse.linear import fuse_linear_bias
+
+        start = best if best.index else next((t for t in self.trials if t.index == 1 and t.stage == "input"), None)
+        if start is None:
+            return best
+        probe = onnx.ModelProto()
+        probe.CopyFrom(self.models[start.index])
+        if not fuse_linear_bias(probe):
+            return best
+        p = Fuse(FuseOptions(hardswish=False, affine=False, gate_residual=False, space_to_depth=False))
+        t = self._trial("fuse", "linear_bias", p, (start.index, self.models[start.index]), best, 0.0, -math.inf,
+                        exact=True)
+        return t if t.accepted else best
 
     def _faster(self, t: Trial, other: Trial) -> bool:
         """Whether accepted trial ``t`` is faster than ``other``: known where ``t`` was found

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 from collections import Counter
+from typing import Any
 
 import numpy as np
 import onnx
@@ -426,3 +428,77 @@ def test_focus_left_alone(offsets: list[tuple[int, int]], extra_reader: bool) ->
     why = ("read by something other than group-1 Convs with constant 4-D weights" if extra_reader
            else "a sub-grid appears twice")
     assert res.stats["declined_matches"]["space_to_depth"] == {why: 1}
+
+
+def _sequence_linear(rank: int = 3, bias_shape: tuple[int, ...] = (6,), extra_reader: bool = False,
+                     transpose: bool = False) -> onnx.ModelProto:
+    """x [N, T, 4] (or [N, 4, T] through a Transpose) → MatMul by W [4, 6] → Add b → Relu,
+    with batch and sequence length dynamic (``rank`` 2: x [N, 4])."""
+    rng = np.random.default_rng(3)
+    nodes = [helper.make_node("MatMul", ["xt" if transpose else "x", "w"], ["mm"], name="linear"),
+             helper.make_node("Add", ["mm", "b"], ["z"]), helper.make_node("Relu", ["z"], ["y"])]
+    if transpose:
+        nodes.insert(0, helper.make_node("Transpose", ["x"], ["xt"], perm=[0, 2, 1]))
+    outputs = [fvi("y", ["N", "T", 6][3 - rank:] if rank == 2 else ["N", "T", 6])]
+    if extra_reader:
+        outputs.append(fvi("mm", ["N", "T", 6]))
+    x_shape = {2: ["N", 4], 3: ["N", 4, "T"] if transpose else ["N", "T", 4]}[rank]
+    return make_model(nodes, [fvi("x", x_shape)], outputs,
+                      [tensor(rng, "w", (4, 6)), tensor(rng, "b", bias_shape)])
+
+
+def test_linear_bias_on_a_transformer_block_is_exact() -> None:
+    """The MatMul + bias Adds of a transformer block on [N, T, d] tokens (Q, K, V, output
+    projection, the MLP's second layer, the classifier) become Reshape → Gemm → Reshape:
+    the same products and sums, so equal in onnxruntime with its graph optimizations off
+    to float32 rounding, at three batch sizes. The MLP's first layer is left alone:
+    onnxruntime fuses its bias with the GELU after it (BiasGelu). So are the attention's
+    MatMuls of two activations; each with its reason."""
+    from .builders import hybrid_recognizer
+
+    model = hybrid_recognizer(ctc=False)
+    canon, _ = build_pipeline("canonicalize").run(model)
+    res = Fuse(FuseOptions()).run(copy.deepcopy(canon), PassContext())
+    assert res.stats["linear_bias_fused"] == 6 and res.stats["declined"] == {}
+    assert res.stats["declined_matches"]["linear_bias"] == {
+        "the weight is not a constant 2-D float32/float64 matrix": 2,
+        "loses onnxruntime's fusions: com.microsoft:BiasGelu 1 → 0": 1}
+    ops = Counter(n.op_type for n in res.model.graph.node)
+    assert ops["Gemm"] == 6 and ops["MatMul"] == 3
+    assert next(n for n in res.model.graph.node if n.op_type == "MatMul" and n.input[1] == "fc1_w")
+    onnx.checker.check_model(res.model, full_check=True)
+    for seed, n in ((0, 1), (1, 3), (2, 5)):
+        x = np.random.default_rng(seed).standard_normal((n, 3, 8, 16)).astype(np.float32)
+        ref, new = run(model, {"x": x})[0], run(res.model, {"x": x})[0]
+        assert new.shape == ref.shape
+        assert np.abs(new - ref).max() <= 1e-5 * max(np.ptp(ref), 1e-6)
+
+
+def test_linear_bias_keeps_batch_and_sequence_length_dynamic() -> None:
+    """The output shape is read from x at run time: one rewritten model runs at any N and T,
+    a bias of shape [1, 1, 6] included, and a MatMul after a Transpose (which onnxruntime
+    fuses into FusedMatMul) is rewritten too: a fused product traded for a fused product
+    loses no onnxruntime fusion."""
+    for kw in ({}, {"bias_shape": (1, 1, 6)}, {"transpose": True}):
+        model = _sequence_linear(**kw)
+        res = Fuse(FuseOptions()).run(copy.deepcopy(model), PassContext())
+        assert res.stats["linear_bias_fused"] == 1 and res.stats["declined"] == {}, (kw, res.stats)
+        for n, t in ((1, 5), (3, 9)):
+            shape = (n, 4, t) if kw.get("transpose") else (n, t, 4)
+            x = np.random.default_rng(n + t).standard_normal(shape).astype(np.float32)
+            ref, new = run(model, {"x": x})[0], run(res.model, {"x": x})[0]
+            assert new.shape == ref.shape == (n, t, 6)
+            np.testing.assert_allclose(new, ref, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("kw,reason", [
+    ({"rank": 2}, "the input is 2-D (onnxruntime fuses the bias itself)"),
+    ({"extra_reader": True}, "the product is not read by one Add alone"),
+    ({"bias_shape": (5, 6)}, "the added term is not one bias value per output feature"),
+])
+def test_linear_bias_left_alone(kw: dict[str, Any], reason: str) -> None:
+    model = _sequence_linear(**kw)
+    res = Fuse(FuseOptions()).run(copy.deepcopy(model), PassContext())
+    assert res.stats["linear_bias_fused"] == 0
+    assert res.stats["declined_matches"]["linear_bias"] == {reason: 1}
+    assert [n.op_type for n in res.model.graph.node] == [n.op_type for n in model.graph.node]

@@ -58,6 +58,11 @@ blocked layout like any elementwise op on both sides of a broadcast Mul. Only wh
 
 Focus layers (``space_to_depth``, ``focus_conv``): a YOLOv5/YOLOX Focus becomes one strided
 Conv or a SpaceToDepth, exact; the derivation is in focus.py.
+
+Linear layers on sequences (``linear_bias``): MatMul + bias Add on [N, T, K] becomes a
+Gemm between two Reshapes, exact (linear.py). Each candidate whose rewrite would lose an
+onnxruntime fusion of its bias (BiasGelu, SkipLayerNormalization) is left alone, with
+that reason, and the others are rewritten.
 """
 
 from __future__ import annotations
@@ -79,7 +84,8 @@ from ...model import default_opset
 from ...pipeline import Pass, PassContext, PassResult
 from ...validate import lost_fusions, runtime_fusions
 from .focus import fuse_space_to_depth
-from .match import MatchResult, _decline, _index, _splice, _std
+from .linear import fuse_linear_bias
+from .match import MatchResult, _copy, _decline, _index, _splice, _std
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +102,9 @@ class FuseOptions:
                 "a depthwise 1x1 Conv, which onnxruntime runs in its blocked layout"})
     gate_residual: bool = field(default=True, metadata={"experimental": True,
         "help": "x + x·g with a per-channel gate g ([N, C, 1, 1]) → x·(g + 1): one full-size Add fewer"})
+    linear_bias: bool = field(default=True, metadata={
+        "help": "MatMul by a constant weight + bias on a sequence ([N, T, K]) → Reshape, Gemm, Reshape: "
+                "onnxruntime adds the bias inside the product instead of in a pass of its own"})
     space_to_depth: bool = field(default=True, metadata={
         "help": "a Focus layer (four stride-2 Slices of x, Concat, Conv) → SpaceToDepth(x) and the Conv with its "
                 "input channels reordered"})
@@ -135,7 +144,25 @@ class Fuse(Pass):
             return {"affine_depthwise": n}
 
         declines: dict[str, Counter[str]] = {"hardswish": Counter(), "affine": Counter(), "gate_residual": Counter(),
-                                             "space_to_depth": Counter()}
+                                             "space_to_depth": Counter(), "linear_bias": Counter()}
+
+        def linear(m: onnx.ModelProto) -> dict[str, int]:
+            # onnxruntime fuses some bias Adds with what follows (BiasGelu, SkipLayerNorm…):
+            # where the rewrite of all loses one, each candidate alone is checked
+            trial = _copy(m)
+            done = fuse_linear_bias(trial, declines["linear_bias"])
+            if done and lost_fusions(before, trial, ctx.provider):
+                keep = set()
+                for name in done:
+                    lost = lost_fusions(before, _copy(m, lambda one: fuse_linear_bias(one, only={name})), ctx.provider)
+                    if lost:
+                        _decline(declines["linear_bias"], "linear_bias", name, MatchResult.fail(f"loses onnxruntime's fusions: {lost}"))
+                    else:
+                        keep.add(name)
+                trial = _copy(m)
+                done = fuse_linear_bias(trial, only=keep) if keep else []
+            m.CopyFrom(trial)
+            return {"linear_bias_fused": len(done)}
 
         def focus(m: onnx.ModelProto) -> dict[str, int]:
             a, b = fuse_space_to_depth(m, opts.focus_conv, declines["space_to_depth"])
@@ -148,6 +175,7 @@ class Fuse(Pass):
             ("gate_residual", opts.gate_residual,
              lambda m: {"gate_residual_folded": fold_gate_residual(m, declines["gate_residual"])}),
             ("space_to_depth", opts.space_to_depth, focus),
+            ("linear_bias", opts.linear_bias, linear),
         ]
         stats: dict[str, Any] = {}
         declined: dict[str, str] = {}
@@ -159,8 +187,7 @@ class Fuse(Pass):
         for name, enabled, apply in rules:
             if not enabled:
                 continue
-            trial = onnx.ModelProto()
-            trial.CopyFrom(model)
+            trial = _copy(model)
             counts = apply(trial)
             if not any(counts.values()):
                 stats.update(counts)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,6 +43,15 @@ def _decline(declines: Counter[str] | None, rule: str, where: str, result: Match
     log.debug("fuse: %s at %s declined: %s", rule, where, result.reason)
     if declines is not None:
         declines[result.reason] += 1
+
+
+def _copy(model: onnx.ModelProto, change: Callable[[onnx.ModelProto], object] | None = None) -> onnx.ModelProto:
+    """A copy of ``model``, with ``change`` applied to it."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    if change is not None:
+        change(out)
+    return out
 
 
 def _index(g: onnx.GraphProto) -> tuple[dict[str, onnx.NodeProto], dict[str, int]]:

@@ -1,0 +1,131 @@
+"""Linear layers on sequences (``linear_bias``): ``Add(MatMul(x, W), b)`` with x of rank
+≥ 3 ([N, T, K]), a constant W [K, M] and a constant bias b of M values becomes
+
+    Reshape(Gemm(Reshape(x, [-1, K]), W, b), shape(x)[:-1] + [M])
+
+the same products and sums in the same order, so exact. onnxruntime folds a bias into
+the matrix product (Gemm, one pass over the output) only where x is 2-D; on a sequence
+it runs the MatMul, or FusedMatMul where it absorbed a Transpose before it, and then a
+full-size Add. A recognizer's classifier head over thousands of classes spends about as
+long in that Add as in a third of the product (docs/passes/fuse.md). The reshapes are
+views; the output shape is read from x at run time, so batch and sequence length stay
+dynamic.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from ...graph import fresh_namer, initializers
+from ...model import default_opset
+from .match import MatchResult, _decline, _index, _splice, _std
+
+log = logging.getLogger(__name__)
+
+_GEMM_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE)  #: what onnxruntime's CPU Gemm runs
+
+
+def _ranks(model: onnx.ModelProto) -> dict[str, int]:
+    """Tensor → rank, from the model's shapes, inferred where it has none for a MatMul's
+    input (a model over 2 GB, which onnx cannot infer in memory, keeps what it has)."""
+    g = model.graph
+
+    def known(graph: onnx.GraphProto) -> dict[str, int]:
+        return {v.name: len(v.type.tensor_type.shape.dim) for v in [*graph.value_info, *graph.input, *graph.output]
+                if v.type.HasField("tensor_type") and v.type.tensor_type.HasField("shape")}
+
+    ranks = known(g)
+    if all(n.input[0] in ranks for n in g.node if _std(n, "MatMul")):
+        return ranks
+    try:
+        return {**known(onnx.shape_inference.infer_shapes(model).graph), **ranks}
+    except (onnx.shape_inference.InferenceError, ValueError) as exc:
+        log.debug("fuse: linear_bias: shape inference failed (%s)", exc)
+        return ranks
+
+
+def fuse_linear_bias(model: onnx.ModelProto, declines: Counter[str] | None = None,
+                     only: set[str] | None = None) -> list[str]:
+    """Rewrite each ``Add(MatMul(x, W), b)`` on an x of rank ≥ 3 as a Gemm between two
+    Reshapes (module doc), or only the MatMuls named in ``only``; the names of the MatMuls
+    rewritten. A candidate that fails is counted in ``declines`` by reason."""
+    g = model.graph
+    if (default_opset(model) or 0) < 10:  # Slice with its bounds as inputs
+        return []
+    inits = initializers(g)
+    producer, readers = _index(g)
+    ranks = _ranks(model)
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for n in g.node:
+        for x in n.input:
+            consumers.setdefault(x, []).append(n)
+
+    def match(mm: onnx.NodeProto) -> MatchResult:
+        x, w = mm.input[0], mm.input[1]
+        wt = inits.get(w)
+        if wt is None or len(wt.dims) != 2 or wt.data_type not in _GEMM_TYPES:
+            return MatchResult.fail("the weight is not a constant 2-D float32/float64 matrix")
+        rank = ranks.get(x)
+        if rank is None:
+            return MatchResult.fail("the input's rank is unknown")
+        if rank < 3:
+            return MatchResult.fail("the input is 2-D (onnxruntime fuses the bias itself)")
+        users = consumers.get(mm.output[0], [])
+        if readers.get(mm.output[0]) != 1 or len(users) != 1 or not _std(users[0], "Add"):
+            return MatchResult.fail("the product is not read by one Add alone")
+        add = users[0]
+        b = add.input[1] if add.input[0] == mm.output[0] else add.input[0]
+        bt = inits.get(b)
+        m = int(wt.dims[1])
+        if bt is None or bt.data_type != wt.data_type:
+            return MatchResult.fail("the added term is not a constant of the weight's type")
+        if int(np.prod(bt.dims)) != m or len(bt.dims) > rank or any(d != 1 for d in bt.dims[:-1]):
+            return MatchResult.fail("the added term is not one bias value per output feature")
+        return MatchResult((x, w, b, add, m))
+
+    fresh = fresh_namer(g)
+    consts: dict[tuple[int, ...], str] = {}
+
+    def const(values: tuple[int, ...]) -> str:
+        if values not in consts:
+            consts[values] = fresh("linear_bias_shape")
+            g.initializer.append(numpy_helper.from_array(np.array(values, dtype=np.int64), consts[values]))
+        return consts[values]
+
+    replace: dict[int, list[onnx.NodeProto]] = {}
+    drop: set[int] = set()
+    done: list[str] = []
+    for mm in list(g.node):
+        if not _std(mm, "MatMul") or (only is not None and (mm.name or mm.output[0]) not in only):
+            continue
+        found = match(mm)
+        if not found.ok:
+            _decline(declines, "linear_bias", mm.name or mm.output[0], found)
+            continue
+        x, w, b, add, m = found.value
+        k = int(inits[w].dims[0])
+        bias = b
+        if len(inits[b].dims) != 1:
+            bias = fresh(f"{b}_vector")
+            g.initializer.append(numpy_helper.from_array(numpy_helper.to_array(inits[b]).reshape(m), bias))
+        name = mm.name or mm.output[0]
+        lead, shape, x2, y2 = (fresh(f"{name}_{s}") for s in ("lead", "out_shape", "rows", "gemm"))
+        replace[id(mm)] = [
+            helper.make_node("Shape", [x], [fresh(f"{name}_shape")], name=f"{name}_shape"),
+            helper.make_node("Reshape", [x, const((-1, k))], [x2], name=f"{name}_rows"),
+            helper.make_node("Gemm", [x2, w, bias], [y2], name=f"{name}_gemm"),
+        ]
+        full = replace[id(mm)][0].output[0]
+        replace[id(mm)][1:1] = [helper.make_node("Slice", [full, const((0,)), const((-1,))], [lead], name=f"{name}_lead"),
+                                helper.make_node("Concat", [lead, const((m,))], [shape], name=f"{name}_out_shape", axis=0)]
+        replace[id(mm)].append(helper.make_node("Reshape", [y2, shape], list(add.output), name=f"{name}_linear"))
+        drop.add(id(add))
+        done.append(name)
+    if replace:
+        _splice(g, replace, drop)
+    return done
