@@ -565,15 +565,15 @@ def test_int8_retry_below_is_how_far_over_budget_a_retry_is_worth(monkeypatch: p
     assert len([t for t in rep.search.trials if t.stage == "int8"]) == tries
 
 
-@pytest.mark.parametrize("direct,accepted,fused", [({1: 0.95, 8: 0.98}, True, 0.9), ({1: 0.90, 8: 1.01}, False, 0.9),
-                                                  ({1: 0.95, 8: 0.98}, True, 1.0)])
+@pytest.mark.parametrize("direct,accepted,fused", [({1: 0.97, 8: 0.99}, True, 0.9), ({1: 0.90, 8: 1.01}, False, 0.9),
+                                                  ({1: 0.995, 8: 0.995}, False, 0.9), ({1: 0.97, 8: 0.99}, True, 1.0)])
 def test_linear_layers_bias_is_fused_last_where_it_is_faster(monkeypatch: pytest.MonkeyPatch,
                                                             direct: dict[int, float], accepted: bool,
                                                             fused: float) -> None:
     """The stages start from a model whose sequence linear layers keep their MatMul + Add
     (prune follows channels through them); fuse's linear_bias then runs on the answer, an
-    exact step timed against it in one call: kept where it is slower at no batch size and
-    3% faster over them (geometric mean), else the answer stays as it was. Where the
+    exact step timed against it: kept where it is slower at no batch size and 1% faster over
+    them (geometric mean), else the answer stays as it was. Where the
     canonicalized, fused start was no faster than the model as given (``fused`` 1.0), the
     step runs on that start and is timed against the model as given."""
     import onnxcompress.search as search_mod
