@@ -84,7 +84,7 @@ from ...model import default_opset
 from ...pipeline import Pass, PassContext, PassResult
 from ...validate import lost_fusions, runtime_fusions
 from .focus import fuse_space_to_depth
-from .linear import fuse_linear_bias
+from .linear import bias_contexts, fuse_linear_bias
 from .match import MatchResult, _copy, _decline, _index, _splice, _std
 
 log = logging.getLogger(__name__)
@@ -148,17 +148,20 @@ class Fuse(Pass):
 
         def linear(m: onnx.ModelProto) -> dict[str, int]:
             # onnxruntime fuses some bias Adds with what follows (BiasGelu, SkipLayerNorm…):
-            # where the rewrite of all loses one, each candidate alone is checked
+            # where the rewrite of all loses one, one candidate per context is checked alone
             trial = _copy(m)
             done = fuse_linear_bias(trial, declines["linear_bias"])
             if done and lost_fusions(before, trial, ctx.provider):
-                keep = set()
+                contexts = bias_contexts(m, done)
+                verdict: dict[tuple[str, ...], str] = {}
                 for name in done:
-                    lost = lost_fusions(before, _copy(m, lambda one: fuse_linear_bias(one, only={name})), ctx.provider)
-                    if lost:
-                        _decline(declines["linear_bias"], "linear_bias", name, MatchResult.fail(f"loses onnxruntime's fusions: {lost}"))
-                    else:
-                        keep.add(name)
+                    if contexts[name] not in verdict:
+                        one = _copy(m, lambda c: fuse_linear_bias(c, only={name}))
+                        verdict[contexts[name]] = lost_fusions(before, one, ctx.provider)
+                keep = {name for name in done if not verdict[contexts[name]]}
+                for name in sorted(set(done) - keep):
+                    _decline(declines["linear_bias"], "linear_bias", name,
+                             MatchResult.fail(f"loses onnxruntime's fusions: {verdict[contexts[name]]}"))
                 trial = _copy(m)
                 done = fuse_linear_bias(trial, only=keep) if keep else []
             m.CopyFrom(trial)

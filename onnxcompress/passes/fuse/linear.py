@@ -49,6 +49,30 @@ def _ranks(model: onnx.ModelProto) -> dict[str, int]:
         return ranks
 
 
+def bias_contexts(model: onnx.ModelProto, names: list[str]) -> dict[str, tuple[str, ...]]:
+    """MatMul name → what reads its bias Add, two levels deep (op types): onnxruntime's
+    fusions of a bias (BiasGelu, SkipLayerNormalization) depend on that alone, so one
+    candidate per context tells whether the rewrite loses one."""
+    g = model.graph
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for n in g.node:
+        for x in n.input:
+            readers.setdefault(x, []).append(n)
+
+    def ops(tensors: list[str]) -> list[onnx.NodeProto]:
+        return [r for t in tensors for r in readers.get(t, [])]
+
+    out = {}
+    for n in g.node:
+        key = n.name or n.output[0]
+        if key in names:
+            add = ops([n.output[0]])
+            first = ops([o for a in add for o in a.output])
+            second = ops([o for f in first for o in f.output])
+            out[key] = (*sorted(f.op_type for f in first), "|", *sorted(f.op_type for f in second))
+    return out
+
+
 def fuse_linear_bias(model: onnx.ModelProto, declines: Counter[str] | None = None,
                      only: set[str] | None = None) -> list[str]:
     """Rewrite each ``Add(MatMul(x, W), b)`` on an x of rank ≥ 3 as a Gemm between two
