@@ -502,3 +502,27 @@ def test_linear_bias_left_alone(kw: dict[str, Any], reason: str) -> None:
     assert res.stats["linear_bias_fused"] == 0
     assert res.stats["declined_matches"]["linear_bias"] == {reason: 1}
     assert [n.op_type for n in res.model.graph.node] == [n.op_type for n in model.graph.node]
+
+
+def test_linear_bias_reads_ranks_onnx_cannot_infer_from_a_runtime_probe(monkeypatch: pytest.MonkeyPatch) -> None:
+    """paddle2onnx computes Reshape targets at run time, where onnx's shape inference
+    leaves tensors without a shape: their ranks come from the core's probe (one
+    onnxruntime run on zeros); where that fails too, the candidate is declined as unknown."""
+    import onnxcompress.shapes as shapes_mod
+    from onnxcompress.errors import RuntimeModelError
+
+    model = _sequence_linear(transpose=True)
+    del model.graph.value_info[:]
+    monkeypatch.setattr(shapes_mod.onnx.shape_inference, "infer_shapes", lambda m, **kw: m)
+    res = Fuse(FuseOptions()).run(copy.deepcopy(model), PassContext())
+    assert res.stats["linear_bias_fused"] == 1
+    x = np.random.default_rng(0).standard_normal((2, 4, 7)).astype(np.float32)
+    np.testing.assert_allclose(run(res.model, {"x": x})[0], run(model, {"x": x})[0], rtol=1e-6, atol=1e-6)
+
+    def no_probe(*args: Any, **kw: Any) -> None:
+        raise RuntimeModelError("shape probe: onnxruntime cannot run it")
+
+    monkeypatch.setattr(shapes_mod, "runtime_shapes", no_probe)
+    res = Fuse(FuseOptions()).run(copy.deepcopy(model), PassContext())
+    assert res.stats["linear_bias_fused"] == 0
+    assert res.stats["declined_matches"]["linear_bias"] == {"the input's rank is unknown": 1}

@@ -21,8 +21,10 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from ...errors import OnnxCompressError
 from ...graph import fresh_namer, initializers
 from ...model import default_opset
+from ...shapes import all_shapes
 from .match import MatchResult, _decline, _index, _splice, _std
 
 log = logging.getLogger(__name__)
@@ -31,22 +33,21 @@ _GEMM_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE)  #: what onnxrun
 
 
 def _ranks(model: onnx.ModelProto) -> dict[str, int]:
-    """Tensor → rank, from the model's shapes, inferred where it has none for a MatMul's
-    input (a model over 2 GB, which onnx cannot infer in memory, keeps what it has)."""
+    """Tensor → rank, from the model's shapes; for a MatMul input they leave open (Reshape
+    targets computed at run time), from the core's concrete shapes (inference at fixed
+    input shapes, else one onnxruntime run on zeros). Unknown where neither resolves it."""
     g = model.graph
-
-    def known(graph: onnx.GraphProto) -> dict[str, int]:
-        return {v.name: len(v.type.tensor_type.shape.dim) for v in [*graph.value_info, *graph.input, *graph.output]
-                if v.type.HasField("tensor_type") and v.type.tensor_type.HasField("shape")}
-
-    ranks = known(g)
-    if all(n.input[0] in ranks for n in g.node if _std(n, "MatMul")):
-        return ranks
-    try:
-        return {**known(onnx.shape_inference.infer_shapes(model).graph), **ranks}
-    except (onnx.shape_inference.InferenceError, ValueError) as exc:
-        log.debug("fuse: linear_bias: shape inference failed (%s)", exc)
-        return ranks
+    ranks = {v.name: len(v.type.tensor_type.shape.dim) for v in [*g.value_info, *g.input, *g.output]
+             if v.type.HasField("tensor_type") and v.type.tensor_type.HasField("shape")}
+    missing = [n.input[0] for n in g.node if _std(n, "MatMul") and n.input[0] not in ranks]
+    if missing:
+        try:
+            shapes, _ = all_shapes(model, need=missing)
+        except (OnnxCompressError, ValueError, RuntimeError) as exc:
+            log.debug("fuse: linear_bias: input ranks unknown (%s)", exc)
+            return ranks
+        ranks.update({k: len(shapes[k]) for k in missing if k in shapes})
+    return ranks
 
 
 def bias_contexts(model: onnx.ModelProto, names: list[str]) -> dict[str, tuple[str, ...]]:
