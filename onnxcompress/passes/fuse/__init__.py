@@ -116,8 +116,8 @@ class FuseOptions:
 class Fuse(Pass):
     name = "fuse"
     summary = ("fuse spelled-out hard-swish (Add/Clip/Mul/Div) into one operator, fold constant Mul/Add into the "
-               "Convs around them, and fold Focus layers into the Conv after them, so onnxruntime keeps its fast "
-               "layout (exact up to rounding)")
+               "Convs around them, fold Focus layers into the Conv after them, so onnxruntime keeps its fast "
+               "layout, and add sequence linear layers' bias inside the product (exact up to rounding)")
     Options = FuseOptions
     exact = True  # the same function; rounding differs (see the module doc)
     rel_range = 1e-2

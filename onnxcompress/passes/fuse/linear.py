@@ -3,13 +3,14 @@
 
     Reshape(Gemm(Reshape(x, [-1, K]), W, b), shape(x)[:-1] + [M])
 
-the same products and sums in the same order, so exact. onnxruntime folds a bias into
+the same products and sums, so exact up to float rounding. onnxruntime folds a bias into
 the matrix product (Gemm, one pass over the output) only where x is 2-D; on a sequence
 it runs the MatMul, or FusedMatMul where it absorbed a Transpose before it, and then a
-full-size Add. A recognizer's classifier head over thousands of classes spends about as
-long in that Add as in a third of the product (docs/passes/fuse.md). The reshapes are
+full-size Add. A recognizer's classifier head over thousands of classes spends a fifth
+of its product's time again in that Add (docs/passes/fuse.md). The reshapes are
 views; the output shape is read from x at run time, so batch and sequence length stay
-dynamic.
+dynamic. x's rank comes from the model's shapes, or where onnx's inference leaves it
+open (Reshape targets computed at run time), from one onnxruntime run on zeros.
 """
 
 from __future__ import annotations
