@@ -7,7 +7,8 @@ samples apart, as the search split them) and on ``*_eval.npz``.
 Per trial: mean per-sample cosine of the first output to the original's on the fitting
 samples, the range over the held-out samples, and the eval mean and lowest; and the
 ratio of its budget usage (1 − mean cosine over ``max_drop``) on the eval set to that on
-calibration (the worse of fitting and held out). Trials the search did not keep (over
+calibration (the worse of fitting and held out; none where that is under 1% of the budget,
+rounding). Trials the search did not keep (over
 budget, not faster) have no model and are listed without scores.
 """
 
@@ -80,7 +81,7 @@ def rows_for(name: str, shared: Path) -> list[dict[str, Any]]:
             calib_usage = max(1 - fit.mean(), 1 - held.mean() if len(held) else 0.0) / max_drop
             row.update(fit=float(fit.mean()), held=[float(held.min()), float(held.max())] if len(held) else None,
                        eval=float(e.mean()), eval_min=float(e.min()),
-                       ratio=float((1 - e.mean()) / max_drop / calib_usage) if calib_usage > 0 else None)
+                       ratio=float((1 - e.mean()) / max_drop / calib_usage) if calib_usage >= 0.01 else None)
         rows.append(row)
     return rows
 
