@@ -84,7 +84,7 @@ from ...model import default_opset
 from ...pipeline import Pass, PassContext, PassResult
 from ...validate import lost_fusions, runtime_fusions
 from .focus import fuse_space_to_depth
-from .linear import bias_contexts, fuse_linear_bias
+from .linear import fuse_linear_bias_keeping
 from .match import MatchResult, _copy, _decline, _index, _splice, _std
 
 log = logging.getLogger(__name__)
@@ -146,27 +146,6 @@ class Fuse(Pass):
         declines: dict[str, Counter[str]] = {"hardswish": Counter(), "affine": Counter(), "gate_residual": Counter(),
                                              "space_to_depth": Counter(), "linear_bias": Counter()}
 
-        def linear(m: onnx.ModelProto) -> dict[str, int]:
-            # onnxruntime fuses some bias Adds with what follows (BiasGelu, SkipLayerNorm…):
-            # where the rewrite of all loses one, one candidate per context is checked alone
-            trial = _copy(m)
-            done = fuse_linear_bias(trial, declines["linear_bias"])
-            if done and lost_fusions(before, trial, ctx.provider):
-                contexts = bias_contexts(m, done)
-                verdict: dict[tuple[str, ...], str] = {}
-                for name in done:
-                    if contexts[name] not in verdict:
-                        one = _copy(m, lambda c: fuse_linear_bias(c, only={name}))
-                        verdict[contexts[name]] = lost_fusions(before, one, ctx.provider)
-                keep = {name for name in done if not verdict[contexts[name]]}
-                for name in sorted(set(done) - keep):
-                    _decline(declines["linear_bias"], "linear_bias", name,
-                             MatchResult.fail(f"loses onnxruntime's fusions: {verdict[contexts[name]]}"))
-                trial = _copy(m)
-                done = fuse_linear_bias(trial, only=keep) if keep else []
-            m.CopyFrom(trial)
-            return {"linear_bias_fused": len(done)}
-
         def focus(m: onnx.ModelProto) -> dict[str, int]:
             a, b = fuse_space_to_depth(m, opts.focus_conv, declines["space_to_depth"])
             return {"space_to_depth": a, "focus_conv": b}
@@ -178,7 +157,8 @@ class Fuse(Pass):
             ("gate_residual", opts.gate_residual,
              lambda m: {"gate_residual_folded": fold_gate_residual(m, declines["gate_residual"])}),
             ("space_to_depth", opts.space_to_depth, focus),
-            ("linear_bias", opts.linear_bias, linear),
+            ("linear_bias", opts.linear_bias, lambda m: {"linear_bias_fused": len(
+                fuse_linear_bias_keeping(m, before, ctx.provider, declines["linear_bias"]))}),
         ]
         stats: dict[str, Any] = {}
         declined: dict[str, str] = {}

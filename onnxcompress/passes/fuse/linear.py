@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from collections.abc import Mapping
 
 import numpy as np
 import onnx
@@ -25,8 +26,9 @@ from onnx import helper, numpy_helper
 from ...errors import OnnxCompressError
 from ...graph import fresh_namer, initializers
 from ...model import default_opset
+from ...runtime import lost_fusions
 from ...shapes import all_shapes
-from .match import MatchResult, _decline, _index, _splice, _std
+from .match import MatchResult, _copy, _decline, _index, _splice, _std
 
 log = logging.getLogger(__name__)
 
@@ -154,4 +156,30 @@ def fuse_linear_bias(model: onnx.ModelProto, declines: Counter[str] | None = Non
         done.append(name)
     if replace:
         _splice(g, replace, drop)
+    return done
+
+
+def fuse_linear_bias_keeping(model: onnx.ModelProto, before: Mapping[str, int] | None, provider: str,
+                             declines: Counter[str] | None = None) -> list[str]:
+    """:func:`fuse_linear_bias` on ``model`` without losing any of onnxruntime's fusions
+    ``before`` counts: onnxruntime fuses some bias Adds with what follows (BiasGelu,
+    SkipLayerNormalization), so where the rewrite of all loses one, one candidate per
+    bias context (:func:`bias_contexts`) is checked alone, and those that lose one are
+    declined with it; the names of the MatMuls rewritten."""
+    trial = _copy(model)
+    done = fuse_linear_bias(trial, declines)
+    if done and lost_fusions(before, trial, provider):
+        contexts = bias_contexts(model, done)
+        verdict: dict[tuple[str, ...], str] = {}
+        for name in done:
+            if contexts[name] not in verdict:
+                one = _copy(model, lambda c: fuse_linear_bias(c, only={name}))
+                verdict[contexts[name]] = lost_fusions(before, one, provider)
+        keep = {name for name in done if not verdict[contexts[name]]}
+        for name in sorted(set(done) - keep):
+            _decline(declines, "linear_bias", name,
+                     MatchResult.fail(f"loses onnxruntime's fusions: {verdict[contexts[name]]}"))
+        trial = _copy(model)
+        done = fuse_linear_bias(trial, only=keep) if keep else []
+    model.CopyFrom(trial)
     return done
