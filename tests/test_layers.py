@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 PKG = Path(__file__).resolve().parent.parent / "onnxcompress"
-TOP = {"cli", "console", "api", "search", "trials", "registry", "__init__", "__main__", "plot"}  # may use passes
+TOP = {"cli", "console", "api", "search", "search_int8", "trials", "registry", "__init__", "__main__", "plot"}  # may use passes
 
 
 def _module(path: Path) -> str:
