@@ -35,14 +35,14 @@ log = logging.getLogger(__name__)
 _GEMM_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE)  #: what onnxruntime's CPU Gemm runs
 
 
-def _ranks(model: onnx.ModelProto) -> dict[str, int]:
-    """Tensor → rank, from the model's shapes; for a MatMul input they leave open (Reshape
-    targets computed at run time), from the core's concrete shapes (inference at fixed
-    input shapes, else one onnxruntime run on zeros). Unknown where neither resolves it."""
+def _ranks(model: onnx.ModelProto, tensors: list[str]) -> dict[str, int]:
+    """Tensor → rank, from the model's shapes; for those of ``tensors`` they leave open
+    (Reshape targets computed at run time), from the core's concrete shapes (inference at
+    fixed input shapes, else one onnxruntime run on zeros). Unknown where neither resolves it."""
     g = model.graph
     ranks = {v.name: len(v.type.tensor_type.shape.dim) for v in [*g.value_info, *g.input, *g.output]
              if v.type.HasField("tensor_type") and v.type.tensor_type.HasField("shape")}
-    missing = [n.input[0] for n in g.node if _std(n, "MatMul") and n.input[0] not in ranks]
+    missing = [t for t in dict.fromkeys(tensors) if t not in ranks]
     if missing:
         try:
             shapes, _ = all_shapes(model, need=missing)
@@ -86,8 +86,8 @@ def fuse_linear_bias(model: onnx.ModelProto, declines: Counter[str] | None = Non
     if (default_opset(model) or 0) < 10:  # Slice with its bounds as inputs
         return []
     inits = initializers(g)
-    producer, readers = _index(g)
-    ranks = _ranks(model)
+    _, readers = _index(g)
+    ranks = _ranks(model, [n.input[0] for n in g.node if _std(n, "MatMul") and n.input[1] in inits])
     consumers: dict[str, list[onnx.NodeProto]] = {}
     for n in g.node:
         for x in n.input:
@@ -102,7 +102,7 @@ def fuse_linear_bias(model: onnx.ModelProto, declines: Counter[str] | None = Non
         if rank is None:
             return MatchResult.fail("the input's rank is unknown")
         if rank < 3:
-            return MatchResult.fail("the input is 2-D (onnxruntime fuses the bias itself)")
+            return MatchResult.fail("the input is not a sequence (rank < 3: onnxruntime fuses a 2-D bias itself)")
         users = consumers.get(mm.output[0], [])
         if readers.get(mm.output[0]) != 1 or len(users) != 1 or not _std(users[0], "Add"):
             return MatchResult.fail("the product is not read by one Add alone")
