@@ -121,8 +121,9 @@ FUSED_PRODUCTS = "FusedMatMul or Gemm"  #: their count, as runtime_fusions repor
 
 def runtime_fusions(model: onnx.ModelProto, provider: str = "cpu") -> dict[str, int]:
     """How many of each fused op onnxruntime makes of ``model`` (extended level):
-    contrib ops (FusedConv, FusedMatMul, Attention, SkipLayerNormalization, BiasGelu, …)
-    and LayerNormalization/Gelu."""
+    contrib ops (FusedConv, Attention, SkipLayerNormalization, BiasGelu, …),
+    LayerNormalization/Gelu, and FusedMatMul and Gemm counted together
+    (``FUSED_PRODUCTS``)."""
     ops = runtime_ops(model, provider, extended_only=True, domains=True)
     out = {k: v for k, v in ops.items() if k.startswith("com.microsoft:") or k in RUNTIME_FUSIONS}
     # a matrix product fused with a transpose (FusedMatMul) or with its bias (Gemm) is one

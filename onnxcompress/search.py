@@ -262,8 +262,7 @@ class Search(Int8Stages):
                rival: Trial, reserve: float, expected: float, exact: bool = False) -> Trial:
         """Build, judge and time one trial; it is accepted when within budget and at least
         ``min_gain`` faster than ``rival`` (the best model it must beat); an ``exact`` step
-        on ``rival`` itself when, timed against it in one call, it is slower at no batch size
-        and ``min_gain`` faster over them (geometric mean)."""
+        as :meth:`_accept_exact` decides."""
         if expected > self._left():
             raise _Stopped(stage)
         t0 = time.perf_counter()

@@ -24,11 +24,11 @@ import onnx
 from onnx import helper, numpy_helper
 
 from ...errors import OnnxCompressError
-from ...graph import fresh_namer, initializers
+from ...graph import fresh_namer, graph_index
 from ...model import default_opset
 from ...runtime import lost_fusions
 from ...shapes import all_shapes
-from .match import MatchResult, _copy, _decline, _index, _splice, _std
+from .match import MatchResult, _copy, _decline, _splice, _std
 
 log = logging.getLogger(__name__)
 
@@ -58,10 +58,7 @@ def bias_contexts(model: onnx.ModelProto, names: list[str]) -> dict[str, tuple[s
     fusions of a bias (BiasGelu, SkipLayerNormalization) depend on that alone, so one
     candidate per context tells whether the rewrite loses one."""
     g = model.graph
-    readers: dict[str, list[onnx.NodeProto]] = {}
-    for n in g.node:
-        for x in n.input:
-            readers.setdefault(x, []).append(n)
+    _, readers, _ = graph_index(g)
 
     def ops(tensors: list[str]) -> list[onnx.NodeProto]:
         return [r for t in tensors for r in readers.get(t, [])]
@@ -85,13 +82,8 @@ def fuse_linear_bias(model: onnx.ModelProto, declines: Counter[str] | None = Non
     g = model.graph
     if (default_opset(model) or 0) < 10:  # Slice with its bounds as inputs
         return []
-    inits = initializers(g)
-    _, readers = _index(g)
+    inits, readers, outputs = graph_index(g)
     ranks = _ranks(model, [n.input[0] for n in g.node if _std(n, "MatMul") and n.input[1] in inits])
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for n in g.node:
-        for x in n.input:
-            consumers.setdefault(x, []).append(n)
 
     def match(mm: onnx.NodeProto) -> MatchResult:
         x, w = mm.input[0], mm.input[1]
@@ -103,8 +95,8 @@ def fuse_linear_bias(model: onnx.ModelProto, declines: Counter[str] | None = Non
             return MatchResult.fail("the input's rank is unknown")
         if rank < 3:
             return MatchResult.fail("the input is not a sequence (rank < 3: onnxruntime fuses a 2-D bias itself)")
-        users = consumers.get(mm.output[0], [])
-        if readers.get(mm.output[0]) != 1 or len(users) != 1 or not _std(users[0], "Add"):
+        users = readers.get(mm.output[0], [])
+        if mm.output[0] in outputs or len(users) != 1 or not _std(users[0], "Add"):
             return MatchResult.fail("the product is not read by one Add alone")
         add = users[0]
         b = add.input[1] if add.input[0] == mm.output[0] else add.input[0]
