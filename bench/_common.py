@@ -63,15 +63,19 @@ def quantize_static_variant(path, calib, batch: int, activations: str = "uint8",
         return onnx.load(str(dst)), seconds, note
 
 
+def per_sample_cosine(ref: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Cosine of each sample's output (axis 0) to the reference's."""
+    a, b = ref.reshape(len(ref), -1).astype(np.float64), y.reshape(len(y), -1).astype(np.float64)
+    return (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-30)
+
+
 def eval_metrics(name: str, ref: np.ndarray, y: np.ndarray, labels: np.ndarray | None) -> dict:
     """Accuracy of outputs ``y`` against the fp32 outputs ``ref`` on an eval set: mean
     per-sample cosine always; top-1 against ``labels`` and top-1 agreement with fp32 for
     classifiers; captcha_det: recall of the fp32 detections (objectness > 0.3 kept > 0.3)
     and precision (the share of the output's detections that are fp32 detections);
     text_det: IoU of the ``p > 0.3`` text masks."""
-    a, b = ref.reshape(len(ref), -1).astype(np.float64), y.reshape(len(y), -1).astype(np.float64)
-    cos = float(np.mean((a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-30)))
-    acc: dict = {"cosine": cos}
+    acc: dict = {"cosine": float(np.mean(per_sample_cosine(ref, y)))}
     if labels is not None:
         acc["top1"] = float((y.argmax(1) == labels).mean())
         acc["agreement"] = float((y.argmax(1) == ref.argmax(1)).mean())

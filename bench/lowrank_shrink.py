@@ -32,15 +32,10 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import onnxcompress as oc  # noqa: E402
 import onnxcompress.passes.lowrank.ranks as ranks  # noqa: E402
-from _common import eval_metrics, run_batch, run_batched  # noqa: E402
+from _common import eval_metrics, per_sample_cosine, run_batch, run_batched  # noqa: E402
 from recognizer import cer, read_charset, read_lines  # noqa: E402
 
 MODELS = "text_det,captcha_det,doc_orientation,textline_cls,wakeword_embed,ppocrv5_rec"
-
-
-def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    a, b = a.reshape(len(a), -1).astype(np.float64), b.reshape(len(b), -1).astype(np.float64)
-    return (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-30)
 
 
 def one(shared: Path, name: str, eps_values: list[float], tmp: Path) -> list[dict]:
@@ -63,7 +58,7 @@ def one(shared: Path, name: str, eps_values: list[float], tmp: Path) -> list[dic
                              validation=False, latency=False)
         st = rep.passes[-1].stats
         held, out = run_batched(m, xc[n_fit:], b), run_batched(m, ev["x"], b)
-        ch, ce = _cosines(held_ref, held), _cosines(eval_ref, out)
+        ch, ce = per_sample_cosine(held_ref, held), per_sample_cosine(eval_ref, out)
         r: dict = {"model": name, "eps": eps, "macs": st["macs_ratio"], "split": st["split"],
                    "held_cos": float(ch.mean()), "held_min": float(ch.min()),
                    "eval_cos": float(ce.mean()), "eval_min": float(ce.min()), "seconds": time.perf_counter() - t0}

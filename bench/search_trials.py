@@ -31,12 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import onnxcompress as oc  # noqa: E402
 import onnxcompress.search as search_mod  # noqa: E402
-from _common import run_batch, run_batched  # noqa: E402
-
-
-def per_sample_cosine(ref: np.ndarray, y: np.ndarray) -> np.ndarray:
-    a, b = ref.reshape(len(ref), -1).astype(np.float64), y.reshape(len(y), -1).astype(np.float64)
-    return (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-30)
+from _common import per_sample_cosine, run_batch, run_batched  # noqa: E402
 
 
 def search_with_models(model: onnx.ModelProto, calib: Path) -> tuple[Any, dict[int, onnx.ModelProto]]:
