@@ -361,12 +361,12 @@ def test_refit_of_a_matmul_on_token_rows(kind: str) -> None:
 
 
 def _mlp_group(an):  # type: ignore[no-untyped-def]
-    return [g for g in an.groups if not g.blocked and an.producers[g.producers[0]].op == "MatMul"
+    return [g for g in an.groups if not g.blocked and an.producers[g.producers[0]].op in ("MatMul", "Gemm")
             and an.producers[g.producers[0]].channels == g.size]
 
 
 def _head_groups(an):  # type: ignore[no-untyped-def]
-    return [g for g in an.groups if not g.blocked and an.producers[g.producers[0]].op == "MatMul"
+    return [g for g in an.groups if not g.blocked and an.producers[g.producers[0]].op in ("MatMul", "Gemm")
             and an.producers[g.producers[0]].channels > g.size]
 
 
@@ -524,19 +524,88 @@ def test_prune_pass_on_an_mlp_with_calibration() -> None:
     assert err["lstsq"] < err["none"]
 
 
+def _groups(m: onnx.ModelProto) -> list[tuple[str, int, str | None]]:
+    an = analyze(m, all_shapes(m, {"x": [1, 3, 8, 16]})[0])
+    return sorted((an.describe(g), g.size, g.blocked) for g in an.groups)
+
+
+@pytest.mark.parametrize("opset", [13, 17])
+def test_prune_follows_channels_through_linear_bias(opset: int) -> None:
+    """fuse's linear_bias writes a linear layer on tokens as Reshape(x, [-1, K]) → Gemm →
+    Reshape to Concat(shape(x)[:-1], [M]) (Shape and Slice, or from opset 15 Shape with
+    start/end): prune finds the same groups through it as through MatMul + Add, removing
+    channels equals masking, and the pass at a MACs budget removes the same channels and
+    computes the same outputs as on the model without the rewrite."""
+    from onnxcompress.data import IterableSource, input_specs
+
+    from .builders import hybrid_recognizer
+
+    m = hybrid_recognizer(heads=4, hidden=128)
+    m.opset_import[0].version = opset
+    plain, _ = build_pipeline("canonicalize,fuse:linear_bias=false").run(copy.deepcopy(m))
+    fused, res = build_pipeline("canonicalize,fuse").run(copy.deepcopy(m))
+    assert res[-1].stats["linear_bias_fused"] == 6
+    assert sum(n.op_type == "Slice" for n in fused.graph.node) == (4 if opset < 15 else 0)  # one per input x
+    assert _groups(fused) == _groups(plain)
+    assert sum(size for _, size, blocked in _groups(fused) if blocked is None) == 32 + 4 + 128
+    rng = np.random.default_rng(5)
+    assert_removal_equals_mask(fused, [1, 3, 8, 16], [rng.standard_normal((2, 3, 8, 16)).astype(np.float32)
+                                                      for _ in range(3)], fraction=0.5)
+    calib = [{"x": rng.standard_normal((8, 3, 8, 16)).astype(np.float32)} for _ in range(16)]
+    x = rng.standard_normal((4, 3, 8, 16)).astype(np.float32)
+    widths, outs = [], []
+    for model in (plain, fused):
+        ctx = PassContext(calibration=IterableSource(calib, input_specs(model)))
+        out = Prune(PruneOptions(macs_ratio=0.7, round_to=8)).run(copy.deepcopy(model), ctx).model
+        w = {t.name: tuple(t.dims) for t in out.graph.initializer}
+        widths.append({n.name: w[n.input[1]] for n in out.graph.node if n.op_type in ("MatMul", "Gemm", "Conv")
+                       and n.input[1] in w})
+        outs.append(run(out, {"x": x})[0])
+    assert widths[0] == widths[1] and widths[1]["q"] == (32, 24) and widths[1]["fc2"][0] < 128
+    np.testing.assert_allclose(outs[1], outs[0], rtol=0, atol=1e-5 * float(np.ptp(outs[0])))
+
+
+def test_prune_stops_at_a_linear_bias_target_it_cannot_rewrite() -> None:
+    """The target of the Reshape back to [N, T, M] must end in a constant M (which pruning
+    rewrites): where M is computed (here the Shape of the Gemm's output), the layer's
+    channels stop there, with the reason."""
+    from .builders import hybrid_recognizer
+
+    m = hybrid_recognizer(heads=4, hidden=128, ctc=False)
+    m.opset_import[0].version = 17
+    fused, _ = build_pipeline("canonicalize,fuse").run(m)
+    assert {d: b for d, _, b in _groups(fused)}["q, k, v"] is None
+    g = fused.graph
+    target = next(n for n in g.node if n.name == "q_linear").input[1]
+    concat = next(n for n in g.node if n.output[0] == target)
+    nodes = [n for n in g.node if n is not concat]
+    at = next(i for i, n in enumerate(nodes) if n.name == "q") + 1
+    nodes[at:at] = [helper.make_node("Shape", [nodes[at - 1].output[0]], ["q_m"], start=1), concat]
+    concat.input[1] = "q_m"
+    del g.node[:]
+    g.node.extend(nodes)
+    run(fused, {"x": np.zeros((2, 3, 8, 16), np.float32)})  # still a valid model
+    reasons = {d: b for d, _, b in _groups(fused)}
+    assert reasons["q"] == "Reshape 'q_linear' has a computed target shape that does not end in the channel count"
+    assert "pairs the heads" in reasons["k"] and "pairs the heads" in reasons["v"]
+
+
 @pytest.mark.shared
-def test_recognizer_mlp_removal_equals_masking() -> None:
-    """On the shared transformer-hybrid recognizer: both MLPs' hidden channels and both
-    blocks' attention heads are free groups, and removing 30% of every free group (stem
-    convs, MLPs, heads) equals masking."""
-    m = canonical(shared_path("models", "ppocrv5_rec.onnx"))
+@pytest.mark.parametrize("spec", ["canonicalize", "canonicalize,fuse"])
+def test_recognizer_mlp_removal_equals_masking(spec: str) -> None:
+    """On the shared transformer-hybrid recognizer, as given and fused (its linear layers
+    then Gemms between Reshapes): both MLPs' hidden channels and both blocks' attention
+    heads are free groups, and removing 30% of every free group (stem convs, MLPs, heads)
+    equals masking."""
+    m, _ = build_pipeline(spec).run(load_model(shared_path("models", "ppocrv5_rec.onnx")))
+    assert sum(n.op_type == "Gemm" for n in m.graph.node) == (0 if spec == "canonicalize" else 9)
     x = np.load(shared_path("data", "ppocrv5_rec_eval.npz"))["x"]
     feeds = [x[i : i + 1] for i in (0, len(x) // 2, len(x) - 1)]
     an = analyze(m, all_shapes(m, {m.graph.input[0].name: list(feeds[0].shape)})[0])
     assert [g.size for g in _mlp_group(an)] == [240, 240]
     assert [g.size for g in _head_groups(an)] == [8, 8]  # one fused QKV projection per block
     pruned = assert_removal_equals_mask(m, list(feeds[0].shape), feeds, fraction=0.3)
-    widths = [t.dims[1] for n in pruned.graph.node if n.op_type == "MatMul"
+    widths = [t.dims[1] for n in pruned.graph.node if n.op_type in ("MatMul", "Gemm")
               for t in pruned.graph.initializer if t.name == n.input[1] and list(t.dims)[0] == 120]
     assert sorted(widths).count(168) == 2  # 240 hidden channels less 30% (72) in each MLP
     assert sorted(widths).count(270) == 2  # QKV: 8 heads of 3 × 15 less 2 heads

@@ -8,8 +8,10 @@ the matrix product (Gemm, one pass over the output) only where x is 2-D; on a se
 it runs the MatMul, or FusedMatMul where it absorbed a Transpose before it, and then a
 full-size Add. A recognizer's classifier head over thousands of classes spends a fifth
 of its product's time again in that Add (docs/passes/fuse.md). The reshapes are
-views; the output shape is read from x at run time, so batch and sequence length stay
-dynamic. x's rank comes from the model's shapes, or where onnx's inference leaves it
+views; the output shape is read from x at run time (Shape with start/end from opset 15,
+else Shape and Slice; once per x, for the layers that share it), so batch and sequence
+length stay dynamic. prune follows channels through the rewrite: M is the constant it
+rewrites. x's rank comes from the model's shapes, or where onnx's inference leaves it
 open (Reshape targets computed at run time), from one onnxruntime run on zeros.
 """
 
@@ -110,12 +112,24 @@ def fuse_linear_bias(model: onnx.ModelProto, declines: Counter[str] | None = Non
 
     fresh = fresh_namer(g)
     consts: dict[tuple[int, ...], str] = {}
+    leads: dict[str, str] = {}  # x → its shape less the last axis, computed once per x
+    sliced_shape = (default_opset(model) or 0) >= 15  # Shape with start/end
 
     def const(values: tuple[int, ...]) -> str:
         if values not in consts:
             consts[values] = fresh("linear_bias_shape")
             g.initializer.append(numpy_helper.from_array(np.array(values, dtype=np.int64), consts[values]))
         return consts[values]
+
+    def lead_of(x: str, name: str) -> list[onnx.NodeProto]:
+        if x in leads:
+            return []
+        leads[x] = fresh(f"{name}_lead")
+        if sliced_shape:
+            return [helper.make_node("Shape", [x], [leads[x]], name=f"{name}_lead", start=0, end=-1)]
+        full = fresh(f"{name}_shape")
+        return [helper.make_node("Shape", [x], [full], name=f"{name}_shape"),
+                helper.make_node("Slice", [full, const((0,)), const((-1,))], [leads[x]], name=f"{name}_lead")]
 
     replace: dict[int, list[onnx.NodeProto]] = {}
     drop: set[int] = set()
@@ -134,16 +148,14 @@ def fuse_linear_bias(model: onnx.ModelProto, declines: Counter[str] | None = Non
             bias = fresh(f"{b}_vector")
             g.initializer.append(numpy_helper.from_array(numpy_helper.to_array(inits[b]).reshape(m), bias))
         name = mm.name or mm.output[0]
-        lead, shape, x2, y2 = (fresh(f"{name}_{s}") for s in ("lead", "out_shape", "rows", "gemm"))
+        shape, x2, y2 = (fresh(f"{name}_{s}") for s in ("out_shape", "rows", "gemm"))
         replace[id(mm)] = [
-            helper.make_node("Shape", [x], [fresh(f"{name}_shape")], name=f"{name}_shape"),
+            *lead_of(x, name),
+            helper.make_node("Concat", [leads[x], const((m,))], [shape], name=f"{name}_out_shape", axis=0),
             helper.make_node("Reshape", [x, const((-1, k))], [x2], name=f"{name}_rows"),
-            helper.make_node("Gemm", [x2, w, bias], [y2], name=f"{name}_gemm"),
+            helper.make_node("Gemm", [x2, w, bias], [y2], name=mm.name or f"{name}_gemm"),  # the layer's name stays
+            helper.make_node("Reshape", [y2, shape], list(add.output), name=f"{name}_linear"),
         ]
-        full = replace[id(mm)][0].output[0]
-        replace[id(mm)][1:1] = [helper.make_node("Slice", [full, const((0,)), const((-1,))], [lead], name=f"{name}_lead"),
-                                helper.make_node("Concat", [lead, const((m,))], [shape], name=f"{name}_out_shape", axis=0)]
-        replace[id(mm)].append(helper.make_node("Reshape", [y2, shape], list(add.output), name=f"{name}_linear"))
         drop.add(id(add))
         done.append(name)
     if replace:

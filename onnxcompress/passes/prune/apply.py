@@ -213,10 +213,10 @@ def _apply_use(an: Analysis, ed: _Edits, use: Use, keep: np.ndarray, gone: np.nd
         sizes = ed.get(use.node, 3).copy()
         sizes[1] = len(keep)
         ed.set(use.node, 3, sizes)
-    elif kind == "reshape-dim":  # a constant target naming the channel (or head) count
-        target = ed.get(use.node, 1).copy()
+    elif kind == "reshape-dim":  # a constant target (or a Concat's part of one) naming the channel or head count
+        target = ed.get(use.node, use.input).copy()
         target[use.axis] = len(keep)
-        ed.set(use.node, 1, target)
+        ed.set(use.node, use.input, target)
     elif kind == "reshape":
         ed.add_input(use.node, 1, np.array([0, -1], dtype=np.int64), f"{node.name or node.output[0]}_flat")
         if any(a.name == "allowzero" for a in node.attribute):  # [0, -1] means "copy dim 0"

@@ -416,9 +416,14 @@ def _matrix(w: Walk, n: Node) -> Block | None:
 
 
 def _reshape(w: Walk, n: Node) -> Block | None:
-    """Reshape: convolution channels only flatten (:func:`_flatten`); token features and
-    attention heads: :func:`~onnxcompress.passes.prune.tokens.reshape`."""
-    return tokens.reshape(w, n) if w.is_token(n.node.input[0]) else _flatten(w, n)
+    """Reshape: convolution channels only flatten (:func:`_flatten`); token features,
+    attention heads and a linear layer's rows regrouped with the channels last:
+    :func:`~onnxcompress.passes.prune.tokens.reshape`."""
+    x = n.node.input[0]
+    in_shape, out_shape = w.shapes.get(x), w.shapes.get(n.out0)
+    rows = (in_shape is not None and out_shape is not None and in_shape != out_shape
+            and tokens.regroups_rows(in_shape, out_shape, w.axis_of(x)))
+    return tokens.reshape(w, n) if w.is_token(x) or rows else _flatten(w, n)
 
 
 def _shape_only(w: Walk, n: Node) -> Block | None:

@@ -9,6 +9,10 @@ one atom per head. Q·Kᵀ and weights·V (MatMuls of two computed tensors) unit
 of their inputs on a batch axis; the merge ``Reshape`` back to [..., h·d] repeats each
 head's atom ``d`` times for the output projection's rows. A constant Reshape target
 that spells out the head (or channel) count is a ``reshape-dim`` use.
+
+A linear layer on token rows ([N, T, C] reshaped to [N·T, C], a Gemm, and back to
+[N, T, M]: fuse's ``linear_bias``) keeps its channels last; the target back is computed,
+Concat(shape(x)[:-1], [M]), and the constant M is the use.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import numpy as np
+import onnx
 
 from ...model import default_opset
 from .groups import Use, normalize_axis
@@ -122,9 +127,11 @@ def reshape(w: Walk, n: Node) -> Block | None:
     """Reshape of token features: those on the last axis may split into [..., h, d]
     (attention heads: all d channels of a head, and of every leading block such as
     Q/K/V, go together, and the head axis carries one atom per head) or merge back from
-    [..., h, d]; a reshape to the same shape passes (with a computed target only when it
-    is the Shape of a tensor with the same channels). A constant target that spells out
-    the head or channel count is rewritten (a use)."""
+    [..., h, d]; the axes before channels on the last axis may merge or split
+    (:func:`regroups_rows`, with a constant target or one :func:`_concat_target` reads);
+    a reshape to the same shape passes (with a computed target only when it is the Shape
+    of a tensor with the same channels). A constant target that spells out the head or
+    channel count is rewritten (a use)."""
     channel = w.axis_of(n.node.input[0])
     bad = n.only_first_tracked("shape")
     if bad:
@@ -136,6 +143,8 @@ def reshape(w: Walk, n: Node) -> Block | None:
         return x, f"{n.label}: shapes unknown"
     if in_shape == out_shape:
         axis, atoms = channel, x
+    elif regroups_rows(in_shape, out_shape, channel):
+        axis, atoms = len(out_shape) - 1, x
     elif (channel == len(in_shape) - 1 and len(out_shape) >= channel + 2 and out_shape[:channel] == in_shape[:channel]
           and int(np.prod(out_shape[channel:])) == in_shape[channel]):
         axis = len(out_shape) - 2
@@ -152,12 +161,79 @@ def reshape(w: Walk, n: Node) -> Block | None:
         axis, atoms = channel, np.repeat(x, int(np.prod(in_shape[channel + 1:])))
     else:
         return x, f"{n.label} reshapes token features"
+    if target is None and regroups_rows(in_shape, out_shape, channel):
+        spelled = _concat_target(w, n.node.input[1], len(x))
+        if spelled is None:
+            return x, f"{n.label} has a computed target shape that does not end in the channel count"
+        w.uses.append(Use(*spelled, "reshape-dim", atoms, 0))
+        w.track(n.out0, atoms, axis, True)
+        return None
     if target is None and not (in_shape == out_shape and _shape_of_same_channels(w, n.node.input[1], x, channel)):
         return x, f"{n.label} has a computed target shape"
     if target is not None and len(target) == len(out_shape) and int(target[axis]) > 0:
         w.uses.append(Use(n.idx, 1, "reshape-dim", atoms, axis))
     w.track(n.out0, atoms, axis, True)
     return None
+
+
+def regroups_rows(in_shape: list[int], out_shape: list[int], channel: int) -> bool:
+    """A Reshape that merges or splits the axes before the channels, which stay last and
+    whole ([N, T, C] ↔ [N·T, C]: a linear layer on token rows, as fuse's ``linear_bias``
+    writes it)."""
+    return (channel == len(in_shape) - 1 and len(out_shape) >= 2 and out_shape[-1] == in_shape[-1]
+            and int(np.prod(out_shape[:-1])) == int(np.prod(in_shape[:-1])))
+
+
+def _concat_target(w: Walk, name: str, channels: int) -> tuple[int, int] | None:
+    """``name`` is Concat(leading dims, [channels]): a constant last input that spells the
+    channel count (the node and input to rewrite), after inputs that read only axes pruning
+    leaves alone (:func:`_unpruned_dims`)."""
+    node = w.made_by.get(name)
+    if node is None or node.op_type != "Concat" or len(node.input) < 2:
+        return None
+    last = w.const(node.input[-1])
+    if last is None or last.ndim != 1 or last.size != 1 or int(last[0]) != channels:
+        return None
+    if not all(_unpruned_dims(w, i) for i in node.input[:-1]):
+        return None
+    return next(i for i, nd in enumerate(w.model.graph.node) if nd is node), len(node.input) - 1
+
+
+def _unpruned_dims(w: Walk, name: str) -> bool:
+    """``name`` is the shape of a tensor, or a range of it, without the axis that tensor
+    carries channels on (Shape with start/end, or Slice of a Shape). Where the range holds
+    that axis, those channels are blocked: the target would follow their pruning."""
+    node = w.made_by.get(name)
+    if node is None:
+        return False
+    bounds: tuple[int, int | None] = (0, None)
+    if node.op_type == "Slice":
+        starts, ends = (w.const(node.input[k]) if len(node.input) > k else None for k in (1, 2))
+        if starts is None or ends is None or starts.size != 1 or ends.size != 1 \
+                or not _const_is(w, node, 3, 0) or not _const_is(w, node, 4, 1):
+            return False
+        bounds = (int(starts[0]), int(ends[0]))
+        node = w.made_by.get(node.input[0])
+        if node is None or node.op_type != "Shape" or node.attribute:
+            return False
+    elif node.op_type == "Shape":
+        a = {at.name: at.i for at in node.attribute}
+        bounds = (a.get("start", 0), a.get("end"))
+    else:
+        return False
+    t = node.input[0]
+    if t in w.atoms and w.axis_of(t) in range(w.rank(t))[slice(*bounds)]:
+        w.block(w.atoms[t], f"{node.op_type} '{node.name or name}' reads its channel count into a Reshape target")
+        return False
+    return True
+
+
+def _const_is(w: Walk, node: onnx.NodeProto, k: int, value: int) -> bool:
+    """Input ``k`` of ``node`` is absent or the constant ``[value]``."""
+    if len(node.input) <= k or not node.input[k]:
+        return True
+    c = w.const(node.input[k])
+    return c is not None and c.size == 1 and int(c.ravel()[0]) == value
 
 
 def _shape_of_same_channels(w: Walk, name: str, atoms: np.ndarray, axis: int) -> bool:
