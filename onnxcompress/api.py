@@ -163,8 +163,7 @@ def _optimize(model: ModelLike, passes: PassesLike, calibration: DataLike | None
     if output is not None and not Path(output).parent.is_dir():
         raise ModelSaveError(f"{output}: output folder {Path(output).parent} does not exist")
     auto = passes is None and calibration is not None
-    # the search starts without fuse's linear_bias and applies it to its answer (search.py)
-    pipeline = _as_pipeline("canonicalize,fuse:linear_bias=false" if auto else passes)
+    pipeline = _as_pipeline("canonicalize,fuse" if auto else passes)
     if search is not None and not auto:
         raise OptionError("search options apply to the default pipeline only (no passes, with calibration data)")
     if passes is None and calibration is None:

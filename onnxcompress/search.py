@@ -33,8 +33,8 @@ it is ``min_gain`` faster than the model as given, is timed once more against it
 in one call, and that direct ratio decides. A trial found faster than its rival this way
 ranks above it whatever their ratios to the model as given.
 
-**Order** canonicalize → fuse → prune → lowrank → int8 → linear_bias, each stage starting
-from the best model of the stages before it:
+**Order** canonicalize → fuse → prune → lowrank → int8, each stage starting from the best
+model of the stages before it:
 
 0. Reference outputs of the input on the held-out samples; the batch sizes to time
    (``batches``; batch 1 only when one batch-1 run of the input takes over
@@ -73,12 +73,6 @@ from the best model of the stages before it:
    so far, on the next fastest (``int8_starts`` in all); skipped when the probe did not
    pay. The same retry as the probe's. Here ``unfloat`` is on: the slack left after the
    structural stages is int8's to spend.
-5. *fuse's linear_bias* on the answer (a sequence linear layer's MatMul + bias Add as one
-   Gemm between Reshapes). The stages start without it: prune cannot follow channels
-   through its reshapes. An exact step, so it is timed against the answer (the median of
-   ``EXACT_ROUNDS`` calls) and kept where it is slower at no batch size and a third of
-   ``min_gain`` faster over them (geometric mean): it costs no accuracy, so a smaller gain
-   than a lossy step's is worth taking, and its gain is uneven across batch sizes.
 
 The answer is the fastest accepted trial; where none is faster than the model as given,
 that model itself, unchanged. Time: a trial starts only when the time it is expected to
@@ -118,11 +112,6 @@ from .validate import (
 )
 
 log = logging.getLogger(__name__)
-
-#: timings of an exact step against the answer it rewrites: one call is a few percent off
-#: at times on a busy machine, more than such a step gains (docs/decisions/search.md)
-EXACT_ROUNDS = 5
-
 
 class Search(Int8Stages):
     """Runs the search; see the module docstring."""
@@ -259,10 +248,9 @@ class Search(Int8Stages):
         return self.opts.time_budget - (time.perf_counter() - self.start)
 
     def _trial(self, stage: str, setting: str, p: Pass | None, start: tuple[int | None, onnx.ModelProto],
-               rival: Trial, reserve: float, expected: float, exact: bool = False) -> Trial:
+               rival: Trial, reserve: float, expected: float) -> Trial:
         """Build, judge and time one trial; it is accepted when within budget and at least
-        ``min_gain`` faster than ``rival`` (the best model it must beat); an ``exact`` step
-        as :meth:`_accept_exact` decides."""
+        ``min_gain`` faster than ``rival`` (the best model it must beat)."""
         if expected > self._left():
             raise _Stopped(stage)
         t0 = time.perf_counter()
@@ -293,9 +281,6 @@ class Search(Int8Stages):
         self._judge(model, trial, reserve)
         if trial.within_budget:
             trial.latency = self._ratios(self.base, model, "model as given", trial)
-            if exact:
-                self._accept_exact(trial, rival, model)
-                return self._done(trial, stage, setting, t0)
             current_ratio = rival.latency_ratio
             gain_needed = current_ratio * (1 - self.opts.min_gain)
             direct: float | None = None
@@ -319,21 +304,6 @@ class Search(Int8Stages):
                 trial.reason = (f"not faster: latency {trial.latency_ratio:.3f}× the model as given vs "
                                 f"{current_ratio:.3f}× (needs {self.opts.min_gain:.0%} less)")
         return self._done(trial, stage, setting, t0)
-
-    def _accept_exact(self, trial: Trial, rival: Trial, model: onnx.ModelProto) -> None:
-        """Accept an exact step on ``rival`` where, timed against it (the median of
-        ``EXACT_ROUNDS`` calls), it is slower at no batch size and a third of ``min_gain``
-        faster over them (their geometric mean): it costs no accuracy, so a smaller gain
-        is worth it, and the median of several timings is steadier than one."""
-        rounds = [self._ratios(self.models[rival.index], model, f"#{rival.index}", trial) for _ in range(EXACT_ROUNDS)]
-        direct = {b: float(np.median([r[b] for r in rounds])) for b in rounds[0]}
-        mean = math.exp(sum(math.log(r) for r in direct.values()) / len(direct))
-        trial.accepted = max(direct.values()) <= 1.0 and mean <= 1 - self.opts.min_gain / 3
-        shown = ", ".join(f"b{b} {r:.3f}×" for b, r in direct.items())
-        trial.reason = f"timed against #{rival.index}: {shown} ({'accepted' if trial.accepted else 'not faster'})"
-        if trial.accepted:
-            self.models[trial.index] = model
-            trial.faster_than = rival.index
 
     def _done(self, trial: Trial, stage: str, setting: str, t0: float) -> Trial:
         trial.seconds = time.perf_counter() - t0
@@ -402,7 +372,6 @@ class Search(Int8Stages):
                 best = structural
             if int8_pays:                                                   # 4. int8 on them
                 best = self._int8_on_structural(best, int8_seconds)
-            best = self._finish(best)                                       # 5. linear layers' bias
             best.chosen = True
         report = SearchReport(
             options=dataclasses.asdict(self.opts),
@@ -449,25 +418,6 @@ class Search(Int8Stages):
                 break
             structural = self._levels(stage, make, levels, structural, reserve, final_reserve)
         return structural
-
-    def _finish(self, best: Trial) -> Trial:
-        """fuse's ``linear_bias`` on the answer: the stages start from a model without it,
-        because prune cannot follow channels through its reshapes. Where nothing beat the
-        model as given, on the stages' start (canonicalized, fused), against the model as given."""
-        from .passes.fuse import Fuse, FuseOptions
-        from .passes.fuse.linear import fuse_linear_bias
-
-        start = best if best.index else next((t for t in self.trials if t.index == 1 and t.stage == "input"), None)
-        if start is None:
-            return best
-        probe = onnx.ModelProto()
-        probe.CopyFrom(self.models[start.index])
-        if not fuse_linear_bias(probe):
-            return best
-        p = Fuse(FuseOptions(hardswish=False, affine=False, gate_residual=False, space_to_depth=False))
-        t = self._trial("fuse", "linear_bias", p, (start.index, self.models[start.index]), best, 0.0, -math.inf,
-                        exact=True)
-        return t if t.accepted else best
 
     def _faster(self, t: Trial, other: Trial) -> bool:
         """Whether accepted trial ``t`` is faster than ``other``: known where ``t`` was found

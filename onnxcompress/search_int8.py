@@ -26,7 +26,7 @@ class Int8Stages:
     batches: list[int]
 
     def _trial(self, stage: str, setting: str, p: Pass | None, start: tuple[int | None, onnx.ModelProto],
-               rival: Trial, reserve: float, expected: float, exact: bool = False) -> Trial:
+               rival: Trial, reserve: float, expected: float) -> Trial:
         raise NotImplementedError
 
     def _faster(self, t: Trial, other: Trial) -> bool:

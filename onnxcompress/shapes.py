@@ -145,3 +145,16 @@ def infer_shapes(model: onnx.ModelProto) -> tuple[onnx.ModelProto, bool]:
         log.warning("shape inference failed (%s); value_info left as is", exc)
         return model, False
     return inferred, True
+
+
+def sequence_rows(graph: onnx.GraphProto, shapes: Mapping[str, Sequence[int]], x: str) -> int | None:
+    """Where the 2-D ``x`` is a sequence's rows, [N, T, K] reshaped to [N·T, K] (fuse's
+    ``linear_bias`` writes a linear layer on tokens so): the rows per sample, T (the
+    product of the axes between the batch and the last); else None. A product on them
+    costs T rows per sample, not one as a 2-D input's first axis would say."""
+    src = next((n.input[0] for n in graph.node if n.op_type == "Reshape" and n.output[0] == x), None)
+    seq, rows = (shapes.get(src) if src else None), shapes.get(x)
+    if seq is None or rows is None or len(rows) != 2 or len(seq) < 3 or seq[-1] != rows[1] \
+            or int(np.prod(seq[:-1], dtype=np.int64)) != rows[0]:
+        return None
+    return int(np.prod(seq[1:-1], dtype=np.int64))

@@ -143,6 +143,34 @@ def test_linear_layers_are_split_within_a_macs_budget_and_timed() -> None:
     assert any("measured" in layer["reason"] for layer in timed.stats["layers"])
 
 
+def test_linear_layers_on_a_sequences_rows_cost_and_time_as_the_sequence(monkeypatch: pytest.MonkeyPatch) -> None:
+    """fuse's linear_bias writes a linear layer on tokens as a Gemm on [N·T, K] rows: lowrank
+    counts T positions per sample there and times the split at T rows, as for the MatMul on
+    [N, T, K] (one position and one row before), so a MACs budget splits the same layers at
+    the same ranks."""
+    from onnxcompress import validate
+    from onnxcompress.passes import lowrank as lowrank_mod
+
+    m = hybrid_recognizer(d=64, hidden=256, classes=200)
+    plain, _ = build_pipeline("canonicalize,fuse:linear_bias=false").run(copy.deepcopy(m))
+    fused, _ = build_pipeline("canonicalize,fuse").run(copy.deepcopy(m))
+    assert sum(n.op_type == "Gemm" for n in fused.graph.node) == 6
+    x = np.random.default_rng(0).standard_normal((8, 3, 8, 16)).astype(np.float32)
+    shapes: list[tuple[str, tuple[int, ...]]] = []
+    monkeypatch.setattr(lowrank_mod, "_TIMINGS", {})
+    monkeypatch.setattr(validate, "measure_latency", lambda models, feeds, **kw: shapes.append(
+        (models[0].graph.node[0].op_type, feeds["x"].shape)) or [1.0, 0.5])
+    chosen = []
+    for model in (plain, fused):
+        ctx = PassContext(calibration=open_data([{"x": x[:4]}, {"x": x[4:]}], model, batch_size=4))
+        res = LowRank(LowRankOptions(macs_ratio=0.8, layers="linear")).run(copy.deepcopy(model), ctx)
+        chosen.append({layer["node"]: (layer["decision"], layer.get("rank")) for layer in res.stats["layers"]})
+        assert res.stats["macs_ratio"] <= 0.8
+    assert chosen[0] == chosen[1] and ("split", 24) in chosen[1].values()
+    rows = {shape for op, shape in shapes if op == "Gemm"}
+    assert rows and all(shape[:-1] == (8,) for shape in rows)  # T = 8 tokens, not 1
+
+
 def test_layers_option_limits_the_candidates() -> None:
     """``layers=spatial`` splits K×K convs only, ``linear`` MatMul, Gemm and 1×1 Conv only;
     together they are the candidates of ``all``, and each says why it left the others."""

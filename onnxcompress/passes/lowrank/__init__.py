@@ -55,7 +55,7 @@ from ...graph import initializers, remove_dead_code
 from ...model import node_attr
 from ...pipeline import Pass, PassContext, PassResult
 from ...report import layer_macs
-from ...shapes import all_shapes, infer_shapes
+from ...shapes import all_shapes, infer_shapes, sequence_rows
 from .factors import (Candidate, LowRankOptions, _round_up, _split_node, is_linear, linear_view, split_weights,
                       svd_factors)
 from .ranks import _data_energy, _lower_ranks, _sensitivity_budget, _single_layer_model
@@ -169,9 +169,9 @@ class LowRank(Pass):
                 continue
             if node.op_type == "Conv":
                 out_hw, in_w = (y_shape[2], y_shape[3]), x_shape[3]
-            else:  # a linear map at each of the output's positions (all axes but the last)
+            else:  # a linear map at each of the output's positions (all axes but the last; a sequence's rows)
                 w = linear_view(node, w)
-                out_hw, in_w = (int(np.prod(y_shape[:-1][1:], dtype=np.int64)), 1), 1
+                out_hw, in_w = (_positions(model.graph, shapes, node.input[0], y_shape), 1), 1
             if kinds != "all" and is_linear(node.op_type, w) != (kinds == "linear"):
                 layers.append({"node": label, "decision": "kept", "reason": f"layers={kinds}"})
                 continue
@@ -243,6 +243,8 @@ class LowRank(Pass):
             if c.decision != "split":
                 continue
             x_shape = [1, *shapes[c.node.input[0]][1:]]
+            if c.op != "Conv" and len(x_shape) == 2:  # a sequence's rows: T of them per sample
+                x_shape[0] = c.out_hw[0]
             single = _single_layer_model(c.node, inits, x_shape)
             chain = onnx.ModelProto()
             chain.CopyFrom(single)
@@ -276,6 +278,14 @@ def _declines(node: onnx.NodeProto, w: np.ndarray) -> str:
     if not np.all(np.isfinite(w)):
         return "weights have NaN or Inf values"
     return ""
+
+
+def _positions(graph: onnx.GraphProto, shapes: dict[str, list[int]], x: str, y_shape: list[int]) -> int:
+    """Positions per sample a linear layer maps: the output's axes between the first and
+    the last, or for a 2-D input that is a sequence's rows, T."""
+    if len(y_shape) == 2:
+        return sequence_rows(graph, shapes, x) or 1
+    return int(np.prod(y_shape[1:-1], dtype=np.int64))
 
 
 def _layer_macs(node: onnx.NodeProto, shapes: dict[str, list[int]], inits: dict[str, onnx.TensorProto]) -> int:

@@ -15,6 +15,7 @@ from onnx import helper, numpy_helper
 
 from ...graph import initializers
 from ...pipeline import PassContext
+from ...shapes import sequence_rows
 from .apply import apply_removal, filter_axis, keep_positions, removed_atoms
 from .groups import Analysis, Group
 from .options import PruneOptions, _parse_overrides
@@ -167,7 +168,6 @@ class MacModel:
         prod_out = {p.output: p.atoms for p in an.producers}
         use_in = {u.node: u.atoms for u in an.uses
                   if u.kind in ("consumer-conv", "consumer-convT", "depthwise", "matmul", "gemm")}
-        self.reshaped_from = {n.output[0]: n.input[0] for n in g.node if n.op_type == "Reshape"}
         for idx, n in enumerate(g.node):
             if n.op_type in ("MatMul", "Gemm"):
                 self._matrix(an, idx, n, inits, prod_out, use_in)
@@ -198,17 +198,9 @@ class MacModel:
             return
         cols = w.dims[filter_axis(n)]
         k = w.dims[1 - filter_axis(n)]
-        base = float(np.prod(out_shape[1:-1])) if len(out_shape) > 2 else self._rows(an, n.input[0], out_shape)
+        base = float(np.prod(out_shape[1:-1])) if len(out_shape) > 2 else float(
+            sequence_rows(an.model.graph, an.shapes, n.input[0]) or 1)  # a sequence's rows: T per sample
         self.layers.append((base, prod_out.get(n.output[0], int(cols)), use_in.get(idx, int(k)), False))
-
-    def _rows(self, an: Analysis, x: str, out_shape: list[int]) -> float:
-        """Rows per sample of a 2-D product: 1, or where its input is a sequence's rows
-        ([N, T, K] reshaped to [N·T, K], fuse's ``linear_bias``), T."""
-        src = self.reshaped_from.get(x)
-        seq = an.shapes.get(src) if src else None
-        if seq and len(seq) > 2 and int(np.prod(seq[:-1])) == out_shape[0]:
-            return float(np.prod(seq[1:-1]))
-        return 1.0
 
     @staticmethod
     def _kept(atoms: np.ndarray | int, gone: np.ndarray) -> float:
