@@ -76,6 +76,33 @@ def bias_contexts(model: onnx.ModelProto, names: list[str]) -> dict[str, tuple[s
     return out
 
 
+def _match(mm: onnx.NodeProto, inits: Mapping[str, onnx.TensorProto], readers: Mapping[str, list[onnx.NodeProto]],
+           outputs: set[str], ranks: Mapping[str, int]) -> MatchResult:
+    """A MatMul by a constant 2-D float weight on a sequence, read by one Add of a bias:
+    (x, W, b, the Add, M), or why not."""
+    x, w = mm.input[0], mm.input[1]
+    wt = inits.get(w)
+    if wt is None or len(wt.dims) != 2 or wt.data_type not in _GEMM_TYPES:
+        return MatchResult.fail("the weight is not a constant 2-D float32/float64 matrix")
+    rank = ranks.get(x)
+    if rank is None:
+        return MatchResult.fail("the input's rank is unknown")
+    if rank < 3:
+        return MatchResult.fail("the input is not a sequence (rank < 3: onnxruntime fuses a 2-D bias itself)")
+    users = readers.get(mm.output[0], [])
+    if mm.output[0] in outputs or len(users) != 1 or not _std(users[0], "Add"):
+        return MatchResult.fail("the product is not read by one Add alone")
+    add = users[0]
+    b = add.input[1] if add.input[0] == mm.output[0] else add.input[0]
+    bt = inits.get(b)
+    m = int(wt.dims[1])
+    if bt is None or bt.data_type != wt.data_type:
+        return MatchResult.fail("the added term is not a constant of the weight's type")
+    if int(np.prod(bt.dims)) != m or len(bt.dims) > rank or any(d != 1 for d in bt.dims[:-1]):
+        return MatchResult.fail("the added term is not one bias value per output feature")
+    return MatchResult((x, w, b, add, m))
+
+
 def fuse_linear_bias(model: onnx.ModelProto, declines: Counter[str] | None = None,
                      only: set[str] | None = None) -> list[str]:
     """Rewrite each ``Add(MatMul(x, W), b)`` on an x of rank ≥ 3 as a Gemm between two
@@ -86,29 +113,6 @@ def fuse_linear_bias(model: onnx.ModelProto, declines: Counter[str] | None = Non
         return []
     inits, readers, outputs = graph_index(g)
     ranks = _ranks(model, [n.input[0] for n in g.node if _std(n, "MatMul") and n.input[1] in inits])
-
-    def match(mm: onnx.NodeProto) -> MatchResult:
-        x, w = mm.input[0], mm.input[1]
-        wt = inits.get(w)
-        if wt is None or len(wt.dims) != 2 or wt.data_type not in _GEMM_TYPES:
-            return MatchResult.fail("the weight is not a constant 2-D float32/float64 matrix")
-        rank = ranks.get(x)
-        if rank is None:
-            return MatchResult.fail("the input's rank is unknown")
-        if rank < 3:
-            return MatchResult.fail("the input is not a sequence (rank < 3: onnxruntime fuses a 2-D bias itself)")
-        users = readers.get(mm.output[0], [])
-        if mm.output[0] in outputs or len(users) != 1 or not _std(users[0], "Add"):
-            return MatchResult.fail("the product is not read by one Add alone")
-        add = users[0]
-        b = add.input[1] if add.input[0] == mm.output[0] else add.input[0]
-        bt = inits.get(b)
-        m = int(wt.dims[1])
-        if bt is None or bt.data_type != wt.data_type:
-            return MatchResult.fail("the added term is not a constant of the weight's type")
-        if int(np.prod(bt.dims)) != m or len(bt.dims) > rank or any(d != 1 for d in bt.dims[:-1]):
-            return MatchResult.fail("the added term is not one bias value per output feature")
-        return MatchResult((x, w, b, add, m))
 
     fresh = fresh_namer(g)
     consts: dict[tuple[int, ...], str] = {}
@@ -137,7 +141,7 @@ def fuse_linear_bias(model: onnx.ModelProto, declines: Counter[str] | None = Non
     for mm in list(g.node):
         if not _std(mm, "MatMul") or (only is not None and (mm.name or mm.output[0]) not in only):
             continue
-        found = match(mm)
+        found = _match(mm, inits, readers, outputs, ranks)
         if not found.ok:
             _decline(declines, "linear_bias", mm.name or mm.output[0], found)
             continue
