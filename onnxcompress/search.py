@@ -303,9 +303,6 @@ class Search(Int8Stages):
             elif not trial.accepted:
                 trial.reason = (f"not faster: latency {trial.latency_ratio:.3f}× the model as given vs "
                                 f"{current_ratio:.3f}× (needs {self.opts.min_gain:.0%} less)")
-        return self._done(trial, stage, setting, t0)
-
-    def _done(self, trial: Trial, stage: str, setting: str, t0: float) -> Trial:
         trial.seconds = time.perf_counter() - t0
         lat = f"{trial.latency_ratio:.3f}×" if trial.latency else "—"
         macs = f"{trial.macs_ratio:.3f}×" if trial.macs_ratio is not None else "?"

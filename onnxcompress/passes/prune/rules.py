@@ -69,6 +69,17 @@ class Walk:
             return numpy_helper.to_array(self.inits[name])
         return None
 
+    def slice_bounds(self, node: onnx.NodeProto) -> tuple[np.ndarray, np.ndarray, np.ndarray | None,
+                                                          np.ndarray | None] | None:
+        """A Slice's constant (starts, ends, axes, steps), the last two None where absent;
+        None where a bound it has is not a constant."""
+        vals = [self.const(i) if i else None for i in node.input[1:5]]
+        if len(node.input) < 3 or vals[0] is None or vals[1] is None or any(
+                node.input[k] and vals[k - 1] is None for k in range(3, len(node.input))):
+            return None
+        vals += [None] * (4 - len(vals))
+        return vals[0], vals[1], vals[2], vals[3]
+
     def block(self, lst: np.ndarray | None, reason: str) -> None:
         if lst is None:
             return
@@ -265,14 +276,13 @@ def _slice(w: Walk, n: Node) -> Block | None:
     if bad:
         return bad
     x, node = n.x, n.node
-    vals = [w.const(i) if i else None for i in node.input[1:5]]
-    if len(node.input) < 3 or vals[0] is None or vals[1] is None or any(
-            node.input[k] and vals[k - 1] is None for k in range(3, len(node.input))):
+    bounds = w.slice_bounds(node)
+    if bounds is None:
         return x, f"{n.label} has non-constant bounds"
-    starts, ends = vals[0], vals[1]
+    starts, ends, axes_c, steps_c = bounds
     rank = w.rank(node.input[0])
-    axes_v = vals[2] if len(vals) > 2 and vals[2] is not None else np.arange(len(starts))
-    steps = vals[3] if len(vals) > 3 and vals[3] is not None else np.ones(len(starts), np.int64)
+    axes_v = axes_c if axes_c is not None else np.arange(len(starts))
+    steps = steps_c if steps_c is not None else np.ones(len(starts), np.int64)
     axes = [normalize_axis(ax, rank) for ax in axes_v]
     channel = w.axis_of(node.input[0])
     if channel not in axes:

@@ -20,7 +20,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import numpy as np
-import onnx
 
 from ...model import default_opset
 from .groups import Use, normalize_axis
@@ -141,9 +140,10 @@ def reshape(w: Walk, n: Node) -> Block | None:
     target = w.const(n.node.input[1])
     if in_shape is None or out_shape is None or any(v is None or v <= 0 for v in in_shape + out_shape):
         return x, f"{n.label}: shapes unknown"
+    rows = regroups_rows(in_shape, out_shape, channel)
     if in_shape == out_shape:
         axis, atoms = channel, x
-    elif regroups_rows(in_shape, out_shape, channel):
+    elif rows:
         axis, atoms = len(out_shape) - 1, x
     elif (channel == len(in_shape) - 1 and len(out_shape) >= channel + 2 and out_shape[:channel] == in_shape[:channel]
           and int(np.prod(out_shape[channel:])) == in_shape[channel]):
@@ -161,7 +161,7 @@ def reshape(w: Walk, n: Node) -> Block | None:
         axis, atoms = channel, np.repeat(x, int(np.prod(in_shape[channel + 1:])))
     else:
         return x, f"{n.label} reshapes token features"
-    if target is None and regroups_rows(in_shape, out_shape, channel):
+    if target is None and rows:
         spelled = _concat_target(w, n.node.input[1], len(x))
         if spelled is None:
             return x, f"{n.label} has a computed target shape that does not end in the channel count"
@@ -208,11 +208,14 @@ def _unpruned_dims(w: Walk, name: str) -> bool:
         return False
     bounds: tuple[int, int | None] = (0, None)
     if node.op_type == "Slice":
-        starts, ends = (w.const(node.input[k]) if len(node.input) > k else None for k in (1, 2))
-        if starts is None or ends is None or starts.size != 1 or ends.size != 1 \
-                or not _const_is(w, node, 3, 0) or not _const_is(w, node, 4, 1):
+        read = w.slice_bounds(node)
+        if read is None:
             return False
-        bounds = (int(starts[0]), int(ends[0]))
+        starts, ends, axes, steps = read
+        if starts.size != 1 or ends.size != 1 or not (axes is None or (axes.size == 1 and int(axes.ravel()[0]) == 0)) \
+                or not (steps is None or (steps.size == 1 and int(steps.ravel()[0]) == 1)):
+            return False
+        bounds = (int(starts.ravel()[0]), int(ends.ravel()[0]))
         node = w.made_by.get(node.input[0])
         if node is None or node.op_type != "Shape" or node.attribute:
             return False
@@ -226,14 +229,6 @@ def _unpruned_dims(w: Walk, name: str) -> bool:
         w.block(w.atoms[t], f"{node.op_type} '{node.name or name}' reads its channel count into a Reshape target")
         return False
     return True
-
-
-def _const_is(w: Walk, node: onnx.NodeProto, k: int, value: int) -> bool:
-    """Input ``k`` of ``node`` is absent or the constant ``[value]``."""
-    if len(node.input) <= k or not node.input[k]:
-        return True
-    c = w.const(node.input[k])
-    return c is not None and c.size == 1 and int(c.ravel()[0]) == value
 
 
 def _shape_of_same_channels(w: Walk, name: str, atoms: np.ndarray, axis: int) -> bool:
