@@ -590,6 +590,22 @@ def test_prune_stops_at_a_linear_bias_target_it_cannot_rewrite() -> None:
     assert "pairs the heads" in reasons["k"] and "pairs the heads" in reasons["v"]
 
 
+def test_token_features_reshaped_to_their_own_shape_still_pass() -> None:
+    """Reshape(h, Shape(h)) of an MLP's hidden tokens keeps its group free: the rule for
+    linear_bias's computed targets reads only a reshape that regroups the rows (it blocked
+    this one before the mend, with "does not end in the channel count")."""
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="fc1"), helper.make_node("Shape", ["h"], ["hs"]),
+             helper.make_node("Reshape", ["h", "hs"], ["hr"]), helper.make_node("Relu", ["hr"], ["r"]),
+             helper.make_node("MatMul", ["r", "w2"], ["y"], name="fc2")]
+    m = make_model(nodes, [fvi("x", ["N", 5, 8])], [fvi("y", ["N", 5, 4])],
+                   [tensor(rng, "w1", (8, 16)), tensor(rng, "w2", (16, 4))])
+    an = analyze(m, all_shapes(m, {"x": [1, 5, 8]})[0])
+    assert {an.describe(g): g.blocked for g in an.groups} == {"fc1": None, "fc2": "reaches graph output 'y'"}
+    assert_removal_equals_mask(m, [1, 5, 8], [rng.standard_normal((2, 5, 8)).astype(np.float32) for _ in range(3)],
+                               fraction=0.5)
+
+
 @pytest.mark.shared
 @pytest.mark.parametrize("spec", ["canonicalize", "canonicalize,fuse"])
 def test_recognizer_mlp_removal_equals_masking(spec: str) -> None:

@@ -140,7 +140,7 @@ def reshape(w: Walk, n: Node) -> Block | None:
     target = w.const(n.node.input[1])
     if in_shape is None or out_shape is None or any(v is None or v <= 0 for v in in_shape + out_shape):
         return x, f"{n.label}: shapes unknown"
-    rows = regroups_rows(in_shape, out_shape, channel)
+    rows = in_shape != out_shape and regroups_rows(in_shape, out_shape, channel)
     if in_shape == out_shape:
         axis, atoms = channel, x
     elif rows:
