@@ -91,7 +91,7 @@ def test_identity_from_graph_input_to_output_is_kept() -> None:
 def test_options_turn_steps_off() -> None:
     m = _messy_model()
     res = Canonicalize(CanonicalizeOptions(constants=False, identities=False, fold=False, dedupe=False,
-                                           dead_code=False, infer_shapes=False)).run(m, PassContext())
+                                           dead_code=False, infer_shapes=False, noops=False)).run(m, PassContext())
     assert not res.modified
     assert Counter(n.op_type for n in res.model.graph.node)["Constant"] == 2
 
@@ -114,6 +114,82 @@ def test_ir3_constants_become_graph_inputs_too() -> None:
     res = Canonicalize().run(m, PassContext())
     assert "w" in {i.name for i in res.model.graph.input}
     onnx.checker.check_model(res.model)
+
+
+def _noop_model() -> onnx.ModelProto:
+    """Conv → AveragePool → paddle2onnx's ``assign`` (Unsqueeze → Add 0 → Squeeze) → Conv,
+    and beside it every no-op the step removes and look-alikes it must keep."""
+    rng = np.random.default_rng(5)
+    c = lambda name, value: numpy_helper.from_array(np.asarray(value, np.float32), name)  # noqa: E731
+    i64 = lambda name, value: numpy_helper.from_array(np.asarray(value, np.int64), name)  # noqa: E731
+    nodes = [
+        helper.make_node("Conv", ["x", "w1"], ["c1"], pads=[1, 1, 1, 1]),
+        helper.make_node("AveragePool", ["c1"], ["p"], kernel_shape=[2, 2], strides=[2, 2]),
+        helper.make_node("Unsqueeze", ["p", "ax0"], ["u"]),
+        helper.make_node("Add", ["u", "zero"], ["u0"]),  # removed: + 0
+        helper.make_node("Squeeze", ["u0", "ax0"], ["s"]),  # removed: undoes the Unsqueeze
+        helper.make_node("Conv", ["s", "w2"], ["c2"], pads=[1, 1, 1, 1]),
+        helper.make_node("Mul", ["one4", "c2"], ["c3"]),  # removed: 1 × x, [1, 16, 1, 1] against rank 4
+        helper.make_node("Unsqueeze", ["c3", "axm1"], ["u2"]),
+        helper.make_node("Squeeze", ["u2", "axm1"], ["s2"]),  # removed: negative axes, same axis
+        helper.make_node("Relu", ["s2"], ["r"]),
+        helper.make_node("Mul", ["r", "quarter"], ["q"]),
+        helper.make_node("Shape", ["r"], ["shape_r"]),
+        helper.make_node("Reshape", ["q", "shape_r"], ["y"]),  # removed: q has r's shape
+        # kept: these change values or shapes
+        helper.make_node("Sub", ["zero", "r"], ["neg"]),  # 0 − x
+        helper.make_node("Mul", ["neg", "two"], ["neg2"]),  # 2 × x
+        helper.make_node("ReduceMean", ["neg2"], ["v"], axes=[2, 3], keepdims=0),  # [N, 16]
+        helper.make_node("Add", ["v", "zero3"], ["v3"]),  # + 0 of rank 3 turns [N, 16] into [1, N, 16]
+        helper.make_node("Unsqueeze", ["v3", "ax0"], ["v4"]),
+        helper.make_node("Squeeze", ["v4", "ax1"], ["z"]),  # a different axis than the Unsqueeze's
+    ]
+    inits = [tensor(rng, "w1", (16, 3, 3, 3), 0.3), tensor(rng, "w2", (16, 16, 3, 3), 0.1), c("zero", [0.0]),
+             c("one4", np.ones((1, 16, 1, 1))), c("quarter", [0.25]), c("two", 2.0), c("zero3", np.zeros((1, 1, 1))),
+             i64("ax0", [0]), i64("axm1", [-1]), i64("ax1", [1])]
+    return make_model(nodes, [fvi("x", ["N", 3, 16, 16])], [fvi("y", None), fvi("z", None)], inits)
+
+
+def test_noops_are_removed_and_the_rest_kept() -> None:
+    m = _noop_model()
+    res = Canonicalize().run(copy.deepcopy(m), PassContext())
+    ops = Counter(n.op_type for n in res.model.graph.node)
+    assert res.stats["noops_removed"] == 5
+    assert ops["Identity"] == 0 and ops["Reshape"] == 0 and ops["Shape"] == 0
+    assert ops["Unsqueeze"] == 1 and ops["Squeeze"] == 1  # only the pair over different axes stays
+    assert ops["Add"] == 1 and ops["Sub"] == 1 and ops["Mul"] == 2  # + 0 of rank 3, 0 − x, 2 × x, x × 0.25
+    pool = next(n for n in res.model.graph.node if n.op_type == "AveragePool")
+    assert any(n.op_type == "Conv" and n.input[0] == pool.output[0] for n in res.model.graph.node)
+    onnx.checker.check_model(res.model)
+    for seed in (0, 1, 2):
+        x = np.random.default_rng(seed).standard_normal((2, 3, 16, 16)).astype(np.float32)
+        for ra, rb in zip(run(m, {"x": x}), run(res.model, {"x": x})):
+            assert ra.shape == rb.shape
+            np.testing.assert_array_equal(rb, ra)
+    off = Canonicalize(CanonicalizeOptions(noops=False)).run(copy.deepcopy(m), PassContext())
+    assert off.stats["noops_removed"] == 0 and Counter(n.op_type for n in off.model.graph.node)["Reshape"] == 1
+
+
+def test_a_removed_assign_keeps_onnxruntime_in_its_blocked_layout() -> None:
+    """The reason for the step: an Unsqueeze → Squeeze between two convolutions makes
+    onnxruntime reorder the tensor out of its blocked channel layout and back."""
+    m = _noop_model()
+    res = Canonicalize().run(copy.deepcopy(m), PassContext())
+
+    def reorders(model: onnx.ModelProto) -> int:
+        import tempfile
+        import onnxruntime as ort
+        with tempfile.TemporaryDirectory() as tmp:
+            opts = ort.SessionOptions()
+            opts.optimized_model_filepath = f"{tmp}/opt.onnx"
+            opts.log_severity_level = 3  # its warning that the blocked layout is CPU-specific
+            ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+            return sum(n.op_type.startswith("Reorder") for n in onnx.load(f"{tmp}/opt.onnx").graph.node)
+
+    before = reorders(m)
+    if before == 0:
+        pytest.skip("onnxruntime does not use its blocked (NCHWc) layout on this CPU")
+    assert reorders(res.model) < before
 
 
 @pytest.mark.parametrize("name", ["resnet_block", "mobilenet_se", "concat_split"])

@@ -8,6 +8,14 @@ Every step computes exactly the same function as the input graph:
 * ``Identity`` nodes are removed: every use of ``y = Identity(x)`` reads ``x`` instead.
   When ``y`` is a graph output, the producer of ``x`` is renamed to write ``y`` (unless
   ``x`` is itself a graph input, initializer or output, where the Identity must stay).
+* No-op nodes go the same way (``noops``): ``x + 0``, ``x - 0``, ``x * 1``, ``x / 1`` by a
+  constant that broadcasts to x's shape without changing it; ``Squeeze`` of an
+  ``Unsqueeze`` over the same axes and the reverse; ``Reshape(x, Shape(z))`` where x has
+  z's shape (x is z, or an elementwise op of z and such a constant). Exporters write
+  these (paddle2onnx's ``assign`` is Unsqueeze → Add 0 → Squeeze), and onnxruntime
+  removes only some: one left between two convolutions takes the tensor out of
+  onnxruntime's blocked channel layout and back. ``x + 0`` turns -0.0 into +0.0, which
+  onnxruntime's own no-op elimination does too.
 * Constant subgraphs (nodes whose inputs are all initializers, e.g. paddle2onnx's
   ``Reshape(bias, [1, C, 1, 1])``) are evaluated once and become initializers.
 * Initializers with identical dtype, shape and bytes are merged into one.
@@ -35,7 +43,7 @@ from ..errors import OnnxCompressError
 from ..graph import defined_in, drop_stale_value_info, remove_dead_code, subgraphs, used_names
 from ..model import tensor_bytes
 from ..pipeline import Pass, PassContext, PassResult
-from ..shapes import infer_shapes
+from ..shapes import infer_shapes, value_shapes
 from ..validate import lost_fusions, runtime_fusions
 
 log = logging.getLogger(__name__)
@@ -48,6 +56,7 @@ FUSION_CHECK_BYTES = 512 * 2**20
 class CanonicalizeOptions:
     constants: bool = field(default=True, metadata={"experimental": True, "help": "turn Constant nodes into initializers"})
     identities: bool = field(default=True, metadata={"experimental": True, "help": "remove Identity nodes"})
+    noops: bool = field(default=True, metadata={"experimental": True, "help": "remove no-op nodes (x + 0, x * 1, Unsqueeze → Squeeze, Reshape(x, Shape(x)))"})
     fold: bool = field(default=True, metadata={"help": "evaluate constant subgraphs into initializers"})
     dedupe: bool = field(default=True, metadata={"experimental": True, "help": "merge identical initializers"})
     dead_code: bool = field(default=True, metadata={"experimental": True, "help": "drop dead nodes and unused initializers"})
@@ -91,9 +100,137 @@ def _constant_to_tensor(node: onnx.NodeProto) -> onnx.TensorProto | None:
     return None  # strings, sparse: left as Constant
 
 
+#: x op c == x where the constant c is all this value (the bool: c may stand on either side)
+_NEUTRAL = {"Add": (0, True), "Sub": (0, False), "Mul": (1, True), "Div": (1, False)}
+#: ops whose output has the shape of their first input, whatever their constant operands
+_SHAPE_KEEPING = frozenset({
+    "Abs", "Cast", "Ceil", "Celu", "Clip", "Cos", "Elu", "Erf", "Exp", "Floor", "Gelu", "HardSigmoid", "HardSwish",
+    "Identity", "LeakyRelu", "Log", "LogSoftmax", "Mish", "Neg", "Not", "Reciprocal", "Relu", "Round", "Selu",
+    "Sigmoid", "Sign", "Sin", "Softmax", "Softplus", "Sqrt", "Tanh",
+})
+_BROADCASTING = frozenset({"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min"})
+
+
+def _noops_to_identities(model: onnx.ModelProto) -> int:
+    """Turn the main graph's no-op nodes (module docstring) into ``Identity`` nodes of the
+    input they pass on; the number turned."""
+    g = model.graph
+    if not any(n.op_type in ("Squeeze", "Unsqueeze", "Reshape", *_NEUTRAL) for n in g.node):
+        return 0
+    noops = _NoOps(model)
+    turned = 0
+    for node in g.node:  # ONNX graphs are topologically sorted
+        x = noops.passes_on(node) if node.domain in ("", "ai.onnx") and len(node.output) == 1 else None
+        if x is not None:
+            log.debug("canonicalize: %s '%s' passes on '%s' unchanged", node.op_type, node.name, x)
+            node.op_type, node.domain = "Identity", ""
+            del node.input[:]
+            node.input.append(x)
+            del node.attribute[:]
+            noops.alias[node.output[0]] = noops.src(x)
+            turned += 1
+        for o in node.output:
+            noops.producer[o] = node
+    return turned
+
+
+class _NoOps:
+    """What the graph read so far says of a node: its producers, the no-ops already turned
+    (``alias``: output → the tensor it passes on), constants and inferred shapes."""
+
+    def __init__(self, model: onnx.ModelProto) -> None:
+        g = model.graph
+        self.consts = {t.name: t for t in g.initializer}
+        for i in g.input:
+            self.consts.pop(i.name, None)  # an initializer the user may override is not a constant
+        self.shapes = value_shapes(infer_shapes(model)[0])
+        self.alias: dict[str, str] = {}
+        self.producer: dict[str, onnx.NodeProto] = {}
+
+    def src(self, name: str) -> str:
+        while name in self.alias:
+            name = self.alias[name]
+        return name
+
+    def const(self, name: str) -> np.ndarray | None:
+        return numpy_helper.to_array(self.consts[name]) if name in self.consts else None
+
+    def absorbed(self, name: str, x: str) -> np.ndarray | None:
+        """The constant ``name`` where broadcasting it against x leaves x's shape as it is:
+        of x's rank or less, each dim 1 or x's (known) dim."""
+        c = self.const(name)
+        if c is None or c.ndim == 0:
+            return c
+        dims = self.shapes.get(x)
+        if dims is None or c.ndim > len(dims) or any(d != 1 and d != dx for d, dx in zip(c.shape, dims[-c.ndim:])):
+            return None
+        return c
+
+    def axes(self, node: onnx.NodeProto) -> list[int] | None:
+        for a in node.attribute:
+            if a.name == "axes":
+                return list(a.ints)
+        c = self.const(node.input[1]) if len(node.input) > 1 and node.input[1] else None
+        return None if c is None else [int(v) for v in c.ravel()]
+
+    def same_shape(self, x: str, z: str) -> bool:
+        """x has z's shape: x is z, or a shape-keeping op of z (and absorbed constants)."""
+        if x == z:
+            return True
+        p = self.producer.get(x)
+        if p is None or p.domain not in ("", "ai.onnx") or not p.input:
+            return False
+        if p.op_type in _SHAPE_KEEPING:
+            return self.src(p.input[0]) == z
+        if p.op_type in _BROADCASTING and len(p.input) == 2:
+            a, b = p.input
+            return ((self.src(a) == z and self.absorbed(b, z) is not None)
+                    or (self.src(b) == z and self.absorbed(a, z) is not None))
+        return False
+
+    def passes_on(self, node: onnx.NodeProto) -> str | None:
+        """The input ``node`` passes on unchanged, or None."""
+        op, ins = node.op_type, node.input
+        if not ins or not ins[0]:
+            return None
+        if op in _NEUTRAL and len(ins) == 2:
+            value, either = _NEUTRAL[op]
+            for x, c in ((ins[0], ins[1]), (ins[1], ins[0]))[: 2 if either else 1]:
+                arr = self.absorbed(c, x)
+                if arr is not None and arr.dtype != bool and np.all(arr == value):
+                    return x
+            return None
+        if op in ("Squeeze", "Unsqueeze"):
+            return self._undone(node)
+        if op == "Reshape" and len(ins) == 2:
+            shape = self.producer.get(self.src(ins[1]))
+            if shape is None or shape.op_type != "Shape" or any(
+                    a.name == "end" or (a.name == "start" and a.i != 0) for a in shape.attribute):
+                return None
+            return ins[0] if self.same_shape(self.src(ins[0]), self.src(shape.input[0])) else None
+        return None
+
+    def _undone(self, node: onnx.NodeProto) -> str | None:
+        """Squeeze(Unsqueeze(x, A), A) or Unsqueeze(Squeeze(x, A), A): x."""
+        pair = "Unsqueeze" if node.op_type == "Squeeze" else "Squeeze"
+        inner = self.producer.get(self.src(node.input[0]))
+        if inner is None or inner.op_type != pair or inner.domain not in ("", "ai.onnx"):
+            return None
+        outer_axes, inner_axes = self.axes(node), self.axes(inner)
+        if not outer_axes or not inner_axes:
+            return None
+        x = inner.input[0]
+        if min(outer_axes + inner_axes) < 0:  # both count axes in the rank of the tensor between them
+            if x not in self.shapes:
+                return None
+            mid = len(self.shapes[x]) + (len(inner_axes) if pair == "Unsqueeze" else 0)
+            outer_axes, inner_axes = ([a + mid if a < 0 else a for a in v] for v in (outer_axes, inner_axes))
+        return x if sorted(outer_axes) == sorted(inner_axes) else None
+
+
 class Canonicalize(Pass):
     name = "canonicalize"
-    summary = "Constant nodes to initializers, drop Identity, merge duplicate weights, infer shapes"
+    summary = "Constant nodes to initializers, drop Identity and no-op nodes, merge duplicate weights, infer shapes"
     Options = CanonicalizeOptions
     exact = True
 
@@ -110,6 +247,7 @@ class Canonicalize(Pass):
             "nodes_before": len(g.node),
             "constants_to_initializers": 0,
             "identities_removed": 0,
+            "noops_removed": 0,
             "constants_folded": 0,
             "initializers_merged": 0,
             "dead_nodes_removed": 0,
@@ -131,6 +269,8 @@ class Canonicalize(Pass):
             stats["constants_folded"] = self._fold(model)
         if opts.dedupe:
             stats["initializers_merged"] = self._dedupe(g)
+        if opts.noops and _noops_to_identities(model):
+            stats["noops_removed"] = self._identities(g)
         if opts.dead_code:
             stats["dead_nodes_removed"], stats["unused_initializers_removed"] = remove_dead_code(g)
         modified = any(v for k, v in stats.items() if k != "nodes_before")
