@@ -88,6 +88,22 @@ def test_identity_from_graph_input_to_output_is_kept() -> None:
     assert res.stats["identities_removed"] == 0
 
 
+def test_identities_into_two_outputs_and_a_chain() -> None:
+    """One pass removes a chain and renames the producer for the first output; the second
+    output of the same tensor keeps its Identity."""
+    nodes = [helper.make_node("Relu", ["x"], ["r"]), helper.make_node("Identity", ["r"], ["a"]),
+             helper.make_node("Identity", ["a"], ["b"]), helper.make_node("Identity", ["b"], ["y1"]),
+             helper.make_node("Identity", ["a"], ["y2"]), helper.make_node("Neg", ["b"], ["y3"])]
+    m = make_model(nodes, [fvi("x", [2, 3])], [fvi("y1", [2, 3]), fvi("y2", [2, 3]), fvi("y3", [2, 3])])
+    res = Canonicalize().run(copy.deepcopy(m), PassContext())
+    assert res.stats["identities_removed"] == 3
+    assert [(n.op_type, list(n.input), list(n.output)) for n in res.model.graph.node] == [
+        ("Relu", ["x"], ["y1"]), ("Identity", ["y1"], ["y2"]), ("Neg", ["y1"], ["y3"])]
+    x = np.random.default_rng(0).standard_normal((2, 3)).astype(np.float32)
+    for ra, rb in zip(run(m, {"x": x}), run(res.model, {"x": x})):
+        np.testing.assert_array_equal(rb, ra)
+
+
 def test_options_turn_steps_off() -> None:
     m = _messy_model()
     res = Canonicalize(CanonicalizeOptions(constants=False, identities=False, fold=False, dedupe=False,

@@ -223,7 +223,7 @@ def test_empty_calibration_folder(cli, tmp_path: Path) -> None:
     ("args", "fragments"),
     [
         (["--passes", "quantize:bits=4"], ["unknown pass 'quantize'; valid passes: canonicalize, fuse, int8, lowrank, prune"]),
-        (["--passes", "canonicalize:foo=1"], ["unknown option 'foo'; valid options: fold, infer_shapes (and 5 experimental ones"]),
+        (["--passes", "canonicalize:foo=1"], ["unknown option 'foo'; valid options: fold, infer_shapes (and 6 experimental ones"]),
         (["--passes", "canonicalize:experimental.dedupe=perhaps"], ["option 'experimental.dedupe': 'perhaps' is not a boolean"]),
         (["--provider", "cuda"], ["execution provider 'cuda'"]),
         (["--provider", "tpu"], ["unknown provider 'tpu'"]),

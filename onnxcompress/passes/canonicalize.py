@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -64,18 +65,22 @@ class CanonicalizeOptions:
     infer_shapes: bool = field(default=True, metadata={"help": "infer shapes into value_info"})
 
 
-def rename_uses(graph: onnx.GraphProto, old: str, new: str) -> None:
-    """Make every consumer of ``old`` (in ``graph`` and captured by its subgraphs) read ``new``."""
+def rename_uses(graph: onnx.GraphProto, renames: Mapping[str, str]) -> None:
+    """Make every consumer of each old name in ``renames`` (in ``graph`` and captured by
+    its subgraphs) read the new one; one pass over the nodes."""
+    if not renames:
+        return
     for node in graph.node:
         for i, name in enumerate(node.input):
-            if name == old:
-                node.input[i] = new
+            if name in renames:
+                node.input[i] = renames[name]
         for sub in subgraphs(node):
-            if old not in defined_in(sub):  # a subgraph that defines `old` shadows it
-                rename_uses(sub, old, new)
-                for o in sub.output:
-                    if o.name == old:
-                        o.name = new
+            shadowed = defined_in(sub) & renames.keys()  # a subgraph that defines a name shadows it
+            inner = {k: v for k, v in renames.items() if k not in shadowed} if shadowed else renames
+            rename_uses(sub, inner)
+            for o in sub.output:
+                if o.name in inner:
+                    o.name = inner[o.name]
 
 
 def _constant_to_tensor(node: onnx.NodeProto) -> onnx.TensorProto | None:
@@ -140,12 +145,20 @@ class _NoOps:
 
     def __init__(self, model: onnx.ModelProto) -> None:
         g = model.graph
-        self.consts = {t.name: t for t in g.initializer}
+        self.consts = {t.name: t for t in g.initializer if t.data_location != onnx.TensorProto.EXTERNAL}
         for i in g.input:
             self.consts.pop(i.name, None)  # an initializer the user may override is not a constant
-        self.shapes = value_shapes(infer_shapes(model)[0])
+        self.model = model
+        self._shapes: dict[str, list[int | str | None]] | None = None
         self.alias: dict[str, str] = {}
         self.producer: dict[str, onnx.NodeProto] = {}
+
+    @property
+    def shapes(self) -> dict[str, list[int | str | None]]:
+        """Inferred shapes, read once where a rule first needs one (most graphs never do)."""
+        if self._shapes is None:
+            self._shapes = value_shapes(infer_shapes(self.model)[0])
+        return self._shapes
 
     def src(self, name: str) -> str:
         while name in self.alias:
@@ -196,8 +209,8 @@ class _NoOps:
         if op in _NEUTRAL and len(ins) == 2:
             value, either = _NEUTRAL[op]
             for x, c in ((ins[0], ins[1]), (ins[1], ins[0]))[: 2 if either else 1]:
-                arr = self.absorbed(c, x)
-                if arr is not None and arr.dtype != bool and np.all(arr == value):
+                arr = self.const(c)
+                if arr is not None and arr.dtype != bool and np.all(arr == value) and self.absorbed(c, x) is not None:
                     return x
             return None
         if op in ("Squeeze", "Unsqueeze"):
@@ -313,32 +326,36 @@ class Canonicalize(Pass):
 
     @staticmethod
     def _identities(g: onnx.GraphProto) -> int:
-        removed = 0
-        changed = True
-        while changed:
-            changed = False
-            outputs = {o.name for o in g.output}
-            fixed = {i.name for i in g.input} | {t.name for t in g.initializer} | outputs
-            for idx, node in enumerate(g.node):
-                if node.op_type != "Identity" or node.domain not in ("", "ai.onnx") or len(node.input) != 1:
-                    continue
-                x, y = node.input[0], node.output[0]
-                if y not in outputs:
-                    del g.node[idx]
-                    rename_uses(g, y, x)
-                elif x not in fixed:
-                    producer = next((n for n in g.node if x in n.output), None)
-                    if producer is None:
-                        continue
-                    del g.node[idx]
+        """Remove Identity nodes in one pass (module docstring); the number removed."""
+        outputs = {o.name for o in g.output}
+        fixed = {i.name for i in g.input} | {t.name for t in g.initializer} | outputs
+        is_identity = lambda n: n.op_type == "Identity" and n.domain in ("", "ai.onnx") and len(n.input) == 1  # noqa: E731
+        alias = {n.output[0]: n.input[0] for n in g.node if is_identity(n) and n.output[0] not in outputs}
+
+        def resolved(name: str) -> str:
+            while name in alias:
+                name = alias[name]
+            return name
+
+        kept = [n for n in g.node if not (is_identity(n) and n.output[0] in alias)]
+        producers = {o: n for n in kept for o in n.output}
+        to_output: dict[str, str] = {}  # x → graph output y where y = Identity(x) is removed
+        final = []
+        for node in kept:
+            if is_identity(node) and node.output[0] in outputs:
+                x, y = resolved(node.input[0]), node.output[0]
+                producer = producers.get(x)
+                if x not in fixed and x not in to_output and producer is not None:
                     producer.output[list(producer.output).index(x)] = y
-                    rename_uses(g, x, y)
-                else:
+                    to_output[x] = y
                     continue
-                removed += 1
-                changed = True
-                break
+            final.append(node)
+        removed = len(g.node) - len(final)
         if removed:
+            renames = {y: to_output.get(resolved(y), resolved(y)) for y in alias} | to_output
+            del g.node[:]
+            g.node.extend(final)
+            rename_uses(g, renames)
             drop_stale_value_info(g)
         return removed
 
@@ -422,7 +439,6 @@ class Canonicalize(Pass):
         kept = [t for t in g.initializer if t.name not in replace]
         del g.initializer[:]
         g.initializer.extend(kept)
-        for old, new in replace.items():
-            rename_uses(g, old, new)
+        rename_uses(g, replace)
         return len(replace)
 
