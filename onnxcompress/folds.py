@@ -138,11 +138,12 @@ def fold_affine(model: onnx.ModelProto, declines: Counter[str] | None = None) ->
     g = model.graph
     folded = 0
     changed = True
-    while changed:
+    while changed:  # a sweep folds one Mul/Add into each conv it can; a chain of them takes a sweep each
         changed = False
         why: Counter[str] = Counter()  # the last sweep's (it finds every candidate left)
         inits, readers, outputs = graph_index(g)
-        for conv in g.node:
+        for conv in list(g.node):
+            # a conv folded this sweep has weights the index does not know: the next sweep sees it
             if conv.op_type not in ("Conv", "ConvTranspose") or len(conv.input) < 2 or conv.input[1] not in inits:
                 continue
             y = conv.output[0]
@@ -183,7 +184,6 @@ def fold_affine(model: onnx.ModelProto, declines: Counter[str] | None = None) ->
             _absorb(g, conv, w2, b2.astype(np.float32), op, f"affine{folded}")
             folded += 1
             changed = True
-            break
     if declines is not None:
         declines.update(why)
     if folded:
@@ -210,12 +210,13 @@ def fold_affine_forward(model: onnx.ModelProto) -> int:
     g = model.graph
     removed = 0
     changed = True
-    while changed:
+    while changed:  # one sweep folds every chain whose nodes and convs no fold of the sweep touched
         changed = False
         inits, readers, outputs = graph_index(g)
         producer = producers(g)
-        for last in g.node:
-            if last.op_type not in ("Mul", "Add") or len(last.input) != 2:
+        touched: set[int] = set()  # id() of nodes a fold of this sweep removed or rewrote: the index is stale there
+        for last in list(g.node):
+            if last.op_type not in ("Mul", "Add") or len(last.input) != 2 or id(last) in touched:
                 continue
             y = last.output[0]
             convs = readers.get(y, [])
@@ -243,7 +244,7 @@ def fold_affine_forward(model: onnx.ModelProto) -> int:
                 if (prev is None or len(readers.get(op[0], [])) != 1 or op[0] in outputs):
                     break
                 node = prev
-            if not chain:
+            if not chain or any(id(n) in touched for n, _ in chain) or any(id(c) in touched for c in convs):
                 continue
             h = next(i for i in chain[-1][0].input if i not in inits)
             a, b = _compose(chain, cin)
@@ -268,9 +269,9 @@ def fold_affine_forward(model: onnx.ModelProto) -> int:
                     conv.input.append(bname)
             for n, _ in chain:
                 g.node.remove(n)
+            touched.update(id(n) for n in (*(n for n, _ in chain), *convs))
             removed += len(chain)
             changed = True
-            break
     if removed:
         drop_unused_initializers(model)
     return removed
