@@ -31,8 +31,9 @@ log = logging.getLogger(__name__)
 
 
 def _absorb(g: onnx.GraphProto, conv: onnx.NodeProto, w: np.ndarray, b: np.ndarray, follower: onnx.NodeProto,
-            tag: str) -> None:
-    """Give ``conv`` the new weights and bias and ``follower``'s output; drop ``follower``."""
+            tag: str, drop: bool = True) -> None:
+    """Give ``conv`` the new weights and bias and ``follower``'s output; drop ``follower``
+    (unless ``drop`` is false: the caller drops it with others, in one pass)."""
     wname, bname = f"{conv.name}_W_{tag}", f"{conv.name}_B_{tag}"
     g.initializer.extend([numpy_helper.from_array(w, wname), numpy_helper.from_array(b, bname)])
     conv.input[1] = wname
@@ -41,7 +42,18 @@ def _absorb(g: onnx.GraphProto, conv: onnx.NodeProto, w: np.ndarray, b: np.ndarr
     else:
         conv.input.append(bname)
     conv.output[0] = follower.output[0]
-    g.node.remove(follower)
+    if drop:
+        g.node.remove(follower)
+
+
+def _drop_nodes(g: onnx.GraphProto, nodes: list[onnx.NodeProto], gone: set[int]) -> None:
+    """Make ``nodes`` (the graph's, as listed when the ids were taken: the list keeps the ids
+    valid) less those whose id() is in ``gone`` the graph's nodes, in one pass (``remove``
+    one by one is quadratic in a large graph)."""
+    if gone:
+        kept = [n for n in nodes if id(n) not in gone]
+        del g.node[:]
+        g.node.extend(kept)
 
 
 def fold_batchnorm(model: onnx.ModelProto, kinds: tuple[str, ...] = ("Conv", "ConvTranspose")) -> int:
@@ -142,7 +154,9 @@ def fold_affine(model: onnx.ModelProto, declines: Counter[str] | None = None) ->
         changed = False
         why: Counter[str] = Counter()  # the last sweep's (it finds every candidate left)
         inits, readers, outputs = graph_index(g)
-        for conv in list(g.node):
+        gone: set[int] = set()
+        nodes = list(g.node)
+        for conv in nodes:
             # a conv folded this sweep has weights the index does not know: the next sweep sees it
             if conv.op_type not in ("Conv", "ConvTranspose") or len(conv.input) < 2 or conv.input[1] not in inits:
                 continue
@@ -181,9 +195,11 @@ def fold_affine(model: onnx.ModelProto, declines: Counter[str] | None = None) ->
             else:
                 w2 = w
                 b2 = b + c
-            _absorb(g, conv, w2, b2.astype(np.float32), op, f"affine{folded}")
+            _absorb(g, conv, w2, b2.astype(np.float32), op, f"affine{folded}", drop=False)
+            gone.add(id(op))
             folded += 1
             changed = True
+        _drop_nodes(g, nodes, gone)
     if declines is not None:
         declines.update(why)
     if folded:
@@ -215,7 +231,9 @@ def fold_affine_forward(model: onnx.ModelProto) -> int:
         inits, readers, outputs = graph_index(g)
         producer = producers(g)
         touched: set[int] = set()  # id() of nodes a fold of this sweep removed or rewrote: the index is stale there
-        for last in list(g.node):
+        gone: set[int] = set()
+        nodes = list(g.node)
+        for last in nodes:
             if last.op_type not in ("Mul", "Add") or len(last.input) != 2 or id(last) in touched:
                 continue
             y = last.output[0]
@@ -267,11 +285,11 @@ def fold_affine_forward(model: onnx.ModelProto) -> int:
                     conv.input[2] = bname
                 else:
                     conv.input.append(bname)
-            for n, _ in chain:
-                g.node.remove(n)
             touched.update(id(n) for n in (*(n for n, _ in chain), *convs))
+            gone.update(id(n) for n, _ in chain)
             removed += len(chain)
             changed = True
+        _drop_nodes(g, nodes, gone)
     if removed:
         drop_unused_initializers(model)
     return removed
