@@ -165,6 +165,15 @@ def clip_bounds(node: onnx.NodeProto, inits: Mapping[str, onnx.TensorProto]) -> 
     return lo_v, hi_v
 
 
+#: ops applied to each element alone: one tensor in (any further inputs are scalars or
+#: attributes), its shape out
+UNARY_ELEMENTWISE = frozenset({
+    "Abs", "Cast", "Ceil", "Celu", "Clip", "Cos", "Elu", "Erf", "Exp", "Floor", "Gelu", "HardSigmoid", "HardSwish",
+    "Identity", "LeakyRelu", "Log", "Mish", "Neg", "Reciprocal", "Relu", "Round", "Selu", "Sigmoid", "Sign", "Sin",
+    "Softplus", "Softsign", "Sqrt", "Tanh", "ThresholdedRelu",
+})
+
+
 def initializers(g: onnx.GraphProto) -> dict[str, onnx.TensorProto]:
     """The graph's initializers by name."""
     return {t.name: t for t in g.initializer}

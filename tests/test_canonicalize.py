@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import copy
-
+import tempfile
 from collections import Counter
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 from onnx import helper, numpy_helper
 
@@ -136,8 +137,13 @@ def _noop_model() -> onnx.ModelProto:
     """Conv → AveragePool → paddle2onnx's ``assign`` (Unsqueeze → Add 0 → Squeeze) → Conv,
     and beside it every no-op the step removes and look-alikes it must keep."""
     rng = np.random.default_rng(5)
-    c = lambda name, value: numpy_helper.from_array(np.asarray(value, np.float32), name)  # noqa: E731
-    i64 = lambda name, value: numpy_helper.from_array(np.asarray(value, np.int64), name)  # noqa: E731
+
+    def c(name: str, value: object) -> onnx.TensorProto:
+        return numpy_helper.from_array(np.asarray(value, np.float32), name)
+
+    def i64(name: str, value: object) -> onnx.TensorProto:
+        return numpy_helper.from_array(np.asarray(value, np.int64), name)
+
     nodes = [
         helper.make_node("Conv", ["x", "w1"], ["c1"], pads=[1, 1, 1, 1]),
         helper.make_node("AveragePool", ["c1"], ["p"], kernel_shape=[2, 2], strides=[2, 2]),
@@ -193,8 +199,6 @@ def test_a_removed_assign_keeps_onnxruntime_in_its_blocked_layout() -> None:
     res = Canonicalize().run(copy.deepcopy(m), PassContext())
 
     def reorders(model: onnx.ModelProto) -> int:
-        import tempfile
-        import onnxruntime as ort
         with tempfile.TemporaryDirectory() as tmp:
             opts = ort.SessionOptions()
             opts.optimized_model_filepath = f"{tmp}/opt.onnx"

@@ -41,7 +41,15 @@ import onnx
 from onnx import helper, numpy_helper
 
 from ..errors import OnnxCompressError
-from ..graph import defined_in, drop_stale_value_info, remove_dead_code, subgraphs, used_names
+from ..graph import (
+    UNARY_ELEMENTWISE,
+    defined_in,
+    drop_stale_value_info,
+    producers,
+    remove_dead_code,
+    subgraphs,
+    used_names,
+)
 from ..model import tensor_bytes
 from ..pipeline import Pass, PassContext, PassResult
 from ..shapes import infer_shapes, value_shapes
@@ -108,11 +116,7 @@ def _constant_to_tensor(node: onnx.NodeProto) -> onnx.TensorProto | None:
 #: x op c == x where the constant c is all this value (the bool: c may stand on either side)
 _NEUTRAL = {"Add": (0, True), "Sub": (0, False), "Mul": (1, True), "Div": (1, False)}
 #: ops whose output has the shape of their first input, whatever their constant operands
-_SHAPE_KEEPING = frozenset({
-    "Abs", "Cast", "Ceil", "Celu", "Clip", "Cos", "Elu", "Erf", "Exp", "Floor", "Gelu", "HardSigmoid", "HardSwish",
-    "Identity", "LeakyRelu", "Log", "LogSoftmax", "Mish", "Neg", "Not", "Reciprocal", "Relu", "Round", "Selu",
-    "Sigmoid", "Sign", "Sin", "Softmax", "Softplus", "Sqrt", "Tanh",
-})
+_SHAPE_KEEPING = UNARY_ELEMENTWISE | {"Not", "Softmax", "LogSoftmax"}
 _BROADCASTING = frozenset({"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min"})
 
 
@@ -329,7 +333,10 @@ class Canonicalize(Pass):
         """Remove Identity nodes in one pass (module docstring); the number removed."""
         outputs = {o.name for o in g.output}
         fixed = {i.name for i in g.input} | {t.name for t in g.initializer} | outputs
-        is_identity = lambda n: n.op_type == "Identity" and n.domain in ("", "ai.onnx") and len(n.input) == 1  # noqa: E731
+
+        def is_identity(n: onnx.NodeProto) -> bool:
+            return n.op_type == "Identity" and n.domain in ("", "ai.onnx") and len(n.input) == 1
+
         alias = {n.output[0]: n.input[0] for n in g.node if is_identity(n) and n.output[0] not in outputs}
 
         def resolved(name: str) -> str:
@@ -338,13 +345,13 @@ class Canonicalize(Pass):
             return name
 
         kept = [n for n in g.node if not (is_identity(n) and n.output[0] in alias)]
-        producers = {o: n for n in kept for o in n.output}
+        made_by = producers(g)  # read only at resolved names, which no removed Identity writes
         to_output: dict[str, str] = {}  # x → graph output y where y = Identity(x) is removed
         final = []
         for node in kept:
             if is_identity(node) and node.output[0] in outputs:
                 x, y = resolved(node.input[0]), node.output[0]
-                producer = producers.get(x)
+                producer = made_by.get(x)
                 if x not in fixed and x not in to_output and producer is not None:
                     producer.output[list(producer.output).index(x)] = y
                     to_output[x] = y

@@ -50,15 +50,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
+from ...graph import UNARY_ELEMENTWISE
+
 log = logging.getLogger(__name__)
 
 POOLING = frozenset({"MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "LpPool", "GlobalLpPool"})
 #: ops that act on each channel independently; extra inputs must be constants/scalars
-CHANNELWISE = POOLING | frozenset({
-    "Relu", "Clip", "HardSwish", "HardSigmoid", "Sigmoid", "LeakyRelu", "Tanh", "Elu", "Selu", "Softplus",
-    "Softsign", "Gelu", "Erf", "Exp", "Neg", "Abs", "Sqrt", "Reciprocal", "Floor", "Ceil", "Round", "Sign",
-    "Identity", "Dropout", "Cast", "Mish", "ThresholdedRelu", "Celu", "Log", "Sin", "Cos",
-})
+CHANNELWISE = POOLING | UNARY_ELEMENTWISE | {"Dropout"}
 ELEMENTWISE = frozenset({"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Sum", "Mean", "PRelu"})
 NORMS = frozenset({"BatchNormalization", "InstanceNormalization"})
 REDUCES = frozenset({"ReduceMean", "ReduceMax", "ReduceMin", "ReduceSum", "ReduceL1", "ReduceL2"})
