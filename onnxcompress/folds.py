@@ -31,9 +31,9 @@ log = logging.getLogger(__name__)
 
 
 def _absorb(g: onnx.GraphProto, conv: onnx.NodeProto, w: np.ndarray, b: np.ndarray, follower: onnx.NodeProto,
-            tag: str, drop: bool = True) -> None:
-    """Give ``conv`` the new weights and bias and ``follower``'s output; drop ``follower``
-    (unless ``drop`` is false: the caller drops it with others, in one pass)."""
+            tag: str) -> None:
+    """Give ``conv`` the new weights and bias and ``follower``'s output; the caller drops
+    ``follower`` (``_drop_nodes``, with the others it folds)."""
     wname, bname = f"{conv.name}_W_{tag}", f"{conv.name}_B_{tag}"
     g.initializer.extend([numpy_helper.from_array(w, wname), numpy_helper.from_array(b, bname)])
     conv.input[1] = wname
@@ -42,14 +42,12 @@ def _absorb(g: onnx.GraphProto, conv: onnx.NodeProto, w: np.ndarray, b: np.ndarr
     else:
         conv.input.append(bname)
     conv.output[0] = follower.output[0]
-    if drop:
-        g.node.remove(follower)
 
 
 def _drop_nodes(g: onnx.GraphProto, nodes: list[onnx.NodeProto], gone: set[int]) -> None:
-    """Make ``nodes`` (the graph's, as listed when the ids were taken: the list keeps the ids
-    valid) less those whose id() is in ``gone`` the graph's nodes, in one pass (``remove``
-    one by one is quadratic in a large graph)."""
+    """Set the graph's nodes to ``nodes`` less those whose id() is in ``gone``, in one pass
+    (``remove`` one by one is quadratic in a large graph). ``nodes`` is the listing the ids
+    were taken from; holding it keeps them valid."""
     if gone:
         kept = [n for n in nodes if id(n) not in gone]
         del g.node[:]
@@ -68,7 +66,9 @@ def fold_batchnorm(model: onnx.ModelProto, kinds: tuple[str, ...] = ("Conv", "Co
     outputs = {o.name for o in g.output}
     producer = producers(g)
     folded = 0
-    for bn in list(g.node):
+    nodes = list(g.node)
+    gone: set[int] = set()
+    for bn in nodes:
         if bn.op_type != "BatchNormalization" or len(bn.output) != 1 or any(x not in inits for x in bn.input[1:5]):
             continue
         conv = producer.get(bn.input[0])
@@ -100,7 +100,9 @@ def fold_batchnorm(model: onnx.ModelProto, kinds: tuple[str, ...] = ("Conv", "Co
         b2 = k * (b - mean) + beta
         dtype = numpy_helper.to_array(inits[conv.input[1]]).dtype
         _absorb(g, conv, w2.astype(dtype), b2.astype(dtype), bn, f"bnfold{folded}")
+        gone.add(id(bn))
         folded += 1
+    _drop_nodes(g, nodes, gone)
     if folded:
         drop_unused_initializers(model)
     return folded
@@ -195,7 +197,7 @@ def fold_affine(model: onnx.ModelProto, declines: Counter[str] | None = None) ->
             else:
                 w2 = w
                 b2 = b + c
-            _absorb(g, conv, w2, b2.astype(np.float32), op, f"affine{folded}", drop=False)
+            _absorb(g, conv, w2, b2.astype(np.float32), op, f"affine{folded}")
             gone.add(id(op))
             folded += 1
             changed = True
