@@ -305,6 +305,45 @@ def test_sensitivity_keeps_a_layer_whole_when_splitting_it_costs_most() -> None:
     assert {layer["decision"] for layer in rep.passes[-1].stats["layers"]} == {"split"}
 
 
+def test_a_second_budget_on_the_same_model_reuses_the_measured_sensitivities(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The search splits one model at several budgets with one context: the second run
+    measures no layer again (no OutputDamage.of call) and writes the model a fresh
+    context writes; a changed model is measured again."""
+    import onnxcompress.sensitivity as sensitivity_mod
+
+    m = oc.load_model(FIXTURES / "resnet_block.onnx")
+    calib = open_data(FIXTURES / "resnet_block_calib.npz", m)
+    calls = {"n": 0}
+    real_of = sensitivity_mod.OutputDamage.of
+
+    def counting_of(self, model):  # type: ignore[no-untyped-def]
+        calls["n"] += 1
+        return real_of(self, model)
+
+    monkeypatch.setattr(sensitivity_mod.OutputDamage, "of", counting_of)
+
+    def run_lowrank(ratio: float, ctx: PassContext, model: onnx.ModelProto = m):
+        calls["n"] = 0
+        res = LowRank(LowRankOptions(macs_ratio=ratio, refit="none", measure="false")).run(copy.deepcopy(model), ctx)
+        return res, calls["n"]
+
+    shared = PassContext(calibration=calib)
+    first, measured = run_lowrank(0.9, shared)
+    active = sum(1 for layer in first.stats["layers"] if "sensitivity" in layer["reason"])
+    assert measured > 0 and first.stats["sensitivity_reused"] == 0
+    second, remeasured = run_lowrank(0.7, shared)
+    assert remeasured == 0 and second.stats["sensitivity_reused"] == active
+    fresh, _ = run_lowrank(0.7, PassContext(calibration=calib))
+    assert fresh.stats["sensitivity_reused"] == 0
+    assert [layer["rank"] for layer in fresh.stats["layers"]] == [layer["rank"] for layer in second.stats["layers"]]
+    assert fresh.model.SerializeToString() == second.model.SerializeToString()
+    changed = copy.deepcopy(m)
+    w = next(t for t in changed.graph.initializer if len(t.dims) == 4)
+    w.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(w) * 1.5, w.name))
+    other, measured_again = run_lowrank(0.7, shared, changed)
+    assert measured_again > 0 and other.stats["sensitivity_reused"] == 0
+
+
 def _anisotropic_inputs(seed: int, count: int, c: int = 8) -> list[dict[str, np.ndarray]]:
     """Inputs whose channels have very different scales (channel k: 4^-k) and are mixed,
     as real activations are: the directions the plain SVD treats alike are not alike."""

@@ -261,8 +261,10 @@ def test_every_channel_mapping_removal_equals_masking() -> None:
 
 def test_sensitivity_weighs_every_group_once(monkeypatch: pytest.MonkeyPatch) -> None:
     """sensitivity=true with macs_ratio and data: every prunable group gets a measured weight; a second
-    budget on the same model and samples reuses them (no new sensitivity sessions)."""
+    budget on the same model and samples with the same context (as the search runs it)
+    reuses them (no new sensitivity sessions); other samples, or a fresh context, measure again."""
     import onnxcompress.sensitivity as sensitivity
+    from onnxcompress.data import open_data
 
     labels: list[str] = []
     real = sensitivity.make_session
@@ -272,25 +274,26 @@ def test_sensitivity_weighs_every_group_once(monkeypatch: pytest.MonkeyPatch) ->
         return real(model, provider, label=label, **kw)
 
     monkeypatch.setattr(sensitivity, "make_session", counting)
-    calib = FIXTURES / "mobilenet_se_calib.npz"
-    _, rep = oc.optimize(FIXTURES / "mobilenet_se.onnx", "prune:macs_ratio=0.8:experimental.sensitivity=true", calibration=calib,
-                         validation=False, latency=False)
-    st = rep.passes[-1].stats
+    model = load_model(FIXTURES / "mobilenet_se.onnx")
+    model, _ = build_pipeline("canonicalize").run(model)
+    ctx = PassContext(calibration=open_data(FIXTURES / "mobilenet_se_calib.npz", model))
+
+    def prune(spec: str, context: PassContext) -> tuple[dict, int]:
+        labels.clear()
+        _, reports = build_pipeline(spec).run(copy.deepcopy(model), context)
+        return reports[-1].stats, sum(lb.startswith("prune sensitivity") for lb in labels)
+
+    st, first = prune("prune:macs_ratio=0.8:experimental.sensitivity=true", ctx)
     assert len(st["sensitivity"]) == st["prunable_groups"] > 1
     assert all(v > 0 for v in st["sensitivity"].values())
     assert st["macs_ratio_estimate"] <= 0.8
-    first = sum(lb.startswith("prune sensitivity") for lb in labels)
     assert first >= st["prunable_groups"]
-    labels.clear()
-    _, rep = oc.optimize(FIXTURES / "mobilenet_se.onnx", "prune:macs_ratio=0.7:experimental.sensitivity=true", calibration=calib,
-                         validation=False, latency=False)
-    assert sum(lb.startswith("prune sensitivity") for lb in labels) == 0
-    assert rep.passes[-1].stats["sensitivity"] == st["sensitivity"]
-    labels.clear()  # measured on other samples: measured again
-    _, rep = oc.optimize(FIXTURES / "mobilenet_se.onnx",
-                         "prune:macs_ratio=0.7:experimental.sensitivity=true:experimental.sensitivity_samples=4",
-                         calibration=calib, validation=False, latency=False)
-    assert sum(lb.startswith("prune sensitivity") for lb in labels) >= st["prunable_groups"]
+    again, sessions = prune("prune:macs_ratio=0.7:experimental.sensitivity=true", ctx)
+    assert sessions == 0 and again["sensitivity"] == st["sensitivity"]
+    _, sessions = prune("prune:macs_ratio=0.7:experimental.sensitivity=true:experimental.sensitivity_samples=4", ctx)
+    assert sessions >= st["prunable_groups"]  # measured on other samples: measured again
+    fresh, sessions = prune("prune:macs_ratio=0.7:experimental.sensitivity=true", PassContext(calibration=ctx.calibration))
+    assert sessions >= st["prunable_groups"] and fresh["sensitivity"] == st["sensitivity"]
 
 
 def _conv_weights(model: onnx.ModelProto) -> dict[str, np.ndarray]:

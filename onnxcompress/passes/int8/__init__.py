@@ -76,7 +76,6 @@ an accuracy control and a latency guard.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from collections import Counter
@@ -91,6 +90,7 @@ from ...data import LimitedSource, batch_count, take_samples
 from ...errors import OptionError
 from ...folds import fold_affine, fold_batchnorm
 from ...graph import initializers
+from ...model import content_digest
 from ...pipeline import Pass, PassContext, PassResult
 from . import prepare, qdq, ranges, write
 from .calibration import collect_histograms
@@ -183,12 +183,7 @@ class Int8(ControlSteps, GuardSteps, Pass):
         if opts.gptq:
             t0 = time.perf_counter()
             compute = [n for n in state.model.graph.node if n.name in state.widest.nodes and n.op_type in qdq.COMPUTE]
-            digest = hashlib.sha1(state.model.SerializeToString())
-            for b in check:
-                for k in sorted(b):
-                    digest.update(k.encode())
-                    digest.update(np.ascontiguousarray(b[k]).tobytes())
-            key = f"{digest.hexdigest()}:{ctx.seed}:{state.weight_max}:{sorted(n.name for n in compute)}"
+            key = content_digest(state.model, check, ctx.seed, state.weight_max, sorted(n.name for n in compute))
             cached = ctx.cache.get("int8.gptq")
             reused = cached is not None and cached[0] == key
             state.rounder = cached[1] if reused else GptqRounder(

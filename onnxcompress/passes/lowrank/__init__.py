@@ -93,8 +93,7 @@ class LowRank(Pass):
             _data_energy(model, cands, ctx, whiten=whiten)
         by_sensitivity = bool(opts.sensitivity and opts.macs_ratio and ctx.calibration is not None)
         self._choose_ranks(cands, opts, total_macs, budget=not by_sensitivity)
-        if by_sensitivity:
-            _sensitivity_budget(model, cands, opts, total_macs, ctx)
+        reused = _sensitivity_budget(model, cands, opts, total_macs, ctx) if by_sensitivity else 0
         if opts.measure != "false":
             self._measure([c for c in cands if opts.measure == "true" or c.linear], model, ctx.provider, shapes)
         original = None
@@ -125,6 +124,8 @@ class LowRank(Pass):
             "refit": refit,
             "layers": layers,
         }
+        if by_sensitivity:
+            stats["sensitivity_reused"] = reused
         if not split:
             return PassResult(model, False, stats)
         del model.graph.value_info[:]

@@ -13,7 +13,7 @@ import onnx
 from onnx import helper
 
 from ...data import batch_count
-from ...model import with_outputs
+from ...model import content_digest, with_outputs
 from ...pipeline import PassContext
 from .factors import Candidate, LowRankOptions, _split_node
 
@@ -134,8 +134,9 @@ def _lower_ranks(active: list[Candidate], opts: LowRankOptions, total_macs: int,
 
 
 def _sensitivity_budget(model: onnx.ModelProto, cands: list[Candidate], opts: LowRankOptions, total_macs: int,
-                        ctx: PassContext) -> None:
-    """Allocate ranks to meet the MACs budget using measured output errors.
+                        ctx: PassContext) -> int:
+    """Allocate ranks to meet the MACs budget using measured output errors; returns how
+    many layers' errors were reused from an earlier run on the same model and samples.
 
     For each splittable layer, split it alone (pure SVD) at its largest useful rank and at
     3/4, 1/2 and 1/4 of it, and measure the std-scaled output error on a few calibration
@@ -145,22 +146,39 @@ def _sensitivity_budget(model: onnx.ModelProto, cands: list[Candidate], opts: Lo
 
     active = [c for c in cands if c.decision == "split"]
     if not active or ctx.calibration is None:
-        return
+        return 0
     damage = OutputDamage(model, ctx.calibration, opts.sensitivity_samples, ctx.provider, label="lowrank sensitivity")
+    # a layer's curve depends on the model, the samples and how it is split, not on the
+    # budget: the search splits one model at several budgets and measures each layer once
+    key = content_digest(model, damage.feeds, dataclasses.replace(opts, macs_ratio=0.0, measure="false"))
+    memo = ctx.cache.get("lowrank.sensitivity")
+    known: dict[str, tuple[tuple[int, ...], list[float]]] = memo[1] if memo is not None and memo[0] == key else {}
     curves: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    reused = 0
     with ctx.progress.task("lowrank sensitivity", len(active)) as task:
         for c in active:
             cap = c.rank
-            ranks = sorted({max(opts.round_to, (cap * f // 4) // opts.round_to * opts.round_to) for f in (1, 2, 3, 4)})
-            errs = []
-            for r in ranks:
-                m = onnx.ModelProto()
-                m.CopyFrom(model)
-                node = next(nd for nd in m.graph.node if nd.output and nd.output[0] == c.node.output[0])
-                _split_node(m, dataclasses.replace(c, index=0, node=node, rank=r), r)
-                errs.append(damage.of(m))
+            ranks = tuple(sorted({max(opts.round_to, (cap * f // 4) // opts.round_to * opts.round_to)
+                                  for f in (1, 2, 3, 4)}))
+            stored = known.get(c.node.output[0])
+            if stored is not None and stored[0] == ranks:
+                errs = stored[1]
+                reused += 1
+            else:
+                errs = []
+                for r in ranks:
+                    m = onnx.ModelProto()
+                    m.CopyFrom(model)
+                    node = next(nd for nd in m.graph.node if nd.output and nd.output[0] == c.node.output[0])
+                    _split_node(m, dataclasses.replace(c, index=0, node=node, rank=r), r)
+                    errs.append(damage.of(m))
+                known[c.node.output[0]] = (ranks, errs)
             curves[id(c)] = (np.array(ranks, dtype=float), np.array(errs))
             task.advance()
+    ctx.cache["lowrank.sensitivity"] = (key, known)
+    if reused:
+        log.info("lowrank: sensitivity of %d of %d layers reused from an earlier run on this model", reused,
+                 len(active))
 
     def err(c: Candidate, r: int) -> float:
         rs, es = curves[id(c)]
@@ -179,6 +197,7 @@ def _sensitivity_budget(model: onnx.ModelProto, cands: list[Candidate], opts: Lo
         else:
             c.reason = (f"rank {c.rank} (sensitivity {err(c, c.rank):.2e}): chain {c.chain_macs(c.rank):,} MACs "
                         f"vs {c.original_macs:,}")
+    return reused
 
 
 def _single_layer_model(node: onnx.NodeProto, inits: dict[str, onnx.TensorProto],

@@ -7,13 +7,13 @@ from __future__ import annotations
 import logging
 import math
 from collections import Counter
-from collections.abc import Mapping
 
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
 from ...graph import initializers
+from ...model import content_digest
 from ...pipeline import PassContext
 from ...shapes import sequence_rows
 from .apply import apply_removal, filter_axis, keep_positions, removed_atoms
@@ -23,9 +23,6 @@ from .recovery import CONSUMER_KINDS, CalibrationStats, bias_compensation
 from .rules import linear_weight
 
 log = logging.getLogger(__name__)
-
-#: the last model's group sensitivities, keyed by (model, samples, options) digest
-_SENSITIVITY_MEMO: dict[str, dict[int, float]] = {}
 
 
 def _init(an: Analysis, name: str) -> np.ndarray:
@@ -287,9 +284,11 @@ def _group_sensitivity(an: Analysis, groups: list[Group], scores: dict[int, np.n
 
     damage = OutputDamage(an.model, ctx.calibration or [], opts.sensitivity_samples, ctx.provider,
                           label="prune sensitivity")
-    key = _sensitivity_key(an.model, damage.feeds, opts, round_to)
-    if key in _SENSITIVITY_MEMO:
-        return dict(_SENSITIVITY_MEMO[key])
+    key = content_digest(an.model, damage.feeds, opts.max_ratio, opts.min_channels, opts.criterion,
+                         opts.sensitivity_samples, round_to)
+    memo = ctx.cache.get("prune.sensitivity")
+    if memo is not None and memo[0] == key:
+        return dict(memo[1])
     damage.reference()  # outside the per-group try: a reference that fails is an error, not a weight
     mm = MacModel(an)
     none = np.zeros(len(an.parent), dtype=bool)
@@ -319,22 +318,8 @@ def _group_sensitivity(an: Analysis, groups: list[Group], scores: dict[int, np.n
     med = float(np.median(finite)) if finite else 1.0
     top = max(finite) / max(med, 1e-30) if finite else 1.0
     weights = {gid: (v / max(med, 1e-30) if math.isfinite(v) else top * 10) for gid, v in raw.items()}
-    _SENSITIVITY_MEMO.clear()  # one entry: the search prunes one model at several budgets
-    _SENSITIVITY_MEMO[key] = weights
+    ctx.cache["prune.sensitivity"] = (key, weights)  # the search prunes one model at several budgets
     return dict(weights)
-
-
-def _sensitivity_key(model: onnx.ModelProto, feeds: list[Mapping[str, np.ndarray]], opts: PruneOptions,
-                     round_to: int) -> str:
-    import hashlib
-
-    h = hashlib.sha1(model.SerializeToString())
-    for f in feeds:
-        for k in sorted(f):
-            h.update(k.encode())
-            h.update(np.ascontiguousarray(f[k]).tobytes())
-    h.update(repr((opts.max_ratio, opts.min_channels, opts.criterion, opts.sensitivity_samples, round_to)).encode())
-    return h.hexdigest()
 
 
 def _resolve_conflicts(an: Analysis, removed: dict[int, np.ndarray]) -> list[str]:
