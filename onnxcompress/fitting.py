@@ -10,7 +10,10 @@ weights; one that changed keeps what the data does not determine), one small pro
 layers, and the mean of the output error for layers too large for dense normal equations
 or with too few samples. Pruning uses it to recover the layers after removed channels,
 lowrank to refit the second factor of a split. What it fits to, the original's layer
-outputs, is kept compactly (:mod:`onnxcompress.references`). Nothing here imports a pass.
+outputs, is kept compactly (:mod:`onnxcompress.references`); where the calibration batches
+are cached too, each level runs from the tensors the last level left
+(:mod:`onnxcompress.frontier`), so the refit costs about one pass over the network, not
+one per level. Nothing here imports a pass.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from .data import DataSource
+from .frontier import Frontier
 from .graph import initializers, producers, remove_dead_code
 from .model import node_attr, with_outputs
 from .progress import NullProgress, Progress
@@ -181,18 +185,23 @@ def sequential_refit(
     orig_sess = make_session(with_outputs(original, orig_out), provider, label="original model (refit)")
     node_of = {o: orig_nodes[o] for o in orig_out}
     batches, refs = cached_targets(data, orig_sess, node_of, rng, positions)
+    # with the batches cached, each level runs from the tensors the last one left (linear in depth)
+    frontier = Frontier(batches, provider, label="pruned model (refit)") if batches is not None else None
     with progress.task("refitting (prune)", len(levels)) as task:
         for level in levels:
             inits = initializers(pruned.graph)
             names = list(dict.fromkeys([x for n in level for x in (n.input[0], n.output[0])]))
-            sess = make_session(_truncated(pruned, names), provider, label="pruned model (refit)")
             level_out = [n.output[0] for n in level]
+            if frontier is not None:
+                staged = frontier.run(pruned, names, set(level_out))
+            else:
+                sess = make_session(_truncated(pruned, names), provider, label="pruned model (refit)")
             if refs is None:  # streaming: the original network up to this level only
                 orig_sess = make_session(_truncated(original, level_out), provider, label="original model (refit)")
             accs = {n.output[0]: _Acc(n, _refit_kind(n, numpy_helper.to_array(inits[n.input[1]]), max_dim))
                     for n in level}
             for i, batch in enumerate(batches if batches is not None else data):
-                new_vals = dict(zip(names, run_named(sess, names, batch)))
+                new_vals = dict(zip(names, staged[i] if frontier is not None else run_named(sess, names, batch)))
                 targets = refs[i] if refs is not None else {
                     o: make_target(node_of[o], y, rng, positions)
                     for o, y in zip(level_out, run_named(orig_sess, level_out, batch))}

@@ -1,0 +1,120 @@
+"""Running a model in stages on cached batches, each stage from where the last one stopped.
+
+A layer-by-layer refit needs, at each level, the tensors around that level's layers
+computed by the model as refit so far. Running the model from its inputs each time
+costs every node once per level below it: quadratic in depth. :class:`Frontier` keeps
+the tensors that later nodes still read, so each stage runs only the nodes between
+them and what it is asked for. The nodes whose weights the caller is about to change
+(the stage's ``changing`` nodes) are not final: their outputs are not kept, and the next
+stage that needs them computes them again from their kept inputs, with the new weights.
+Values are fed back as computed, in the model's layout.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from .data.specs import model_feeds
+from .errors import RuntimeModelError
+from .graph import graph_index, remove_dead_code
+from .runtime import make_session, ort_message, run_named
+
+log = logging.getLogger(__name__)
+
+#: the kept tensors over all batches; past it the stages run from the model's inputs
+FRONTIER_BYTES = 2**30
+
+
+def _key(node: onnx.NodeProto) -> str:
+    return next((o for o in node.output if o), node.name)
+
+
+class Frontier:
+    """``batches`` (samples on axis 0, as a data source yields them) run through a model
+    in stages: :meth:`run` returns the named tensors per batch and keeps what later
+    stages read. The model passed to each :meth:`run` may differ from the last only in
+    the weights of the ``changing`` nodes of earlier stages."""
+
+    def __init__(self, batches: Sequence[Mapping[str, np.ndarray]], provider: str = "cpu",
+                 label: str = "model") -> None:
+        self.batches, self.provider, self.label = list(batches), provider, label
+        self.feeds: list[Mapping[str, np.ndarray]] | None = None  # the batches in the model's layout
+        self.values: dict[str, list[np.ndarray]] = {}
+        self.done: set[str] = set()  # nodes (by first output) whose outputs are final
+        self.enabled = True
+
+    def _stage(self, model: onnx.ModelProto, names: list[str]) -> tuple[onnx.ModelProto, set[str]]:
+        """The model that computes ``names`` from the kept values and the model's inputs,
+        and the nodes it runs (by first output)."""
+        m = onnx.ModelProto()
+        m.CopyFrom(model)
+        g = m.graph
+        live = [n for n in g.node if _key(n) not in self.done]
+        del g.node[:]
+        g.node.extend(live)
+        kept = [vi for vi in g.value_info if vi.name not in self.values]
+        del g.value_info[:]
+        g.value_info.extend(kept)
+        g.input.extend(helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(v[0].dtype),
+                                                     [None] * v[0].ndim) for name, v in self.values.items())
+        del g.output[:]
+        g.output.extend(onnx.ValueInfoProto(name=n) for n in names)
+        remove_dead_code(g)
+        return m, {_key(n) for n in g.node}
+
+    def run(self, model: onnx.ModelProto, names: list[str], changing: set[str]) -> list[list[np.ndarray]]:
+        """``names`` of ``model`` on every batch, in order; ``changing``: the nodes (by first
+        output) whose weights change after this stage."""
+        if not self.enabled:
+            return self._from_inputs(model, names)
+        stage, ran = self._stage(model, names)
+        final = self.done | (ran - changing)
+        _, readers, _ = graph_index(model.graph)
+
+        def wanted(t: str) -> bool:  # read by a node a later stage may run
+            return any(_key(r) not in final for r in readers.get(t, ()))
+
+        new_names = sorted({o for n in stage.graph.node if _key(n) not in changing for o in n.output
+                            if o and wanted(o)})
+        extra = [t for t in new_names if t not in names]
+        stage.graph.output.extend(onnx.ValueInfoProto(name=t) for t in extra)
+        sess = make_session(stage, self.provider, label=self.label)
+        if self.feeds is None:  # the first stage reads the model's inputs only
+            self.feeds = [dict(model_feeds(sess, b)) for b in self.batches]
+        inputs = [i.name for i in sess.get_inputs()]
+        fetch = names + extra
+        results: list[list[np.ndarray]] = []
+        new: dict[str, list[np.ndarray]] = {t: [] for t in new_names}
+        for i, feeds in enumerate(self.feeds):
+            given = {k: self.values[k][i] if k in self.values else feeds[k]
+                     for k in inputs if k in self.values or k in feeds}
+            try:
+                vals = sess.run(fetch, given)
+            except Exception as exc:  # onnxruntime's own exception classes
+                raise RuntimeModelError(f"{self.label}: onnxruntime failed to run it: {ort_message(exc)}") from None
+            results.append(vals[:len(names)])
+            got = dict(zip(fetch, vals))
+            for t in new_names:
+                new[t].append(got[t])
+        self.values = {t: v for t, v in self.values.items() if wanted(t)} | new
+        self.done = final
+        size = sum(v.nbytes for vs in self.values.values() for v in vs)
+        if size > FRONTIER_BYTES:
+            log.info("%s: %.1f GB of tensors between stages; each stage runs from the inputs", self.label,
+                     size / 2**30)
+            self.enabled, self.values, self.done = False, {}, set()
+        return results
+
+    def _from_inputs(self, model: onnx.ModelProto, names: list[str]) -> list[list[np.ndarray]]:
+        m = onnx.ModelProto()
+        m.CopyFrom(model)
+        del m.graph.output[:]
+        m.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names)
+        remove_dead_code(m.graph)
+        sess = make_session(m, self.provider, label=self.label)
+        return [run_named(sess, names, b, self.label) for b in self.batches]
