@@ -29,8 +29,9 @@ batch size; its latency ratio is the worst of them. A step is accepted only if i
 least ``min_gain`` faster than the best model so far it must beat (its rival). Those two
 ratios come from separate short timings, and one of them can land in a slow stretch of
 the machine: a trial short of the margin, by less than half of it or by any amount while
-it is ``min_gain`` faster than the model as given, is timed once more against its rival
-in one call, and that direct ratio decides. A trial found faster than its rival this way
+it is ``min_gain`` faster than the model as given, or past it by less than the margin
+again, is timed once more against its rival in one call, and that direct ratio decides
+(a step that costs accuracy is not taken on one lucky timing). A trial found faster than its rival this way
 ranks above it whatever their ratios to the model as given.
 
 **Order** canonicalize → fuse → prune → lowrank → int8, each stage starting from the best
@@ -285,11 +286,12 @@ class Search(Int8Stages):
             gain_needed = current_ratio * (1 - self.opts.min_gain)
             direct: float | None = None
             window = max(current_ratio * (1 - self.opts.min_gain / 2), 1 - self.opts.min_gain)
-            if gain_needed < trial.latency_ratio <= window and rival.index:
+            clear = current_ratio * (1 - 2 * self.opts.min_gain)
+            if clear < trial.latency_ratio <= window and rival.index:
                 # the two ratios come from separate timings, and one short timing can land
-                # in a slow stretch of the machine: where the trial is faster than the
-                # model as given but looks no faster than its rival, time the two in one
-                # call and let that decide
+                # in a slow stretch of the machine: where they put the trial near the
+                # margin, on either side of it (a step that costs accuracy must not be
+                # taken on one lucky timing), time the two in one call and let that decide
                 direct = max(self._ratios(self.models[rival.index], model, f"#{rival.index}", trial).values())
             trial.accepted = (trial.latency_ratio <= gain_needed if direct is None
                               else direct <= 1 - self.opts.min_gain)
