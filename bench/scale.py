@@ -24,6 +24,17 @@ from onnx import TensorProto, helper, numpy_helper
 from onnxcompress import build_pipeline, optimize
 
 
+def _model(nodes: list[onnx.NodeProto], inits: list[onnx.TensorProto], last: str, channels: int,
+           name: str) -> onnx.ModelProto:
+    nodes.append(helper.make_node("Identity", [last], ["y"]))
+    shape = ["N", channels, 4, 4]
+    graph = helper.make_graph(nodes, name, [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, shape)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    return model
+
+
 def chain(blocks: int, channels: int = 8) -> onnx.ModelProto:
     rng = np.random.default_rng(0)
     nodes, inits, prev = [], [], "x"
@@ -37,13 +48,7 @@ def chain(blocks: int, channels: int = 8) -> onnx.ModelProto:
                   helper.make_node("Identity", [f"r{i}"], [f"i{i}"]),
                   helper.make_node("Add", [f"i{i}", prev], [f"a{i}"])]
         prev = f"a{i}"
-    nodes.append(helper.make_node("Identity", [prev], ["y"]))
-    shape = ["N", channels, 4, 4]
-    graph = helper.make_graph(nodes, "chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, shape)], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-    model.ir_version = 8
-    return model
+    return _model(nodes, inits, prev, channels, "chain")
 
 
 def convs(blocks: int, channels: int = 32) -> onnx.ModelProto:
@@ -56,13 +61,7 @@ def convs(blocks: int, channels: int = 32) -> onnx.ModelProto:
         nodes += [helper.make_node("Conv", [prev, f"w{i}", f"b{i}"], [f"c{i}"], pads=[1, 1, 1, 1]),
                   helper.make_node("Relu", [f"c{i}"], [f"r{i}"])]
         prev = f"r{i}"
-    nodes.append(helper.make_node("Identity", [prev], ["y"]))
-    shape = ["N", channels, 4, 4]
-    graph = helper.make_graph(nodes, "convs", [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, shape)], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-    model.ir_version = 8
-    return model
+    return _model(nodes, inits, prev, channels, "convs")
 
 
 def main() -> None:
