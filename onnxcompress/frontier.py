@@ -20,7 +20,7 @@ import onnx
 from onnx import helper
 
 from .data.specs import model_feeds
-from .errors import RuntimeModelError
+from .errors import OnnxCompressError
 from .graph import graph_index, remove_dead_code
 from .runtime import make_session, ort_message, run_named
 
@@ -72,18 +72,25 @@ class Frontier:
         output) whose weights change after this stage."""
         if not self.enabled:
             return self._from_inputs(model, names)
-        stage, ran = self._stage(model, names)
-        final = self.done | (ran - changing)
         _, readers, _ = graph_index(model.graph)
+        try:
+            stage, ran = self._stage(model, names)
+            final = self.done | (ran - changing)
 
-        def wanted(t: str) -> bool:  # read by a node a later stage may run
-            return any(_key(r) not in final for r in readers.get(t, ()))
+            def wanted(t: str) -> bool:  # read by a node a later stage may run
+                return any(_key(r) not in final for r in readers.get(t, ()))
 
-        new_names = sorted({o for n in stage.graph.node if _key(n) not in changing for o in n.output
-                            if o and wanted(o)})
-        extra = [t for t in new_names if t not in names]
-        stage.graph.output.extend(onnx.ValueInfoProto(name=t) for t in extra)
-        sess = make_session(stage, self.provider, label=self.label)
+            new_names = sorted({o for n in stage.graph.node if _key(n) not in changing for o in n.output
+                                if o and wanted(o)})
+            extra = [t for t in new_names if t not in names]
+            stage.graph.output.extend(onnx.ValueInfoProto(name=t) for t in extra)
+            sess = make_session(stage, self.provider, label=self.label)
+        except (OnnxCompressError, ValueError, TypeError, AttributeError) as exc:
+            # a kept value onnxruntime cannot take as an input (a sequence, a string):
+            # staging is only a shortcut, the runs from the inputs give the same
+            log.info("%s: staged runs not possible (%s); each stage runs from the inputs", self.label, exc)
+            self.enabled, self.values, self.done = False, {}, set()
+            return self._from_inputs(model, names)
         if self.feeds is None:  # the first stage reads the model's inputs only
             self.feeds = [dict(model_feeds(sess, b)) for b in self.batches]
         inputs = [i.name for i in sess.get_inputs()]
@@ -95,8 +102,10 @@ class Frontier:
                      for k in inputs if k in self.values or k in feeds}
             try:
                 vals = sess.run(fetch, given)
-            except Exception as exc:  # onnxruntime's own exception classes
-                raise RuntimeModelError(f"{self.label}: onnxruntime failed to run it: {ort_message(exc)}") from None
+            except Exception as exc:  # onnxruntime's own exception classes; the runs from the inputs decide
+                log.info("%s: a staged run failed (%s); each stage runs from the inputs", self.label, ort_message(exc))
+                self.enabled, self.values, self.done = False, {}, set()
+                return self._from_inputs(model, names)
             results.append(vals[:len(names)])
             got = dict(zip(fetch, vals))
             for t in new_names:

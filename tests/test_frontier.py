@@ -98,3 +98,26 @@ def test_past_the_memory_limit_the_stages_run_from_the_inputs(monkeypatch: pytes
         for batch_got, batch_want in zip(stage_got, stage_want):
             for a, b in zip(batch_got, batch_want):
                 np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_a_stage_onnxruntime_cannot_build_falls_back_to_runs_from_the_inputs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A kept value that cannot be declared as an input (a sequence, a string; here every
+    stage after the first refused) ends the staging; the stages still give what runs
+    from the inputs give."""
+    real = Frontier._stage
+
+    def refuse(self, model, names):  # type: ignore[no-untyped-def]
+        if self.values:
+            raise TypeError("no tensor type for a kept value")
+        return real(self, model, names)
+
+    monkeypatch.setattr(Frontier, "_stage", refuse)
+    staged = Frontier(_batches(2))
+    got = _staged(staged)
+    assert not staged.enabled
+    plain = Frontier(_batches(2))
+    plain.enabled = False
+    for stage_got, stage_want in zip(got, _staged(plain)):
+        for batch_got, batch_want in zip(stage_got, stage_want):
+            for a, b in zip(batch_got, batch_want):
+                np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
