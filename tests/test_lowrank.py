@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import numpy as np
 import onnx
@@ -10,7 +11,7 @@ import pytest
 from onnx import helper, numpy_helper
 
 import onnxcompress as oc
-from onnxcompress.data import open_data
+from onnxcompress.data import LimitedSource, open_data
 from onnxcompress.errors import OptionError
 from onnxcompress.passes.lowrank import LowRank, LowRankOptions, split_layer, split_weights, svd_factors
 from onnxcompress.pipeline import PassContext
@@ -248,7 +249,7 @@ def test_light_models_go_through(name: str) -> None:
 
 def test_data_energy_weights_components_by_input() -> None:
     """With inputs that only excite one input channel, components acting there dominate."""
-    from onnxcompress.data import open_data
+    from onnxcompress.data import LimitedSource, open_data
     from onnxcompress.passes.lowrank import Candidate, _data_energy
 
     m = conv_model(k=(3, 3), c=4, n=8, pads=[1, 1, 1, 1])
@@ -308,7 +309,8 @@ def test_sensitivity_keeps_a_layer_whole_when_splitting_it_costs_most() -> None:
 def test_a_second_budget_on_the_same_model_reuses_the_measured_sensitivities(monkeypatch: pytest.MonkeyPatch) -> None:
     """The search splits one model at several budgets with one context: the second run
     measures no layer again (no OutputDamage.of call) and writes the model a fresh
-    context writes; a changed model is measured again."""
+    context writes; a layer whitened on other samples, or a changed model, is measured
+    again."""
     import onnxcompress.sensitivity as sensitivity_mod
 
     m = oc.load_model(FIXTURES / "resnet_block.onnx")
@@ -337,6 +339,10 @@ def test_a_second_budget_on_the_same_model_reuses_the_measured_sensitivities(mon
     assert fresh.stats["sensitivity_reused"] == 0
     assert [layer["rank"] for layer in fresh.stats["layers"]] == [layer["rank"] for layer in second.stats["layers"]]
     assert fresh.model.SerializeToString() == second.model.SerializeToString()
+    # the same first 8 samples (the measurement's) but fewer to whiten with: other factors
+    fewer = dataclasses.replace(shared, calibration=LimitedSource(calib, 12))
+    refactored, measured_again = run_lowrank(0.7, fewer)
+    assert measured_again > 0 and refactored.stats["sensitivity_reused"] < active
     changed = copy.deepcopy(m)
     w = next(t for t in changed.graph.initializer if len(t.dims) == 4)
     w.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(w) * 1.5, w.name))
@@ -357,7 +363,7 @@ def test_whiten_lowers_output_error_and_stays_exact_at_full_rank() -> None:
     """At the same rank (no refit), the whitened subspace's output error on held-out
     inputs from the calibration distribution is well below the plain SVD's (its rank-r
     optimum is for those inputs); at full rank (C·Kh = 24) its factors give back W."""
-    from onnxcompress.data import open_data
+    from onnxcompress.data import LimitedSource, open_data
     from onnxcompress.passes.lowrank import Candidate, _data_energy
 
     m = conv_model(k=(3, 3), c=8, n=16, pads=[1, 1, 1, 1], seed=3)

@@ -5,6 +5,7 @@ saved (see the package docstring)."""
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import math
 
@@ -148,11 +149,12 @@ def _sensitivity_budget(model: onnx.ModelProto, cands: list[Candidate], opts: Lo
     if not active or ctx.calibration is None:
         return 0
     damage = OutputDamage(model, ctx.calibration, opts.sensitivity_samples, ctx.provider, label="lowrank sensitivity")
-    # a layer's curve depends on the model, the samples and how it is split, not on the
-    # budget: the search splits one model at several budgets and measures each layer once
+    # a layer's curve depends on the model, the samples and how it is split (its factors,
+    # whitened by the calibration data), not on the budget: the search splits one model at
+    # several budgets and measures each layer once
     key = content_digest(model, damage.feeds, dataclasses.replace(opts, macs_ratio=0.0, measure="false"))
     memo = ctx.cache.get("lowrank.sensitivity")
-    known: dict[str, tuple[tuple[int, ...], list[float]]] = memo[1] if memo is not None and memo[0] == key else {}
+    known: dict[str, tuple[tuple[int, ...], str, list[float]]] = memo[1] if memo is not None and memo[0] == key else {}
     curves: dict[int, tuple[np.ndarray, np.ndarray]] = {}
     reused = 0
     with ctx.progress.task("lowrank sensitivity", len(active)) as task:
@@ -160,9 +162,10 @@ def _sensitivity_budget(model: onnx.ModelProto, cands: list[Candidate], opts: Lo
             cap = c.rank
             ranks = tuple(sorted({max(opts.round_to, (cap * f // 4) // opts.round_to * opts.round_to)
                                   for f in (1, 2, 3, 4)}))
+            factors = hashlib.sha1(b"".join(np.ascontiguousarray(a).tobytes() for a in (c.u, c.s, c.vt))).hexdigest()
             stored = known.get(c.node.output[0])
-            if stored is not None and stored[0] == ranks:
-                errs = stored[1]
+            if stored is not None and stored[:2] == (ranks, factors):
+                errs = stored[2]
                 reused += 1
             else:
                 errs = []
@@ -172,7 +175,7 @@ def _sensitivity_budget(model: onnx.ModelProto, cands: list[Candidate], opts: Lo
                     node = next(nd for nd in m.graph.node if nd.output and nd.output[0] == c.node.output[0])
                     _split_node(m, dataclasses.replace(c, index=0, node=node, rank=r), r)
                     errs.append(damage.of(m))
-                known[c.node.output[0]] = (ranks, errs)
+                known[c.node.output[0]] = (ranks, factors, errs)
             curves[id(c)] = (np.array(ranks, dtype=float), np.array(errs))
             task.advance()
     ctx.cache["lowrank.sensitivity"] = (key, known)

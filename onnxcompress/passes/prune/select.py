@@ -284,8 +284,11 @@ def _group_sensitivity(an: Analysis, groups: list[Group], scores: dict[int, np.n
 
     damage = OutputDamage(an.model, ctx.calibration or [], opts.sensitivity_samples, ctx.provider,
                           label="prune sensitivity")
-    key = content_digest(an.model, damage.feeds, opts.max_ratio, opts.min_channels, opts.criterion,
-                         opts.sensitivity_samples, round_to)
+    # the channel scores and statistics come from all the calibration data, the measurement
+    # from its first samples: both are in the key
+    key = content_digest(an.model, [*damage.feeds, {str(g): np.asarray(v) for g, v in scores.items()}],
+                         opts.max_ratio, opts.min_channels, opts.criterion, opts.sensitivity_samples, round_to,
+                         cstats.samples if cstats is not None else None)
     memo = ctx.cache.get("prune.sensitivity")
     if memo is not None and memo[0] == key:
         return dict(memo[1])
