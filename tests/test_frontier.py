@@ -61,6 +61,14 @@ def _staged(frontier: Frontier, nodes_run: list[int] | None = None) -> list[list
     return out
 
 
+def _assert_same(got: list[list[list[np.ndarray]]], want: list[list[list[np.ndarray]]]) -> None:
+    assert len(got) == len(want) == len(STAGES)
+    for stage_got, stage_want in zip(got, want):
+        for batch_got, batch_want in zip(stage_got, stage_want, strict=True):
+            for a, b in zip(batch_got, batch_want, strict=True):
+                np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+
+
 def test_stages_give_what_runs_from_the_inputs_give_and_run_fewer_nodes(monkeypatch: pytest.MonkeyPatch) -> None:
     sizes: list[int] = []
     real = frontier_mod.make_session
@@ -76,10 +84,7 @@ def test_stages_give_what_runs_from_the_inputs_give_and_run_fewer_nodes(monkeypa
     plain = Frontier(_batches(3))
     plain.enabled = False
     want = _staged(plain)
-    for stage_got, stage_want in zip(got, want):
-        for batch_got, batch_want in zip(stage_got, stage_want):
-            for a, b in zip(batch_got, batch_want):
-                np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+    _assert_same(got, want)
     # the last stage recomputes c2 (its weights changed) but not the first conv
     assert staged_sizes[-1] < sizes[-1]
     assert "c1" in staged.done and "c2" in staged.done and "c3" not in staged.done
@@ -94,10 +99,7 @@ def test_past_the_memory_limit_the_stages_run_from_the_inputs(monkeypatch: pytes
     assert not limited.enabled and not limited.values
     plain = Frontier(_batches(2))
     plain.enabled = False
-    for stage_got, stage_want in zip(got, _staged(plain)):
-        for batch_got, batch_want in zip(stage_got, stage_want):
-            for a, b in zip(batch_got, batch_want):
-                np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+    _assert_same(got, _staged(plain))
 
 
 def test_a_stage_onnxruntime_cannot_build_falls_back_to_runs_from_the_inputs(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -117,7 +119,4 @@ def test_a_stage_onnxruntime_cannot_build_falls_back_to_runs_from_the_inputs(mon
     assert not staged.enabled
     plain = Frontier(_batches(2))
     plain.enabled = False
-    for stage_got, stage_want in zip(got, _staged(plain)):
-        for batch_got, batch_want in zip(stage_got, stage_want):
-            for a, b in zip(batch_got, batch_want):
-                np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+    _assert_same(got, _staged(plain))

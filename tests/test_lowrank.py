@@ -249,7 +249,7 @@ def test_light_models_go_through(name: str) -> None:
 
 def test_data_energy_weights_components_by_input() -> None:
     """With inputs that only excite one input channel, components acting there dominate."""
-    from onnxcompress.data import LimitedSource, open_data
+    from onnxcompress.data import open_data
     from onnxcompress.passes.lowrank import Candidate, _data_energy
 
     m = conv_model(k=(3, 3), c=4, n=8, pads=[1, 1, 1, 1])
@@ -363,7 +363,7 @@ def test_whiten_lowers_output_error_and_stays_exact_at_full_rank() -> None:
     """At the same rank (no refit), the whitened subspace's output error on held-out
     inputs from the calibration distribution is well below the plain SVD's (its rank-r
     optimum is for those inputs); at full rank (C·Kh = 24) its factors give back W."""
-    from onnxcompress.data import LimitedSource, open_data
+    from onnxcompress.data import open_data
     from onnxcompress.passes.lowrank import Candidate, _data_energy
 
     m = conv_model(k=(3, 3), c=8, n=16, pads=[1, 1, 1, 1], seed=3)
