@@ -26,7 +26,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from .data import DataSource
-from .frontier import Frontier
+from .frontier import Frontier, truncated
 from .graph import initializers, producers, remove_dead_code
 from .model import node_attr, with_outputs
 from .progress import NullProgress, Progress
@@ -128,17 +128,6 @@ def _levels(model: onnx.ModelProto, consumers: list[onnx.NodeProto]) -> list[lis
     return [levels[k] for k in sorted(levels)]
 
 
-def _truncated(model: onnx.ModelProto, outputs: list[str]) -> onnx.ModelProto:
-    """A copy of ``model`` whose only outputs are ``outputs``, without the nodes after them
-    (onnxruntime would otherwise run the whole network for every refit level)."""
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    del m.graph.output[:]
-    m.graph.output.extend(onnx.ValueInfoProto(name=n) for n in outputs)
-    remove_dead_code(m.graph)
-    return m
-
-
 @dataclass
 class _Acc:
     node: onnx.NodeProto
@@ -195,9 +184,9 @@ def sequential_refit(
             if frontier is not None:
                 staged = frontier.run(pruned, names, set(level_out))
             else:
-                sess = make_session(_truncated(pruned, names), provider, label="pruned model (refit)")
+                sess = make_session(truncated(pruned, names), provider, label="pruned model (refit)")
             if refs is None:  # streaming: the original network up to this level only
-                orig_sess = make_session(_truncated(original, level_out), provider, label="original model (refit)")
+                orig_sess = make_session(truncated(original, level_out), provider, label="original model (refit)")
             accs = {n.output[0]: _Acc(n, _refit_kind(n, numpy_helper.to_array(inits[n.input[1]]), max_dim))
                     for n in level}
             for i, batch in enumerate(batches if batches is not None else data):

@@ -30,6 +30,21 @@ log = logging.getLogger(__name__)
 FRONTIER_BYTES = 2**30
 
 
+def truncated(model: onnx.ModelProto, outputs: list[str]) -> onnx.ModelProto:
+    """A copy of ``model`` whose only outputs are ``outputs``, without the nodes after them
+    (onnxruntime would otherwise run the whole network for every refit level)."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    _only_outputs(m.graph, outputs)
+    return m
+
+
+def _only_outputs(g: onnx.GraphProto, outputs: list[str]) -> None:
+    del g.output[:]
+    g.output.extend(onnx.ValueInfoProto(name=n) for n in outputs)
+    remove_dead_code(g)
+
+
 def _key(node: onnx.NodeProto) -> str:
     return next((o for o in node.output if o), node.name)
 
@@ -62,9 +77,7 @@ class Frontier:
         g.value_info.extend(kept)
         g.input.extend(helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(v[0].dtype),
                                                      [None] * v[0].ndim) for name, v in self.values.items())
-        del g.output[:]
-        g.output.extend(onnx.ValueInfoProto(name=n) for n in names)
-        remove_dead_code(g)
+        _only_outputs(g, names)
         return m, {_key(n) for n in g.node}
 
     def run(self, model: onnx.ModelProto, names: list[str], changing: set[str]) -> list[list[np.ndarray]]:
@@ -120,10 +133,5 @@ class Frontier:
         return results
 
     def _from_inputs(self, model: onnx.ModelProto, names: list[str]) -> list[list[np.ndarray]]:
-        m = onnx.ModelProto()
-        m.CopyFrom(model)
-        del m.graph.output[:]
-        m.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names)
-        remove_dead_code(m.graph)
-        sess = make_session(m, self.provider, label=self.label)
+        sess = make_session(truncated(model, names), self.provider, label=self.label)
         return [run_named(sess, names, b, self.label) for b in self.batches]

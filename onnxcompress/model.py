@@ -230,19 +230,19 @@ def load_model(path: str | os.PathLike[str]) -> onnx.ModelProto:
     return model
 
 
-def content_digest(model: onnx.ModelProto, feeds: Iterable[Mapping[str, np.ndarray]] = (), *extra: object) -> str:
-    """A digest of ``model`` (its graph, initializers included), the input arrays of
-    ``feeds`` and ``extra`` (by ``repr``): the key under which a pass may reuse what it
-    measured on the same model and data. The graph is hashed piece by piece (subgraphs with
+def content_digest(model: onnx.ModelProto, arrays: Iterable[Mapping[str, np.ndarray]] = (), *extra: object) -> str:
+    """A digest of ``model`` (its graph, initializers included), the named ``arrays`` (the
+    samples, and any other data a result depends on) and ``extra`` (by ``repr``): the key
+    under which a pass may reuse what it measured on the same model and data. The graph is hashed piece by piece (subgraphs with
     their nodes), so a model past protobuf's 2 GB limit has one too."""
     h = hashlib.sha1()
     g = model.graph
     for part in (*model.opset_import, *g.input, *g.output, *g.node, *g.initializer, *g.sparse_initializer):
         h.update(part.SerializeToString())
-    for f in feeds:
-        for k in sorted(f):
+    for named in arrays:
+        for k in sorted(named):
             h.update(k.encode())
-            h.update(np.ascontiguousarray(f[k]).tobytes())
+            h.update(np.ascontiguousarray(named[k]).tobytes())
     h.update(repr(extra).encode())
     return h.hexdigest()
 
