@@ -21,7 +21,6 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -30,12 +29,11 @@ import onnxcompress.fitting as fitting  # noqa: E402
 from onnxcompress.data import LimitedSource, open_data  # noqa: E402
 from onnxcompress.pipeline import PassContext  # noqa: E402
 from onnxcompress.registry import build_pipeline  # noqa: E402
+from onnxcompress.runtime import make_session  # noqa: E402
 
 
 def _outputs(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    sess = make_session(model, optimize=False)  # feeds are in the model's layout already
     return sess.run(None, {k: v for k, v in feeds.items() if k in {i.name for i in sess.get_inputs()}})
 
 
