@@ -1,12 +1,15 @@
 """What the search's structural trials cost, on the shared models: the staged refit
-against runs from the model's inputs, and lowrank's sensitivity reused across budgets.
+against runs from the model's inputs, lowrank's sensitivity measured from the tensors
+before each split against runs from the inputs, and its reuse across budgets.
 
     python bench/search_costs.py [--shared ../shared] [--models text_det,captcha_det] [--samples 12]
 
 For each model (canonicalize → fuse first): prune at ``--prune`` with the refit staged
 (onnxcompress.frontier) and with every level run from the inputs, in one process, their
 seconds and the largest output difference (graph optimizations off, the first
-calibration batch); then lowrank at each of ``--lowrank`` budgets with one pass context,
+calibration batch); lowrank at the first ``--lowrank`` budget with each candidate split
+measured from the tensors before it and from the inputs (fresh contexts): seconds, and
+whether the ranks chosen and the models are the same; then lowrank at each of ``--lowrank`` budgets with one pass context,
 and the last budget again with a fresh context: seconds, layers reused, and whether the
 two models are byte-identical.
 """
@@ -30,6 +33,7 @@ from onnxcompress.data import LimitedSource, open_data  # noqa: E402
 from onnxcompress.pipeline import PassContext  # noqa: E402
 from onnxcompress.registry import build_pipeline  # noqa: E402
 from onnxcompress.runtime import make_session  # noqa: E402
+from onnxcompress.sensitivity import OutputDamage  # noqa: E402
 
 
 def _outputs(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
@@ -51,6 +55,25 @@ def refit_stages(base: onnx.ModelProto, calib, spec: str, feeds: dict[str, np.nd
     a, b = (_outputs(got[m][0], feeds) for m in ("staged", "from inputs"))
     diff = max(float(np.abs(x - y).max() / max(float(y.max() - y.min()), 1e-12)) for x, y in zip(a, b))
     return f"{spec}: staged {got['staged'][1]:.1f} s, from inputs {got['from inputs'][1]:.1f} s, max |Δ|/range {diff:.1e}"
+
+
+def sensitivity_staging(base: onnx.ModelProto, calib, ratio: float) -> str:
+    staged = OutputDamage._from_first_change
+    got = {}
+    for mode in ("staged", "from inputs"):
+        if mode != "staged":
+            OutputDamage._from_first_change = lambda *a, **k: None  # type: ignore[method-assign]
+        try:
+            t = time.perf_counter()
+            model, reps = build_pipeline(f"lowrank:macs_ratio={ratio}").run(copy.deepcopy(base),
+                                                                           PassContext(calibration=calib))
+            got[mode] = (model, [(la.get("node"), la.get("rank"), la.get("decision")) for la in reps[-1].stats["layers"]],
+                         time.perf_counter() - t)
+        finally:
+            OutputDamage._from_first_change = staged  # type: ignore[method-assign]
+    (a, ra, ta), (b, rb, tb) = got["staged"], got["from inputs"]
+    return (f"lowrank {ratio} sensitivity: staged {ta:.1f} s, from inputs {tb:.1f} s, same ranks: {ra == rb}, "
+            f"byte-identical: {a.SerializeToString() == b.SerializeToString()}")
 
 
 def sensitivity_reuse(base: onnx.ModelProto, calib, ratios: list[float]) -> list[str]:
@@ -85,6 +108,7 @@ def main() -> None:
         feeds = PassContext(calibration=calib).calibration_sample() or {}
         print(f"== {name}")
         print("  " + refit_stages(base, calib, f"prune:macs_ratio={args.prune}", feeds), flush=True)
+        print("  " + sensitivity_staging(base, calib, float(args.lowrank.split(",")[0])), flush=True)
         for line in sensitivity_reuse(base, calib, [float(r) for r in args.lowrank.split(",")]):
             print("  " + line, flush=True)
 

@@ -110,11 +110,9 @@ class Frontier:
         fetch = names + extra
         results: list[list[np.ndarray]] = []
         new: dict[str, list[np.ndarray]] = {t: [] for t in new_names}
-        for i, feeds in enumerate(self.feeds):
-            given = {k: self.values[k][i] if k in self.values else feeds[k]
-                     for k in inputs if k in self.values or k in feeds}
+        for i in range(len(self.feeds)):
             try:
-                vals = sess.run(fetch, given)
+                vals = sess.run(fetch, self._given(inputs, i))
             except Exception as exc:  # onnxruntime's own exception classes; the runs from the inputs decide
                 log.info("%s: a staged run failed (%s); each stage runs from the inputs", self.label, ort_message(exc))
                 self.enabled, self.values, self.done = False, {}, set()
@@ -131,6 +129,37 @@ class Frontier:
                      size / 2**30)
             self.enabled, self.values, self.done = False, {}, set()
         return results
+
+    def _given(self, inputs: list[str], i: int) -> dict[str, np.ndarray]:
+        """Batch ``i``'s feeds of a stage whose inputs are ``inputs``: kept values first."""
+        assert self.feeds is not None
+        feeds = self.feeds[i]
+        return {k: self.values[k][i] if k in self.values else feeds[k] for k in inputs
+                if k in self.values or k in feeds}
+
+    def rest(self, model: onnx.ModelProto, names: list[str]) -> list[list[np.ndarray]] | None:
+        """``names`` of ``model`` on every batch, run from what the stages so far kept: only
+        the nodes of ``model`` that are not final run (a node keyed like a final one must be
+        unchanged in ``model``). Keeps nothing, so another model can follow. None where it
+        cannot run so (no stage yet, a value that was not kept, a failed run): the caller
+        runs ``model`` from its inputs."""
+        if not self.enabled or self.feeds is None:
+            return None
+        try:
+            stage, _ = self._stage(model, names)
+            sess = make_session(stage, self.provider, label=self.label)
+        except (OnnxCompressError, ValueError, TypeError, AttributeError) as exc:
+            log.debug("%s: not run from the kept values (%s)", self.label, exc)
+            return None
+        inputs = [i.name for i in sess.get_inputs()]
+        out = []
+        for i in range(len(self.feeds)):
+            try:
+                out.append(sess.run(names, self._given(inputs, i)))
+            except Exception as exc:  # onnxruntime's own exception classes; the caller runs from the inputs
+                log.debug("%s: a run from the kept values failed (%s)", self.label, ort_message(exc))
+                return None
+        return out
 
     def _from_inputs(self, model: onnx.ModelProto, names: list[str]) -> list[list[np.ndarray]]:
         sess = make_session(truncated(model, names), self.provider, label=self.label)

@@ -263,6 +263,7 @@ def test_sensitivity_weighs_every_group_once(monkeypatch: pytest.MonkeyPatch) ->
     """sensitivity=true with macs_ratio and data: every prunable group gets a measured weight; a second
     budget on the same model and samples with the same context (as the search runs it)
     reuses them (no new sensitivity sessions); other samples, or a fresh context, measure again."""
+    import onnxcompress.frontier as frontier
     import onnxcompress.sensitivity as sensitivity
     from onnxcompress.data import open_data
 
@@ -274,6 +275,7 @@ def test_sensitivity_weighs_every_group_once(monkeypatch: pytest.MonkeyPatch) ->
         return real(model, provider, label=label, **kw)
 
     monkeypatch.setattr(sensitivity, "make_session", counting)
+    monkeypatch.setattr(frontier, "make_session", counting)  # measurements run from the reference's tensors
     model = load_model(FIXTURES / "mobilenet_se.onnx")
     model, _ = build_pipeline("canonicalize").run(model)
     ctx = PassContext(calibration=open_data(FIXTURES / "mobilenet_se_calib.npz", model))

@@ -157,8 +157,10 @@ def _sensitivity_budget(model: onnx.ModelProto, cands: list[Candidate], opts: Lo
     known: dict[str, tuple[tuple[int, ...], str, list[float]]] = memo[1] if memo is not None and memo[0] == key else {}
     curves: dict[int, tuple[np.ndarray, np.ndarray]] = {}
     reused = 0
+    position = {n.output[0]: i for i, n in enumerate(model.graph.node) if n.output}
     with ctx.progress.task("lowrank sensitivity", len(active)) as task:
-        for c in active:
+        # in graph order: each split then runs from the tensors before it (OutputDamage)
+        for c in sorted(active, key=lambda c: position.get(c.node.output[0], 0)):
             cap = c.rank
             ranks = tuple(sorted({max(opts.round_to, (cap * f // 4) // opts.round_to * opts.round_to)
                                   for f in (1, 2, 3, 4)}))
