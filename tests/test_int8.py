@@ -310,6 +310,52 @@ def test_concat_of_mismatched_ranges_stays_float() -> None:
     assert "cat" in qdq.plan(m, None, {**ranges, "prob": (0.0, 60.0)}).nodes
 
 
+def _masked_attention() -> tuple[onnx.ModelProto, list[dict[str, np.ndarray]]]:
+    """Single-head attention with an additive mask bias of 0 / −inf (as PyTorch exports
+    scaled dot-product attention), and seeded batches where some keys are masked."""
+    rng = np.random.default_rng(11)
+    nodes = [helper.make_node("MatMul", ["x", "wq"], ["q"], name="q_proj"),
+             helper.make_node("MatMul", ["x", "wk"], ["k"], name="k_proj"),
+             helper.make_node("MatMul", ["x", "wv"], ["v"], name="v_proj"),
+             helper.make_node("Transpose", ["k"], ["kt"], name="kt", perm=[0, 2, 1]),
+             helper.make_node("MatMul", ["q", "kt"], ["scores"], name="qk"),
+             helper.make_node("Equal", ["mask", "zero"], ["masked"], name="eq"),
+             helper.make_node("Where", ["masked", "neg_inf", "zero"], ["bias2d"], name="where"),
+             helper.make_node("Unsqueeze", ["bias2d", "axis1"], ["bias"], name="unsq"),
+             helper.make_node("Add", ["scores", "bias"], ["biased"], name="mask_add"),
+             helper.make_node("Softmax", ["biased"], ["probs"], name="softmax", axis=-1),
+             helper.make_node("MatMul", ["probs", "v"], ["y"], name="pv")]
+    inits = [tensor(rng, "wq", (16, 16), 0.3), tensor(rng, "wk", (16, 16), 0.3), tensor(rng, "wv", (16, 16), 0.3),
+             numpy_helper.from_array(np.array(0.0, np.float32), "zero"),
+             numpy_helper.from_array(np.array(-np.inf, np.float32), "neg_inf"),
+             numpy_helper.from_array(np.array([1], np.int64), "axis1")]
+    m = make_model(nodes, [fvi("x", ["N", 8, 16]), fvi("mask", ["N", 8])], [fvi("y", ["N", 8, 16])], inits)
+    m = onnx.shape_inference.infer_shapes(m)
+    batches = []
+    for _ in range(4):
+        mask = np.ones((4, 8), np.float32)
+        mask[:, 5:] = 0  # padded keys
+        batches.append({"x": rng.standard_normal((4, 8, 16)).astype(np.float32), "mask": mask})
+    return m, batches
+
+
+def test_a_tensor_holding_inf_gets_no_qdq_pair() -> None:
+    """An attention mask's −inf, clamped by a Q/DQ pair to the range's edge, would give
+    the padded keys weight; the Add that reads it stays float, with the reason."""
+    m, batches = _masked_attention()
+    res = Int8(Int8Options(guard=False, max_drop=1.0)).run(copy.deepcopy(m), PassContext(calibration=batches))
+    assert res.modified
+    reasons = res.stats["float_reasons"]
+    assert any("'bias' holds ±inf or NaN" in r for r in reasons), reasons
+    quantized = {n.input[0].removesuffix("__float") for n in res.model.graph.node if n.op_type == "QuantizeLinear"}
+    assert {"bias", "biased", "bias2d"}.isdisjoint(quantized) and "q" in quantized
+    feeds = batches[0]
+    a, b = run(m, feeds)[0], run(res.model, feeds)[0]
+    assert np.isfinite(b).all()
+    cos = float((a * b).sum() / np.linalg.norm(a) / np.linalg.norm(b))
+    assert cos > 0.99
+
+
 def test_textline_opset11_quantizes_and_loads() -> None:
     path = shared_path("models", "textline_cls.onnx")
     data = shared_path("data", "textline_cls_calib.npz")

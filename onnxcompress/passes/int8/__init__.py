@@ -350,7 +350,8 @@ class Int8(ControlSteps, GuardSteps, Pass):
             out = out | nodes_of_names(out, state.widest)
         allowed = state.allowed - out
         ranges = self._ranges(state, opts, method)
-        p = qdq.plan(state.model, allowed, ranges, spread or opts.concat_spread)
+        nonfinite = [t for t, h in state.hists.items() if h.nonfinite]
+        p = qdq.plan(state.model, allowed, ranges, spread or opts.concat_spread, nonfinite)
         if state.hists:  # calibration covers the widest placement's tensors
             missing = sorted(t for t in p.tensors if t not in ranges)
             if missing:

@@ -59,6 +59,7 @@ class StreamingHistogram:
     min: float = math.inf
     max: float = -math.inf
     count: int = 0
+    nonfinite: int = 0  #: ±inf and NaN values seen (not binned: a range cannot hold them)
     merges: int = field(default=0, repr=False)
     channel_sq: np.ndarray | None = field(default=None, repr=False)  #: Σx² per channel (axis 1)
     channel_n: int = field(default=0, repr=False)  #: values per channel behind channel_sq
@@ -112,6 +113,7 @@ class StreamingHistogram:
             return
         if cap is not None and xs.size > cap:
             finite = xs[np.isfinite(xs)]
+            self.nonfinite += xs.size - finite.size
             if finite.size == 0:
                 return
             self.min = min(self.min, float(finite.min()))
@@ -140,7 +142,9 @@ class StreamingHistogram:
             part = xs[i : i + _CHUNK]
             lo, hi = float(part.min()), float(part.max())
             if not (math.isfinite(lo) and math.isfinite(hi)):
-                part = part[np.isfinite(part)]
+                finite = part[np.isfinite(part)]
+                self.nonfinite += part.size - finite.size
+                part = finite
                 if part.size == 0:
                     continue
                 lo, hi = float(part.min()), float(part.max())

@@ -174,14 +174,17 @@ def _readers(nodes: Iterable[onnx.NodeProto]) -> dict[str, list[onnx.NodeProto]]
 
 
 def plan(model: onnx.ModelProto, allowed: Iterable[str] | None = None,
-         ranges: Mapping[str, tuple[float, float]] | None = None, concat_spread: float = 4.0) -> Plan:
+         ranges: Mapping[str, tuple[float, float]] | None = None, concat_spread: float = 4.0,
+         nonfinite: Iterable[str] = ()) -> Plan:
     """The QDQ placement when the nodes named in ``allowed`` (default: all) may be quantized.
 
     With calibrated ``ranges``, a Concat whose inputs' range widths differ by more than
     ``concat_spread``× (box offsets next to probabilities) *mixes* ranges: one per-tensor
     scale would wipe out the narrow inputs. Such a Concat, anything that only moves its
     output, and every node that would read those tensors through a DequantizeLinear
-    stay float."""
+    stay float. So does every node that reads or writes a ``nonfinite`` tensor (±inf or
+    NaN seen in calibration, as in an attention mask's −inf): a Q/DQ pair would clamp
+    them to the range's edge, a finite value that changes what the model computes."""
     g = model.graph
     inits = initializers(g)
     types = _float_types(model)
@@ -191,7 +194,9 @@ def plan(model: onnx.ModelProto, allowed: Iterable[str] | None = None,
     outputs = {o.name for o in g.output}
     p = Plan()
     mixed = _mixed_concats(order, ranges, concat_spread) if ranges is not None else {}
-    _place_kernels(p, order, inits, types, allowed_set, mixed)  # 1. compute/binary/unary/concat
+    unsafe = _moved(order, {t: "holds ±inf or NaN on the calibration data" for t in nonfinite})
+    mixed.update(unsafe)
+    _place_kernels(p, order, inits, types, allowed_set, mixed, set(unsafe))  # 1. compute/binary/unary/concat
     _fuse_activations(p, order, inits, readers, outputs, allowed_set)  # 2. Relu/Clip(min 0) ride along
     quantized: set[str] = set()  # 3. tensors of quantized nodes
     for n in order:
@@ -223,15 +228,25 @@ def _mixed_concats(order: list[onnx.NodeProto], ranges: Mapping[str, tuple[float
             if bad:
                 mixed[n.output[0]] = mixed[bad[0]]
             elif widths and max(widths) > concat_spread * max(min(widths), 1e-12):
-                mixed[n.output[0]] = (f"it concatenates ranges of width {min(widths):.3g} to {max(widths):.3g} "
+                mixed[n.output[0]] = (f"mixes ranges: it concatenates ranges of width {min(widths):.3g} to {max(widths):.3g} "
                                       f"(spread over {concat_spread:g}x)")
         elif n.op_type in PASSTHROUGH and n.input and n.input[0] in mixed:
             mixed[n.output[0]] = mixed[n.input[0]]
     return mixed
 
 
+def _moved(order: list[onnx.NodeProto], marked: dict[str, str]) -> dict[str, str]:
+    """``marked`` (tensor → reason) and every tensor that only moves a marked one."""
+    out = dict(marked)
+    if out:
+        for n in order:
+            if n.op_type in PASSTHROUGH and n.input and n.input[0] in out:
+                out[n.output[0]] = out[n.input[0]]
+    return out
+
+
 def _place_kernels(p: Plan, order: list[onnx.NodeProto], inits: Mapping[str, TensorProto], types: dict[str, int],
-                   allowed: set[str], mixed: dict[str, str]) -> None:
+                   allowed: set[str], mixed: dict[str, str], unsafe: set[str]) -> None:
     """Compute, binary, unary and Concat nodes whose activations are float32 go int8, or
     are declined with the reason."""
     for n in order:
@@ -245,9 +260,9 @@ def _place_kernels(p: Plan, order: list[onnx.NodeProto], inits: Mapping[str, Ten
         if not acts or not all(types.get(x) == TensorProto.FLOAT for x in [*acts, *n.output]):
             p.declined[n.name] = "not float32 (or type unknown)"
             continue
-        bad = [x for x in acts if x in mixed] + [o for o in n.output if o in mixed and op in CONCAT]
+        bad = [x for x in acts if x in mixed] + [o for o in n.output if o in mixed and (op in CONCAT or o in unsafe)]
         if bad:
-            p.declined[n.name] = f"'{bad[0]}' mixes ranges: {mixed[bad[0]]}"
+            p.declined[n.name] = f"'{bad[0]}' {mixed[bad[0]]}"
             continue
         why = _compute_ok(n, inits) if op in COMPUTE else None
         if why:
