@@ -117,6 +117,15 @@ def runtime_ops(model: onnx.ModelProto, provider: str = "cpu", extended_only: bo
 RUNTIME_FUSIONS = ("LayerNormalization", "SimplifiedLayerNormalization", "Gelu")
 FUSED_MATMUL = "com.microsoft:FusedMatMul"
 FUSED_PRODUCTS = "FusedMatMul or Gemm"  #: their count, as runtime_fusions reports it
+#: fusions that take another one in whole, with the Add before it (a residual Add and a
+#: LayerNorm make a SkipLayerNormalization; a bias Add and a Gelu a BiasGelu): where a rewrite
+#: lets onnxruntime make the larger one, the smaller one's count drops and nothing is lost
+ABSORBED_BY = {
+    "LayerNormalization": ("com.microsoft:SkipLayerNormalization",),
+    "SimplifiedLayerNormalization": ("com.microsoft:SkipSimplifiedLayerNormalization",),
+    "Gelu": ("com.microsoft:BiasGelu",),
+    "com.microsoft:Gelu": ("com.microsoft:BiasGelu",),
+}
 
 
 def runtime_fusions(model: onnx.ModelProto, provider: str = "cpu") -> dict[str, int]:
@@ -136,14 +145,25 @@ def runtime_fusions(model: onnx.ModelProto, provider: str = "cpu") -> dict[str, 
 
 def lost_fusions(before: Mapping[str, int] | None, model: onnx.ModelProto, provider: str = "cpu") -> str:
     """'LayerNormalization 3 → 1, …' for the onnxruntime fusions (:func:`runtime_fusions`)
-    ``model`` has fewer of than ``before``; empty where none is lost or ``before`` is unknown."""
+    ``model`` has fewer of than ``before``, less those that became a fusion absorbing them
+    (:data:`ABSORBED_BY`, as many as it gained); empty where none is lost or ``before`` is unknown."""
     if not before:
         return ""
     try:
         after = runtime_fusions(model, provider)
     except RuntimeModelError:
         return "onnxruntime cannot load the rewritten model"
-    return ", ".join(f"{k} {v} → {after.get(k, 0)}" for k, v in sorted(before.items()) if after.get(k, 0) < v)
+    gained = {k: after.get(k, 0) - before.get(k, 0) for k in after}
+    lost = []
+    for k, v in sorted(before.items()):
+        short = v - after.get(k, 0)
+        for bigger in ABSORBED_BY.get(k, ()):
+            took = min(short, max(gained.get(bigger, 0), 0))
+            short -= took
+            gained[bigger] = gained.get(bigger, 0) - took  # each gain covers one loss only
+        if short > 0:
+            lost.append(f"{k} {v} → {after.get(k, 0)}")
+    return ", ".join(lost)
 
 
 def run_named(sess: ort.InferenceSession, names: list[str], feeds: Batch, label: str = "calibration model",

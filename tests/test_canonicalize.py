@@ -259,3 +259,23 @@ def test_canonicalize_reports_onnxruntime_fusions_it_loses(monkeypatch) -> None:
     monkeypatch.setattr(runtime_mod, "runtime_fusions", lambda model, provider="cpu": next(counts))
     res = Canonicalize().run(m, PassContext())
     assert res.stats["runtime_fusions_lost"] == "com.microsoft:FusedConv 1 → 0"
+
+
+def test_a_fusion_absorbed_by_a_larger_one_is_not_reported_lost(monkeypatch) -> None:  # noqa: ANN001
+    """After canonicalize, onnxruntime made 12 of a PyTorch-exported MiniLM's 13
+    LayerNormalizations into SkipLayerNormalizations with their residual Adds (its counts
+    below): a LayerNormalization fewer for each Skip more is no loss. A LayerNorm that
+    became nothing larger still is one."""
+    import onnxcompress.runtime as runtime_mod
+
+    counts = {"before": {"LayerNormalization": 13, "FusedMatMul or Gemm": 36},
+              "after": {"LayerNormalization": 1, "com.microsoft:SkipLayerNormalization": 12, "FusedMatMul or Gemm": 36}}
+    monkeypatch.setattr(runtime_mod, "runtime_fusions", lambda model, provider="cpu": counts["after"])
+    m = onnx.ModelProto()
+    assert runtime_mod.lost_fusions(counts["before"], m) == ""
+    counts["after"] = {"LayerNormalization": 0, "com.microsoft:SkipLayerNormalization": 12, "FusedMatMul or Gemm": 36}
+    assert runtime_mod.lost_fusions(counts["before"], m) == "LayerNormalization 13 → 0"
+    # a Skip that was there before covers nothing: only what the rewrite gained does
+    before = {"LayerNormalization": 2, "com.microsoft:SkipLayerNormalization": 1}
+    counts["after"] = {"LayerNormalization": 1, "com.microsoft:SkipLayerNormalization": 1}
+    assert runtime_mod.lost_fusions(before, m) == "LayerNormalization 2 → 1"
