@@ -298,7 +298,8 @@ def _group_sensitivity(an: Analysis, groups: list[Group], scores: dict[int, np.n
     total = mm.macs(none)
     raw: dict[int, float] = {}
     with ctx.progress.task("prune sensitivity", len(groups)) as task:
-        for g in groups:
+        # in graph order of their first producer: each removal then runs from the tensors before it
+        for g in sorted(groups, key=lambda g: min(an.producers[i].index for i in g.producers)):
             kept = _kept_count(an, g, int(np.floor(opts.max_ratio * g.size)), opts, round_to)
             if kept >= g.size:
                 raw[g.id] = math.inf
