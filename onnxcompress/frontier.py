@@ -45,7 +45,8 @@ def _only_outputs(g: onnx.GraphProto, outputs: list[str]) -> None:
     remove_dead_code(g)
 
 
-def _key(node: onnx.NodeProto) -> str:
+def node_key(node: onnx.NodeProto) -> str:
+    """How the stages name a node: its first output that is not omitted, else its name."""
     return next((o for o in node.output if o), node.name)
 
 
@@ -69,7 +70,7 @@ class Frontier:
         m = onnx.ModelProto()
         m.CopyFrom(model)
         g = m.graph
-        live = [n for n in g.node if _key(n) not in self.done]
+        live = [n for n in g.node if node_key(n) not in self.done]
         del g.node[:]
         g.node.extend(live)
         kept = [vi for vi in g.value_info if vi.name not in self.values]
@@ -78,7 +79,7 @@ class Frontier:
         g.input.extend(helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(v[0].dtype),
                                                      [None] * v[0].ndim) for name, v in self.values.items())
         _only_outputs(g, names)
-        return m, {_key(n) for n in g.node}
+        return m, {node_key(n) for n in g.node}
 
     def run(self, model: onnx.ModelProto, names: list[str], changing: set[str]) -> list[list[np.ndarray]]:
         """``names`` of ``model`` on every batch, in order; ``changing``: the nodes (by first
@@ -91,9 +92,9 @@ class Frontier:
             final = self.done | (ran - changing)
 
             def wanted(t: str) -> bool:  # read by a node a later stage may run
-                return any(_key(r) not in final for r in readers.get(t, ()))
+                return any(node_key(r) not in final for r in readers.get(t, ()))
 
-            new_names = sorted({o for n in stage.graph.node if _key(n) not in changing for o in n.output
+            new_names = sorted({o for n in stage.graph.node if node_key(n) not in changing for o in n.output
                                 if o and wanted(o)})
             extra = [t for t in new_names if t not in names]
             stage.graph.output.extend(onnx.ValueInfoProto(name=t) for t in extra)

@@ -18,7 +18,7 @@ import numpy as np
 import onnx
 
 from .data import batch_count
-from .frontier import Frontier
+from .frontier import Frontier, node_key
 from .graph import initializers, reads
 from .runtime import make_session, run_session
 
@@ -43,10 +43,12 @@ class OutputDamage:
         self.model, self.provider, self.label = model, provider, label
         self._ref: list[list[np.ndarray]] | None = None
         self._scales: list[np.ndarray] = []
-        self._order: dict[str, onnx.NodeProto] | None = None  # the reference's nodes by first output, in order
-        self._pos: dict[str, int] = {}
-        self._produced: dict[str, str] = {}  # tensor → the key of the reference node that computes it
-        self._inits: dict[str, onnx.TensorProto] = {}
+        # the reference's nodes by the key the Frontier's stages use, in order; their
+        # positions; tensor → the key of the node that computes it; its constants
+        self._order = {node_key(n): n for n in model.graph.node}
+        self._pos = {k: i for i, k in enumerate(self._order)}
+        self._produced = {o: k for k, n in self._order.items() for o in n.output if o}
+        self._inits = initializers(model.graph)
         self._frontier: Frontier | None = None
 
     @staticmethod
@@ -75,12 +77,7 @@ class OutputDamage:
     def _first_change(self, model: onnx.ModelProto) -> onnx.NodeProto | None:
         """The reference's first node that ``model`` lacks or changed (the node, or a
         constant it reads); None where there is none."""
-        if self._order is None:
-            self._order = {(n.output[0] if n.output else n.name): n for n in self.model.graph.node}
-            self._pos = {k: i for i, k in enumerate(self._order)}
-            self._produced = {o: k for k, n in self._order.items() for o in n.output if o}
-            self._inits = initializers(self.model.graph)
-        theirs = {(n.output[0] if n.output else n.name): n for n in model.graph.node}
+        theirs = {node_key(n): n for n in model.graph.node}
         their_inits = initializers(model.graph)
         for key, node in self._order.items():
             other = theirs.get(key)
@@ -96,7 +93,7 @@ class OutputDamage:
         node = self._first_change(model)
         if node is None or len(model.graph.output) != len(self.model.graph.output):
             return None
-        pos = self._pos[node.output[0] if node.output else node.name]
+        pos = self._pos[node_key(node)]
         if self._frontier is None:
             self._frontier = Frontier(self.feeds, self.provider, label=f"{self.label} (staged)")
         f = self._frontier
